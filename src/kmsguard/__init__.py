@@ -1,0 +1,61 @@
+"""kmsguard: envelope encryption for general, personal and payment data.
+
+Hold one :class:`Guard`; it encrypts under AWS KMS or the embedded local keyring::
+
+    from kmsguard import Guard
+    guard = Guard.from_env()
+    token = guard.encrypt_text("4111 1111 1111 1111", "payment", {"purpose": "refund"})
+    guard.decrypt_text(token, {"purpose": "refund"})
+"""
+
+from kmsguard.errors import (
+    AccessDenied,
+    AllRegionsFailed,
+    AuditUnavailable,
+    ConfigurationError,
+    ContextMismatch,
+    ContextRequired,
+    CredentialsError,
+    DataKeyExhausted,
+    InvalidCiphertext,
+    InvalidInput,
+    InvalidKeyUsage,
+    KeyDisabled,
+    KeyNotFound,
+    KeyringError,
+    KeyUnavailable,
+    KmsGuardError,
+    KmsServiceError,
+    KmsTimeout,
+    RateLimited,
+    UnknownClassification,
+)
+from kmsguard.guard import EnvelopeInfo, Guard
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "AllRegionsFailed",
+    "AuditUnavailable",
+    "ConfigurationError",
+    "ContextMismatch",
+    "ContextRequired",
+    "CredentialsError",
+    "DataKeyExhausted",
+    "EnvelopeInfo",
+    "Guard",
+    "InvalidCiphertext",
+    "InvalidInput",
+    "InvalidKeyUsage",
+    "KeyDisabled",
+    "KeyNotFound",
+    "KeyUnavailable",
+    "KeyringError",
+    "KmsGuardError",
+    "KmsServiceError",
+    "KmsTimeout",
+    "RateLimited",
+    "UnknownClassification",
+    "__version__",
+]

@@ -1,0 +1,3 @@
+from kmsguard.cli.main import main
+
+main()

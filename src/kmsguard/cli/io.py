@@ -1,0 +1,62 @@
+"""Shared CLI plumbing: binary-safe input and output, ``k=v`` context options, the Guard."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from kmsguard.config import Settings, load_settings
+from kmsguard.guard import Guard
+
+context_option = click.option(
+    "--context",
+    "-c",
+    "context",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Encryption context pair; repeat for more.",
+)
+in_option = click.option("--in", "in_path", default="-", show_default=True, help="Input file, or - for stdin.")
+out_option = click.option("--out", "out_path", default="-", show_default=True, help="Output file, or - for stdout.")
+
+
+def parse_context(pairs: tuple[str, ...]) -> dict[str, str]:
+    context: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--context")
+        if key in context:
+            raise click.BadParameter(f"context key {key!r} given twice", param_hint="--context")
+        context[key] = value
+    return context
+
+
+def read_input(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.FileError(path, exc.strerror) from None
+
+
+def write_output(path: str, data: bytes) -> None:
+    if path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        Path(path).write_bytes(data)
+    except OSError as exc:
+        raise click.FileError(path, exc.strerror) from None
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+def guard() -> Guard:
+    return Guard.from_settings(settings())

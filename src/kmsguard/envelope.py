@@ -1,0 +1,358 @@
+"""The kmsguard envelope, version 1: build, parse and authenticate. Pure; no I/O.
+
+Wire layout (all integers unsigned big-endian; FORMAT.md documents it byte by byte)::
+
+    offset  size          field
+    0       2             magic "KG"
+    2       1             version = 1
+    3       1             suite = 1 (AES-256-GCM, HKDF-SHA256 key derivation, key commitment)
+    4       1 + n         classification: u8 n, then n ASCII bytes of [a-z0-9_-], 1 <= n <= 32
+    .       2 + ...       context: u16 pair count, then per pair u16 len + UTF-8 key,
+                          u16 len + UTF-8 value; keys non-empty, unique and sorted by their
+                          UTF-8 bytes; the whole section (count included) at most 8192 bytes
+    .       1 + ...       wrapped keys: u8 count (1..8), then per key
+                          u8 len + provider id (ASCII [a-z0-9-], 1..32),
+                          u16 len + key reference (printable ASCII, 1..2048),
+                          u16 len + wrapped data key (1..4096 bytes)
+    .       32            commitment = HKDF-SHA256(DEK, info=b"kmsguard v1 commit")
+    .       12            nonce (random per message)
+    .       >= 16         body: AES-256-GCM(enc_key, nonce, plaintext, aad) = ciphertext || tag
+
+    aad = every byte from offset 0 through the nonce, except the wrapped-keys section.
+
+Leaving the wrapped keys out of the associated data is what lets :func:`replace_wrapped_keys`
+re-wrap or add a region without re-encrypting the body; everything else is authenticated,
+and the commitment binds the body to exactly one data key.
+
+Parsing checks every length against the bytes that remain *before* reading, rejects
+trailing bytes and non-canonical encodings, and raises the single :class:`InvalidCiphertext`
+for anything wrong, so no caller (or attacker) learns which check failed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import os
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from cryptography.exceptions import InvalidTag
+
+from kmsguard.datakey import DataKey, WrappedKey
+from kmsguard.errors import InvalidCiphertext, InvalidInput
+
+MAGIC = b"KG"
+VERSION = 1
+SUITE = 1
+TEXT_PREFIX = "kg1:"
+
+COMMITMENT_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+MAX_CLASSIFICATION = 32
+MAX_CONTEXT_BYTES = 8192
+MAX_WRAPPED_KEYS = 8
+MAX_PROVIDER = 32
+MAX_KEY_REF = 2048
+MAX_WRAPPED_SIZE = 4096
+#: cryptography's AESGCM refuses inputs of 2^31 bytes or more.
+MAX_PLAINTEXT = 2**31 - 1 - TAG_SIZE
+
+_CLASSIFICATION_RE = re.compile(rb"[a-z0-9_-]{1,32}")
+_PROVIDER_RE = re.compile(rb"[a-z0-9-]{1,32}")
+_KEY_REF_RE = re.compile(rb"[\x21-\x7e]{1,2048}")
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+
+_U16 = struct.Struct(">H")
+_FIXED_PREFIX = MAGIC + bytes((VERSION, SUITE))
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A parsed, not yet authenticated envelope. ``aad`` is what the body's tag covers."""
+
+    classification: str
+    context: Mapping[str, str]
+    wrapped_keys: tuple[WrappedKey, ...]
+    commitment: bytes
+    nonce: bytes
+    body: bytes
+    aad: bytes
+    version: int = VERSION
+    suite: int = SUITE
+
+
+# --------------------------------------------------------------------------- building
+
+
+def encode_header(classification: str, context: Mapping[str, str]) -> bytes:
+    """Magic through context: the authenticated header. Validates caller input."""
+    name = classification.encode("ascii", "replace")
+    if not _CLASSIFICATION_RE.fullmatch(name):
+        raise InvalidInput("classification must be 1-32 characters of [a-z0-9_-]")
+    pairs = []
+    for key, value in context.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidInput("encryption context keys and values must be strings")
+        try:
+            kb, vb = key.encode("utf-8"), value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput("encryption context must be valid UTF-8 text") from None
+        if not kb:
+            raise InvalidInput("encryption context keys must not be empty")
+        pairs.append((kb, vb))
+    pairs.sort()
+    out = bytearray(_FIXED_PREFIX)
+    out.append(len(name))
+    out += name
+    section = bytearray(_U16.pack(len(pairs)))
+    for kb, vb in pairs:
+        if len(kb) > 0xFFFF or len(vb) > 0xFFFF:
+            raise InvalidInput("encryption context is larger than 8192 bytes")
+        section += _U16.pack(len(kb)) + kb + _U16.pack(len(vb)) + vb
+    if len(section) > MAX_CONTEXT_BYTES:
+        raise InvalidInput("encryption context is larger than 8192 bytes")
+    if len(pairs) > 0xFFFF:  # unreachable within 8 KiB, kept for the reader of the format
+        raise InvalidInput("too many encryption context pairs")
+    out += section
+    return bytes(out)
+
+
+def encode_wrapped_keys(wrapped: tuple[WrappedKey, ...]) -> bytes:
+    if not 1 <= len(wrapped) <= MAX_WRAPPED_KEYS:
+        raise InvalidInput("an envelope carries 1 to 8 wrapped keys")
+    out = bytearray((len(wrapped),))
+    for w in wrapped:
+        provider = w.provider.encode("ascii", "replace")
+        ref = w.key_ref.encode("ascii", "replace")
+        if not _PROVIDER_RE.fullmatch(provider):
+            raise InvalidInput("a provider id must be 1-32 characters of [a-z0-9-]")
+        if not _KEY_REF_RE.fullmatch(ref):
+            raise InvalidInput("a key reference must be 1-2048 printable ASCII characters")
+        if not 1 <= len(w.wrapped) <= MAX_WRAPPED_SIZE:
+            raise InvalidInput("a wrapped data key must be 1-4096 bytes")
+        out.append(len(provider))
+        out += provider
+        out += _U16.pack(len(ref)) + ref
+        out += _U16.pack(len(w.wrapped)) + w.wrapped
+    return bytes(out)
+
+
+class Sealer:
+    """Seals messages under one data key, classification and context.
+
+    The header, the wrapped-keys section and the commitment are encoded once here, so
+    sealing a message costs one AES-GCM call, a random nonce and a concatenation. A
+    cache that reuses a data key should keep its Sealer too.
+    """
+
+    __slots__ = ("_aad_prefix", "_out_prefix", "data_key")
+
+    def __init__(self, data_key: DataKey, classification: str, context: Mapping[str, str]) -> None:
+        header = encode_header(classification, context)
+        self.data_key = data_key
+        self._aad_prefix = header + data_key.commitment
+        self._out_prefix = header + encode_wrapped_keys(data_key.wrapped) + data_key.commitment
+
+    def seal(self, plaintext: bytes, nonce: bytes | None = None) -> bytes:
+        """Encrypt one message. ``nonce`` is for known-answer tests only; leave it None."""
+        if len(plaintext) > MAX_PLAINTEXT:
+            raise InvalidInput("plaintext is too large for one envelope")
+        self.data_key.use()
+        if nonce is None:
+            nonce = os.urandom(NONCE_SIZE)
+        elif len(nonce) != NONCE_SIZE:
+            raise InvalidInput("a nonce must be 12 bytes")
+        body = self.data_key.aead.encrypt(nonce, plaintext, self._aad_prefix + nonce)
+        return self._out_prefix + nonce + body
+
+
+_MAX_SEALERS_PER_KEY = 64
+
+
+def sealer_for(data_key: DataKey, classification: str, context: Mapping[str, str]) -> Sealer:
+    """The data key's Sealer for this header, built once and kept on the key (bounded)."""
+    memo_key = (classification, tuple(context.items()))
+    sealer = data_key.sealers.get(memo_key)
+    if sealer is None:
+        sealer = Sealer(data_key, classification, context)
+        if len(data_key.sealers) < _MAX_SEALERS_PER_KEY:
+            data_key.sealers[memo_key] = sealer
+    return sealer  # type: ignore[return-value]
+
+
+def seal(
+    data_key: DataKey,
+    classification: str,
+    context: Mapping[str, str],
+    plaintext: bytes,
+    nonce: bytes | None = None,
+) -> bytes:
+    """One-shot :class:`Sealer`; see there."""
+    return Sealer(data_key, classification, context).seal(plaintext, nonce)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse(data: bytes | bytearray | memoryview) -> Envelope:
+    """Parse an envelope's structure strictly. Authenticates nothing: see :func:`unseal`."""
+    try:
+        return _parse(bytes(data))
+    except InvalidCiphertext:
+        raise
+    except (IndexError, ValueError, struct.error, TypeError):
+        raise InvalidCiphertext() from None
+
+
+def _parse(buf: bytes) -> Envelope:
+    end = len(buf)
+    # Smallest possible: fixed 4 + class 2 + context 2 + one wrapped key 1+2+3+2+1
+    # + commitment + nonce + tag. Checked first so short inputs cost nothing.
+    if end < 4 + 2 + 2 + 9 + COMMITMENT_SIZE + NONCE_SIZE + TAG_SIZE or buf[:4] != _FIXED_PREFIX:
+        raise InvalidCiphertext()
+    pos = 4
+
+    n = buf[pos]
+    pos += 1
+    if pos + n > end:
+        raise InvalidCiphertext()
+    name = buf[pos : pos + n]
+    if not _CLASSIFICATION_RE.fullmatch(name):
+        raise InvalidCiphertext()
+    pos += n
+
+    ctx_start = pos
+    if pos + 2 > end:
+        raise InvalidCiphertext()
+    (count,) = _U16.unpack_from(buf, pos)
+    pos += 2
+    context: dict[str, str] = {}
+    previous = b""
+    for i in range(count):
+        key_bytes, pos = _read_u16_bytes(buf, pos, end)
+        value_bytes, pos = _read_u16_bytes(buf, pos, end)
+        if not key_bytes or (i and key_bytes <= previous):
+            raise InvalidCiphertext()  # empty, duplicate or unsorted key
+        if pos - ctx_start > MAX_CONTEXT_BYTES:
+            raise InvalidCiphertext()
+        previous = key_bytes
+        context[key_bytes.decode("utf-8")] = value_bytes.decode("utf-8")
+
+    wrapped_start = pos
+    if pos + 1 > end:
+        raise InvalidCiphertext()
+    wcount = buf[pos]
+    pos += 1
+    if not 1 <= wcount <= MAX_WRAPPED_KEYS:
+        raise InvalidCiphertext()
+    wrapped = []
+    for _ in range(wcount):
+        plen = buf[pos] if pos < end else -1
+        pos += 1
+        if plen < 1 or pos + plen > end:
+            raise InvalidCiphertext()
+        provider = buf[pos : pos + plen]
+        pos += plen
+        ref, pos = _read_u16_bytes(buf, pos, end)
+        blob, pos = _read_u16_bytes(buf, pos, end)
+        if (
+            not _PROVIDER_RE.fullmatch(provider)
+            or not _KEY_REF_RE.fullmatch(ref)
+            or not 1 <= len(blob) <= MAX_WRAPPED_SIZE
+        ):
+            raise InvalidCiphertext()
+        wrapped.append(WrappedKey(provider.decode("ascii"), ref.decode("ascii"), blob))
+    wrapped_end = pos
+
+    if end - pos < COMMITMENT_SIZE + NONCE_SIZE + TAG_SIZE:
+        raise InvalidCiphertext()
+    commitment = buf[pos : pos + COMMITMENT_SIZE]
+    nonce = buf[pos + COMMITMENT_SIZE : pos + COMMITMENT_SIZE + NONCE_SIZE]
+    body_start = pos + COMMITMENT_SIZE + NONCE_SIZE
+    return Envelope(
+        classification=name.decode("ascii"),
+        context=MappingProxyType(context),
+        wrapped_keys=tuple(wrapped),
+        commitment=commitment,
+        nonce=nonce,
+        body=buf[body_start:],
+        aad=buf[:wrapped_start] + buf[wrapped_end:body_start],
+    )
+
+
+def _read_u16_bytes(buf: bytes, pos: int, end: int) -> tuple[bytes, int]:
+    if pos + 2 > end:
+        raise InvalidCiphertext()
+    (length,) = _U16.unpack_from(buf, pos)
+    pos += 2
+    if pos + length > end:
+        raise InvalidCiphertext()
+    return buf[pos : pos + length], pos + length
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def unseal(data_key: DataKey, envelope: Envelope) -> bytes:
+    """Check the key commitment in constant time, then authenticate and decrypt the body."""
+    if not hmac.compare_digest(data_key.commitment, envelope.commitment):
+        raise InvalidCiphertext()
+    try:
+        return data_key.aead.decrypt(envelope.nonce, envelope.body, envelope.aad)
+    except InvalidTag:
+        raise InvalidCiphertext() from None
+
+
+def replace_wrapped_keys(data: bytes, wrapped: tuple[WrappedKey, ...]) -> bytes:
+    """The same envelope with another wrapped-keys section; the body is untouched.
+
+    Only the section outside the associated data changes, so the result opens with the
+    same data key and its tag still covers every other byte.
+    """
+    env = parse(data)
+    header_len = len(env.aad) - COMMITMENT_SIZE - NONCE_SIZE
+    tail = env.commitment + env.nonce + env.body
+    return env.aad[:header_len] + encode_wrapped_keys(wrapped) + tail
+
+
+# --------------------------------------------------------------------------- text form
+
+
+def to_text(data: bytes) -> str:
+    """``kg1:`` + base64url without padding: safe in database columns, JSON and URLs."""
+    return TEXT_PREFIX + base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def from_text(token: str) -> bytes:
+    """Decode the text form strictly: right prefix, URL alphabet, no padding, canonical."""
+    if not isinstance(token, str) or not token.startswith(TEXT_PREFIX):
+        raise InvalidCiphertext()
+    payload = token[len(TEXT_PREFIX) :]
+    if len(payload) % 4 == 1 or not _B64URL_RE.fullmatch(payload):
+        raise InvalidCiphertext()
+    try:
+        data = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidCiphertext() from None
+    if to_text(data) != token:  # non-zero padding bits: two texts for one envelope
+        raise InvalidCiphertext()
+    return data
+
+
+def coerce(value: bytes | bytearray | memoryview | str) -> bytes:
+    """Accept either form: ``kg1:`` text or the binary envelope."""
+    if isinstance(value, str):
+        return from_text(value)
+    data = bytes(value)
+    if data.startswith(TEXT_PREFIX.encode("ascii")):
+        try:
+            return from_text(data.decode("ascii").strip())
+        except UnicodeDecodeError:
+            raise InvalidCiphertext() from None
+    return data

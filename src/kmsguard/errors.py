@@ -1,0 +1,203 @@
+"""Every error kmsguard raises, each with a stable code, an HTTP status and a retryable flag.
+
+Callers (the CLI, the HTTP service, a user's own retry loop) branch on ``code`` and
+``retryable``, never on message text, so messages are free to be helpful. They are
+never allowed to carry plaintext, a data key, a ciphertext body or a secret: every
+message is written here or built from names (settings, classifications, key
+references), never from data.
+"""
+
+from __future__ import annotations
+
+
+class KmsGuardError(Exception):
+    """Base of every kmsguard error."""
+
+    code: str = "KMSGUARD_ERROR"
+    http_status: int = 500
+    retryable: bool = False
+    default_message: str = "kmsguard error"
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.default_message)
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.default_message
+
+    def to_dict(self) -> dict[str, object]:
+        """The JSON shape the CLI's --jsonl output and the HTTP service use."""
+        return {"code": self.code, "message": self.message, "retryable": self.retryable}
+
+
+class InvalidCiphertext(KmsGuardError):
+    """Any malformed, truncated, tampered or wrong-key input.
+
+    Deliberately one error with one fixed message: telling a caller *which* check
+    failed (length, tag, commitment, key) would hand an attacker an oracle.
+    """
+
+    code = "INVALID_CIPHERTEXT"
+    http_status = 400
+    default_message = "invalid ciphertext"
+
+    def __init__(self, message: str | None = None) -> None:
+        # The message is fixed on purpose; an argument is accepted and ignored so
+        # that no caller can smuggle detail into it.
+        super().__init__(self.default_message)
+
+
+class ContextMismatch(KmsGuardError):
+    """A context pair passed to decrypt does not match the envelope's header."""
+
+    code = "CONTEXT_MISMATCH"
+    http_status = 400
+    default_message = "encryption context does not match"
+
+
+class ContextRequired(KmsGuardError):
+    """The classification's policy requires a context key the caller did not give."""
+
+    code = "CONTEXT_REQUIRED"
+    http_status = 400
+    default_message = "a required encryption context key is missing"
+
+
+class InvalidInput(KmsGuardError):
+    """A caller-supplied argument is malformed (bad classification name, context too big...)."""
+
+    code = "INVALID_INPUT"
+    http_status = 400
+    default_message = "invalid input"
+
+
+class UnknownClassification(KmsGuardError):
+    code = "UNKNOWN_CLASSIFICATION"
+    http_status = 400
+    default_message = "unknown classification"
+
+
+class ConfigurationError(KmsGuardError):
+    """A bad configuration file or value; the message names the setting."""
+
+    code = "CONFIGURATION_ERROR"
+    http_status = 500
+    default_message = "invalid configuration"
+
+
+class KeyringError(KmsGuardError):
+    """The local key file is missing, unreadable, unsafe or cannot be opened."""
+
+    code = "KEYRING_ERROR"
+    http_status = 500
+    default_message = "keyring error"
+
+
+class DataKeyExhausted(KmsGuardError):
+    """A data key reached its lifetime message limit (2^32 for AES-GCM random nonces)."""
+
+    code = "DATA_KEY_EXHAUSTED"
+    http_status = 500
+    retryable = True
+    default_message = "data key reached its message limit"
+
+
+# --- Errors a key management service (AWS KMS or the local keyring) can cause. ---
+
+
+class KeyDisabled(KmsGuardError):
+    code = "KEY_DISABLED"
+    http_status = 503
+    default_message = "the key is disabled"
+
+
+class KeyNotFound(KmsGuardError):
+    code = "KEY_NOT_FOUND"
+    http_status = 404
+    default_message = "the key was not found"
+
+
+class AccessDenied(KmsGuardError):
+    code = "ACCESS_DENIED"
+    http_status = 403
+    default_message = "access to the key was denied"
+
+
+class RateLimited(KmsGuardError):
+    code = "RATE_LIMITED"
+    http_status = 429
+    retryable = True
+    default_message = "the key management service is throttling requests"
+
+
+class KeyUnavailable(KmsGuardError):
+    code = "KEY_UNAVAILABLE"
+    http_status = 503
+    retryable = True
+    default_message = "the key is temporarily unavailable"
+
+
+class InvalidKeyUsage(KmsGuardError):
+    code = "INVALID_KEY_USAGE"
+    http_status = 400
+    default_message = "the key cannot be used for this operation"
+
+
+class KmsServiceError(KmsGuardError):
+    code = "KMS_SERVICE_ERROR"
+    http_status = 502
+    retryable = True
+    default_message = "the key management service failed"
+
+
+class KmsTimeout(KmsGuardError):
+    code = "KMS_TIMEOUT"
+    http_status = 504
+    retryable = True
+    default_message = "the key management service did not answer in time"
+
+
+class CredentialsError(KmsGuardError):
+    code = "CREDENTIALS_ERROR"
+    http_status = 500
+    default_message = "no usable credentials for the key management service"
+
+
+class AllRegionsFailed(KmsGuardError):
+    code = "ALL_REGIONS_FAILED"
+    http_status = 503
+    retryable = True
+    default_message = "every configured region failed"
+
+
+class AuditUnavailable(KmsGuardError):
+    """Strict audit could not make the record durable, so the operation was refused."""
+
+    code = "AUDIT_UNAVAILABLE"
+    http_status = 503
+    retryable = True
+    default_message = "the audit record could not be made durable"
+
+
+__all__ = [
+    "AccessDenied",
+    "AllRegionsFailed",
+    "AuditUnavailable",
+    "ConfigurationError",
+    "ContextMismatch",
+    "ContextRequired",
+    "CredentialsError",
+    "DataKeyExhausted",
+    "InvalidCiphertext",
+    "InvalidInput",
+    "InvalidKeyUsage",
+    "KeyDisabled",
+    "KeyNotFound",
+    "KeyUnavailable",
+    "KeyringError",
+    "KmsGuardError",
+    "KmsServiceError",
+    "KmsTimeout",
+    "RateLimited",
+    "UnknownClassification",
+]

@@ -1,0 +1,285 @@
+"""Guard: the one object an application holds to encrypt and decrypt classified data.
+
+Guard is the only place where data keys (from a keyring) meet data (through the
+envelope). Around every operation it applies the policy (which key, which context is
+required), and reports an :class:`~kmsguard.operation.Operation` to its observers
+(audit, metrics). It holds no mutable state of its own, so one Guard is shared by all
+threads of a process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kmsguard import envelope, operation
+from kmsguard.config import Settings, load_settings
+from kmsguard.errors import (
+    AuditUnavailable,
+    ContextMismatch,
+    InvalidCiphertext,
+    InvalidInput,
+    KmsGuardError,
+    UnknownClassification,
+)
+from kmsguard.keyrings.base import Keyring
+from kmsguard.operation import Observer, Operation
+from kmsguard.policy import ClassPolicy, Policy
+
+T = TypeVar("T")
+Context = Mapping[str, str] | None
+EnvelopeInput = bytes | bytearray | memoryview | str
+
+
+@dataclass(frozen=True)
+class EnvelopeInfo:
+    """What ``inspect`` shows: the envelope's public header. Nothing is decrypted."""
+
+    version: int
+    suite: int
+    classification: str
+    context: dict[str, str]
+    keys: list[dict[str, str]]
+    size: int
+    body_size: int
+
+    @classmethod
+    def of(cls, data: EnvelopeInput) -> EnvelopeInfo:
+        raw = envelope.coerce(data)
+        env = envelope.parse(raw)
+        return cls(
+            version=env.version,
+            suite=env.suite,
+            classification=env.classification,
+            context=dict(env.context),
+            keys=[{"provider": w.provider, "key_ref": w.key_ref} for w in env.wrapped_keys],
+            size=len(raw),
+            body_size=len(env.body) - envelope.TAG_SIZE,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "suite": self.suite,
+            "classification": self.classification,
+            "context": self.context,
+            "keys": self.keys,
+            "size": self.size,
+            "body_size": self.body_size,
+        }
+
+
+class Guard:
+    """Encrypt, decrypt, inspect and rewrap classified data.
+
+    ``Guard.from_env()`` builds one from ``$KMSGUARD_HOME`` and ``KMSGUARD_*``;
+    ``Guard(policy=..., keyring=...)`` composes one by hand (tests, custom stacks).
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        keyring: Keyring,
+        *,
+        observers: Sequence[Observer] = (),
+        principal: str = "unknown",
+        settings: Settings | None = None,
+    ) -> None:
+        self.policy = policy
+        self.keyring = keyring
+        self.observers = tuple(observers)
+        self.principal = principal
+        self.settings = settings
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Guard:
+        return cls.from_settings(load_settings(env))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Guard:
+        from kmsguard.stack import build_keyring, build_observers
+
+        keyring = build_keyring(settings)
+        return cls(
+            settings.policy,
+            keyring,
+            observers=build_observers(settings, keyring),
+            principal=settings.principal,
+            settings=settings,
+        )
+
+    def close(self) -> None:
+        """Flush and stop observers (the audit writer) and keyrings that hold resources."""
+        for obj in (*self.observers, self.keyring):
+            closer = getattr(obj, "close", None)
+            if callable(closer):
+                closer()
+
+    def __enter__(self) -> Guard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ operations
+
+    def encrypt(self, plaintext: bytes, classification: str, context: Context = None) -> bytes:
+        """Seal ``plaintext`` under a data key of ``classification``'s key.
+
+        ``context`` is bound to the ciphertext (stored in its header, authenticated, sent
+        to the key service); it is not secret. The classification's required context
+        keys must be present.
+        """
+        ctx = _context(context)
+        return self._observe("encrypt", classification, ctx, lambda: self._encrypt(plaintext, classification, ctx))
+
+    def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
+        """Open an envelope (binary or ``kg1:`` text).
+
+        Every pair in ``context`` must match the header (else ContextMismatch), and the
+        classification's required keys must be among them: a caller states why it
+        decrypts payment data as it did when encrypting.
+        """
+        ctx = _context(context)
+        return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx))
+
+    def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
+        """``encrypt`` for text: UTF-8 in, ``kg1:`` token out (for columns and JSON)."""
+        if not isinstance(text, str):
+            raise InvalidInput("encrypt_text takes a str")
+        return envelope.to_text(self.encrypt(text.encode("utf-8"), classification, context))
+
+    def decrypt_text(self, token: str, context: Context = None) -> str:
+        """``decrypt`` for a token made by ``encrypt_text``."""
+        plain = self.decrypt(token, context)
+        try:
+            return plain.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput("the decrypted data is not UTF-8 text; use decrypt()") from None
+
+    def rewrap(self, data: EnvelopeInput, context: Context = None) -> bytes:
+        """Re-wrap the data key under the classification's current key; the body is kept.
+
+        After a rotation (or a key change in the policy) this moves stored ciphertexts to
+        the new key without decrypting the data. Returns the same form it was given.
+        """
+        ctx = _context(context)
+        as_text = isinstance(data, str)
+        out = self._observe("rewrap", None, ctx, lambda: self._rewrap(data, ctx))
+        return envelope.to_text(out).encode("ascii") if as_text else out
+
+    def rewrap_text(self, token: str, context: Context = None) -> str:
+        return self.rewrap(token, context).decode("ascii")
+
+    def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
+        """The header of an envelope: version, classification, context, key references."""
+        return EnvelopeInfo.of(data)
+
+    # ------------------------------------------------------------------ internals
+
+    def _encrypt(self, plaintext: bytes, classification: str, ctx: Mapping[str, str]) -> bytes:
+        if not isinstance(plaintext, bytes | bytearray | memoryview):
+            raise InvalidInput("plaintext must be bytes")
+        cls = self.policy.get(classification)
+        self._note_class(cls, len(plaintext))
+        request = self.policy.request(cls, ctx)
+        data_key = self.keyring.generate(request)
+        self._note_keys(data_key.wrapped)
+        return envelope.sealer_for(data_key, classification, ctx).seal(bytes(plaintext))
+
+    def _decrypt(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:
+        env = envelope.parse(envelope.coerce(data))
+        cls = self._class_of(env)
+        self._note_class(cls, len(env.body) - envelope.TAG_SIZE)
+        self._check_context(cls, env, ctx)
+        data_key = self.keyring.unwrap(env.wrapped_keys, self.policy.request(cls, env.context))
+        self._note_keys(env.wrapped_keys)
+        return envelope.unseal(data_key, env)
+
+    def _rewrap(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:
+        raw = envelope.coerce(data)
+        env = envelope.parse(raw)
+        cls = self._class_of(env)
+        self._note_class(cls, len(env.body) - envelope.TAG_SIZE)
+        self._check_context(cls, env, ctx)
+        request = self.policy.request(cls, env.context)
+        # Authenticate before re-wrapping: rewrap must never launder a forged envelope.
+        envelope.unseal(self.keyring.unwrap(env.wrapped_keys, request), env)
+        wrapped = self.keyring.rewrap(env.wrapped_keys, request)
+        self._note_keys(wrapped)
+        return envelope.replace_wrapped_keys(raw, wrapped)
+
+    def _class_of(self, env: envelope.Envelope) -> ClassPolicy:
+        """An envelope naming no configured classification is as bad as a tampered one."""
+        try:
+            return self.policy.get(env.classification)
+        except UnknownClassification:
+            raise InvalidCiphertext() from None
+
+    @staticmethod
+    def _check_context(cls: ClassPolicy, env: envelope.Envelope, ctx: Mapping[str, str]) -> None:
+        for key, value in ctx.items():
+            if env.context.get(key) != value:
+                raise ContextMismatch(f"context key {key!r} does not match the ciphertext")
+        missing = cls.required_context.difference(ctx)
+        if missing:
+            raise ContextMismatch(
+                f"classification {cls.name!r} requires context keys at decrypt: {', '.join(sorted(missing))}"
+            )
+
+    def _observe(self, name: str, classification: str | None, ctx: Mapping[str, str], run: Callable[[], T]) -> T:
+        """Run one operation; with observers, record it and let strict audit veto it."""
+        if not self.observers:
+            return run()
+        op = Operation(name, classification, ctx, self.principal)
+        token = operation.current.set(op)
+        try:
+            result = run()
+        except BaseException as exc:
+            op.finish(exc)
+            self._notify(op)
+            raise
+        finally:
+            operation.current.reset(token)
+        op.finish(None)
+        self._notify(op)
+        return result
+
+    def _notify(self, op: Operation) -> None:
+        for observer in self.observers:
+            try:
+                observer.operation_finished(op)
+            except AuditUnavailable:
+                if op.strict_audit and op.outcome == "ok":
+                    raise
+            except KmsGuardError:
+                if op.strict_audit and op.outcome == "ok":
+                    raise AuditUnavailable() from None
+
+    @staticmethod
+    def _note_class(cls: ClassPolicy, size: int) -> None:
+        op = operation.current.get()
+        if op is not None:
+            op.classification = cls.name
+            op.strict_audit = cls.strict_audit
+            op.size = size
+
+    @staticmethod
+    def _note_keys(wrapped: Sequence[Any]) -> None:
+        op = operation.current.get()
+        if op is not None:
+            for w in wrapped:
+                if w.key_ref not in op.key_refs:
+                    op.key_refs.append(w.key_ref)
+
+
+def _context(context: Context) -> Mapping[str, str]:
+    if context is None:
+        return {}
+    if not isinstance(context, Mapping):
+        raise InvalidInput("context must be a mapping of str to str")
+    for key, value in context.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidInput("context keys and values must be strings")
+    return context
