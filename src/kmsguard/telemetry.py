@@ -1,0 +1,34 @@
+"""Process-wide counters that keyrings and the AWS layer report to, and metrics export.
+
+Per-operation facts go into the current :class:`~kmsguard.operation.Operation` (for the
+audit record). Facts that are not about one operation — a KMS retry, a cache eviction,
+a failover between regions, the audit queue depth — go to a :class:`Telemetry`, which
+``stack`` builds once and hands to every component. The default does nothing, so a
+component never checks whether anyone listens.
+
+Labels are names only (API, region, classification, outcome); never context values,
+key material or data.
+"""
+
+from __future__ import annotations
+
+
+class Telemetry:
+    """No-op base; the metrics registry overrides what it exports."""
+
+    def kms_call(
+        self, api: str, region: str, outcome: str, duration: float, attempts: int = 1, throttles: int = 0
+    ) -> None:
+        """One KMS API call finished (``duration`` includes botocore's retries)."""
+
+    def cache_event(self, event: str, classification: str) -> None:
+        """``hit``, ``miss`` or ``evict`` in a data-key cache."""
+
+    def failover(self, from_region: str, to_region: str) -> None:
+        """An operation moved on from a failing region to the next."""
+
+    def gauge(self, name: str, value: float) -> None:
+        """A level (audit queue depth, spool size, cache size) at the time of reporting."""
+
+
+NULL_TELEMETRY = Telemetry()
