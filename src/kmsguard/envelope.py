@@ -74,17 +74,31 @@ _FIXED_PREFIX = MAGIC + bytes((VERSION, SUITE))
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """A parsed, not yet authenticated envelope. ``aad`` is what the body's tag covers."""
+    """A parsed, not yet authenticated envelope. ``aad`` is what the body's tag covers.
+
+    The body is not copied out of ``raw``: :func:`unseal` decrypts straight from it, so a
+    large envelope costs one buffer (the plaintext) on decrypt, not two.
+    """
 
     classification: str
     context: Mapping[str, str]
     wrapped_keys: tuple[WrappedKey, ...]
     commitment: bytes
     nonce: bytes
-    body: bytes
     aad: bytes
+    raw: bytes
+    body_offset: int
     version: int = VERSION
     suite: int = SUITE
+
+    @property
+    def body(self) -> bytes:
+        """AES-GCM ciphertext || tag (a copy; :func:`unseal` does not need it)."""
+        return self.raw[self.body_offset :]
+
+    @property
+    def plaintext_size(self) -> int:
+        return len(self.raw) - self.body_offset - TAG_SIZE
 
 
 # --------------------------------------------------------------------------- building
@@ -92,9 +106,7 @@ class Envelope:
 
 def encode_header(classification: str, context: Mapping[str, str]) -> bytes:
     """Magic through context: the authenticated header. Validates caller input."""
-    name = classification.encode("ascii", "replace")
-    if not _CLASSIFICATION_RE.fullmatch(name):
-        raise InvalidInput("classification must be 1-32 characters of [a-z0-9_-]")
+    name = _ascii(classification, _CLASSIFICATION_RE, "classification must be 1-32 characters of [a-z0-9_-]")
     pairs = []
     for key, value in context.items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -123,17 +135,23 @@ def encode_header(classification: str, context: Mapping[str, str]) -> bytes:
     return bytes(out)
 
 
+def _ascii(text: str, pattern: re.Pattern[bytes], message: str) -> bytes:
+    """``text`` as ASCII bytes matching ``pattern``; never a lossy encoding of something else."""
+    if not isinstance(text, str) or not text.isascii():
+        raise InvalidInput(message)
+    raw = text.encode("ascii")
+    if not pattern.fullmatch(raw):
+        raise InvalidInput(message)
+    return raw
+
+
 def encode_wrapped_keys(wrapped: tuple[WrappedKey, ...]) -> bytes:
     if not 1 <= len(wrapped) <= MAX_WRAPPED_KEYS:
         raise InvalidInput("an envelope carries 1 to 8 wrapped keys")
     out = bytearray((len(wrapped),))
     for w in wrapped:
-        provider = w.provider.encode("ascii", "replace")
-        ref = w.key_ref.encode("ascii", "replace")
-        if not _PROVIDER_RE.fullmatch(provider):
-            raise InvalidInput("a provider id must be 1-32 characters of [a-z0-9-]")
-        if not _KEY_REF_RE.fullmatch(ref):
-            raise InvalidInput("a key reference must be 1-2048 printable ASCII characters")
+        provider = _ascii(w.provider, _PROVIDER_RE, "a provider id must be 1-32 characters of [a-z0-9-]")
+        ref = _ascii(w.key_ref, _KEY_REF_RE, "a key reference must be 1-2048 printable ASCII characters")
         if not 1 <= len(w.wrapped) <= MAX_WRAPPED_SIZE:
             raise InvalidInput("a wrapped data key must be 1-4096 bytes")
         out.append(len(provider))
@@ -281,8 +299,9 @@ def _parse(buf: bytes) -> Envelope:
         wrapped_keys=tuple(wrapped),
         commitment=commitment,
         nonce=nonce,
-        body=buf[body_start:],
         aad=buf[:wrapped_start] + buf[wrapped_end:body_start],
+        raw=buf,
+        body_offset=body_start,
     )
 
 
@@ -304,7 +323,8 @@ def unseal(data_key: DataKey, envelope: Envelope) -> bytes:
     if not hmac.compare_digest(data_key.commitment, envelope.commitment):
         raise InvalidCiphertext()
     try:
-        return data_key.aead.decrypt(envelope.nonce, envelope.body, envelope.aad)
+        body = memoryview(envelope.raw)[envelope.body_offset :]
+        return data_key.aead.decrypt(envelope.nonce, body, envelope.aad)
     except InvalidTag:
         raise InvalidCiphertext() from None
 
@@ -317,8 +337,8 @@ def replace_wrapped_keys(data: bytes, wrapped: tuple[WrappedKey, ...]) -> bytes:
     """
     env = parse(data)
     header_len = len(env.aad) - COMMITMENT_SIZE - NONCE_SIZE
-    tail = env.commitment + env.nonce + env.body
-    return env.aad[:header_len] + encode_wrapped_keys(wrapped) + tail
+    tail = memoryview(env.raw)[env.body_offset - COMMITMENT_SIZE - NONCE_SIZE :]
+    return b"".join((env.aad[:header_len], encode_wrapped_keys(wrapped), tail))
 
 
 # --------------------------------------------------------------------------- text form
@@ -334,7 +354,7 @@ def from_text(token: str) -> bytes:
     if not isinstance(token, str) or not token.startswith(TEXT_PREFIX):
         raise InvalidCiphertext()
     payload = token[len(TEXT_PREFIX) :]
-    if len(payload) % 4 == 1 or not _B64URL_RE.fullmatch(payload):
+    if not payload or len(payload) % 4 == 1 or not _B64URL_RE.fullmatch(payload):
         raise InvalidCiphertext()
     try:
         data = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
@@ -349,6 +369,8 @@ def coerce(value: bytes | bytearray | memoryview | str) -> bytes:
     """Accept either form: ``kg1:`` text or the binary envelope."""
     if isinstance(value, str):
         return from_text(value)
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise InvalidInput("an envelope is bytes or a kg1: string")
     data = bytes(value)
     if data.startswith(TEXT_PREFIX.encode("ascii")):
         try:
