@@ -18,6 +18,7 @@ from kmsguard.config import Settings, load_settings
 from kmsguard.errors import (
     AuditUnavailable,
     ContextMismatch,
+    ContextRequired,
     InvalidCiphertext,
     InvalidInput,
     KmsGuardError,
@@ -28,6 +29,8 @@ from kmsguard.operation import Observer, Operation
 from kmsguard.policy import ClassPolicy, Policy
 
 T = TypeVar("T")
+#: Context keys under this prefix are kmsguard's own (see KeyRequest.bound_context).
+RESERVED_CONTEXT_PREFIX = "kmsguard:"
 Context = Mapping[str, str] | None
 EnvelopeInput = bytes | bytearray | memoryview | str
 
@@ -55,7 +58,7 @@ class EnvelopeInfo:
             context=dict(env.context),
             keys=[{"provider": w.provider, "key_ref": w.key_ref} for w in env.wrapped_keys],
             size=len(raw),
-            body_size=len(env.body) - envelope.TAG_SIZE,
+            body_size=env.plaintext_size,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +194,7 @@ class Guard:
     def _decrypt(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:
         env = envelope.parse(envelope.coerce(data))
         cls = self._class_of(env)
-        self._note_class(cls, len(env.body) - envelope.TAG_SIZE)
+        self._note_class(cls, env.plaintext_size)
         self._check_context(cls, env, ctx)
         data_key = self.keyring.unwrap(env.wrapped_keys, self.policy.request(cls, env.context))
         self._note_keys(env.wrapped_keys)
@@ -201,7 +204,7 @@ class Guard:
         raw = envelope.coerce(data)
         env = envelope.parse(raw)
         cls = self._class_of(env)
-        self._note_class(cls, len(env.body) - envelope.TAG_SIZE)
+        self._note_class(cls, env.plaintext_size)
         self._check_context(cls, env, ctx)
         request = self.policy.request(cls, env.context)
         # Authenticate before re-wrapping: rewrap must never launder a forged envelope.
@@ -224,7 +227,7 @@ class Guard:
                 raise ContextMismatch(f"context key {key!r} does not match the ciphertext")
         missing = cls.required_context.difference(ctx)
         if missing:
-            raise ContextMismatch(
+            raise ContextRequired(
                 f"classification {cls.name!r} requires context keys at decrypt: {', '.join(sorted(missing))}"
             )
 
@@ -275,6 +278,12 @@ class Guard:
 
 
 def _context(context: Context) -> Mapping[str, str]:
+    """Check the caller's context before any key service sees it.
+
+    Keys under ``kmsguard:`` are reserved (the classification is bound under one), and
+    text that is not encodable as UTF-8 (lone surrogates) is refused here rather than
+    deep inside a keyring.
+    """
     if context is None:
         return {}
     if not isinstance(context, Mapping):
@@ -282,4 +291,12 @@ def _context(context: Context) -> Mapping[str, str]:
     for key, value in context.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidInput("context keys and values must be strings")
+        if key.startswith(RESERVED_CONTEXT_PREFIX):
+            raise InvalidInput(f"context keys starting with {RESERVED_CONTEXT_PREFIX!r} are reserved")
+        if not (key.isascii() and value.isascii()):
+            try:
+                key.encode("utf-8")
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidInput("encryption context must be valid Unicode text") from None
     return context
