@@ -1,0 +1,1 @@
+"""kmsguard's benchmarks; run them with ``make bench`` (``python -m bench [topic ...]``)."""
