@@ -171,8 +171,11 @@ class Sealer:
 
     __slots__ = ("_aad_prefix", "_out_prefix", "data_key")
 
-    def __init__(self, data_key: DataKey, classification: str, context: Mapping[str, str]) -> None:
-        header = encode_header(classification, context)
+    def __init__(
+        self, data_key: DataKey, classification: str, context: Mapping[str, str], *, header: bytes | None = None
+    ) -> None:
+        if header is None:
+            header = encode_header(classification, context)
         self.data_key = data_key
         self._aad_prefix = header + data_key.commitment
         self._out_prefix = header + encode_wrapped_keys(data_key.wrapped) + data_key.commitment
@@ -201,6 +204,20 @@ def sealer_for(data_key: DataKey, classification: str, context: Mapping[str, str
         sealer = Sealer(data_key, classification, context)
         if len(data_key.sealers) < _MAX_SEALERS_PER_KEY:
             data_key.sealers[memo_key] = sealer
+    return sealer  # type: ignore[return-value]
+
+
+def header_sealer(data_key: DataKey, header: bytes) -> Sealer:
+    """Like :func:`sealer_for`, for a caller that keeps the encoded header (Guard's plans).
+
+    The memo key is the header's bytes, whose hash Python computes once per object, so a
+    hit costs one dictionary lookup.
+    """
+    sealer = data_key.sealers.get(header)
+    if sealer is None:
+        sealer = Sealer(data_key, "", {}, header=header)
+        if len(data_key.sealers) < _MAX_SEALERS_PER_KEY:
+            data_key.sealers[header] = sealer
     return sealer  # type: ignore[return-value]
 
 
@@ -320,11 +337,16 @@ def _read_u16_bytes(buf: bytes, pos: int, end: int) -> tuple[bytes, int]:
 
 def unseal(data_key: DataKey, envelope: Envelope) -> bytes:
     """Check the key commitment in constant time, then authenticate and decrypt the body."""
-    if not hmac.compare_digest(data_key.commitment, envelope.commitment):
+    body = memoryview(envelope.raw)[envelope.body_offset :]
+    return open_body(data_key, envelope.commitment, envelope.nonce, body, envelope.aad)
+
+
+def open_body(data_key: DataKey, commitment: bytes, nonce: bytes, body: bytes | memoryview, aad: bytes) -> bytes:
+    """:func:`unseal` from an envelope's parts, for callers that memoize parsed headers."""
+    if not hmac.compare_digest(data_key.commitment, commitment):
         raise InvalidCiphertext()
     try:
-        body = memoryview(envelope.raw)[envelope.body_offset :]
-        return data_key.aead.decrypt(envelope.nonce, body, envelope.aad)
+        return data_key.aead.decrypt(nonce, body, aad)
     except InvalidTag:
         raise InvalidCiphertext() from None
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kmsguard import envelope, operation
+from kmsguard import envelope, operation, plans
 from kmsguard.config import Settings, load_settings
 from kmsguard.errors import (
     AuditUnavailable,
@@ -24,13 +24,11 @@ from kmsguard.errors import (
     KmsGuardError,
     UnknownClassification,
 )
-from kmsguard.keyrings.base import Keyring
+from kmsguard.keyrings.base import Keyring, sized_generate
 from kmsguard.operation import Observer, Operation
 from kmsguard.policy import ClassPolicy, Policy
 
 T = TypeVar("T")
-#: Context keys under this prefix are kmsguard's own (see KeyRequest.bound_context).
-RESERVED_CONTEXT_PREFIX = "kmsguard:"
 Context = Mapping[str, str] | None
 EnvelopeInput = bytes | bytearray | memoryview | str
 
@@ -94,6 +92,9 @@ class Guard:
         self.observers = tuple(observers)
         self.principal = principal
         self.settings = settings
+        self._generate = sized_generate(keyring)
+        self._encrypt_plans = plans.EncryptPlans(policy)
+        self._decrypt_plans = plans.DecryptPlans(policy)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Guard:
@@ -134,7 +135,9 @@ class Guard:
         to the key service); it is not secret. The classification's required context
         keys must be present.
         """
-        ctx = _context(context)
+        if not self.observers:
+            return self._encrypt(plaintext, classification, context)
+        ctx = plans.check_context(context)
         return self._observe("encrypt", classification, ctx, lambda: self._encrypt(plaintext, classification, ctx))
 
     def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
@@ -144,7 +147,9 @@ class Guard:
         classification's required keys must be among them: a caller states why it
         decrypts payment data as it did when encrypting.
         """
-        ctx = _context(context)
+        if not self.observers:
+            return self._decrypt(data, plans.check_context(context))
+        ctx = plans.check_context(context)
         return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx))
 
     def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
@@ -167,7 +172,7 @@ class Guard:
         After a rotation (or a key change in the policy) this moves stored ciphertexts to
         the new key without decrypting the data. Returns the same form it was given.
         """
-        ctx = _context(context)
+        ctx = plans.check_context(context)
         as_text = isinstance(data, str)
         out = self._observe("rewrap", None, ctx, lambda: self._rewrap(data, ctx))
         return envelope.to_text(out).encode("ascii") if as_text else out
@@ -181,36 +186,53 @@ class Guard:
 
     # ------------------------------------------------------------------ internals
 
-    def _encrypt(self, plaintext: bytes, classification: str, ctx: Mapping[str, str]) -> bytes:
-        if not isinstance(plaintext, bytes | bytearray | memoryview):
-            raise InvalidInput("plaintext must be bytes")
-        cls = self.policy.get(classification)
-        self._note_class(cls, len(plaintext))
-        request = self.policy.request(cls, ctx)
-        data_key = self.keyring.generate(request)
-        self._note_keys(data_key.wrapped)
-        return envelope.sealer_for(data_key, classification, ctx).seal(bytes(plaintext))
+    # The two hot paths: with a cached data key and no observers, each costs a plan
+    # lookup, a cache lookup and AES-GCM (see kmsguard.plans).
+
+    def _encrypt(self, plaintext: bytes, classification: str, context: Context) -> bytes:
+        if type(plaintext) is not bytes:
+            if not isinstance(plaintext, bytearray | memoryview):
+                raise InvalidInput("plaintext must be bytes")
+            plaintext = bytes(plaintext)
+        plan = self._encrypt_plans.get(classification, context)
+        op = operation.current.get()
+        if op is not None:
+            self._note_class(op, plan.policy, len(plaintext))
+        data_key = self._generate(plan.request, len(plaintext))
+        if op is not None:
+            self._note_keys(op, data_key.wrapped)
+        return envelope.header_sealer(data_key, plan.header).seal(plaintext)
 
     def _decrypt(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:
-        env = envelope.parse(envelope.coerce(data))
-        cls = self._class_of(env)
-        self._note_class(cls, env.plaintext_size)
-        self._check_context(cls, env, ctx)
-        data_key = self.keyring.unwrap(env.wrapped_keys, self.policy.request(cls, env.context))
-        self._note_keys(env.wrapped_keys)
-        return envelope.unseal(data_key, env)
+        raw = data if type(data) is bytes and not data.startswith(_TEXT_PREFIX) else envelope.coerce(data)
+        plan = self._decrypt_plans.get(raw)
+        op = operation.current.get()
+        if op is not None:
+            self._note_class(op, plan.policy, len(raw) - plan.prefix_len - envelope.NONCE_SIZE - envelope.TAG_SIZE)
+        if ctx or plan.policy.required_context:
+            self._check_context(plan.policy, plan.context, ctx)
+        data_key = self.keyring.unwrap(plan.wrapped, plan.request)
+        if op is not None:
+            self._note_keys(op, plan.wrapped)
+        n = plan.prefix_len
+        nonce = raw[n : n + envelope.NONCE_SIZE]
+        body = memoryview(raw)[n + envelope.NONCE_SIZE :]
+        return envelope.open_body(data_key, plan.commitment, nonce, body, plan.aad_prefix + nonce)
 
     def _rewrap(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:
         raw = envelope.coerce(data)
         env = envelope.parse(raw)
         cls = self._class_of(env)
-        self._note_class(cls, env.plaintext_size)
-        self._check_context(cls, env, ctx)
+        op = operation.current.get()
+        if op is not None:
+            self._note_class(op, cls, env.plaintext_size)
+        self._check_context(cls, env.context, ctx)
         request = self.policy.request(cls, env.context)
         # Authenticate before re-wrapping: rewrap must never launder a forged envelope.
         envelope.unseal(self.keyring.unwrap(env.wrapped_keys, request), env)
         wrapped = self.keyring.rewrap(env.wrapped_keys, request)
-        self._note_keys(wrapped)
+        if op is not None:
+            self._note_keys(op, wrapped)
         return envelope.replace_wrapped_keys(raw, wrapped)
 
     def _class_of(self, env: envelope.Envelope) -> ClassPolicy:
@@ -221,9 +243,9 @@ class Guard:
             raise InvalidCiphertext() from None
 
     @staticmethod
-    def _check_context(cls: ClassPolicy, env: envelope.Envelope, ctx: Mapping[str, str]) -> None:
+    def _check_context(cls: ClassPolicy, header_context: Mapping[str, str], ctx: Mapping[str, str]) -> None:
         for key, value in ctx.items():
-            if env.context.get(key) != value:
+            if header_context.get(key) != value:
                 raise ContextMismatch(f"context key {key!r} does not match the ciphertext")
         missing = cls.required_context.difference(ctx)
         if missing:
@@ -261,42 +283,16 @@ class Guard:
                     raise AuditUnavailable() from None
 
     @staticmethod
-    def _note_class(cls: ClassPolicy, size: int) -> None:
-        op = operation.current.get()
-        if op is not None:
-            op.classification = cls.name
-            op.strict_audit = cls.strict_audit
-            op.size = size
+    def _note_class(op: Operation, cls: ClassPolicy, size: int) -> None:
+        op.classification = cls.name
+        op.strict_audit = cls.strict_audit
+        op.size = size
 
     @staticmethod
-    def _note_keys(wrapped: Sequence[Any]) -> None:
-        op = operation.current.get()
-        if op is not None:
-            for w in wrapped:
-                if w.key_ref not in op.key_refs:
-                    op.key_refs.append(w.key_ref)
+    def _note_keys(op: Operation, wrapped: Sequence[Any]) -> None:
+        for w in wrapped:
+            if w.key_ref not in op.key_refs:
+                op.key_refs.append(w.key_ref)
 
 
-def _context(context: Context) -> Mapping[str, str]:
-    """Check the caller's context before any key service sees it.
-
-    Keys under ``kmsguard:`` are reserved (the classification is bound under one), and
-    text that is not encodable as UTF-8 (lone surrogates) is refused here rather than
-    deep inside a keyring.
-    """
-    if context is None:
-        return {}
-    if not isinstance(context, Mapping):
-        raise InvalidInput("context must be a mapping of str to str")
-    for key, value in context.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidInput("context keys and values must be strings")
-        if key.startswith(RESERVED_CONTEXT_PREFIX):
-            raise InvalidInput(f"context keys starting with {RESERVED_CONTEXT_PREFIX!r} are reserved")
-        if not (key.isascii() and value.isascii()):
-            try:
-                key.encode("utf-8")
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidInput("encryption context must be valid Unicode text") from None
-    return context
+_TEXT_PREFIX = envelope.TEXT_PREFIX.encode("ascii")

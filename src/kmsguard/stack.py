@@ -3,6 +3,10 @@
 This is the composition root behind ``Guard.from_env()``: the only module that knows
 which concrete keyrings and observers exist. Backends are imported lazily, so a local
 setup never imports boto3.
+
+Every stack gets a data-key cache in front of its backend (``CachingKeyring``), with
+each classification's ``cache`` limits from the policy; a classification turns it off
+with ``reuse = false`` (encrypt) and ``decrypt_ttl = 0`` (decrypt).
 """
 
 from __future__ import annotations
@@ -10,11 +14,18 @@ from __future__ import annotations
 from kmsguard.config import Settings
 from kmsguard.errors import ConfigurationError
 from kmsguard.keyrings.base import Keyring
+from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.operation import Observer
+from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 
-def build_keyring(settings: Settings) -> Keyring:
+def build_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
+    """The backend keyring behind a data-key cache."""
+    return CachingKeyring(_backend_keyring(settings), settings.policy, telemetry=telemetry)
+
+
+def _backend_keyring(settings: Settings) -> Keyring:
     if settings.backend == "local":
         return LocalKeyring(settings.home / KEY_FILE_NAME, settings.passphrase)
     raise ConfigurationError(f"backend: {settings.backend!r} is not available in this build")

@@ -13,7 +13,7 @@ unwrap, as KMS does with EncryptionContext.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -30,14 +30,24 @@ class KeyRequest:
     classification: str
     key_id: str
     context: Mapping[str, str] = field(default_factory=dict)
+    _partition: tuple[str, str, tuple[tuple[str, str], ...]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def bound_context(self) -> dict[str, str]:
         """The context a key service binds: the caller's chosen pairs plus the classification."""
         return {**self.context, CLASSIFICATION_CONTEXT_KEY: self.classification}
 
     def cache_partition(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
-        """A hashable identity: two requests with equal partitions may share a data key."""
-        return (self.classification, self.key_id, tuple(sorted(self.context.items())))
+        """A hashable identity: two requests with equal partitions may share a data key.
+
+        Computed once per request: Guard reuses requests, and caches look this up per message.
+        """
+        partition = self._partition
+        if partition is None:
+            partition = (self.classification, self.key_id, tuple(sorted(self.context.items())))
+            object.__setattr__(self, "_partition", partition)
+        return partition
 
 
 @runtime_checkable
@@ -66,3 +76,15 @@ class Keyring(Protocol):
         AWS KMS does this with ReEncrypt, so the data key never leaves the service.
         """
         ...
+
+
+def sized_generate(keyring: Keyring) -> Callable[[KeyRequest, int], DataKey]:
+    """How Guard asks ``keyring`` for a data key to seal one message of a known size.
+
+    A keyring that budgets bytes per data key (the cache's ``max_bytes``) has
+    ``generate_for(request, size)``; for any other the size does not matter.
+    """
+    generate_for: Callable[[KeyRequest, int], DataKey] | None = getattr(keyring, "generate_for", None)
+    if generate_for is not None:
+        return generate_for
+    return lambda request, _size: keyring.generate(request)

@@ -1,0 +1,271 @@
+"""CachingKeyring: reuse data keys within strict limits, so most operations never call KMS.
+
+A KMS call costs milliseconds, money and a share of an account-wide request quota;
+AES-GCM under a key already in memory costs microseconds. This keyring sits in front of
+any other (``CachingKeyring(AwsKmsKeyring(...), policy)``) and keeps two kinds of entry
+in one bounded LRU:
+
+* **encrypt entries**, one per :meth:`KeyRequest.cache_partition` (classification, key id
+  and the context bound at the key service). A data key is only ever reused where KMS
+  would have bound exactly the same context. Each entry is retired when it reaches the
+  classification's ``max_age``, ``max_messages`` or ``max_bytes`` (and never past the
+  AES-GCM limit of 2^32 messages); ``reuse = false`` turns encrypt reuse off.
+* **decrypt entries**, keyed by (the wrapped entries, the bound context), kept for
+  ``decrypt_ttl`` seconds, so N envelopes sealed under one data key cost one unwrap.
+
+Concurrent misses for the same entry are served by one call to the inner keyring (single
+flight): sixteen threads starting cold cost one GenerateDataKey, not sixteen. An entry
+that is evicted, expired or used up is removed from the index, the LRU order and the
+in-flight table at once, so no structure keeps a retired key alive.
+
+Reuse trades KMS calls for exposure: whoever obtains one data key can open every message
+sealed under it. The limits bound that exposure; stricter classes get stricter limits
+(see :data:`kmsguard.policy.DEFAULT_CACHE_LIMITS`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kmsguard import operation
+from kmsguard.datakey import DataKey, WrappedKey
+from kmsguard.keyrings.base import KeyRequest, Keyring
+from kmsguard.policy import CacheLimits, Policy
+from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
+
+#: Entries (encrypt and decrypt together) one cache holds before evicting the least recently used.
+DEFAULT_CAPACITY = 1024
+
+
+class _Entry:
+    """One cached data key and what it has been used for. Mutated only under the cache lock."""
+
+    __slots__ = ("bytes", "classification", "data_key", "expires", "messages")
+
+    def __init__(self, data_key: DataKey, classification: str, expires: float, first_size: int) -> None:
+        self.data_key = data_key
+        self.classification = classification
+        self.expires = expires
+        self.messages = 1  # the leader's own message (meaningless for decrypt entries)
+        self.bytes = first_size
+
+
+class _Flight:
+    """One inner call in progress; threads that miss the same entry wait for it to end."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot for tests, ``selftest`` and gauges: entry counts and lifetime totals."""
+
+    entries: int
+    hits: int
+    misses: int
+    evictions: int
+
+
+class CachingKeyring:
+    """A data-key cache around any :class:`Keyring`; thread-safe, bounded, single-flight.
+
+    ``limits`` is the :class:`Policy` (each classification's ``cache``) or a mapping of
+    classification to :class:`CacheLimits`; a classification it does not name is not
+    cached. ``clock`` is a monotonic clock, injectable so tests can age entries.
+    """
+
+    def __init__(
+        self,
+        inner: Keyring,
+        limits: Policy | Mapping[str, CacheLimits],
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        telemetry: Telemetry = NULL_TELEMETRY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.inner = inner
+        self._limits: dict[str, CacheLimits] = (
+            {c.name: c.cache for c in limits} if isinstance(limits, Policy) else dict(limits)
+        )
+        self.capacity = capacity
+        self._telemetry = telemetry
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._flights: dict[Hashable, _Flight] = {}
+        self._hits = self._misses = self._evictions = 0
+
+    # ------------------------------------------------------------------ Keyring protocol
+
+    def generate(self, request: KeyRequest) -> DataKey:
+        """A data key for one message of unknown size (counts against messages, not bytes)."""
+        return self.generate_for(request, 0)
+
+    def generate_for(self, request: KeyRequest, size: int) -> DataKey:
+        """A data key to seal one message of ``size`` bytes, reused while the limits allow.
+
+        Guard calls this instead of :meth:`generate` so that ``max_bytes`` can be enforced.
+        """
+        limits = self._limits.get(request.classification)
+        if limits is None or not limits.reuse:
+            return self.inner.generate(request)
+        if size > limits.max_bytes:  # too big to share a key with anything; leave the entry alone
+            with self._lock:
+                self._misses += 1
+            self._note(False, request.classification)
+            return self.inner.generate(request)
+        # Encrypt entries are keyed by the 3-tuple partition, decrypt entries by 2-tuples,
+        # so the two kinds share one index (and one LRU order) without colliding.
+        key = request.cache_partition()
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    if (
+                        self._clock() < entry.expires
+                        and entry.messages < limits.max_messages  # CacheLimits caps this at 2^32
+                        and entry.bytes + size <= limits.max_bytes
+                    ):
+                        entry.messages += 1
+                        entry.bytes += size
+                        self._entries.move_to_end(key)
+                        self._hits += 1
+                        data_key = entry.data_key
+                        break
+                    self._drop(key, entry)
+            # Miss: lead the fetch of a fresh key (its first use is ours), or wait for the
+            # leader's and go round to claim a use under the lock, so the limits hold exactly.
+            fresh = self._fetch(key, request, limits.max_age, size, lambda: self.inner.generate(request))
+            if fresh is not None:
+                return fresh
+        self._note(True, request.classification)
+        return data_key
+
+    def unwrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> DataKey:
+        limits = self._limits.get(request.classification)
+        if limits is None or limits.decrypt_ttl <= 0:
+            return self.inner.unwrap(wrapped, request)
+        key = (tuple(wrapped), request.cache_partition())
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    if self._clock() < entry.expires:
+                        self._entries.move_to_end(key)
+                        self._hits += 1
+                        data_key = entry.data_key
+                        break
+                    self._drop(key, entry)
+            fresh = self._fetch(key, request, limits.decrypt_ttl, 0, lambda: self.inner.unwrap(wrapped, request))
+            if fresh is not None:
+                return fresh
+        self._note(True, request.classification)
+        return data_key
+
+    def wrap(self, data_key: DataKey, request: KeyRequest) -> DataKey:
+        return self.inner.wrap(data_key, request)
+
+    def rewrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> tuple[WrappedKey, ...]:
+        return self.inner.rewrap(wrapped, request)
+
+    # ------------------------------------------------------------------ management
+
+    def clear(self) -> None:
+        """Forget every cached key (after a key is disabled or rotated, for instance)."""
+        with self._lock:
+            for key, entry in list(self._entries.items()):
+                self._drop(key, entry)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(len(self._entries), self._hits, self._misses, self._evictions)
+
+    def close(self) -> None:
+        self.clear()
+        closer = getattr(self.inner, "close", None)
+        if callable(closer):
+            closer()
+
+    def __getattr__(self, name: str) -> Any:
+        """Key management (``versions``, ``rotate``, ``secret``...) is the inner keyring's."""
+        if name.startswith("_") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    # ------------------------------------------------------------------ internals
+
+    def _fetch(
+        self, key: Hashable, request: KeyRequest, lifetime: float, size: int, call: Callable[[], DataKey]
+    ) -> DataKey | None:
+        """Lead one inner call for ``key`` and cache its key, or wait for the leader's call.
+
+        The leader gets the fresh key, with its own message (of ``size`` bytes) already
+        counted; a waiter gets None and claims a use like any hit. A failed call raises in
+        the leader and in every waiter.
+        """
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+                self._misses += 1
+        if not leader:
+            flight.wait()
+            return None
+        self._note(False, request.classification)
+        try:
+            data_key = call()
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        else:
+            with self._lock:
+                self._insert(key, _Entry(data_key, request.classification, self._clock() + lifetime, size))
+        finally:
+            with self._lock:
+                del self._flights[key]
+            flight.done.set()
+        return data_key
+
+    def _insert(self, key: Hashable, entry: _Entry) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._drop(key, old, counted=False)
+        self._entries[key] = entry
+        while len(self._entries) > self.capacity:
+            oldest_key, oldest = next(iter(self._entries.items()))
+            self._drop(oldest_key, oldest)
+        self._telemetry.gauge("data_key_cache_entries", len(self._entries))
+
+    def _drop(self, key: Hashable, entry: _Entry, counted: bool = True) -> None:
+        """Retire an entry everywhere: the index (which is also the LRU order) and the key's sealers.
+
+        Clearing the sealers breaks the DataKey -> Sealer -> DataKey cycle, so the key's
+        memory goes when the last operation using it ends, not at the next GC pass.
+        """
+        if self._entries.get(key) is entry:
+            del self._entries[key]
+        entry.data_key.sealers.clear()
+        if counted:
+            self._evictions += 1
+            self._telemetry.cache_event("evict", entry.classification)
+
+    def _note(self, hit: bool, classification: str) -> None:
+        operation.note_cache(hit)
+        self._telemetry.cache_event("hit" if hit else "miss", classification)
