@@ -13,6 +13,7 @@ import sys
 #: topic name -> module path (imported lazily)
 TOPICS: dict[str, str] = {
     "envelope": "bench.envelope",
+    "hotpath": "bench.hotpath",
 }
 
 
