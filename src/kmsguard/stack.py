@@ -22,13 +22,24 @@ from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 def build_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
     """The backend keyring behind a data-key cache."""
-    return CachingKeyring(_backend_keyring(settings), settings.policy, telemetry=telemetry)
+    return CachingKeyring(_backend_keyring(settings, telemetry), settings.policy, telemetry=telemetry)
 
 
-def _backend_keyring(settings: Settings) -> Keyring:
+def _backend_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
     if settings.backend == "local":
         return LocalKeyring(settings.home / KEY_FILE_NAME, settings.passphrase)
+    if settings.backend == "aws":
+        return build_aws_keyring(settings, telemetry)
     raise ConfigurationError(f"backend: {settings.backend!r} is not available in this build")
+
+
+def build_aws_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
+    """AWS KMS in the first configured region, through one shared client factory."""
+    from kmsguard.aws import AwsSettings, ClientFactory
+    from kmsguard.keyrings.aws_kms import AwsKmsKeyring
+
+    aws = AwsSettings.from_section(settings.section("aws"), settings.env, settings.environment)
+    return AwsKmsKeyring(ClientFactory(aws, telemetry), aws.region)
 
 
 def build_observers(settings: Settings, keyring: Keyring) -> list[Observer]:

@@ -1,0 +1,240 @@
+"""The client factory: one tuned, shared boto3 KMS client per region, and calls under a deadline.
+
+Clients are expensive (endpoint resolution, a connection pool, credential resolution)
+and thread-safe, so the factory builds one per (region, profile, role, endpoint) under
+a lock and every thread shares it. Each client gets:
+
+* ``retries={"mode": "adaptive", "total_max_attempts": N}`` — adaptive mode adds a
+  client-side rate limiter that backs off on throttling; ``total_max_attempts`` counts
+  the first attempt (botocore's ``max_attempts`` would count only retries);
+* connect and read timeouts, ``max_pool_connections`` sized for the concurrency (an
+  undersized pool makes botocore open and discard connections), TCP keep-alive, and a
+  ``kmsguard/<version>`` user agent;
+* the :mod:`~kmsguard.aws.middleware` hooks (timing, counts, deadline).
+
+botocore has no overall deadline: a call may take ``attempts x (connect + read)`` plus
+back-off. :meth:`ClientFactory.call` therefore runs the call on a worker thread and
+waits at most until the operation's deadline; past it the caller gets ``KmsTimeout``
+at once, and the middleware stops the abandoned call from starting another attempt.
+
+Credentials come only from boto3's chain (environment, shared files, SSO, container
+and instance metadata, web identity), optionally for a named ``profile``; with
+``role_arn`` that identity assumes the role (session name ``kmsguard``) through
+botocore's refreshing credentials, renewed before they expire.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import boto3
+import botocore.session
+from botocore import xform_name
+from botocore.config import Config
+from botocore.credentials import (
+    AssumeRoleCredentialFetcher,
+    CredentialProvider,
+    Credentials,
+    DeferredRefreshableCredentials,
+)
+
+from kmsguard import __version__
+from kmsguard.aws import middleware, redact
+from kmsguard.aws.errors import map_error
+from kmsguard.aws.middleware import KmsMiddleware, KmsStats
+from kmsguard.aws.settings import AwsSettings
+from kmsguard.errors import KmsGuardError, KmsTimeout
+from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
+
+if TYPE_CHECKING:
+    from mypy_boto3_kms import KMSClient
+
+T = TypeVar("T")
+USER_AGENT = f"kmsguard/{__version__}"
+
+
+class _AssumedRole(CredentialProvider):
+    """Puts refreshing assume-role credentials first in a session's provider chain."""
+
+    METHOD = "kmsguard-assume-role"
+    CANONICAL_NAME = "kmsguard-assume-role"
+
+    def __init__(self, credentials: Credentials) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def load(self) -> Credentials:
+        return self._credentials
+
+
+class ClientFactory:
+    """Builds and shares KMS clients for one set of :class:`AwsSettings`; runs calls under a deadline.
+
+    ``telemetry`` receives one ``kms_call`` per API call; ``stats`` keeps the same
+    totals in-process (``factory.stats.snapshot()``).
+    """
+
+    def __init__(
+        self, settings: AwsSettings, telemetry: Telemetry = NULL_TELEMETRY, stats: KmsStats | None = None
+    ) -> None:
+        self.settings = settings
+        self.telemetry = telemetry
+        self.stats = stats if stats is not None else KmsStats()
+        self._lock = threading.Lock()
+        self._session: boto3.Session | None = None
+        self._clients: dict[tuple[str, str | None, str | None, str | None], KMSClient] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        redact.install()
+
+    # ------------------------------------------------------------------ clients
+
+    def config(self, region: str) -> Config:
+        """The botocore Config every KMS client of this factory uses."""
+        s = self.settings
+        return Config(
+            region_name=region,
+            retries={"mode": "adaptive", "total_max_attempts": s.max_attempts},
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            max_pool_connections=s.max_pool_connections,
+            tcp_keepalive=s.tcp_keepalive,
+            user_agent_extra=USER_AGENT,
+        )
+
+    def client(self, region: str) -> KMSClient:
+        """The shared client for ``region`` (created on first use). Raises botocore errors."""
+        s = self.settings
+        endpoint = s.endpoint_for(region)
+        key = (region, s.profile, s.role_arn, endpoint)
+        client = self._clients.get(key)
+        if client is not None:
+            return client
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._boto_session().client(
+                    "kms", region_name=region, endpoint_url=endpoint, config=self.config(region)
+                )
+                KmsMiddleware(region, self.stats, self.telemetry).attach(client)
+                self._clients[key] = client
+                redact.install()  # every botocore module is imported by now
+        return client
+
+    def session(self) -> boto3.Session:
+        """The boto3 session behind every client (profile and role applied)."""
+        with self._lock:
+            return self._boto_session()
+
+    def _boto_session(self) -> boto3.Session:
+        if self._session is None:
+            core = self._core_session()
+            if self.settings.role_arn:
+                # The source identity lives in its own session: the role's provider must not find itself.
+                role = _AssumedRole(self._assume(self._core_session()))
+                core.get_component("credential_provider").insert_before("env", role)
+            self._session = boto3.Session(botocore_session=core)
+        return self._session
+
+    def _core_session(self) -> botocore.session.Session:
+        core = botocore.session.Session(profile=self.settings.profile)
+        if not core.get_config_variable("region"):
+            core.set_config_variable("region", self.settings.region)
+        return core
+
+    def _assume(self, source: botocore.session.Session) -> Credentials:
+        """Refreshing credentials for ``role_arn``, fetched with the source identity on first use."""
+        s = self.settings
+        assert s.role_arn is not None
+        role_arn = s.role_arn
+        extra: dict[str, Any] = {"RoleSessionName": s.role_session_name, "DurationSeconds": s.role_duration_seconds}
+        if s.external_id:
+            extra["ExternalId"] = s.external_id
+
+        def fetch() -> dict[str, Any]:
+            source_credentials = source.get_credentials()
+            if source_credentials is None:
+                from botocore.exceptions import NoCredentialsError
+
+                raise NoCredentialsError()
+            fetcher = AssumeRoleCredentialFetcher(
+                client_creator=source.create_client,
+                source_credentials=source_credentials,
+                role_arn=role_arn,
+                extra_args=extra,
+            )
+            result: dict[str, Any] = fetcher.fetch_credentials()
+            return result
+
+        return DeferredRefreshableCredentials(refresh_using=fetch, method="assume-role")
+
+    # ------------------------------------------------------------------ calls
+
+    def deadline(self) -> float | None:
+        """The monotonic time by which an operation starting now must finish (None: no limit)."""
+        timeout = self.settings.operation_timeout
+        return time.monotonic() + timeout if timeout > 0 else None
+
+    def call(
+        self, region: str, api: str, *, until: float | None = None, key_ref: str | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """Call KMS ``api`` (e.g. ``"GenerateDataKey"``) in ``region``; kmsguard errors only.
+
+        ``until`` is the operation's deadline (from :meth:`deadline`; one operation may
+        make several calls under one deadline). ``key_ref`` only names the key in errors.
+        """
+        if until is None:
+            until = self.deadline()
+        try:
+            method: Callable[..., dict[str, Any]] = getattr(self.client(region), xform_name(api))
+            if until is None:
+                return method(**params)
+            return self._bounded(until, method, params)
+        except KmsTimeout as exc:
+            raise KmsTimeout(f"KMS {api} in {region}: {exc.message}") from None
+        except KmsGuardError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, api, region, key_ref) from None
+
+    def _bounded(self, until: float, method: Callable[..., T], params: dict[str, Any]) -> T:
+        remaining = until - time.monotonic()
+        if remaining <= 0:
+            raise KmsTimeout("the operation deadline passed before the call")
+
+        def run() -> T:
+            middleware.deadline.set(until)
+            return method(**params)
+
+        future = self._pool().submit(contextvars.copy_context().run, run)
+        try:
+            return future.result(timeout=remaining)
+        except FutureTimeout:
+            future.cancel()
+            raise KmsTimeout(
+                f"no answer within the operation deadline ({self.settings.operation_timeout:g}s)"
+            ) from None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        max_workers=self.settings.max_pool_connections, thread_name_prefix="kmsguard-kms"
+                    )
+        return self._executor
+
+    def close(self) -> None:
+        """Stop the worker threads and close every client's connections."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+            clients, self._clients = list(self._clients.values()), {}
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        for client in clients:
+            client.close()

@@ -1,0 +1,363 @@
+"""A fault-injecting HTTP proxy between botocore and a local KMS endpoint (moto's server).
+
+moto answers KMS calls over real HTTP but never throttles, never fails with a 5xx,
+and lets disabled or pending-deletion keys keep working. This proxy sits on loopback
+between botocore and moto and makes those failures happen for real, so retries,
+timeouts, error mapping and failover are exercised through botocore's own HTTP stack:
+
+* ``throttle(rate=..., count=...)`` answers ``400 ThrottlingException`` (botocore's
+  adaptive retry sees a throttle and backs off);
+* ``inject(code, api=..., key_id=..., status=...)`` any KMS error, optionally only for
+  one API and/or one key (``DisabledException``, ``KMSInvalidStateException``...);
+* ``server_error(status=500)``, ``reset()`` (TCP reset), ``stall(seconds)`` (accept and
+  read the request, then say nothing);
+* ``latency(seconds)`` before every forwarded request;
+* ``outage("refuse")`` closes the port (connection refused), ``outage("blackhole")``
+  keeps a full, never-accepting listener so connects hang until the client's connect
+  timeout; ``restore()`` ends either.
+
+Rules take ``count`` (the next N matching requests) or ``rate`` (a probability, from a
+seeded generator so runs repeat), or neither (every matching request). The proxy
+counts requests per KMS API (``counts``) and remembers which access key signed each
+one (``access_keys``) and keeps recent request bodies (``requests``), so a test can prove
+which credentials and parameters reached KMS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import random
+import re
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+_AKID_RE = re.compile(r"Credential=([A-Za-z0-9]+)/")
+_KEY_FIELDS = ("KeyId", "SourceKeyId", "DestinationKeyId")
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
+
+OutageMode = Literal["refuse", "blackhole"]
+
+
+@dataclass
+class Rule:
+    """One injected fault. ``remaining`` counts down when set; ``rate`` is a probability."""
+
+    kind: Literal["error", "reset", "stall"]
+    api: str | None = None
+    key_id: str | None = None
+    remaining: int | None = None
+    rate: float | None = None
+    status: int = 400
+    code: str = ""
+    message: str = ""
+    seconds: float = 0.0
+
+    def applies(self, api: str, key_ids: tuple[str, ...]) -> bool:
+        if self.api is not None and self.api != api:
+            return False
+        return self.key_id is None or any(self.key_id in k for k in key_ids)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    proxy: FaultProxy
+
+    def do_POST(self) -> None:
+        self.proxy._handle(self)
+
+    do_GET = do_POST
+    do_PUT = do_POST
+    do_DELETE = do_POST
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: request lines would only clutter test output."""
+
+
+class FaultProxy:
+    """A threaded loopback HTTP proxy to ``upstream`` with injectable faults.
+
+    ``FaultProxy(upstream).start()``; ``url`` is what botocore's ``endpoint_url`` (or
+    ``AWS_ENDPOINT_URL_KMS``) points at. Thread-safe; ``stop()`` closes everything.
+    """
+
+    def __init__(self, upstream: str, host: str = "127.0.0.1", seed: int = 1234) -> None:
+        parts = urlsplit(upstream)
+        if not parts.hostname or not parts.port:
+            raise ValueError("upstream must be an http://host:port URL")
+        self.upstream = (parts.hostname, parts.port)
+        self.host = host
+        self.port = 0
+        self.counts: Counter[str] = Counter()
+        self.statuses: Counter[int] = Counter()
+        self.access_keys: list[str] = []
+        #: The most recent requests as (API, JSON body), to check what was sent (test use only).
+        self.requests: deque[tuple[str, dict[str, Any]]] = deque(maxlen=1000)
+        self._rules: list[Rule] = []
+        self._latency = 0.0
+        self._rng = random.Random(seed)  # noqa: S311 - repeatable fault rates, not security
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._blackhole: list[socket.socket] = []
+        self._stopping = threading.Event()
+        self._local = threading.local()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> FaultProxy:
+        self._listen()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._close_listener()
+        self._close_blackhole()
+        self._drop_connections()
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ controls
+
+    def throttle(self, *, rate: float | None = None, count: int | None = None, api: str | None = None) -> Rule:
+        """Answer ThrottlingException (400), as KMS does when a request quota is exceeded."""
+        return self.inject("ThrottlingException", api=api, rate=rate, count=count, message="Rate exceeded")
+
+    def inject(
+        self,
+        code: str,
+        *,
+        api: str | None = None,
+        key_id: str | None = None,
+        status: int = 400,
+        rate: float | None = None,
+        count: int | None = None,
+        message: str = "injected by kmsguard.testing",
+    ) -> Rule:
+        """Answer a KMS JSON error ``code`` with ``status`` instead of forwarding."""
+        return self._add(Rule("error", api, key_id, count, rate, status=status, code=code, message=message))
+
+    def server_error(
+        self, status: int = 500, *, api: str | None = None, rate: float | None = None, count: int | None = None
+    ) -> Rule:
+        """A 5xx from the service (botocore retries these)."""
+        code = "KMSInternalException" if status == 500 else "ServiceUnavailableException"
+        return self.inject(code, api=api, status=status, rate=rate, count=count, message="internal error")
+
+    def reset(self, *, api: str | None = None, rate: float | None = None, count: int | None = None) -> Rule:
+        """Read the request, then reset the TCP connection (RST, no response)."""
+        return self._add(Rule("reset", api, None, count, rate))
+
+    def stall(
+        self, seconds: float, *, api: str | None = None, rate: float | None = None, count: int | None = None
+    ) -> Rule:
+        """Read the request, then send nothing for ``seconds`` and close (past any read timeout)."""
+        return self._add(Rule("stall", api, None, count, rate, seconds=seconds))
+
+    def latency(self, seconds: float) -> None:
+        """Delay every forwarded request by ``seconds``."""
+        self._latency = seconds
+
+    def outage(self, mode: OutageMode = "refuse") -> None:
+        """Stop serving: refuse connections, or blackhole them (connects hang)."""
+        self._close_listener()
+        self._drop_connections()
+        if mode == "blackhole":
+            self._open_blackhole()
+
+    def restore(self) -> None:
+        """End an outage: accept connections on the same port again."""
+        self._close_blackhole()
+        if self._listener is None:
+            self._listen()
+
+    def clear(self) -> None:
+        """Remove every rule and the latency; counters are kept."""
+        with self._lock:
+            self._rules.clear()
+        self._latency = 0.0
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.counts.clear()
+            self.statuses.clear()
+            self.access_keys.clear()
+            self.requests.clear()
+
+    # ------------------------------------------------------------------ sockets
+
+    def _listen(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(128)
+        self.port = sock.getsockname()[1]
+        self._listener = sock
+        threading.Thread(target=self._accept_loop, args=(sock,), name="kms-proxy-accept", daemon=True).start()
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, addr = listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn, addr), name="kms-proxy-conn", daemon=True).start()
+
+    def _serve(self, conn: socket.socket, addr: Any) -> None:
+        handler_cls = type("Handler", (_Handler,), {"proxy": self})
+        try:
+            handler_cls(conn, addr, None)
+        except OSError:
+            pass
+        finally:
+            upstream = getattr(self._local, "conn", None)
+            if upstream is not None:
+                upstream.close()
+            with self._lock:
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _close_listener(self) -> None:
+        sock, self._listener = self._listener, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+            sock.close()
+
+    def _drop_connections(self) -> None:
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def _open_blackhole(self) -> None:
+        """A listener whose accept queue is full: the kernel drops new SYNs, so connects hang."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(0)
+        fillers = []
+        for _ in range(2):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect((self.host, self.port))
+            fillers.append(filler)
+        time.sleep(0.05)  # let the fillers' handshakes land in the queue
+        self._blackhole = [sock, *fillers]
+
+    def _close_blackhole(self) -> None:
+        socks, self._blackhole = self._blackhole, []
+        for sock in socks:
+            sock.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def _pick(self, api: str, key_ids: tuple[str, ...]) -> Rule | None:
+        with self._lock:
+            for rule in self._rules:
+                if not rule.applies(api, key_ids):
+                    continue
+                if rule.rate is not None and self._rng.random() >= rule.rate:
+                    continue
+                if rule.remaining is not None:
+                    if rule.remaining <= 0:
+                        continue
+                    rule.remaining -= 1
+                return rule
+        return None
+
+    def _add(self, rule: Rule) -> Rule:
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
+    def _handle(self, h: _Handler) -> None:
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        api = (h.headers.get("X-Amz-Target") or "").rpartition(".")[2] or "-"
+        doc = _json(body)
+        key_ids = tuple(str(doc[f]) for f in _KEY_FIELDS if f in doc)
+        akid = _AKID_RE.search(h.headers.get("Authorization") or "")
+        with self._lock:
+            self.counts[api] += 1
+            self.requests.append((api, doc))
+            if akid:
+                self.access_keys.append(akid[1])
+        if self._latency:
+            self._stopping.wait(self._latency)
+        rule = self._pick(api, key_ids)
+        if rule is None:
+            status, headers, payload = self._forward(h, body)
+        elif rule.kind == "reset":
+            h.close_connection = True
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            h.connection.close()
+            return
+        elif rule.kind == "stall":
+            self._stopping.wait(rule.seconds)
+            h.close_connection = True
+            return
+        else:
+            status, headers, payload = _kms_error(rule.status, rule.code, rule.message)
+        with self._lock:
+            self.statuses[status] += 1
+        h.send_response(status)
+        for name, value in headers:
+            h.send_header(name, value)
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    def _forward(self, h: _Handler, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_BY_HOP}
+        for attempt in (1, 2):
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self._local.conn = http.client.HTTPConnection(*self.upstream, timeout=60)
+            try:
+                conn.request(h.command, h.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                payload = resp.read()
+                kept = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP_BY_HOP]
+                return resp.status, kept, payload
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                self._local.conn = None
+                if attempt == 2:
+                    break
+        return _kms_error(502, "BadGateway", "the upstream KMS endpoint is unreachable")
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(body) if body else {}
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _kms_error(status: int, code: str, message: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The JSON 1.1 error shape KMS uses, so botocore parses and classifies it as real."""
+    payload = json.dumps({"__type": code, "message": message}).encode()
+    return status, [("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-RequestId", str(uuid.uuid4()))], payload

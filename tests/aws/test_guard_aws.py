@@ -1,0 +1,29 @@
+"""Guard on backend aws against the local KMS endpoint, through botocore's real HTTP stack."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from kmsguard import Guard
+from kmsguard.keyrings.base import CLASSIFICATION_CONTEXT_KEY
+from kmsguard.testing import KmsRegion
+
+CASES = [("general", {}), ("pii", {"user": "7"}), ("payment", {"purpose": "refund"})]
+
+
+@pytest.mark.parametrize(("classification", "context"), CASES)
+def test_round_trip_each_classification(
+    kmsguard_aws_env: dict[str, str], kms_region: KmsRegion, classification: str, context: dict[str, str]
+) -> None:
+    with Guard.from_env() as guard:
+        sealed = guard.encrypt(b"4111111111111111", classification, context)
+        info = guard.inspect(sealed)
+        assert info.keys == [{"provider": "aws-kms", "key_ref": kmsguard_aws_env[classification]}]
+        assert guard.decrypt(sealed, context) == b"4111111111111111"
+    sent = dict(kms_region.proxy.requests)
+    assert sent["GenerateDataKey"]["EncryptionContext"] == {**context, CLASSIFICATION_CONTEXT_KEY: classification}
+    assert sent["GenerateDataKey"]["KeySpec"] == "AES_256"
+    assert sent["Decrypt"]["KeyId"] == kmsguard_aws_env[classification]
+    assert base64.b64decode(sent["Decrypt"]["CiphertextBlob"])
