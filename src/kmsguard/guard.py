@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from kmsguard import envelope, operation, plans
+from kmsguard import batch, envelope, operation, plans
 from kmsguard.config import Settings, load_settings
+from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import (
     AuditUnavailable,
     ContextMismatch,
@@ -24,13 +25,14 @@ from kmsguard.errors import (
     KmsGuardError,
     UnknownClassification,
 )
-from kmsguard.keyrings.base import Keyring, sized_generate
+from kmsguard.keyrings.base import KeyRequest, Keyring, sized_generate
 from kmsguard.operation import Observer, Operation
 from kmsguard.policy import ClassPolicy, Policy
 
 T = TypeVar("T")
 Context = Mapping[str, str] | None
 EnvelopeInput = bytes | bytearray | memoryview | str
+Unwrap = Callable[[Sequence[WrappedKey], KeyRequest], DataKey]
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,56 @@ class Guard:
         classification's required keys must be among them: a caller states why it
         decrypts payment data as it did when encrypting.
         """
-        if not self.observers:
-            return self._decrypt(data, plans.check_context(context))
         ctx = plans.check_context(context)
-        return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx))
+        if not self.observers:
+            return self._decrypt(data, ctx, self.keyring.unwrap)
+        return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx, self.keyring.unwrap))
+
+    def encrypt_many(
+        self,
+        items: Sequence[bytes],
+        classification: str,
+        context: Context = None,
+        contexts: Sequence[Context] | None = None,
+        max_concurrency: int = batch.DEFAULT_CONCURRENCY,
+    ) -> list[batch.Result[bytes]]:
+        """Encrypt each item; one :class:`~kmsguard.batch.Result` per item, in order.
+
+        ``contexts`` gives each item its own context (same length as ``items``), else
+        every item gets ``context``. A bad item yields its error and the rest go on.
+        Items sharing a context share a cached data key as far as the limits allow.
+        """
+        if contexts is not None and len(contexts) != len(items):
+            raise InvalidInput("contexts must have one entry per item")
+        indexed = list(enumerate(items))
+
+        def one(pair: tuple[int, bytes]) -> bytes:
+            index, item = pair
+            return self.encrypt(item, classification, context if contexts is None else contexts[index])
+
+        return batch.settle(one, indexed, max_concurrency)
+
+    def decrypt_many(
+        self,
+        envelopes: Sequence[EnvelopeInput],
+        context: Context = None,
+        max_concurrency: int = batch.DEFAULT_CONCURRENCY,
+    ) -> list[batch.Result[bytes]]:
+        """Decrypt each envelope; one :class:`~kmsguard.batch.Result` per envelope, in order.
+
+        Envelopes sharing a data key (same wrapped keys and bound context) are unwrapped
+        once for the whole batch, even with the cache off; each is still its own audited
+        operation. A bad envelope yields its error and the rest go on.
+        """
+        ctx = plans.check_context(context)
+        unwrap = batch.UnwrapOnce(self.keyring)
+
+        def one(data: EnvelopeInput) -> bytes:
+            if not self.observers:
+                return self._decrypt(data, ctx, unwrap)
+            return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx, unwrap))
+
+        return batch.settle(one, envelopes, max_concurrency)
 
     def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
         """``encrypt`` for text: UTF-8 in, ``kg1:`` token out (for columns and JSON)."""
@@ -203,7 +251,7 @@ class Guard:
             self._note_keys(op, data_key.wrapped)
         return envelope.header_sealer(data_key, plan.header).seal(plaintext)
 
-    def _decrypt(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:
+    def _decrypt(self, data: EnvelopeInput, ctx: Mapping[str, str], unwrap: Unwrap) -> bytes:
         raw = data if type(data) is bytes and not data.startswith(_TEXT_PREFIX) else envelope.coerce(data)
         plan = self._decrypt_plans.get(raw)
         op = operation.current.get()
@@ -211,7 +259,7 @@ class Guard:
             self._note_class(op, plan.policy, len(raw) - plan.prefix_len - envelope.NONCE_SIZE - envelope.TAG_SIZE)
         if ctx or plan.policy.required_context:
             self._check_context(plan.policy, plan.context, ctx)
-        data_key = self.keyring.unwrap(plan.wrapped, plan.request)
+        data_key = unwrap(plan.wrapped, plan.request)
         if op is not None:
             self._note_keys(op, plan.wrapped)
         n = plan.prefix_len
