@@ -10,6 +10,7 @@ those components, so this module does not grow with each of them.
 from __future__ import annotations
 
 import getpass
+import math
 import os
 import re
 import socket
@@ -219,8 +220,13 @@ def _bool(table: Mapping[str, Any], name: str, default: bool, where: str) -> boo
 
 def _number(table: Mapping[str, Any], name: str, default: float, where: str, integer: bool = False) -> float:
     value = table.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
-        raise ConfigurationError(f"{_where(where, name)}: must be {'a whole number' if integer else 'a number'}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (integer and not isinstance(value, int))
+        or not math.isfinite(value)
+    ):
+        raise ConfigurationError(f"{_where(where, name)}: must be {'a whole number' if integer else 'a finite number'}")
     return value
 
 

@@ -12,10 +12,10 @@ with ``reuse = false`` (encrypt) and ``decrypt_ttl = 0`` (decrypt).
 from __future__ import annotations
 
 from kmsguard.config import Settings
-from kmsguard.errors import ConfigurationError
+from kmsguard.errors import ConfigurationError, InvalidInput
 from kmsguard.keyrings.base import Keyring
 from kmsguard.keyrings.caching import CachingKeyring
-from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
+from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring, key_name_of
 from kmsguard.operation import Observer
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
@@ -27,6 +27,7 @@ def build_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> 
 
 def _backend_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
     if settings.backend == "local":
+        _check_local_key_names(settings)
         return LocalKeyring(settings.home / KEY_FILE_NAME, settings.passphrase)
     if settings.backend == "aws":
         return build_aws_keyring(settings, telemetry)
@@ -44,3 +45,16 @@ def build_aws_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY)
 
 def build_observers(settings: Settings, keyring: Keyring) -> list[Observer]:
     return []
+
+
+def _check_local_key_names(settings: Settings) -> None:
+    """A key the local keyring cannot name (an AWS alias, say) is a configuration error, found now."""
+    for cls in settings.policy:
+        try:
+            key_name_of(cls.key)
+        except InvalidInput:
+            raise ConfigurationError(
+                f"classifications.{cls.name}.key (or KMSGUARD_KEY_{cls.name.upper().replace('-', '_')}): "
+                f"{cls.key!r} is not a local key name "
+                "(1-64 characters of [A-Za-z0-9_-], optionally prefixed 'local:')"
+            ) from None

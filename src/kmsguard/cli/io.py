@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from kmsguard.config import Settings, load_settings
+from kmsguard.errors import InvalidInput
 from kmsguard.guard import Guard
 
 context_option = click.option(
@@ -40,18 +42,21 @@ def read_input(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise click.FileError(path, exc.strerror) from None
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
 
 
 def write_output(path: str, data: bytes) -> None:
+    """Write to stdout or a file; a new file gets mode 0600, since it may hold plaintext."""
     if path == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
     try:
-        Path(path).write_bytes(data)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
     except OSError as exc:
-        raise click.FileError(path, exc.strerror) from None
+        raise InvalidInput(f"cannot write {path}: {exc.strerror}") from None
 
 
 def settings() -> Settings:

@@ -326,19 +326,59 @@ def _deserialize(
             raise ValueError
         kdf = doc.get("kdf")
         if kdf is None:
-            return None, dict(doc["keys"])
+            if passphrase:
+                # Silently ignoring it would let a user believe the keys are protected.
+                raise KeyringError(
+                    f"the key file {path} is not sealed with a passphrase; unset KMSGUARD_PASSPHRASE "
+                    "(a passphrase can only be chosen at 'kmsguard init')"
+                )
+            return None, _checked(doc["keys"])
         if not passphrase:
             raise KeyringError(f"the key file {path} is sealed; set KMSGUARD_PASSPHRASE")
-        blob = base64.b64decode(doc["sealed"])
+        if kdf.get("name") != "scrypt" or not 2**14 <= int(kdf["n"]) <= 2**20:
+            raise ValueError
+        blob = base64.b64decode(doc["sealed"], validate=True)
         try:
             plain = _kek(passphrase, kdf).decrypt(blob[:12], blob[12:], FILE_FORMAT.encode())
         except InvalidTag:
             raise KeyringError(f"wrong passphrase for the key file {path}") from None
-        return dict(kdf), dict(json.loads(plain))
+        return dict(kdf), _checked(json.loads(plain))
     except KeyringError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError):
         raise KeyringError(f"the key file {path} is not a valid kmsguard key file") from None
+
+
+def _checked(keys: Any) -> dict[str, dict[str, Any]]:
+    """The key table, if every entry has the shape this module writes; else ValueError.
+
+    Checked once at load so that a hand-edited or damaged file fails here with one clear
+    error, not later inside an encrypt with a KeyError.
+    """
+    if not isinstance(keys, dict):
+        raise ValueError
+    for name, entry in keys.items():
+        if name == _SECRETS:
+            if not all(len(base64.b64decode(v, validate=True)) == 32 for v in entry.values()):
+                raise ValueError
+            continue
+        versions = entry["versions"]
+        primary = entry["primary"]
+        if not _NAME_RE.fullmatch(name) or not isinstance(versions, dict) or not isinstance(primary, int):
+            raise ValueError
+        if str(primary) not in versions:
+            raise ValueError
+        for number, info in versions.items():
+            if (
+                not number.isdigit()
+                or number != str(int(number))
+                or int(number) < 1
+                or info["state"] not in ("enabled", "disabled")
+                or not isinstance(info["created"], str)
+                or len(base64.b64decode(info["material"], validate=True)) != 32
+            ):
+                raise ValueError
+    return keys
 
 
 def _read_file(path: Path) -> bytes:
@@ -350,6 +390,8 @@ def _read_file(path: Path) -> bytes:
         raise KeyringError(f"cannot open the key file {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as fh:
         mode = os.fstat(fh.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise KeyringError(f"the key file {path} is not a regular file")
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise KeyringError(
                 f"the key file {path} is accessible by group or others "
