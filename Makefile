@@ -22,7 +22,7 @@ demo: $(VENV)/.installed
 	KMSGUARD_HOME=$(DEMO_HOME) $(PY) scripts/demo.py
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
 
 test: lint
