@@ -201,9 +201,8 @@ def test_rewrap_refuses_a_forged_body(guard: Guard) -> None:
 # --------------------------------------------------------------------------- rotation
 
 
-def test_rotation_keeps_old_envelopes_readable_and_rewrap_moves_them(guard: Guard) -> None:
-    keyring = guard.keyring
-    assert isinstance(keyring, LocalKeyring)
+def test_rotation_keeps_old_envelopes_readable_and_rewrap_moves_them(keyring: LocalKeyring) -> None:
+    guard = Guard(Policy.defaults(KEYS), keyring)
     old = guard.encrypt(b"booking 1", "pii", {"passenger": "42"})
     assert guard.inspect(old).keys == [{"provider": "local", "key_ref": "local:pii:v1"}]
 
@@ -229,31 +228,34 @@ def test_rotation_keeps_old_envelopes_readable_and_rewrap_moves_them(guard: Guar
     assert guard.decrypt(old) == b"booking 1"
 
 
-def test_the_primary_version_cannot_be_disabled(guard: Guard) -> None:
-    keyring = guard.keyring
-    assert isinstance(keyring, LocalKeyring)
+def test_the_primary_version_cannot_be_disabled(guard: Guard, keyring: LocalKeyring) -> None:
     with pytest.raises(InvalidInput):
         keyring.set_state("general", 1, enabled=False)
     assert guard.decrypt(guard.encrypt(b"x", "general")) == b"x"
 
 
-def test_a_rotation_by_another_process_is_picked_up(guard: Guard, home: Path) -> None:
-    """Another LocalKeyring on the same file (as another process would be) rotates; this Guard
-    still opens what the other wrote under the new version."""
-    other = Guard(Policy.defaults(KEYS), LocalKeyring(home / KEY_FILE_NAME))
-    assert isinstance(other.keyring, LocalKeyring)
-    other.keyring.rotate("general")
-    sealed = other.encrypt(b"from elsewhere", "general")
+def test_key_changes_by_another_process_are_picked_up(keyring: LocalKeyring, home: Path) -> None:
+    """``kmsguard keys`` in another process rotates and disables; a running Guard follows:
+    it opens what was sealed under the new version, encrypts under it, and refuses the
+    disabled one."""
+    guard = Guard(Policy.defaults(KEYS), keyring)
+    old = guard.encrypt(b"old", "general")
+    elsewhere = LocalKeyring(home / KEY_FILE_NAME)  # as another process would hold it
+    elsewhere.rotate("general")
+    sealed = Guard(Policy.defaults(KEYS), elsewhere).encrypt(b"from elsewhere", "general")
     assert guard.inspect(sealed).keys[0]["key_ref"] == "local:general:v2"
     assert guard.decrypt(sealed) == b"from elsewhere"
+    assert guard.inspect(guard.encrypt(b"new", "general")).keys[0]["key_ref"] == "local:general:v2"
+    elsewhere.set_state("general", 1, enabled=False)
+    with pytest.raises(KeyDisabled):
+        guard.decrypt(old)
 
 
 # --------------------------------------------------------------------------- threads
 
 
-def test_one_guard_shared_by_threads(guard: Guard) -> None:
-    keyring = guard.keyring
-    assert isinstance(keyring, LocalKeyring)
+def test_one_guard_shared_by_threads(guard: Guard, keyring: LocalKeyring) -> None:
+    """The Guard of Guard.from_env (cache included) under threads, while the key file rotates."""
     errors: list[BaseException] = []
     results: dict[int, list[bytes]] = {}
 

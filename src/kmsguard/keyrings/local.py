@@ -108,23 +108,28 @@ class LocalKeyring:
     # ------------------------------------------------------------------ Keyring protocol
 
     def generate(self, request: KeyRequest) -> DataKey:
+        self._refresh()
         dek = os.urandom(DEK_SIZE)
         return DataKey(dek, (self._wrap(dek, request),))
 
     def wrap(self, data_key: DataKey, request: KeyRequest) -> DataKey:
+        self._refresh()
         return data_key.with_wrapped((*data_key.wrapped, self._wrap(data_key.plaintext, request)))
 
     def unwrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> DataKey:
+        self._refresh()
         dek = self._unwrap_any(wrapped, request)
         return DataKey(dek, tuple(wrapped))
 
     def rewrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> tuple[WrappedKey, ...]:
+        self._refresh()
         dek = self._unwrap_any(wrapped, request)
         return (self._wrap(dek, request),)
 
     # ------------------------------------------------------------------ key management
 
     def versions(self) -> list[KeyVersionInfo]:
+        self._refresh()
         with self._lock:
             out = []
             for name, entry in sorted(self._keys.items()):
@@ -197,27 +202,24 @@ class LocalKeyring:
 
     def _unwrap_any(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> bytes:
         disabled: str | None = None
-        for reloaded in (False, True):
-            for entry in wrapped:
-                match = _REF_RE.fullmatch(entry.key_ref)
-                if entry.provider != PROVIDER or match is None or len(entry.wrapped) != 60:
+        for entry in wrapped:
+            match = _REF_RE.fullmatch(entry.key_ref)
+            if entry.provider != PROVIDER or match is None or len(entry.wrapped) != 60:
+                continue
+            name, version = match[1], int(match[2])
+            with self._lock:
+                info = self._keys.get(name, {}).get("versions", {}).get(str(version))
+                if info is None:
                     continue
-                name, version = match[1], int(match[2])
-                with self._lock:
-                    info = self._keys.get(name, {}).get("versions", {}).get(str(version))
-                    if info is None:
-                        continue
-                    if info["state"] != "enabled":
-                        disabled = entry.key_ref
-                        continue
-                    cipher = self._cipher(name, version)
-                try:
-                    nonce, body = entry.wrapped[:12], entry.wrapped[12:]
-                    return cipher.decrypt(nonce, body, _wrap_aad(entry.key_ref, request))
-                except InvalidTag:
+                if info["state"] != "enabled":
+                    disabled = entry.key_ref
                     continue
-            if reloaded or not self._reload_if_changed():
-                break
+                cipher = self._cipher(name, version)
+            try:
+                nonce, body = entry.wrapped[:12], entry.wrapped[12:]
+                return cipher.decrypt(nonce, body, _wrap_aad(entry.key_ref, request))
+            except InvalidTag:
+                continue
         if disabled is not None:
             raise KeyDisabled(f"key {disabled} is disabled")
         raise InvalidCiphertext()
@@ -233,22 +235,26 @@ class LocalKeyring:
         return next(i for i in self.versions() if i.name == name and i.version == version)
 
     def _load(self) -> None:
-        raw = _read_file(self.path)
+        raw, stamp = _read_file(self.path)
         with self._lock:
             self._kdf, keys = _deserialize(raw, self._passphrase, self.path)
             self._keys = keys
             self._ciphers.clear()
-            self._mtime = os.stat(self.path).st_mtime_ns
+            self._stamp = stamp
 
-    def _reload_if_changed(self) -> bool:
-        """Another process may have rotated; pick up its versions before giving up."""
+    def _refresh(self) -> None:
+        """Pick up what another process changed (rotate, disable) before using any key.
+
+        Without this a long-running service would keep wrapping under a version that
+        ``kmsguard keys`` has since superseded or disabled. One stat per call; the file
+        is re-read only when it was replaced (every write renames a new file into place).
+        """
         try:
-            changed = os.stat(self.path).st_mtime_ns != self._mtime
+            stamp = _stamp(os.stat(self.path))
         except OSError:
-            return False
-        if changed:
+            return  # keep serving the keys already loaded
+        if stamp != self._stamp:
             self._load()
-        return changed
 
     @contextlib.contextmanager
     def _mutate(self) -> Iterator[dict[str, dict[str, Any]]]:
@@ -381,7 +387,12 @@ def _checked(keys: Any) -> dict[str, dict[str, Any]]:
     return keys
 
 
-def _read_file(path: Path) -> bytes:
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _read_file(path: Path) -> tuple[bytes, tuple[int, int, int]]:
+    """The file's bytes and the identity of the version read (from the same descriptor)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -389,7 +400,8 @@ def _read_file(path: Path) -> bytes:
     except OSError as exc:
         raise KeyringError(f"cannot open the key file {path}: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fh.fileno()).st_mode
+        st = os.fstat(fh.fileno())
+        mode = st.st_mode
         if not stat.S_ISREG(mode):
             raise KeyringError(f"the key file {path} is not a regular file")
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
@@ -397,7 +409,7 @@ def _read_file(path: Path) -> bytes:
                 f"the key file {path} is accessible by group or others "
                 f"(mode {stat.S_IMODE(mode):o}); run 'chmod 600 {path}'"
             )
-        return fh.read()
+        return fh.read(), _stamp(st)
 
 
 def _write_file(path: Path, data: bytes, exclusive: bool = False) -> None:
