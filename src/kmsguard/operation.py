@@ -63,6 +63,11 @@ class Observer(Protocol):
 
 current: ContextVar[Operation | None] = ContextVar("kmsguard_operation", default=None)
 
+#: The monotonic time by which the current keyring operation must end, across every
+#: region and retry. The multi-region keyring sets it; the AWS client factory bounds
+#: each call by it, so failing over never outlives the caller's deadline.
+deadline: ContextVar[float | None] = ContextVar("kmsguard_operation_deadline", default=None)
+
 
 def note_kms_call(key_ref: str | None = None, region: str | None = None) -> None:
     """A keyring called its key service once (retries are counted by the AWS layer)."""

@@ -35,12 +35,31 @@ def _backend_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) 
 
 
 def build_aws_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
-    """AWS KMS in the first configured region, through one shared client factory."""
+    """AWS KMS through one shared client factory: one region, or several with failover.
+
+    With one region and no per-region keys this is a plain AwsKmsKeyring; otherwise a
+    MultiRegionKeyring over one AwsKmsKeyring per region, in ``[aws] regions`` order.
+    """
     from kmsguard.aws import AwsSettings, ClientFactory
     from kmsguard.keyrings.aws_kms import AwsKmsKeyring
+    from kmsguard.keyrings.multi_region import MultiRegionKeyring, MultiRegionOptions
 
-    aws = AwsSettings.from_section(settings.section("aws"), settings.env, settings.environment)
-    return AwsKmsKeyring(ClientFactory(aws, telemetry), aws.region)
+    section = settings.section("aws")
+    aws = AwsSettings.from_section(section, settings.env, settings.environment)
+    options = MultiRegionOptions.from_section(section)
+    factory = ClientFactory(aws, telemetry)
+    if len(aws.regions) == 1 and not options.region_keys:
+        return AwsKmsKeyring(factory, aws.region)
+    return MultiRegionKeyring(
+        {region: AwsKmsKeyring(factory, region) for region in aws.regions},
+        region_keys=options.region_keys,
+        class_regions={c.name: c.regions for c in settings.policy if c.regions},
+        wrap_in_all_regions=options.wrap_in_all_regions,
+        failures=options.breaker_failures,
+        cooldown=options.breaker_cooldown,
+        operation_timeout=aws.operation_timeout,
+        telemetry=telemetry,
+    )
 
 
 def build_observers(settings: Settings, keyring: Keyring) -> list[Observer]:

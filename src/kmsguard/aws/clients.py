@@ -44,7 +44,7 @@ from botocore.credentials import (
     DeferredRefreshableCredentials,
 )
 
-from kmsguard import __version__
+from kmsguard import __version__, operation
 from kmsguard.aws import middleware, redact
 from kmsguard.aws.errors import map_error
 from kmsguard.aws.middleware import KmsMiddleware, KmsStats
@@ -176,9 +176,17 @@ class ClientFactory:
     # ------------------------------------------------------------------ calls
 
     def deadline(self) -> float | None:
-        """The monotonic time by which an operation starting now must finish (None: no limit)."""
+        """The monotonic time by which an operation starting now must finish (None: no limit).
+
+        An enclosing operation's deadline (:data:`kmsguard.operation.deadline`, set by
+        the multi-region keyring) wins when it is earlier.
+        """
         timeout = self.settings.operation_timeout
-        return time.monotonic() + timeout if timeout > 0 else None
+        own = time.monotonic() + timeout if timeout > 0 else None
+        outer = operation.deadline.get()
+        if outer is not None and (own is None or outer < own):
+            return outer
+        return own
 
     def call(
         self, region: str, api: str, *, until: float | None = None, key_ref: str | None = None, **params: Any

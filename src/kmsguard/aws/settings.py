@@ -72,6 +72,11 @@ KNOWN_FIELDS: set[str] = {
     "concurrency",
     "tcp_keepalive",
     "alias_cache_ttl",
+    # the multi-region keyring's (kmsguard.keyrings.multi_region.MultiRegionOptions)
+    "wrap_in_all_regions",
+    "breaker_failures",
+    "breaker_cooldown",
+    "keys",
 }
 
 

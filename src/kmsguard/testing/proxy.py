@@ -41,6 +41,8 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from kmsguard.testing.replicas import ReplicaRouter
+
 _AKID_RE = re.compile(r"Credential=([A-Za-z0-9]+)/")
 _KEY_FIELDS = ("KeyId", "SourceKeyId", "DestinationKeyId")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
@@ -102,6 +104,8 @@ class FaultProxy:
         self.access_keys: list[str] = []
         #: The most recent requests as (API, JSON body), to check what was sent (test use only).
         self.requests: deque[tuple[str, dict[str, Any]]] = deque(maxlen=1000)
+        #: Rewrites requests for emulated multi-region keys (kmsguard.testing.replicas).
+        self.router: ReplicaRouter | None = None
         self._rules: list[Rule] = []
         self._latency = 0.0
         self._rng = random.Random(seed)  # noqa: S311 - repeatable fault rates, not security
@@ -331,6 +335,18 @@ class FaultProxy:
 
     def _forward(self, h: _Handler, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_BY_HOP}
+        routed = self.router.route(body, headers) if self.router is not None else None
+        if routed is not None:  # an emulated multi-region key: see kmsguard.testing.replicas
+            direct = http.client.HTTPConnection(*routed.upstream, timeout=60)
+            try:
+                direct.request(h.command, h.path, body=routed.body, headers=routed.headers)
+                resp = direct.getresponse()
+                kept = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP_BY_HOP]
+                return resp.status, kept, routed.restore(resp.read())
+            except (OSError, http.client.HTTPException):
+                return _kms_error(502, "BadGateway", "the upstream KMS endpoint is unreachable")
+            finally:
+                direct.close()
         for attempt in (1, 2):
             conn = getattr(self._local, "conn", None)
             if conn is None:
