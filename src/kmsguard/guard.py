@@ -104,13 +104,14 @@ class Guard:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Guard:
-        from kmsguard.stack import build_keyring, build_observers
+        from kmsguard.stack import build_keyring, build_observers, build_telemetry
 
-        keyring = build_keyring(settings)
+        telemetry = build_telemetry(settings)
+        keyring = build_keyring(settings, telemetry)
         return cls(
             settings.policy,
             keyring,
-            observers=build_observers(settings, keyring),
+            observers=build_observers(settings, keyring, telemetry),
             principal=settings.principal,
             settings=settings,
         )
@@ -140,7 +141,9 @@ class Guard:
         if not self.observers:
             return self._encrypt(plaintext, classification, context)
         ctx = plans.check_context(context)
-        return self._observe("encrypt", classification, ctx, lambda: self._encrypt(plaintext, classification, ctx))
+        # The classification is recorded once the policy accepts it (_note_class): an
+        # arbitrary string a caller passed must not reach audit records or metric labels.
+        return self._observe("encrypt", None, ctx, lambda: self._encrypt(plaintext, classification, ctx))
 
     def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
         """Open an envelope (binary or ``kg1:`` text).
@@ -320,15 +323,21 @@ class Guard:
         return result
 
     def _notify(self, op: Operation) -> None:
+        """Tell every observer; a strict operation whose record could not be made durable fails.
+
+        The veto is raised only after all observers have seen the operation, marked as
+        refused, so metrics count a refused operation as the error the caller gets.
+        """
+        veto: AuditUnavailable | None = None
         for observer in self.observers:
             try:
                 observer.operation_finished(op)
-            except AuditUnavailable:
+            except KmsGuardError as exc:
                 if op.strict_audit and op.outcome == "ok":
-                    raise
-            except KmsGuardError:
-                if op.strict_audit and op.outcome == "ok":
-                    raise AuditUnavailable() from None
+                    veto = exc if isinstance(exc, AuditUnavailable) else AuditUnavailable()
+                    op.outcome, op.error_code = "error", veto.code
+        if veto is not None:
+            raise veto
 
     @staticmethod
     def _note_class(op: Operation, cls: ClassPolicy, size: int) -> None:

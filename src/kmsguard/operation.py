@@ -13,34 +13,86 @@ DESIGN.md); never plaintext, ciphertext bodies or keys.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+#: Request ids are ``<process prefix><counter>``: unique, and cheap enough to make for
+#: every operation (uuid4 costs several microseconds, which the hot path cannot spare).
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count(1)
 
 
-@dataclass
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+
+
 class Operation:
-    """One operation's record. Mutable while it runs; observers get it once, finished."""
+    """One operation's record. Mutable while it runs; observers get it once, finished.
 
-    name: str
-    classification: str | None
-    context: Mapping[str, str]
-    principal: str
-    strict_audit: bool = False
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    started_at: float = field(default_factory=time.time)
-    key_refs: list[str] = field(default_factory=list)
-    regions: list[str] = field(default_factory=list)
-    kms_calls: int = 0
-    cache_hit: bool | None = None
-    outcome: str = "pending"
-    error_code: str | None = None
-    duration: float = 0.0
-    size: int = 0
-    _t0: float = field(default_factory=time.perf_counter, repr=False)
+    A plain class with ``__slots__`` rather than a dataclass: one is built per operation
+    whenever anyone observes, so its construction is hot-path cost. The request id is
+    made only when first read, unless the caller (the HTTP service) supplies its own.
+    """
+
+    __slots__ = (
+        "_request_id",
+        "_t0",
+        "cache_hit",
+        "classification",
+        "context",
+        "duration",
+        "error_code",
+        "key_refs",
+        "kms_calls",
+        "name",
+        "outcome",
+        "principal",
+        "regions",
+        "size",
+        "started_at",
+        "strict_audit",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        classification: str | None,
+        context: Mapping[str, str],
+        principal: str,
+        strict_audit: bool = False,
+        request_id: str | None = None,
+    ) -> None:
+        self.name = name
+        self.classification = classification
+        self.context = context
+        self.principal = principal
+        self.strict_audit = strict_audit
+        self._request_id = request_id
+        self.started_at = time.time()
+        self.key_refs: list[str] = []
+        self.regions: list[str] = []
+        self.kms_calls = 0
+        self.cache_hit: bool | None = None
+        self.outcome = "pending"
+        self.error_code: str | None = None
+        self.duration = 0.0
+        self.size = 0
+        self._t0 = time.perf_counter()
+
+    @property
+    def request_id(self) -> str:
+        rid = self._request_id
+        if rid is None:
+            rid = self._request_id = new_request_id()
+        return rid
+
+    @request_id.setter
+    def request_id(self, value: str) -> None:
+        self._request_id = value
 
     def finish(self, error: BaseException | None) -> None:
         self.duration = time.perf_counter() - self._t0
@@ -50,7 +102,11 @@ class Operation:
             self.outcome = "error"
             self.error_code = getattr(error, "code", "INTERNAL_ERROR")
 
+    def __repr__(self) -> str:
+        return f"Operation({self.name!r}, {self.classification!r}, outcome={self.outcome!r})"
 
+
+@runtime_checkable
 class Observer(Protocol):
     """Receives every finished operation. Must not block the caller, unless strict.
 

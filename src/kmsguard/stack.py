@@ -20,6 +20,13 @@ from kmsguard.operation import Observer
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 
+def build_telemetry(settings: Settings) -> Telemetry:
+    """The one Telemetry of a stack: the metrics registry (``[metrics] enabled``, default on)."""
+    from kmsguard.metrics import build_metrics
+
+    return build_metrics(settings) or NULL_TELEMETRY
+
+
 def build_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
     """The backend keyring behind a data-key cache."""
     return CachingKeyring(_backend_keyring(settings, telemetry), settings.policy, telemetry=telemetry)
@@ -62,10 +69,6 @@ def build_aws_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY)
     )
 
 
-def build_observers(settings: Settings, keyring: Keyring) -> list[Observer]:
-    return []
-
-
 def _check_local_key_names(settings: Settings) -> None:
     """A key the local keyring cannot name (an AWS alias, say) is a configuration error, found now."""
     for cls in settings.policy:
@@ -77,3 +80,13 @@ def _check_local_key_names(settings: Settings) -> None:
                 f"{cls.key!r} is not a local key name "
                 "(1-64 characters of [A-Za-z0-9_-], optionally prefixed 'local:')"
             ) from None
+
+
+def build_observers(settings: Settings, keyring: Keyring, telemetry: Telemetry = NULL_TELEMETRY) -> list[Observer]:
+    """Audit first, then metrics: a strict-audit veto reaches the metrics as the refused operation."""
+    from kmsguard.audit import build_observer
+
+    observers: list[Observer] = [build_observer(settings, keyring, telemetry)]
+    if isinstance(telemetry, Observer):
+        observers.append(telemetry)
+    return observers

@@ -1,0 +1,66 @@
+"""Tamper-evident audit trail: records, hash chain, spool, sinks, verification.
+
+``stack.build_observers`` calls :func:`build_observer`; the CLI calls :func:`open_sink`
+and :func:`keys_for` to read and verify. See README "Audit and metrics".
+"""
+
+from __future__ import annotations
+
+from kmsguard.audit.keys import audit_keys
+from kmsguard.audit.record import AuditKeys, AuditRecord
+from kmsguard.audit.settings import AuditSettings
+from kmsguard.audit.sink import JsonLinesSink, Query, Sink
+from kmsguard.audit.writer import AuditObserver, DisabledAudit
+from kmsguard.config import Settings
+from kmsguard.errors import ConfigurationError
+from kmsguard.keyrings.base import Keyring
+from kmsguard.operation import Observer
+from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
+
+__all__ = [
+    "AuditKeys",
+    "AuditObserver",
+    "AuditRecord",
+    "AuditSettings",
+    "Query",
+    "Sink",
+    "build_observer",
+    "keys_for",
+    "open_sink",
+]
+
+
+def open_sink(config: AuditSettings) -> Sink:
+    if config.sink == "sqlite":
+        from kmsguard.audit.sqlite import SqliteSink
+
+        return SqliteSink(config.path)
+    if config.sink == "postgres":
+        from kmsguard.audit.postgres import PostgresSink
+
+        assert config.dsn is not None
+        return PostgresSink(config.dsn, config.schema, config.connect_timeout)
+    if config.sink == "jsonl":
+        return JsonLinesSink(config.path)
+    raise ConfigurationError('audit.sink: "none" keeps no records to read')
+
+
+def keys_for(settings: Settings, keyring: Keyring, sink: Sink) -> AuditKeys:
+    return audit_keys(keyring, settings.policy, sink)
+
+
+def build_observer(settings: Settings, keyring: Keyring, telemetry: Telemetry = NULL_TELEMETRY) -> Observer:
+    config = AuditSettings.of(settings)
+    if config.sink == "none":
+        return DisabledAudit(config.strict)
+    sink = open_sink(config)
+    return AuditObserver(
+        sink,
+        lambda: keys_for(settings, keyring, sink),
+        config.spool_dir,
+        strict=config.strict,
+        flush_interval=config.flush_interval,
+        max_spool_bytes=config.max_spool_bytes,
+        principal=settings.principal,
+        telemetry=telemetry,
+    )

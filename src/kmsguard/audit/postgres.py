@@ -1,0 +1,150 @@
+"""The shared sink: PostgreSQL through psycopg 3, for many service processes and hosts.
+
+The schema (``[audit] schema``, default ``kmsguard``) and its tables are created if
+missing, under an advisory lock so writers starting together do not race. Each writer
+process has its own chain, so writers never contend for rows; inserts are
+``ON CONFLICT (writer_id, seq) DO NOTHING``, which makes redelivery after an outage or
+a crash store each record exactly once.
+
+The connection is opened lazily and dropped on any error: a database that is down
+costs the writer thread a failed attempt per retry, never the caller anything.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from kmsguard.audit.record import FIELDS, AuditRecord
+from kmsguard.audit.sink import Query, from_row, to_row
+from kmsguard.errors import ConfigurationError
+
+SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_DDL = """
+CREATE TABLE IF NOT EXISTS {schema}.audit_records (
+    writer_id text NOT NULL, seq bigint NOT NULL, prev_hash text NOT NULL, time text NOT NULL,
+    operation text NOT NULL, classification text, key_refs text NOT NULL, regions text NOT NULL,
+    principal text NOT NULL, outcome text NOT NULL, error_code text, duration_us bigint NOT NULL,
+    kms_calls integer NOT NULL, cache_hit boolean, size bigint NOT NULL, request_id text,
+    context text NOT NULL, hash text NOT NULL,
+    PRIMARY KEY (writer_id, seq)
+);
+CREATE INDEX IF NOT EXISTS audit_records_time ON {schema}.audit_records (time);
+CREATE TABLE IF NOT EXISTS {schema}.audit_keys (name text PRIMARY KEY, blob text NOT NULL);
+"""
+
+
+class PostgresSink:
+    name = "postgres"
+
+    def __init__(self, dsn: str, schema: str = "kmsguard", connect_timeout: float = 5.0) -> None:
+        if not SCHEMA_RE.fullmatch(schema):
+            raise ConfigurationError("audit.schema: must be a lower-case SQL identifier")
+        self.dsn = dsn
+        self.schema = schema
+        self.connect_timeout = connect_timeout
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._schema_ready = False
+        ident = sql.Identifier(schema)
+        self._table = sql.SQL("{}.audit_records").format(ident)
+        self._keys = sql.SQL("{}.audit_keys").format(ident)
+        self._columns = sql.SQL(", ").join(sql.Identifier(f) for f in FIELDS)
+
+    # ------------------------------------------------------------------ connection
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(
+                self.dsn, autocommit=True, connect_timeout=max(1, round(self.connect_timeout))
+            )
+            self._schema_ready = self._schema_ready and self._exists()
+        if not self._schema_ready:
+            self._create_schema(self._conn)
+            self._schema_ready = True
+        return self._conn
+
+    def _exists(self) -> bool:
+        assert self._conn is not None
+        row = self._conn.execute("SELECT to_regclass(%s)", (f"{self.schema}.audit_records",)).fetchone()
+        return row is not None and row[0] is not None
+
+    def _create_schema(self, conn: psycopg.Connection[Any]) -> None:
+        ident = sql.Identifier(self.schema)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('kmsguard audit schema'))")
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+            for statement in _DDL.split(";"):
+                if statement.strip():
+                    conn.execute(sql.SQL(statement.strip()).format(schema=ident))
+
+    def _run(self, fn: Any) -> Any:
+        """Run ``fn(conn)``; on any failure drop the connection so the next call reconnects."""
+        with self._lock:
+            try:
+                return fn(self._connection())
+            except BaseException:
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    conn.close()
+                raise
+
+    # ------------------------------------------------------------------ Sink
+
+    def write(self, records: Sequence[AuditRecord]) -> None:
+        rows = [to_row(r) for r in records]
+        marks = sql.SQL(", ").join(sql.Placeholder() * len(FIELDS))
+        stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (writer_id, seq) DO NOTHING").format(
+            self._table, self._columns, marks
+        )
+
+        def insert(conn: psycopg.Connection[Any]) -> None:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(stmt, rows)
+
+        self._run(insert)
+
+    def head(self, writer_id: str) -> tuple[int, str] | None:
+        stmt = sql.SQL("SELECT seq, hash FROM {} WHERE writer_id = %s ORDER BY seq DESC LIMIT 1").format(self._table)
+        row = self._run(lambda conn: conn.execute(stmt, (writer_id,)).fetchone())
+        return (int(row[0]), str(row[1])) if row else None
+
+    def records(self) -> Iterator[AuditRecord]:
+        stmt = sql.SQL("SELECT {} FROM {} ORDER BY writer_id, seq").format(self._columns, self._table)
+        rows = self._run(lambda conn: conn.execute(stmt).fetchall())
+        return (from_row(row) for row in rows)
+
+    def query(self, query: Query) -> list[AuditRecord]:
+        where, params = query.sql_where("%s")
+        # Constant columns; the filter values are bound parameters.
+        text = "SELECT {} FROM {}" + where + " ORDER BY time DESC, writer_id DESC, seq DESC"  # noqa: S608
+        if query.limit:
+            text += f" LIMIT {int(query.limit)}"
+        stmt = sql.SQL(text).format(self._columns, self._table)
+        rows = self._run(lambda conn: conn.execute(stmt, params).fetchall())
+        return [from_row(row) for row in reversed(rows)]
+
+    def load_key(self) -> str | None:
+        stmt = sql.SQL("SELECT blob FROM {} WHERE name = 'audit'").format(self._keys)
+        row = self._run(lambda conn: conn.execute(stmt).fetchone())
+        return str(row[0]) if row else None
+
+    def store_key(self, blob: str) -> str:
+        stmt = sql.SQL("INSERT INTO {} (name, blob) VALUES ('audit', %s) ON CONFLICT (name) DO NOTHING").format(
+            self._keys
+        )
+        self._run(lambda conn: conn.execute(stmt, (blob,)))
+        stored = self.load_key()
+        assert stored is not None
+        return stored
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

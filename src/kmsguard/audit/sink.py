@@ -1,0 +1,180 @@
+"""Where audit records end up: the sink protocol, the query filter, and the JSON lines sink.
+
+Every sink stores the record's fields as they are (lists and the hashed context as
+compact JSON text), so ``verify`` can rebuild the exact canonical bytes the chain hash
+covers. ``write`` is idempotent on (writer_id, seq): a batch delivered twice, after a
+lost acknowledgement or a crash, is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from kmsguard.audit.record import FIELDS, AuditRecord
+
+_JSON_FIELDS = frozenset({"key_refs", "regions", "context"})
+
+
+@dataclass(frozen=True)
+class Query:
+    """Filters for ``audit tail`` and ``audit query``; ``limit`` keeps the newest records."""
+
+    since: str | None = None
+    classification: str | None = None
+    operation: str | None = None
+    outcome: str | None = None
+    principal: str | None = None
+    limit: int | None = None
+
+    def matches(self, r: AuditRecord) -> bool:
+        return (
+            (self.since is None or r.time >= self.since)
+            and (self.classification is None or r.classification == self.classification)
+            and (self.operation is None or r.operation == self.operation)
+            and (self.outcome is None or r.outcome == self.outcome)
+            and (self.principal is None or r.principal == self.principal)
+        )
+
+    def sql_where(self, placeholder: str) -> tuple[str, list[Any]]:
+        """A WHERE clause (or "") and its parameters, for the SQL sinks."""
+        clauses, params = [], []
+        for column, value, op in (
+            ("time", self.since, ">="),
+            ("classification", self.classification, "="),
+            ("operation", self.operation, "="),
+            ("outcome", self.outcome, "="),
+            ("principal", self.principal, "="),
+        ):
+            if value is not None:
+                clauses.append(f"{column} {op} {placeholder}")
+                params.append(value)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+class Sink(Protocol):
+    """A store of audit records."""
+
+    name: str
+
+    def write(self, records: Sequence[AuditRecord]) -> None:
+        """Store a batch atomically; records already stored (same writer and seq) are skipped."""
+
+    def head(self, writer_id: str) -> tuple[int, str] | None:
+        """The last stored (seq, hash) of a writer, or None."""
+
+    def records(self) -> Iterator[AuditRecord]:
+        """Every record, ordered by writer and sequence (for verify)."""
+
+    def query(self, query: Query) -> list[AuditRecord]:
+        """Matching records, oldest first (the newest ``limit`` of them)."""
+
+    def load_key(self) -> str | None:
+        """The stored wrapped audit key, if any (see audit.keys)."""
+
+    def store_key(self, blob: str) -> str:
+        """Store a wrapped audit key unless one exists; return the one stored (first writer wins)."""
+
+    def close(self) -> None: ...
+
+
+def to_row(r: AuditRecord) -> tuple[Any, ...]:
+    """Column values in FIELDS order, lists and context as compact JSON text."""
+    d = r.to_dict()
+    return tuple(_dump(d[f]) if f in _JSON_FIELDS else d[f] for f in FIELDS)
+
+
+def from_row(row: Sequence[Any]) -> AuditRecord:
+    d = dict(zip(FIELDS, row, strict=True))
+    for f in _JSON_FIELDS:
+        d[f] = json.loads(d[f])
+    return AuditRecord.from_dict(d)
+
+
+def _dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def newest(records: Iterable[AuditRecord], query: Query) -> list[AuditRecord]:
+    """Matching records in time order, cut to the newest ``query.limit``."""
+    out = sorted((r for r in records if query.matches(r)), key=lambda r: (r.time, r.writer_id, r.seq))
+    return out[-query.limit :] if query.limit else out
+
+
+class JsonLinesSink:
+    """One JSON object per line in a file (fsync'd per batch), for log shippers and simple setups.
+
+    The wrapped audit key, when the keyring has no secret store, sits beside it in
+    ``<file>.key``.
+    """
+
+    name = "jsonl"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        self._heads: dict[str, int] = {}
+
+    def write(self, records: Sequence[AuditRecord]) -> None:
+        with self._lock:
+            fresh = [r for r in records if r.seq > self._heads.get(r.writer_id, 0)]
+            if not fresh:
+                return
+            data = "".join(_dump(r.to_dict()) + "\n" for r in fresh).encode()
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for r in fresh:
+                self._heads[r.writer_id] = r.seq
+
+    def head(self, writer_id: str) -> tuple[int, str] | None:
+        last = None
+        for r in self._read():
+            if r.writer_id == writer_id and (last is None or r.seq > last.seq):
+                last = r
+        with self._lock:
+            self._heads[writer_id] = last.seq if last else 0
+        return (last.seq, last.hash) if last else None
+
+    def records(self) -> Iterator[AuditRecord]:
+        return iter(sorted(self._read(), key=lambda r: (r.writer_id, r.seq)))
+
+    def query(self, query: Query) -> list[AuditRecord]:
+        return newest(self._read(), query)
+
+    def _read(self) -> list[AuditRecord]:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                return [AuditRecord.from_dict(json.loads(line)) for line in fh if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def load_key(self) -> str | None:
+        try:
+            return self.path.with_name(self.path.name + ".key").read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def store_key(self, blob: str) -> str:
+        key_path = self.path.with_name(self.path.name + ".key")
+        try:
+            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return key_path.read_text().strip()
+        with os.fdopen(fd, "w") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return blob
+
+    def close(self) -> None:
+        pass

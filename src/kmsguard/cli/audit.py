@@ -1,0 +1,174 @@
+"""``kmsguard audit verify|tail|query`` and ``kmsguard metrics``."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import click
+
+from kmsguard.cli.io import settings
+
+if TYPE_CHECKING:
+    from kmsguard.audit import Query
+
+
+@click.group()
+def audit() -> None:
+    """Read and verify the audit trail."""
+
+
+@audit.command()
+@click.option("--json", "as_json", is_flag=True, help="A JSON summary instead of text.")
+@click.pass_context
+def verify(ctx: click.Context, as_json: bool) -> None:
+    """Check every writer's hash chain; exit 1 naming the first altered, removed or moved record."""
+    from kmsguard.audit import AuditSettings, keys_for, open_sink
+    from kmsguard.audit.verify import verify as run_verify
+    from kmsguard.stack import build_keyring
+
+    s = settings()
+    sink = open_sink(AuditSettings.of(s))
+    try:
+        report = run_verify(sink.records(), keys_for(s, build_keyring(s), sink))
+    finally:
+        sink.close()
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "intact": report.intact,
+                    "writers": report.writers,
+                    "records": report.records,
+                    "open_writers": report.open_writers,
+                    "problems": [vars(p) for p in report.problems],
+                }
+            )
+        )
+    elif report.intact:
+        click.echo(
+            f"intact: {report.records} records from {report.writers} writers"
+            f" ({len(report.open_writers)} chains still open)"
+        )
+    else:
+        for problem in report.problems:
+            click.echo(f"TAMPERED: {problem}")
+        click.echo(f"{len(report.problems)} of {report.writers} chains broken ({report.records} records)")
+    if not report.intact:
+        ctx.exit(1)
+
+
+_output = click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
+
+
+@audit.command()
+@click.option("-n", "count", type=click.IntRange(min=1), default=20, show_default=True, help="How many records.")
+@_output
+def tail(count: int, as_json: bool) -> None:
+    """The newest records."""
+    from kmsguard.audit import Query
+
+    _show(Query(limit=count), as_json)
+
+
+@audit.command()
+@click.option("--since", help="ISO time (2026-11-28T10:00) or an age: 15m, 2h, 7d.")
+@click.option("--class", "classification")
+@click.option("--op", "operation", help="encrypt, decrypt, rewrap, ...")
+@click.option("--outcome", type=click.Choice(["ok", "error"]))
+@click.option("--principal")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the newest N matches.")
+@_output
+def query(
+    since: str | None,
+    classification: str | None,
+    operation: str | None,
+    outcome: str | None,
+    principal: str | None,
+    limit: int | None,
+    as_json: bool,
+) -> None:
+    """Records matching every filter given, oldest first."""
+    from kmsguard.audit import Query
+
+    q = Query(
+        since=_since(since) if since else None,
+        classification=classification,
+        operation=operation,
+        outcome=outcome,
+        principal=principal,
+        limit=limit,
+    )
+    _show(q, as_json)
+
+
+def _since(value: str) -> str:
+    """An age (``15m``) or an ISO time, as the records' own UTC text form for comparison."""
+    m = re.fullmatch(r"(\d+)([smhd])", value)
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m[2]]
+        moment = datetime.now(UTC) - timedelta(**{unit: int(m[1])})
+    else:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise click.BadParameter("expected an ISO time or an age like 15m, 2h, 7d", param_hint="--since") from None
+        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _show(q: Query, as_json: bool) -> None:
+    from kmsguard.audit import AuditSettings, open_sink
+
+    sink = open_sink(AuditSettings.of(settings()))
+    try:
+        records = sink.query(q)
+    finally:
+        sink.close()
+    if as_json:
+        for r in records:
+            click.echo(json.dumps(r.to_dict(), separators=(",", ":")))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("time", "op", "class", "principal", "outcome", "key", "kms", "cache", "ms", "request")
+    for r in records:
+        table.add_row(
+            r.time,
+            r.operation,
+            r.classification or "",
+            r.principal,
+            r.outcome if r.error_code is None else f"{r.outcome} {r.error_code}",
+            ", ".join(r.key_refs),
+            str(r.kms_calls),
+            "" if r.cache_hit is None else ("hit" if r.cache_hit else "miss"),
+            f"{r.duration_us / 1000:.2f}",
+            r.request_id or "",
+        )
+    Console().print(table)
+
+
+@click.command()
+def metrics() -> None:
+    """Print this host's metrics in the Prometheus text format.
+
+    A one-shot command has counted no operations itself; it shows the levels it can
+    read from disk (undelivered audit spool) and every metric's name. A running service
+    exposes its live registry (``kmsguard.metrics.of(guard.observers)``, the HTTP ``/metrics``).
+    """
+    from kmsguard.audit import AuditSettings
+    from kmsguard.metrics import Metrics
+    from kmsguard.stack import build_telemetry
+
+    s = settings()
+    telemetry = build_telemetry(s)
+    registry = telemetry if isinstance(telemetry, Metrics) else Metrics()
+    spool_dir = AuditSettings.of(s).spool_dir
+    registry.gauge(
+        "audit_spool_bytes", sum(p.stat().st_size for p in spool_dir.glob("*.spool")) if spool_dir.is_dir() else 0
+    )
+    click.echo(registry.exposition().decode(), nl=False)
+    registry.close()

@@ -1,0 +1,376 @@
+"""Metrics: one Prometheus registry per Guard stack, and CloudWatch exporters.
+
+:class:`Metrics` is both the :class:`~kmsguard.telemetry.Telemetry` that ``stack``
+hands to every keyring (KMS calls, retries, throttles, latency, cache events,
+failovers, levels such as the audit queue) and an operation observer (count and
+duration of every operation by operation, classification and outcome).
+
+Labels are names only — operation, classification (after the policy accepted it),
+outcome, error code, API, region. Never context values, principals, key material or
+data, so a metric cannot leak what it counts.
+
+CloudWatch: ``[metrics] emf`` writes embedded-metric-format JSON lines (for a log
+agent or Lambda to turn into metrics), ``[metrics] cloudwatch = true`` publishes with
+PutMetricData. Both are fed by one bounded buffer that a background thread drains
+every ``flush_interval``; the caller only appends to it, and what does not fit is
+dropped and counted (``kmsguard_cloudwatch_dropped_total``), never waited for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from collections import Counter as Tally
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kmsguard.config import Settings
+from kmsguard.errors import ConfigurationError
+from kmsguard.operation import Operation
+from kmsguard.telemetry import Telemetry
+
+log = logging.getLogger("kmsguard.metrics")
+_GAUGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_OP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_KMS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: CloudWatch's limits: values per PutMetricData call (as the issue sets it) and per datum.
+MAX_VALUES_PER_CALL = 1000
+MAX_VALUES_PER_DATUM = 150
+EMF_MAX_VALUES = 100
+
+
+class Metrics(Telemetry):
+    """The Prometheus registry and everything that feeds it."""
+
+    def __init__(self, exporter: CloudWatchExport | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        op_labels = ("operation", "classification", "outcome")
+        self.operations = Counter("kmsguard_operations", "Guard operations", op_labels, registry=r)
+        self.operation_errors = Counter(
+            "kmsguard_operation_errors", "Failed operations by error code", ("operation", "code"), registry=r
+        )
+        self.operation_seconds = Histogram(
+            "kmsguard_operation_duration_seconds", "Guard operation latency", op_labels, buckets=_OP_BUCKETS, registry=r
+        )
+        kms = ("api", "region")
+        self.kms_calls = Counter("kmsguard_kms_calls", "KMS API calls", (*kms, "outcome"), registry=r)
+        self.kms_retries = Counter("kmsguard_kms_retries", "KMS retries (attempts beyond the first)", kms, registry=r)
+        self.kms_throttles = Counter("kmsguard_kms_throttles", "KMS throttling responses", kms, registry=r)
+        self.kms_seconds = Histogram(
+            "kmsguard_kms_latency_seconds", "KMS call latency incl. retries", kms, buckets=_KMS_BUCKETS, registry=r
+        )
+        self.cache_events = Counter(
+            "kmsguard_cache_events", "Data-key cache hits/misses/evictions", ("event", "classification"), registry=r
+        )
+        self.failovers = Counter("kmsguard_failovers", "Region failovers", ("from_region", "to_region"), registry=r)
+        self.cloudwatch_dropped = Counter(
+            "kmsguard_cloudwatch_dropped", "Operation samples CloudWatch export dropped", registry=r
+        )
+        self._gauges: dict[str, Gauge] = {}
+        self._gauge_lock = threading.Lock()
+        self._op_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self.exporter = exporter
+        if exporter is not None:
+            exporter.on_drop = self.cloudwatch_dropped.inc
+
+    # ------------------------------------------------------------------ Observer (hot path)
+
+    def operation_finished(self, op: Operation) -> None:
+        key = (op.name, op.classification or "none", op.outcome)
+        children = self._op_children.get(key)
+        if children is None:
+            children = self._op_children[key] = (self.operations.labels(*key), self.operation_seconds.labels(*key))
+        children[0].inc()
+        children[1].observe(op.duration)
+        if op.error_code is not None:
+            self.operation_errors.labels(op.name, op.error_code).inc()
+        if self.exporter is not None:
+            self.exporter.add(op)
+
+    # ------------------------------------------------------------------ Telemetry
+
+    def kms_call(
+        self, api: str, region: str, outcome: str, duration: float, attempts: int = 1, throttles: int = 0
+    ) -> None:
+        self.kms_calls.labels(api, region, outcome).inc()
+        self.kms_seconds.labels(api, region).observe(duration)
+        if attempts > 1:
+            self.kms_retries.labels(api, region).inc(attempts - 1)
+        if throttles:
+            self.kms_throttles.labels(api, region).inc(throttles)
+
+    def cache_event(self, event: str, classification: str) -> None:
+        self.cache_events.labels(event, classification).inc()
+
+    def failover(self, from_region: str, to_region: str) -> None:
+        self.failovers.labels(from_region, to_region).inc()
+
+    def gauge(self, name: str, value: float) -> None:
+        g = self._gauges.get(name)
+        if g is None:
+            if not _GAUGE_NAME.fullmatch(name):
+                return
+            with self._gauge_lock:
+                g = self._gauges.get(name) or Gauge(f"kmsguard_{name}", name.replace("_", " "), registry=self.registry)
+                self._gauges[name] = g
+        g.set(value)
+
+    # ------------------------------------------------------------------ export
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format (what ``/metrics`` and ``kmsguard metrics`` serve)."""
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        if self.exporter is not None:
+            self.exporter.close()
+
+
+def of(observers: Iterable[object]) -> Metrics | None:
+    """The Metrics among a Guard's observers (``metrics.of(guard.observers)``), if metrics are on."""
+    return next((o for o in observers if isinstance(o, Metrics)), None)
+
+
+# ---------------------------------------------------------------------- CloudWatch
+
+
+@dataclass(frozen=True)
+class Sample:
+    operation: str
+    success: bool
+    key_type: str
+    duration_ms: float
+
+
+def dimensions(s: Sample) -> tuple[tuple[str, str], ...]:
+    return (("Operation", s.operation), ("Success", "true" if s.success else "false"), ("KeyType", s.key_type))
+
+
+def emf_lines(namespace: str, samples: Iterable[Sample], now_ms: int) -> list[str]:
+    """Embedded-metric-format documents: one per dimension set and up to 100 values."""
+    groups: dict[tuple[tuple[str, str], ...], list[float]] = {}
+    for s in samples:
+        groups.setdefault(dimensions(s), []).append(round(s.duration_ms, 3))
+    lines = []
+    for dims, values in groups.items():
+        for start in range(0, len(values), EMF_MAX_VALUES):
+            chunk = values[start : start + EMF_MAX_VALUES]
+            doc: dict[str, Any] = {
+                "_aws": {
+                    "Timestamp": now_ms,
+                    "CloudWatchMetrics": [
+                        {
+                            "Namespace": namespace,
+                            "Dimensions": [[name for name, _ in dims]],
+                            "Metrics": [
+                                {"Name": "OperationDuration", "Unit": "Milliseconds"},
+                                {"Name": "OperationCount", "Unit": "Count"},
+                            ],
+                        }
+                    ],
+                },
+                **dict(dims),
+                "OperationDuration": chunk,
+                "OperationCount": len(chunk),
+            }
+            lines.append(json.dumps(doc, separators=(",", ":")))
+    return lines
+
+
+def metric_data(samples: Iterable[Sample]) -> list[dict[str, Any]]:
+    """PutMetricData datums: per dimension set, OperationCount plus OperationDuration value sets."""
+    groups: dict[tuple[tuple[str, str], ...], Tally[float]] = {}
+    for s in samples:
+        groups.setdefault(dimensions(s), Tally())[round(s.duration_ms, 1)] += 1
+    data: list[dict[str, Any]] = []
+    for dims, tally in groups.items():
+        cw_dims = [{"Name": n, "Value": v} for n, v in dims]
+        data.append({"MetricName": "OperationCount", "Dimensions": cw_dims, "Value": tally.total(), "Unit": "Count"})
+        items = sorted(tally.items())
+        for start in range(0, len(items), MAX_VALUES_PER_DATUM):
+            chunk = items[start : start + MAX_VALUES_PER_DATUM]
+            data.append(
+                {
+                    "MetricName": "OperationDuration",
+                    "Dimensions": cw_dims,
+                    "Values": [v for v, _ in chunk],
+                    "Counts": [float(c) for _, c in chunk],
+                    "Unit": "Milliseconds",
+                }
+            )
+    return data
+
+
+def _values(datum: dict[str, Any]) -> int:
+    return len(datum.get("Values", ())) or 1
+
+
+def batches(data: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Split datums into PutMetricData calls of at most MAX_VALUES_PER_CALL values each."""
+    out: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    used = 0
+    for datum in data:
+        n = _values(datum)
+        if current and used + n > MAX_VALUES_PER_CALL:
+            out.append(current)
+            current, used = [], 0
+        current.append(datum)
+        used += n
+    if current:
+        out.append(current)
+    return out
+
+
+class CloudWatchExport:
+    """A bounded buffer of operation samples, drained by a background thread to EMF and/or PutMetricData."""
+
+    def __init__(
+        self,
+        namespace: str,
+        *,
+        emf: IO[str] | None = None,
+        client_factory: Callable[[], Any] | None = None,
+        flush_interval: float = 10.0,
+        max_buffer: int = 10_000,
+    ) -> None:
+        self.namespace = namespace
+        self.emf = emf
+        self.client_factory = client_factory
+        self.flush_interval = flush_interval
+        self.max_buffer = max_buffer
+        self.dropped = 0
+        self.published_calls = 0
+        self.on_drop: Callable[[float], None] = lambda n: None
+        self._buffer: deque[Sample] = deque()
+        self._client: Any = None
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="kmsguard-cloudwatch", daemon=True)
+        self._thread.start()
+
+    def add(self, op: Operation) -> None:
+        """Hot path: one append, or a counted drop when the buffer is full."""
+        if len(self._buffer) >= self.max_buffer:
+            self._drop(1)
+            return
+        self._buffer.append(Sample(op.name, op.outcome == "ok", op.classification or "none", op.duration * 1000.0))
+
+    def flush(self) -> None:
+        """Export everything buffered now (the background thread does this every interval)."""
+        samples = []
+        while self._buffer:
+            samples.append(self._buffer.popleft())
+        if not samples:
+            return
+        if self.emf is not None:
+            lines = emf_lines(self.namespace, samples, int(time.time() * 1000))
+            self.emf.write("".join(line + "\n" for line in lines))
+            self.emf.flush()
+        if self.client_factory is not None:
+            self._publish(samples)
+
+    def _publish(self, samples: list[Sample]) -> None:
+        for batch in batches(metric_data(samples)):
+            try:
+                if self._client is None:
+                    self._client = self.client_factory() if self.client_factory else None
+                self._client.put_metric_data(Namespace=self.namespace, MetricData=batch)
+                self.published_calls += 1
+            except Exception as exc:
+                lost = sum(int(sum(d.get("Counts", ()))) for d in batch)
+                self._drop(lost)
+                log.warning("CloudWatch PutMetricData failed (%s); %d samples dropped", type(exc).__name__, lost)
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        self.on_drop(n)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # an exporter must never take the process down
+                log.exception("metrics export failed")
+
+    def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(30)
+        self.flush()
+        if self.emf is not None and self.emf not in (sys.stdout, sys.stderr):
+            self.emf.close()
+
+
+# ---------------------------------------------------------------------- configuration
+
+_FIELDS = {"enabled", "namespace", "emf", "cloudwatch", "region", "endpoint_url", "flush_interval", "max_buffer"}
+
+
+def build_metrics(settings: Settings) -> Metrics | None:
+    """The ``[metrics]`` table::
+
+        [metrics]
+        enabled = true            # the Prometheus registry (default on)
+        namespace = "kmsguard"    # CloudWatch namespace
+        emf = "stdout"            # or a file path (relative to $KMSGUARD_HOME); unset: no EMF lines
+        cloudwatch = false        # publish with PutMetricData in the background
+        region = "us-east-1"      # for the publisher (default: the AWS SDK's)
+        endpoint_url = "..."      # for the publisher (tests, VPC endpoints)
+        flush_interval = 10       # seconds between exports
+        max_buffer = 10000        # samples held between exports; beyond, dropped and counted
+    """
+    table = settings.section("metrics")
+    unknown = set(table) - _FIELDS
+    if unknown:
+        raise ConfigurationError(f"metrics.{sorted(unknown)[0]}: unknown setting")
+    if not _typed(table, "enabled", bool, True):
+        return None
+    namespace = _typed(table, "namespace", str, "kmsguard")
+    emf_target = _typed(table, "emf", str, "")
+    publish = _typed(table, "cloudwatch", bool, False)
+    exporter = None
+    if emf_target or publish:
+        emf: IO[str] | None = None
+        if emf_target == "stdout":
+            emf = sys.stdout
+        elif emf_target:
+            path = settings.home / emf_target
+            path.parent.mkdir(parents=True, exist_ok=True)
+            emf = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the process lifetime
+        region = _typed(table, "region", str, "") or None
+        endpoint = _typed(table, "endpoint_url", str, "") or None
+        factory = (lambda: _cloudwatch_client(region, endpoint)) if publish else None
+        exporter = CloudWatchExport(
+            namespace,
+            emf=emf,
+            client_factory=factory,
+            flush_interval=float(_typed(table, "flush_interval", (int, float), 10.0)),
+            max_buffer=int(_typed(table, "max_buffer", int, 10_000)),
+        )
+    return Metrics(exporter)
+
+
+def _cloudwatch_client(region: str | None, endpoint_url: str | None) -> Any:
+    import boto3
+
+    return boto3.client("cloudwatch", region_name=region, endpoint_url=endpoint_url)
+
+
+def _typed(table: Any, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = table.get(name, default)
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise ConfigurationError(f"metrics.{name}: has the wrong type")
+    return value
+
