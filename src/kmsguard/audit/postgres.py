@@ -96,7 +96,7 @@ class PostgresSink:
 
     # ------------------------------------------------------------------ Sink
 
-    def write(self, records: Sequence[AuditRecord]) -> None:
+    def write(self, records: Sequence[Sequence[Any]]) -> None:
         rows = [to_row(r) for r in records]
         marks = sql.SQL(", ").join(sql.Placeholder() * len(FIELDS))
         stmt = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (writer_id, seq) DO NOTHING").format(

@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -85,6 +85,11 @@ class AuditRecord:
         """The bytes the chain hash covers: every field but ``hash``, in FIELDS order, as compact JSON."""
         return canonical_bytes(self.as_values()[:-1])
 
+    @classmethod
+    def of(cls, values: Sequence[Any]) -> AuditRecord:
+        """From values in FIELDS order (what Chain.link returns)."""
+        return cls.from_dict(dict(zip(FIELDS, values, strict=True)))
+
     def as_values(self) -> tuple[Any, ...]:
         return (
             self.writer_id,
@@ -134,16 +139,37 @@ class AuditRecord:
         )
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=True, allow_nan=False)
+
+
 def canonical_bytes(values: Sequence[Any]) -> bytes:
     """Compact, key-sorted, ASCII-only JSON of ``[RECORD_VERSION, *values]``: one byte string per record."""
-    return json.dumps(
-        [RECORD_VERSION, *values], separators=(",", ":"), sort_keys=True, ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
+    return _ENCODER.encode([RECORD_VERSION, *values]).encode("ascii")
+
+
+def to_json(value: Any) -> str:
+    """The canonical JSON text of one value (how sinks store lists and the context)."""
+    return _ENCODER.encode(value)
+
+
+_second = -1
+_second_text = ""
 
 
 def format_time(epoch: float) -> str:
-    """UTC, microseconds, fixed width: sorts as text, round-trips through every sink unchanged."""
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC, microseconds, fixed width: sorts as text, round-trips through every sink unchanged.
+
+    The date-and-second prefix is cached: the writer formats thousands of times a second.
+    """
+    global _second, _second_text
+    whole = int(epoch)
+    micros = round((epoch - whole) * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    if whole != _second:
+        _second_text = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = whole
+    return f"{_second_text}.{micros:06d}Z"
 
 
 class AuditKeys:
@@ -182,37 +208,39 @@ class Chain:
         self.last_seq = last_seq
         self.last_hash = last_hash
 
-    def link(self, seq: int, fields: Sequence[Any]) -> AuditRecord:
-        """Build record ``seq`` from a spooled tuple (see spool.encode) and advance the chain.
+    def link(self, seq: int, fields: Sequence[Any]) -> list[Any]:
+        """Record ``seq`` from a spooled tuple (see AuditObserver), as values in FIELDS order; advances the chain.
 
         ``fields`` is (time, operation, classification, key_refs, regions, principal,
         outcome, error_code, duration, kms_calls, cache_hit, size, request_id, context pairs).
+        Plain lists rather than AuditRecord objects: this runs once per operation, in the
+        same process (and under the same GIL) as the operations themselves.
         """
         if seq != self.last_seq + 1:
             raise ValueError(f"audit chain {self.writer_id}: expected record {self.last_seq + 1}, got {seq}")
         (t, name, cls, key_refs, regions, principal, outcome, error_code, duration, kms, cache_hit, size, rid, ctx) = (
             fields
         )
-        record = AuditRecord(
-            writer_id=self.writer_id,
-            seq=seq,
-            prev_hash=self.last_hash,
-            time=format_time(t),
-            operation=name,
-            classification=cls,
-            key_refs=tuple(key_refs),
-            regions=tuple(regions),
-            principal=principal,
-            outcome=outcome,
-            error_code=error_code,
-            duration_us=round(duration * 1e6),
-            kms_calls=kms,
-            cache_hit=cache_hit,
-            size=size,
-            request_id=rid,
-            context=self.keys.hash_context(ctx) if ctx else {},
-            hash="",
-        )
-        digest = self.keys.chain_hash(record.canonical())
+        values = [
+            self.writer_id,
+            seq,
+            self.last_hash,
+            format_time(t),
+            name,
+            cls,
+            list(key_refs),
+            list(regions),
+            principal,
+            outcome,
+            error_code,
+            round(duration * 1e6),
+            kms,
+            cache_hit,
+            size,
+            rid,
+            self.keys.hash_context(ctx) if ctx else {},
+        ]
+        digest = self.keys.chain_hash(canonical_bytes(values))
+        values.append(digest)
         self.last_seq, self.last_hash = seq, digest
-        return replace(record, hash=digest)
+        return values

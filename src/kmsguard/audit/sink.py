@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kmsguard.audit.record import FIELDS, AuditRecord
+from kmsguard.audit.record import FIELDS, AuditRecord, to_json
 
 _JSON_FIELDS = frozenset({"key_refs", "regions", "context"})
+assert [FIELDS.index(f) for f in sorted(_JSON_FIELDS)] == [16, 6, 7] and len(FIELDS) == 18  # to_row's positions
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ class Sink(Protocol):
 
     name: str
 
-    def write(self, records: Sequence[AuditRecord]) -> None:
-        """Store a batch atomically; records already stored (same writer and seq) are skipped."""
+    def write(self, records: Sequence[Sequence[Any]]) -> None:
+        """Store a batch (values in FIELDS order) atomically; records already stored are skipped."""
 
     def head(self, writer_id: str) -> tuple[int, str] | None:
         """The last stored (seq, hash) of a writer, or None."""
@@ -83,10 +84,10 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def to_row(r: AuditRecord) -> tuple[Any, ...]:
-    """Column values in FIELDS order, lists and context as compact JSON text."""
-    d = r.to_dict()
-    return tuple(_dump(d[f]) if f in _JSON_FIELDS else d[f] for f in FIELDS)
+def to_row(values: Sequence[Any]) -> tuple[Any, ...]:
+    """Column values for the SQL sinks: lists and context as canonical JSON text."""
+    v = values
+    return (*v[:6], to_json(v[6]), to_json(v[7]), *v[8:16], to_json(v[16]), v[17])
 
 
 def from_row(row: Sequence[Any]) -> AuditRecord:
@@ -94,10 +95,6 @@ def from_row(row: Sequence[Any]) -> AuditRecord:
     for f in _JSON_FIELDS:
         d[f] = json.loads(d[f])
     return AuditRecord.from_dict(d)
-
-
-def _dump(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def newest(records: Iterable[AuditRecord], query: Query) -> list[AuditRecord]:
@@ -121,12 +118,12 @@ class JsonLinesSink:
         self._lock = threading.Lock()
         self._heads: dict[str, int] = {}
 
-    def write(self, records: Sequence[AuditRecord]) -> None:
+    def write(self, records: Sequence[Sequence[Any]]) -> None:
         with self._lock:
-            fresh = [r for r in records if r.seq > self._heads.get(r.writer_id, 0)]
+            fresh = [r for r in records if r[1] > self._heads.get(r[0], 0)]
             if not fresh:
                 return
-            data = "".join(_dump(r.to_dict()) + "\n" for r in fresh).encode()
+            data = "".join(to_json(dict(zip(FIELDS, r, strict=True))) + "\n" for r in fresh).encode()
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, data)
@@ -134,7 +131,7 @@ class JsonLinesSink:
             finally:
                 os.close(fd)
             for r in fresh:
-                self._heads[r.writer_id] = r.seq
+                self._heads[r[0]] = r[1]
 
     def head(self, writer_id: str) -> tuple[int, str] | None:
         last = None

@@ -12,6 +12,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from kmsguard.audit.record import FIELDS, AuditRecord
 from kmsguard.audit.sink import Query, from_row, to_row
@@ -44,7 +45,7 @@ class SqliteSink:
         self._db.executescript(_SCHEMA)
         self.path.chmod(0o600)
 
-    def write(self, records: Sequence[AuditRecord]) -> None:
+    def write(self, records: Sequence[Sequence[Any]]) -> None:
         rows = [to_row(r) for r in records]
         marks = ", ".join("?" * len(FIELDS))
         with self._lock:

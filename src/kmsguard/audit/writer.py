@@ -32,8 +32,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys, AuditRecord, Chain
+from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys, Chain
 from kmsguard.audit.sink import Sink
 from kmsguard.audit.spool import Entry, Orphan, Spool, orphans
 from kmsguard.errors import AuditUnavailable
@@ -83,6 +84,7 @@ class AuditObserver:
         self._chain: Chain | None = None
         self.delivered_seq = 0
         self.dropped = 0
+        self.failures = 0  # failed delivery attempts (the sink was down)
         self.sink_healthy = True
         self._orphans_pending = True
         self._wake = threading.Event()
@@ -186,6 +188,7 @@ class AuditObserver:
                 backoff = self.flush_interval
                 self._set_healthy(True)
             except Exception as exc:
+                self.failures += 1
                 self._set_healthy(False, exc)
                 backoff = min(_MAX_BACKOFF, max(backoff * 2, 0.05))
             self.telemetry.gauge("audit_queue_depth", self.queue_depth)
@@ -251,7 +254,7 @@ class AuditObserver:
     def _deliver(self, chain: Chain, entries: list[Entry]) -> None:
         """Link and store one batch; the chain advances only if the sink took it."""
         saved = (chain.last_seq, chain.last_hash)
-        records: list[AuditRecord] = []
+        records: list[list[Any]] = []
         try:
             for seq, fields in entries:
                 if seq <= chain.last_seq:

@@ -1,0 +1,86 @@
+"""Fixtures for the audit tests: homes with a chosen sink, a real PostgreSQL schema, worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from kmsguard.audit import AuditSettings, keys_for, open_sink
+from kmsguard.audit.verify import Report, verify
+from kmsguard.config import load_settings
+from kmsguard.keyrings.local import LocalKeyring
+from kmsguard.stack import build_keyring
+
+PG_DSN = os.environ.get("KMSGUARD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_config(home: Path, audit: dict[str, object], extra: str = "") -> None:
+    lines = ["[audit]"] + [f"{k} = {_toml(v)}" for k, v in audit.items()]
+    (home / "kmsguard.toml").write_text("\n".join(lines) + "\n" + extra)
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh schema on the real server, dropped afterwards. No server: the test fails."""
+    schema = f"kg_audit_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    yield schema
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def pg_home(home: Path, keyring: LocalKeyring, pg_schema: str) -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    write_config(home, {"sink": "postgres", "dsn": PG_DSN, "schema": pg_schema, "flush_interval": 0.05})
+    return home
+
+
+def env_of(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMSGUARD_")}
+    env["KMSGUARD_HOME"] = str(home)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def start_worker(home: Path, count: int, mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.audit.worker", str(count), mode],
+        cwd=ROOT,
+        env=env_of(home),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def verify_home(home: Path) -> Report:
+    settings = load_settings({"KMSGUARD_HOME": str(home)})
+    sink = open_sink(AuditSettings.of(settings))
+    try:
+        return verify(sink.records(), keys_for(settings, build_keyring(settings), sink))
+    finally:
+        sink.close()
+
+
+def records_of(home: Path) -> list:  # type: ignore[type-arg]
+    settings = load_settings({"KMSGUARD_HOME": str(home)})
+    sink = open_sink(AuditSettings.of(settings))
+    try:
+        return list(sink.records())
+    finally:
+        sink.close()

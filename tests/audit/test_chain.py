@@ -1,0 +1,139 @@
+"""The hash chain and verify: intact chains pass; each kind of tampering is named."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from kmsguard.audit.record import CLOSE_OPERATION, FIELDS, GENESIS, AuditKeys, AuditRecord, Chain, format_time
+from kmsguard.audit.sqlite import SqliteSink
+from kmsguard.audit.verify import verify
+
+
+def fields(n: int, op: str = "encrypt", ctx: tuple[tuple[str, str], ...] = (("tenant", "acme"),)) -> tuple:
+    return (time.time(), op, "general", ("local:general:v1",), (), "alice", "ok", None, 0.001, 1, False, n, "r", ctx)
+
+
+def chain_records(keys: AuditKeys, writer: str, count: int, close: bool = True) -> list[list]:
+    chain = Chain(keys, writer)
+    out = [chain.link(i + 1, fields(i)) for i in range(count)]
+    if close:
+        out.append(chain.link(count + 1, fields(0, CLOSE_OPERATION, ())))
+    return out
+
+
+@pytest.fixture
+def keys() -> AuditKeys:
+    return AuditKeys(os.urandom(32))
+
+
+@pytest.fixture
+def db(tmp_path: Path, keys: AuditKeys) -> SqliteSink:
+    sink = SqliteSink(tmp_path / "audit.db")
+    sink.write(chain_records(keys, "w1", 6))
+    sink.write(chain_records(keys, "w2", 3))
+    return sink
+
+
+def sql(sink: SqliteSink, statement: str, *params: object) -> None:
+    with sqlite3.connect(sink.path) as conn:
+        conn.execute(statement, params)
+
+
+def test_records_link_and_verify(db: SqliteSink, keys: AuditKeys) -> None:
+    records = list(db.records())
+    assert [r.seq for r in records if r.writer_id == "w1"] == [1, 2, 3, 4, 5, 6, 7]
+    assert records[0].prev_hash == GENESIS and records[1].prev_hash == records[0].hash
+    report = verify(records, keys)
+    assert report.intact and report.writers == 2 and report.records == 11 and report.open_writers == []
+
+
+def test_context_values_are_keyed_hashes(db: SqliteSink, keys: AuditKeys) -> None:
+    record = next(db.records())
+    assert set(record.context) == {"tenant"}
+    assert "acme" not in record.context["tenant"]
+    assert record.context["tenant"] == keys.hash_context([("tenant", "acme")])["tenant"]
+    assert AuditKeys(os.urandom(32)).hash_context([("tenant", "acme")]) != record.context
+
+
+def test_an_edited_record_is_named(db: SqliteSink, keys: AuditKeys) -> None:
+    sql(db, "UPDATE audit_records SET outcome = 'error' WHERE writer_id = 'w1' AND seq = 4")
+    report = verify(db.records(), keys)
+    assert not report.intact
+    [problem] = report.problems
+    assert (problem.writer_id, problem.seq, problem.kind) == ("w1", 4, "altered")
+
+
+def test_a_deleted_record_is_named(db: SqliteSink, keys: AuditKeys) -> None:
+    sql(db, "DELETE FROM audit_records WHERE writer_id = 'w1' AND seq = 3")
+    [problem] = verify(db.records(), keys).problems
+    assert (problem.seq, problem.kind) == (4, "removed")
+    assert "3" in problem.detail
+
+
+def test_deleting_the_first_record_is_detected(db: SqliteSink, keys: AuditKeys) -> None:
+    sql(db, "DELETE FROM audit_records WHERE writer_id = 'w2' AND seq = 1")
+    [problem] = verify(db.records(), keys).problems
+    assert (problem.writer_id, problem.seq, problem.kind) == ("w2", 2, "removed")
+
+
+def test_swapped_records_are_reported_as_moved(db: SqliteSink, keys: AuditKeys) -> None:
+    cols = [f for f in FIELDS if f not in ("writer_id", "seq")]
+    with sqlite3.connect(db.path) as conn:
+        a = conn.execute(f"SELECT {', '.join(cols)} FROM audit_records WHERE writer_id='w1' AND seq=2").fetchone()
+        b = conn.execute(f"SELECT {', '.join(cols)} FROM audit_records WHERE writer_id='w1' AND seq=3").fetchone()
+        assign = ", ".join(f"{c} = ?" for c in cols)
+        conn.execute(f"UPDATE audit_records SET {assign} WHERE writer_id='w1' AND seq=2", b)
+        conn.execute(f"UPDATE audit_records SET {assign} WHERE writer_id='w1' AND seq=3", a)
+    [problem] = verify(db.records(), keys).problems
+    assert (problem.seq, problem.kind) == (2, "moved")
+    assert "record 3" in problem.detail
+
+
+def test_renumbering_to_hide_a_deletion_is_detected(db: SqliteSink, keys: AuditKeys) -> None:
+    sql(db, "DELETE FROM audit_records WHERE writer_id = 'w1' AND seq = 5")
+    for seq in (6, 7):
+        sql(db, "UPDATE audit_records SET seq = ? WHERE writer_id = 'w1' AND seq = ?", seq - 1, seq)
+    [problem] = verify(db.records(), keys).problems
+    assert (problem.seq, problem.kind) == (5, "moved")
+
+
+def test_a_cut_tail_of_a_closed_chain_is_detected_and_open_chains_are_listed(tmp_path: Path, keys: AuditKeys) -> None:
+    sink = SqliteSink(tmp_path / "a.db")
+    sink.write(chain_records(keys, "closed", 4))
+    sink.write(chain_records(keys, "running", 4, close=False))
+    report = verify(sink.records(), keys)
+    assert report.intact and report.open_writers == ["running"]
+    sql(sink, "DELETE FROM audit_records WHERE writer_id = 'closed' AND seq = 5")
+    assert verify(sink.records(), keys).open_writers == ["closed", "running"]
+
+
+def test_forging_needs_the_audit_key(db: SqliteSink, keys: AuditKeys) -> None:
+    """Someone who rewrites a record and recomputes an unkeyed hash still fails verification."""
+    import hashlib
+
+    record = next(db.records())
+    forged = AuditRecord.of([*record.as_values()[:9], "error", *record.as_values()[10:]])
+    fake_hash = hashlib.sha256(forged.canonical()).hexdigest()
+    sql(db, "UPDATE audit_records SET outcome = 'error', hash = ? WHERE writer_id = 'w1' AND seq = 1", fake_hash)
+    assert [p.kind for p in verify(db.records(), keys).problems] == ["altered"]
+    assert verify(db.records(), AuditKeys(os.urandom(32))).problems  # and a different key verifies nothing
+
+
+def test_time_format_is_fixed_width_utc() -> None:
+    assert format_time(0.5) == "1970-01-01T00:00:00.500000Z"
+    assert format_time(1_700_000_000.9999996) == "2023-11-14T22:13:21.000000Z"
+    assert format_time(1_700_000_000.000001) == "2023-11-14T22:13:20.000001Z"
+
+
+def test_duplicate_delivery_is_stored_once(tmp_path: Path, keys: AuditKeys) -> None:
+    sink = SqliteSink(tmp_path / "a.db")
+    batch = chain_records(keys, "w", 3)
+    sink.write(batch)
+    sink.write(batch[1:])
+    assert [r.seq for r in sink.records()] == [1, 2, 3, 4]
+    assert sink.head("w") == (4, batch[-1][-1])

@@ -1,0 +1,125 @@
+"""AuditObserver through Guard: what a record holds, strict mode, disabled audit, crash recovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from kmsguard import Guard
+from kmsguard.audit import AuditObserver
+from kmsguard.errors import AuditUnavailable, UnknownClassification
+from kmsguard.keyrings.local import LocalKeyring
+from kmsguard.metrics import Metrics, of
+
+from .conftest import records_of, start_worker, verify_home, write_config
+
+
+def observer_of(guard: Guard) -> AuditObserver:
+    return next(o for o in guard.observers if isinstance(o, AuditObserver))
+
+
+def test_every_operation_is_recorded_with_its_facts(keyring: LocalKeyring, home: Path) -> None:
+    with Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_PRINCIPAL": "svc-billing"}) as guard:
+        sealed = guard.encrypt(b"card data", "payment", {"purpose": "refund", "order": "o-1"})
+        guard.decrypt(sealed, {"purpose": "refund"})
+        guard.rewrap(sealed, {"purpose": "refund"})
+        with pytest.raises(UnknownClassification):
+            guard.encrypt(b"x", "4111111111111111")
+    records = records_of(home)
+    assert [r.operation for r in records] == ["encrypt", "decrypt", "rewrap", "encrypt", "writer-closed"]
+    enc, dec, _rewrap, bad, _close = records
+    assert enc.classification == "payment" and enc.key_refs == ("local:payment:v1",) and enc.outcome == "ok"
+    assert enc.principal == "svc-billing" and enc.size == len(b"card data") and enc.request_id
+    assert set(enc.context) == {"order", "purpose"} and "refund" not in enc.context.values()
+    assert dec.context["purpose"] == enc.context["purpose"]  # correlatable
+    assert dec.classification == "payment" and dec.outcome == "ok"
+    assert bad.outcome == "error" and bad.error_code == "UNKNOWN_CLASSIFICATION"
+    assert bad.classification is None  # the caller's string is not recorded
+    assert verify_home(home).intact
+
+
+def test_jsonl_sink(keyring: LocalKeyring, home: Path) -> None:
+    write_config(home, {"sink": "jsonl", "path": "logs/audit.jsonl"})
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        guard.encrypt(b"x", "general", {"k": "v"})
+    lines = (home / "logs" / "audit.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and '"operation":"encrypt"' in lines[0]
+    assert verify_home(home).intact
+
+
+def test_strict_refuses_when_the_record_cannot_be_made_durable(keyring: LocalKeyring, home: Path) -> None:
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        obs = observer_of(guard)
+        os.close(obs._spool._fd)  # the spool's disk is gone
+        obs._spool._fd = os.open(os.devnull, os.O_RDONLY)
+        with pytest.raises(AuditUnavailable):
+            guard.encrypt(b"x", "payment", {"purpose": "p"})
+        guard.encrypt(b"x", "general")  # non-strict: still served, the loss is counted
+        assert obs.dropped == 1
+        text = of(guard.observers).exposition().decode()  # type: ignore[union-attr]
+        assert 'kmsguard_operations_total{classification="payment",operation="encrypt",outcome="error"} 1.0' in text
+        assert 'code="AUDIT_UNAVAILABLE"' in text
+
+
+def test_strict_override_makes_every_class_strict(keyring: LocalKeyring, home: Path) -> None:
+    write_config(home, {"strict": True})
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        obs = observer_of(guard)
+        obs._spool.max_bytes = 0  # a full spool
+        with pytest.raises(AuditUnavailable):
+            guard.encrypt(b"x", "general")
+
+
+def test_disabled_audit_refuses_strict_classes_only(keyring: LocalKeyring, home: Path) -> None:
+    with Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_AUDIT_SINK": "none"}) as guard:
+        guard.encrypt(b"x", "general")
+        with pytest.raises(AuditUnavailable):
+            guard.encrypt(b"x", "payment", {"purpose": "p"})
+    assert not (home / "audit.db").exists()
+
+
+def test_failed_operations_are_never_vetoed_into_another_error(keyring: LocalKeyring, home: Path) -> None:
+    with Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_AUDIT_SINK": "none"}) as guard:
+        with pytest.raises(UnknownClassification):
+            guard.encrypt(b"x", "nope")
+
+
+def test_strict_records_are_on_disk_before_the_operation_returns(keyring: LocalKeyring, home: Path) -> None:
+    write_config(home, {"flush_interval": 60})
+    guard = Guard.from_env({"KMSGUARD_HOME": str(home)})
+    obs = observer_of(guard)
+    guard.encrypt(b"x", "payment", {"purpose": "p"})
+    assert obs._spool._synced >= obs._spool._written > 0
+    guard.close()
+
+
+def test_kill_9_after_operations_returned_loses_nothing(keyring: LocalKeyring, home: Path) -> None:
+    write_config(home, {"flush_interval": 60})  # the dead writer delivers nothing itself
+    worker = start_worker(home, 40, "hang")
+    assert worker.stdout is not None
+    assert worker.stdout.readline().strip() == "returned 40"
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert records_of(home) == []
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:  # the next writer on this host
+        guard.encrypt(b"x", "general")
+        assert observer_of(guard).flush(timeout=30)
+    records = records_of(home)
+    dead = [r for r in records if r.writer_id != observer_of(guard).writer_id]
+    assert len(dead) == 40 and [r.seq for r in dead] == list(range(1, 41))
+    report = verify_home(home)
+    assert report.intact and len(report.open_writers) == 1  # the killed writer never closed its chain
+    assert list((home / "audit-spool").glob("*.spool")) == []
+
+
+def test_metrics_count_operations(keyring: LocalKeyring, home: Path) -> None:
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        guard.encrypt(b"x", "pii", {"user": "1"})
+        metrics = of(guard.observers)
+        assert isinstance(metrics, Metrics)
+        text = metrics.exposition().decode()
+    assert 'kmsguard_operations_total{classification="pii",operation="encrypt",outcome="ok"} 1.0' in text
+    assert 'kmsguard_operation_duration_seconds_count{classification="pii",operation="encrypt",outcome="ok"} 1.0' in text
