@@ -82,9 +82,11 @@ def test_disabled_audit_refuses_strict_classes_only(keyring: LocalKeyring, home:
 
 
 def test_failed_operations_are_never_vetoed_into_another_error(keyring: LocalKeyring, home: Path) -> None:
-    with Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_AUDIT_SINK": "none"}) as guard:
-        with pytest.raises(UnknownClassification):
-            guard.encrypt(b"x", "nope")
+    with (
+        Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_AUDIT_SINK": "none"}) as guard,
+        pytest.raises(UnknownClassification),
+    ):
+        guard.encrypt(b"x", "nope")
 
 
 def test_strict_records_are_on_disk_before_the_operation_returns(keyring: LocalKeyring, home: Path) -> None:
@@ -122,4 +124,6 @@ def test_metrics_count_operations(keyring: LocalKeyring, home: Path) -> None:
         assert isinstance(metrics, Metrics)
         text = metrics.exposition().decode()
     assert 'kmsguard_operations_total{classification="pii",operation="encrypt",outcome="ok"} 1.0' in text
-    assert 'kmsguard_operation_duration_seconds_count{classification="pii",operation="encrypt",outcome="ok"} 1.0' in text
+    assert (
+        'kmsguard_operation_duration_seconds_count{classification="pii",operation="encrypt",outcome="ok"} 1.0' in text
+    )

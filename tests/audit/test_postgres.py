@@ -119,8 +119,9 @@ def test_outage_of_the_database_port_then_recovery(home: Path, keyring: object, 
     proxy = TcpProxy((upstream.hostname or "127.0.0.1", upstream.port or 5432))
     proxy.start()
     dsn = urlunsplit(upstream._replace(netloc=f"{upstream.username}@127.0.0.1:{proxy.port}"))
-    write_config(home, {"sink": "postgres", "dsn": dsn, "schema": pg_schema, "flush_interval": 0.05,
-                        "connect_timeout": 1})
+    write_config(
+        home, {"sink": "postgres", "dsn": dsn, "schema": pg_schema, "flush_interval": 0.05, "connect_timeout": 1}
+    )
     try:
         with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
             _run_through_outage(guard, proxy.stop, proxy.start, 15, 40, 15)

@@ -134,7 +134,9 @@ def _show(q: Query, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("time", "op", "class", "principal", "outcome", "key", "kms", "cache", "ms", "request")
+    table = Table()
+    for name in ("time", "op", "class", "principal", "outcome", "key", "kms", "cache", "ms", "request"):
+        table.add_column(name, overflow="fold")  # an auditor needs every character, not an ellipsis
     for r in records:
         table.add_row(
             r.time,

@@ -1,0 +1,92 @@
+"""``kmsguard audit verify|tail|query`` and ``kmsguard metrics``."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kmsguard import Guard
+from kmsguard.cli.main import _register, cli
+from kmsguard.errors import ContextMismatch
+from kmsguard.keyrings.local import LocalKeyring
+
+
+@pytest.fixture
+def audited(keyring: LocalKeyring, home: Path) -> Path:
+    with Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_PRINCIPAL": "alice"}) as guard:
+        for i in range(3):
+            guard.encrypt(b"x", "general", {"i": str(i)})
+        sealed = guard.encrypt(b"y", "payment", {"purpose": "refund"})
+        with pytest.raises(ContextMismatch):
+            guard.decrypt(sealed, {"purpose": "chargeback"})
+    with Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_PRINCIPAL": "bob"}) as guard:
+        guard.decrypt(sealed, {"purpose": "refund"})
+    _register()
+    return home
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_verify_intact_then_tampered(audited: Path) -> None:
+    code, out = run("audit", "verify")
+    assert code == 0 and out.startswith("intact: 8 records from 2 writers")
+    with sqlite3.connect(audited / "audit.db") as conn:
+        conn.execute("UPDATE audit_records SET outcome = 'ok' WHERE outcome = 'error'")
+    code, out = run("audit", "verify")
+    assert code == 1 and "TAMPERED" in out and "record 5: altered" in out
+    code, out = run("audit", "verify", "--json")
+    report = json.loads(out)
+    assert code == 1 and not report["intact"] and report["problems"][0]["kind"] == "altered"
+
+
+def test_tail_json_lines(audited: Path) -> None:
+    code, out = run("audit", "tail", "-n", "2", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["operation"] for r in rows] == ["decrypt", "writer-closed"]
+    assert rows[0]["principal"] == "bob"
+
+
+def test_query_filters(audited: Path) -> None:
+    code, out = run("audit", "query", "--class", "payment", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [(r["operation"], r["outcome"]) for r in rows] == [
+        ("encrypt", "ok"),
+        ("decrypt", "error"),
+        ("decrypt", "ok"),
+    ]
+    _, out = run("audit", "query", "--outcome", "error", "--json")
+    [row] = [json.loads(line) for line in out.splitlines()]
+    assert row["error_code"] == "CONTEXT_MISMATCH" and row["principal"] == "alice"
+    _, out = run("audit", "query", "--principal", "bob", "--op", "decrypt", "--since", "1h", "--json")
+    assert len(out.splitlines()) == 1
+    _, out = run("audit", "query", "--since", "2999-01-01", "--json")
+    assert out == ""
+
+
+def test_tail_table(audited: Path) -> None:
+    code, out = run("audit", "tail")
+    assert code == 0 and "payment" in out and "CONTEXT_MISMATCH" in out
+
+
+def test_bad_since_is_a_usage_error(audited: Path) -> None:
+    code, out = run("audit", "query", "--since", "yesterday-ish")
+    assert code == 2 and "--since" in out
+
+
+def test_metrics_command(audited: Path) -> None:
+    code, out = run("metrics")
+    assert code == 0 and "# TYPE kmsguard_operations_total counter" in out and "kmsguard_audit_spool_bytes 0.0" in out
+
+
+def test_none_sink_has_nothing_to_read(keyring: LocalKeyring, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KMSGUARD_AUDIT_SINK", "none")
+    _register()
+    code, out = run("audit", "tail")
+    assert code == 1 and "CONFIGURATION_ERROR" in out

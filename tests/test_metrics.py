@@ -1,0 +1,200 @@
+"""The metrics registry, the EMF lines and the CloudWatch publisher (against moto's server over HTTP)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+
+from kmsguard.metrics import MAX_VALUES_PER_CALL, CloudWatchExport, Metrics, Sample, batches, emf_lines, metric_data
+from kmsguard.operation import Operation
+
+
+def finished(name: str = "encrypt", cls: str = "general", error: Exception | None = None) -> Operation:
+    op = Operation(name, cls, {}, "p")
+    op.finish(error)
+    return op
+
+
+def test_telemetry_feeds_the_registry() -> None:
+    m = Metrics()
+    m.kms_call("GenerateDataKey", "eu-west-1", "ok", 0.02, attempts=3, throttles=2)
+    m.cache_event("hit", "pii")
+    m.cache_event("evict", "pii")
+    m.failover("eu-west-1", "eu-central-1")
+    m.gauge("audit_queue_depth", 7)
+    m.gauge("Bad Name!", 1)  # ignored: not a metric name
+    text = m.exposition().decode()
+    assert 'kmsguard_kms_calls_total{api="GenerateDataKey",outcome="ok",region="eu-west-1"} 1.0' in text
+    assert 'kmsguard_kms_retries_total{api="GenerateDataKey",region="eu-west-1"} 2.0' in text
+    assert 'kmsguard_kms_throttles_total{api="GenerateDataKey",region="eu-west-1"} 2.0' in text
+    assert 'kmsguard_kms_latency_seconds_count{api="GenerateDataKey",region="eu-west-1"} 1.0' in text
+    assert 'kmsguard_cache_events_total{classification="pii",event="evict"} 1.0' in text
+    assert 'kmsguard_failovers_total{from_region="eu-west-1",to_region="eu-central-1"} 1.0' in text
+    assert "kmsguard_audit_queue_depth 7.0" in text
+    assert "Bad" not in text
+
+
+def test_operations_by_operation_classification_and_outcome() -> None:
+    from kmsguard.errors import KeyDisabled
+
+    m = Metrics()
+    for _ in range(3):
+        m.operation_finished(finished())
+    m.operation_finished(finished("decrypt", "pii", KeyDisabled()))
+    text = m.exposition().decode()
+    assert 'kmsguard_operations_total{classification="general",operation="encrypt",outcome="ok"} 3.0' in text
+    assert 'kmsguard_operations_total{classification="pii",operation="decrypt",outcome="error"} 1.0' in text
+    assert 'kmsguard_operation_errors_total{code="KEY_DISABLED",operation="decrypt"} 1.0' in text
+
+
+def test_emf_lines_carry_the_named_metrics_and_dimensions() -> None:
+    samples = [Sample("encrypt", True, "payment", 1.5)] * 150 + [Sample("decrypt", False, "pii", 2.0)]
+    lines = [json.loads(line) for line in emf_lines("kg-test", samples, 1_700_000_000_000)]
+    assert len(lines) == 3  # 150 values split at EMF's 100 per document, plus the other dimension set
+    doc = lines[0]
+    directive = doc["_aws"]["CloudWatchMetrics"][0]
+    assert directive["Namespace"] == "kg-test"
+    assert directive["Dimensions"] == [["Operation", "Success", "KeyType"]]
+    assert {m["Name"] for m in directive["Metrics"]} == {"OperationDuration", "OperationCount"}
+    assert (doc["Operation"], doc["Success"], doc["KeyType"]) == ("encrypt", "true", "payment")
+    assert doc["OperationCount"] == 100 and len(doc["OperationDuration"]) == 100
+    assert lines[2]["Success"] == "false" and lines[2]["OperationCount"] == 1
+
+
+def test_put_metric_data_batches_hold_at_most_1000_values() -> None:
+    samples = [Sample(op, ok, "general", float(i % 700)) for i in range(5000) for op, ok in [("encrypt", True)]]
+    samples += [Sample(f"op{i % 40}", i % 2 == 0, "pii", float(i)) for i in range(3000)]
+    calls = batches(metric_data(samples))
+    assert len(calls) > 1
+    for call in calls:
+        assert sum(len(d.get("Values", ())) or 1 for d in call) <= MAX_VALUES_PER_CALL
+        assert all(len(d.get("Values", ())) <= 150 for d in call)
+    counted = sum(d["Value"] for call in calls for d in call if d["MetricName"] == "OperationCount")
+    assert counted == 8000
+    durations = sum(sum(d["Counts"]) for call in calls for d in call if d["MetricName"] == "OperationDuration")
+    assert durations == 8000
+
+
+def test_a_full_buffer_drops_and_counts_without_blocking() -> None:
+    m = Metrics(CloudWatchExport("ns", emf=io.StringIO(), flush_interval=3600, max_buffer=5))
+    for _ in range(8):
+        m.operation_finished(finished())
+    assert m.exporter is not None and m.exporter.dropped == 3
+    assert "kmsguard_cloudwatch_dropped_total 3.0" in m.exposition().decode()
+    m.close()
+
+
+# ---------------------------------------------------------------------- moto's CloudWatch over HTTP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(k, v)
+
+
+class CountingClient:
+    """A real CloudWatch client that also remembers how many values each call carried."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.values: list[int] = []
+
+    def put_metric_data(self, **kwargs: Any) -> Any:
+        self.values.append(sum(len(d.get("Values", ())) or 1 for d in kwargs["MetricData"]))
+        return self.client.put_metric_data(**kwargs)
+
+
+def test_publisher_sends_batches_to_cloudwatch(moto_url: str, aws_env: None) -> None:
+    namespace = f"kg-{os.getpid()}-{time.monotonic_ns()}"
+    client = CountingClient(boto3.client("cloudwatch", endpoint_url=moto_url, region_name="us-east-1"))
+    m = Metrics(CloudWatchExport(namespace, client_factory=lambda: client, flush_interval=3600, max_buffer=100_000))
+    for i in range(3000):
+        op = Operation("encrypt", "payment", {}, "p")
+        op.finish(None)
+        op.duration = (i % 400) / 1e5  # 400 distinct durations: more than one datum's 150 values
+        m.operation_finished(op)
+    m.operation_finished(finished("decrypt", "pii", RuntimeError()))
+    m.close()
+    assert client.values and max(client.values) <= MAX_VALUES_PER_CALL and len(client.values) >= 1
+    pages = client.client.get_paginator("list_metrics").paginate(Namespace=namespace)
+    listed = [metric for page in pages for metric in page["Metrics"]]
+    names = {(x["MetricName"], tuple(sorted((d["Name"], d["Value"]) for d in x["Dimensions"]))) for x in listed}
+    assert ("OperationCount", (("KeyType", "payment"), ("Operation", "encrypt"), ("Success", "true"))) in names
+    assert ("OperationDuration", (("KeyType", "pii"), ("Operation", "decrypt"), ("Success", "false"))) in names
+    stats = client.client.get_metric_statistics(
+        Namespace=namespace,
+        MetricName="OperationCount",
+        Dimensions=[
+            {"Name": "Operation", "Value": "encrypt"},
+            {"Name": "Success", "Value": "true"},
+            {"Name": "KeyType", "Value": "payment"},
+        ],
+        StartTime=time.time() - 600,
+        EndTime=time.time() + 600,
+        Period=60,
+        Statistics=["Sum"],
+    )
+    assert sum(p["Sum"] for p in stats["Datapoints"]) == 3000
+    assert m.exporter is not None and m.exporter.dropped == 0
+
+
+def test_publisher_failures_are_counted_not_raised(aws_env: None) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"
+    m = Metrics(
+        CloudWatchExport(
+            "ns",
+            client_factory=lambda: boto3.client(
+                "cloudwatch",
+                endpoint_url=dead,
+                region_name="us-east-1",
+                config=__import__("botocore.config").config.Config(retries={"max_attempts": 1}, connect_timeout=1),
+            ),
+            flush_interval=3600,
+        )
+    )
+    for _ in range(10):
+        m.operation_finished(finished())  # never blocks on the dead endpoint
+    m.close()
+    assert m.exporter is not None and m.exporter.dropped == 10
+    assert "kmsguard_cloudwatch_dropped_total 10.0" in m.exposition().decode()
