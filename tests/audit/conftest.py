@@ -68,8 +68,8 @@ def start_worker(home: Path, count: int, mode: str) -> subprocess.Popen[str]:
     )
 
 
-def verify_home(home: Path) -> Report:
-    settings = load_settings({"KMSGUARD_HOME": str(home)})
+def verify_home(home: Path, env: dict[str, str] | None = None) -> Report:
+    settings = load_settings({**(env or {}), "KMSGUARD_HOME": str(home)})
     sink = open_sink(AuditSettings.of(settings))
     try:
         return verify(sink.records(), keys_for(settings, build_keyring(settings), sink))
