@@ -14,6 +14,7 @@ import sys
 TOPICS: dict[str, str] = {
     "envelope": "bench.envelope",
     "hotpath": "bench.hotpath",
+    "kms_calls": "bench.kms_calls",
 }
 
 

@@ -222,6 +222,9 @@ class FaultProxy:
                 conn, addr = listener.accept()
             except OSError:
                 return
+            # The handler writes headers and body separately: without NODELAY, Nagle's
+            # algorithm meets the client's delayed ACK and every response waits ~40 ms.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn, addr), name="kms-proxy-conn", daemon=True).start()
