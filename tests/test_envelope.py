@@ -362,3 +362,35 @@ def test_raw_aes_gcm_matches_the_derived_key() -> None:
 
     enc = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"kmsguard v1 enc").derive(DEK)
     assert AESGCM(enc).decrypt(_ENV.nonce, _ENV.body, _ENV.aad) == b"passport P1234567"
+
+
+def test_a_data_key_refuses_to_seal_past_2_to_the_32_messages() -> None:
+    import itertools
+
+    from kmsguard.errors import DataKeyExhausted
+
+    dk = DataKey(DEK, (LOCAL,))
+    dk._counter = itertools.count(2**32)  # as if 2^32 - 1 messages had been sealed
+    sealer = envelope.sealer_for(dk, "general", {})
+    sealer.seal(b"the last one")
+    with pytest.raises(DataKeyExhausted):
+        sealer.seal(b"one too many")
+
+
+def test_a_data_key_never_shows_its_bytes() -> None:
+    text = f"{DK!r} {DK!s}"
+    assert "redacted" in text and DEK.hex() not in text and repr(DEK)[2:-1] not in text
+    with pytest.raises(InvalidInput):
+        DataKey(DEK[:16], (LOCAL,))
+
+
+@given(
+    st.text(max_size=80) | st.text(alphabet="kg1:ABCDEFabcdef0123456789-_=+/ \n", max_size=80).map(lambda t: "kg1:" + t)
+)
+@settings(max_examples=500, deadline=None)
+def test_from_text_accepts_only_canonical_tokens(token: str) -> None:
+    try:
+        data = envelope.from_text(token)
+    except InvalidCiphertext:
+        return
+    assert envelope.to_text(data) == token
