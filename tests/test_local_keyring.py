@@ -192,3 +192,31 @@ def test_secrets_for_other_components_are_stable_and_not_keys(tmp_path: Path) ->
     assert LocalKeyring(keyring.path).secret("audit-hmac") == first
     assert keyring.secret("other") != first
     assert [v.name for v in keyring.versions()] == ["general"]
+
+
+def test_the_wrapped_key_and_sealed_file_are_as_documented(tmp_path: Path) -> None:
+    """FORMAT.md's description is enough to open a local wrapped key and a sealed key file."""
+    import base64
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    path = tmp_path / KEY_FILE_NAME
+    keyring = LocalKeyring.create(path, ["general"], passphrase="pässword")
+    request = KeyRequest("general", "local:general", {"note": "empty", "z": "\u00e9\n"})
+    dk = keyring.generate(request)
+    (w,) = dk.wrapped
+
+    doc = json.loads(path.read_text())
+    kdf = doc["kdf"]
+    kek = Scrypt(salt=base64.b64decode(kdf["salt"]), length=32, n=kdf["n"], r=kdf["r"], p=kdf["p"]).derive(
+        "pässword".encode()
+    )
+    sealed = base64.b64decode(doc["sealed"])
+    keys = json.loads(AESGCM(kek).decrypt(sealed[:12], sealed[12:], b"kmsguard-local-keyring"))
+    material = base64.b64decode(keys["general"]["versions"]["1"]["material"])
+
+    bound = '[["kmsguard:classification","general"],["note","empty"],["z","\u00e9\\n"]]'
+    aad = b"kmsguard local wrap v1\x00" + b"local:general:v1" + b"\x00" + bound.encode("utf-8")
+    assert len(w.wrapped) == 60
+    assert AESGCM(material).decrypt(w.wrapped[:12], w.wrapped[12:], aad) == dk.plaintext
