@@ -194,3 +194,19 @@ def test_console_script_and_version(cli: Cli) -> None:
     proc = subprocess.run([str(script), "--version"], capture_output=True, env=cli.env, timeout=60)
     assert proc.returncode == 0 and b"kmsguard, version" in proc.stdout
     assert b"encrypt" in cli("--help").stdout
+
+
+def test_init_problems_are_one_line_errors(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    c = Cli(not_a_dir)
+    other = tmp_path / "k.toml"
+    other.write_text("")
+    proc = c("init", code=1, KMSGUARD_CONFIG=str(other))
+    assert error_line(proc).startswith("error: KEYRING_ERROR: cannot set up KMSGUARD_HOME")
+    c = Cli(tmp_path / "aliases")
+    proc = c("init", code=1, KMSGUARD_KEY_PII="alias/booking-pii")
+    assert error_line(proc).startswith("error: CONFIGURATION_ERROR: classifications.pii.key")
+    assert not c.home.exists()  # nothing written before the check
+    out = c("init", KMSGUARD_BACKEND="aws").stdout.decode()
+    assert "no local keyring created" in out and not (c.home / "keyring.json").exists()

@@ -34,7 +34,7 @@ def build_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> 
 
 def _backend_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
     if settings.backend == "local":
-        _check_local_key_names(settings)
+        check_local_key_names(settings)
         return LocalKeyring(settings.home / KEY_FILE_NAME, settings.passphrase)
     if settings.backend == "aws":
         return build_aws_keyring(settings, telemetry)
@@ -69,7 +69,7 @@ def build_aws_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY)
     )
 
 
-def _check_local_key_names(settings: Settings) -> None:
+def check_local_key_names(settings: Settings) -> None:
     """A key the local keyring cannot name (an AWS alias, say) is a configuration error, found now."""
     for cls in settings.policy:
         try:

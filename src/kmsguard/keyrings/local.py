@@ -97,7 +97,10 @@ class LocalKeyring:
         path = Path(path)
         if path.exists():
             raise KeyringError(f"a key file already exists at {path}; refusing to overwrite it")
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise KeyringError(f"cannot create the directory of {path}: {exc.strerror}") from None
         kdf = None
         if passphrase:
             kdf = {"name": "scrypt", "salt": _b64(os.urandom(16)), **_SCRYPT}
@@ -260,7 +263,10 @@ class LocalKeyring:
     def _mutate(self) -> Iterator[dict[str, dict[str, Any]]]:
         """Read-modify-write under an exclusive file lock, so concurrent processes don't lose updates."""
         lock_path = self.path.with_suffix(".lock")
-        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError as exc:
+            raise KeyringError(f"cannot lock the key file {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             with self._lock:
@@ -417,7 +423,10 @@ def _write_file(path: Path, data: bytes, exclusive: bool = False) -> None:
     if exclusive and path.exists():
         raise KeyringError(f"a key file already exists at {path}; refusing to overwrite it")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise KeyringError(f"cannot write the key file {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -431,9 +440,11 @@ def _write_file(path: Path, data: bytes, exclusive: bool = False) -> None:
     except FileExistsError:
         os.unlink(tmp)
         raise KeyringError(f"a key file already exists at {path}; refusing to overwrite it") from None
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise KeyringError(f"cannot write the key file {path}: {exc.strerror}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
