@@ -214,8 +214,10 @@ def test_rotation_keeps_old_envelopes_readable_and_rewrap_moves_them(keyring: Lo
     moved = guard.rewrap(old)
     assert guard.inspect(moved).keys == [{"provider": "local", "key_ref": "local:pii:v2"}]
     assert envelope.parse(moved).body == envelope.parse(old).body  # the data was not re-encrypted
-    token = guard.rewrap_text(envelope.to_text(old))
+    token = guard.rewrap(envelope.to_text(old))
+    assert isinstance(token, str) and token.startswith("kg1:")
     assert guard.inspect(token).keys[0]["key_ref"] == "local:pii:v2"
+    assert guard.inspect(guard.rewrap_text(envelope.to_text(old))).keys[0]["key_ref"] == "local:pii:v2"
 
     keyring.set_state("pii", 1, enabled=False)
     with pytest.raises(KeyDisabled) as info:

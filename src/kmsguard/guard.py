@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from kmsguard import batch, envelope, operation, plans
 from kmsguard.config import Settings, load_settings
@@ -217,19 +217,24 @@ class Guard:
         except UnicodeDecodeError:
             raise InvalidInput("the decrypted data is not UTF-8 text; use decrypt()") from None
 
-    def rewrap(self, data: EnvelopeInput, context: Context = None) -> bytes:
+    @overload
+    def rewrap(self, data: str, context: Context = None) -> str: ...
+    @overload
+    def rewrap(self, data: bytes | bytearray | memoryview, context: Context = None) -> bytes: ...
+    def rewrap(self, data: EnvelopeInput, context: Context = None) -> bytes | str:
         """Re-wrap the data key under the classification's current key; the body is kept.
 
         After a rotation (or a key change in the policy) this moves stored ciphertexts to
-        the new key without decrypting the data. Returns the same form it was given.
+        the new key without decrypting the data. Returns the form it was given: a
+        ``kg1:`` str for a str, binary otherwise.
         """
         ctx = plans.check_context(context)
-        as_text = isinstance(data, str)
         out = self._observe("rewrap", None, ctx, lambda: self._rewrap(data, ctx))
-        return envelope.to_text(out).encode("ascii") if as_text else out
+        return envelope.to_text(out) if isinstance(data, str) else out
 
     def rewrap_text(self, token: str, context: Context = None) -> str:
-        return self.rewrap(token, context).decode("ascii")
+        """``rewrap`` for a ``kg1:`` token (kept for symmetry with encrypt_text/decrypt_text)."""
+        return self.rewrap(token, context)
 
     def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
         """The header of an envelope: version, classification, context, key references."""
