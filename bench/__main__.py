@@ -15,6 +15,7 @@ TOPICS: dict[str, str] = {
     "envelope": "bench.envelope",
     "hotpath": "bench.hotpath",
     "kms_calls": "bench.kms_calls",
+    "audit": "bench.audit",
 }
 
 

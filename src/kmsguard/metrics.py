@@ -321,15 +321,15 @@ _FIELDS = {"enabled", "namespace", "emf", "cloudwatch", "region", "endpoint_url"
 def build_metrics(settings: Settings) -> Metrics | None:
     """The ``[metrics]`` table::
 
-        [metrics]
-        enabled = true            # the Prometheus registry (default on)
-        namespace = "kmsguard"    # CloudWatch namespace
-        emf = "stdout"            # or a file path (relative to $KMSGUARD_HOME); unset: no EMF lines
-        cloudwatch = false        # publish with PutMetricData in the background
-        region = "us-east-1"      # for the publisher (default: the AWS SDK's)
-        endpoint_url = "..."      # for the publisher (tests, VPC endpoints)
-        flush_interval = 10       # seconds between exports
-        max_buffer = 10000        # samples held between exports; beyond, dropped and counted
+    [metrics]
+    enabled = true            # the Prometheus registry (default on)
+    namespace = "kmsguard"    # CloudWatch namespace
+    emf = "stdout"            # or a file path (relative to $KMSGUARD_HOME); unset: no EMF lines
+    cloudwatch = false        # publish with PutMetricData in the background
+    region = "us-east-1"      # for the publisher (default: the AWS SDK's)
+    endpoint_url = "..."      # for the publisher (tests, VPC endpoints)
+    flush_interval = 10       # seconds between exports
+    max_buffer = 10000        # samples held between exports; beyond, dropped and counted
     """
     table = settings.section("metrics")
     unknown = set(table) - _FIELDS
@@ -373,4 +373,3 @@ def _typed(table: Any, name: str, kind: type | tuple[type, ...], default: Any) -
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ConfigurationError(f"metrics.{name}: has the wrong type")
     return value
-

@@ -94,7 +94,7 @@ def test_strict_records_are_on_disk_before_the_operation_returns(keyring: LocalK
     guard = Guard.from_env({"KMSGUARD_HOME": str(home)})
     obs = observer_of(guard)
     guard.encrypt(b"x", "payment", {"purpose": "p"})
-    assert obs._spool._synced >= obs._spool._written > 0
+    assert obs._spool._synced >= obs._spool.written > 0
     guard.close()
 
 
@@ -105,7 +105,6 @@ def test_kill_9_after_operations_returned_loses_nothing(keyring: LocalKeyring, h
     assert worker.stdout.readline().strip() == "returned 40"
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
-    assert records_of(home) == []
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:  # the next writer on this host
         guard.encrypt(b"x", "general")
         assert observer_of(guard).flush(timeout=30)

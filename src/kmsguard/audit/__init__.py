@@ -53,12 +53,19 @@ def build_observer(settings: Settings, keyring: Keyring, telemetry: Telemetry = 
     config = AuditSettings.of(settings)
     if config.sink == "none":
         return DisabledAudit(config.strict)
-    sink = open_sink(config)
+    sink = open_sink(config) if config.delivery == "thread" else None
+
+    def keys() -> AuditKeys:
+        assert sink is not None
+        return keys_for(settings, keyring, sink)
+
     return AuditObserver(
         sink,
-        lambda: keys_for(settings, keyring, sink),
+        keys,
         config.spool_dir,
         strict=config.strict,
+        delivery=config.delivery,
+        env=settings.env,
         flush_interval=config.flush_interval,
         max_spool_bytes=config.max_spool_bytes,
         principal=settings.principal,

@@ -61,7 +61,10 @@ class PostgresSink:
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(
-                self.dsn, autocommit=True, connect_timeout=max(1, round(self.connect_timeout))
+                self.dsn,
+                autocommit=True,
+                connect_timeout=max(1, round(self.connect_timeout)),
+                application_name=f"kmsguard audit {self.schema}"[:63],
             )
             self._schema_ready = self._schema_ready and self._exists()
         if not self._schema_ready:

@@ -185,11 +185,23 @@ class AuditKeys:
         self._context_key = _derive(secret, b"kmsguard audit v1 context")
         self._chain_key = _derive(secret, b"kmsguard audit v1 chain")
         self.fingerprint = hashlib.sha256(self._chain_key).hexdigest()[:16]
+        self._memo: dict[tuple[str, str], str] = {}
 
     def hash_context(self, pairs: Sequence[tuple[str, str]]) -> dict[str, str]:
-        """Each value replaced by HMAC-SHA256(context key, key NUL value), hex: correlatable, not reversible."""
-        key = self._context_key
-        return {k: hmac.digest(key, f"{k}\x00{v}".encode(), "sha256").hex() for k, v in pairs}
+        """Each value replaced by HMAC-SHA256(context key, key NUL value), hex: correlatable, not reversible.
+
+        Recent pairs are memoized: the same tenant or purpose recurs in most records.
+        """
+        out = {}
+        memo = self._memo
+        for pair in pairs:
+            digest = memo.get(pair)
+            if digest is None:
+                if len(memo) >= 4096:
+                    memo.clear()
+                digest = memo[pair] = hmac.digest(self._context_key, f"{pair[0]}\x00{pair[1]}".encode(), "sha256").hex()
+            out[pair[0]] = digest
+        return out
 
     def chain_hash(self, canonical: bytes) -> str:
         return hmac.digest(self._chain_key, canonical, "sha256").hex()

@@ -9,10 +9,12 @@
     schema = "kmsguard"        # postgres schema holding the tables
     strict = true              # override every classification's strict_audit (unset: per class)
     spool_dir = "audit-spool"  # relative to $KMSGUARD_HOME
+    delivery = "process"       # deliver from a child process (default) or "thread" (one-shot commands)
     flush_interval = 0.2       # seconds between background deliveries (and spool fsyncs)
     max_spool_mb = 256         # past this, non-strict records are dropped (counted), strict refused
 
-``KMSGUARD_AUDIT_SINK`` and ``KMSGUARD_AUDIT_DSN`` override ``sink`` and ``dsn``.
+``KMSGUARD_AUDIT_SINK``, ``KMSGUARD_AUDIT_DSN`` and ``KMSGUARD_AUDIT_DELIVERY`` override
+``sink``, ``dsn`` and ``delivery``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,19 @@ from kmsguard.config import Settings
 from kmsguard.errors import ConfigurationError
 
 SINKS = ("sqlite", "postgres", "jsonl", "none")
-_FIELDS = {"sink", "path", "dsn", "schema", "strict", "spool_dir", "flush_interval", "max_spool_mb", "connect_timeout"}
+DELIVERIES = ("process", "thread")
+_FIELDS = {
+    "delivery",
+    "sink",
+    "path",
+    "dsn",
+    "schema",
+    "strict",
+    "spool_dir",
+    "flush_interval",
+    "max_spool_mb",
+    "connect_timeout",
+}
 _DEFAULT_FILE = {"sqlite": "audit.db", "jsonl": "audit.jsonl"}
 
 
@@ -36,6 +50,7 @@ class AuditSettings:
     dsn: str | None
     schema: str
     strict: bool | None
+    delivery: str
     spool_dir: Path
     flush_interval: float
     max_spool_bytes: int
@@ -53,6 +68,9 @@ class AuditSettings:
         dsn = settings.env.get("KMSGUARD_AUDIT_DSN") or _get(table, "dsn", str, None)
         if sink == "postgres" and not dsn:
             raise ConfigurationError("audit.dsn: the postgres sink needs a dsn (or KMSGUARD_AUDIT_DSN)")
+        delivery = settings.env.get("KMSGUARD_AUDIT_DELIVERY") or _get(table, "delivery", str, "process")
+        if delivery not in DELIVERIES:
+            raise ConfigurationError(f"audit.delivery: must be one of {', '.join(DELIVERIES)}, not {delivery!r}")
         flush = float(_get(table, "flush_interval", (int, float), 0.2))
         if not 0.001 <= flush <= 60:
             raise ConfigurationError("audit.flush_interval: must be between 0.001 and 60 seconds")
@@ -65,6 +83,7 @@ class AuditSettings:
             dsn=dsn,
             schema=_get(table, "schema", str, "kmsguard"),
             strict=_get(table, "strict", bool, None),
+            delivery=delivery,
             spool_dir=settings.home / _get(table, "spool_dir", str, "audit-spool"),
             flush_interval=flush,
             max_spool_bytes=max_mb << 20,

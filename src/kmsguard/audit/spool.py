@@ -1,40 +1,44 @@
-"""The local spool: an append-only file per writer that every audit record passes through.
+"""The local spool: append-only segment files per writer that every audit record passes through.
 
 The caller's thread appends the operation's facts (one framed ``marshal`` tuple, a
 single ``write(2)``) before the operation returns, so a killed process loses nothing:
-the bytes are in the kernel and the next process delivers them. A background thread
-reads them back, chains them and hands them to the sink, then acknowledges; once
-everything written is delivered the file is truncated. While the sink is down the
-file simply grows (up to ``max_bytes``), and it drains in order when the sink returns.
+the bytes are in the kernel and a deliverer takes them to the sink. While the sink is
+down the segments simply accumulate (up to ``max_bytes``) and drain in order when it
+returns. The writer only ever appends to its newest segment; the deliverer deletes a
+segment once it is delivered and a newer one exists, so the two never race on a file.
 
 Durability against a power loss needs ``fdatasync``. Strict operations wait for it
 (group commit: one sync covers every record written before it started, so concurrent
-callers share it); other records are synced by the background thread within one
-flush interval.
+callers share it); other records are synced by the writer's timer within one flush
+interval.
 
-A live writer holds an exclusive ``flock`` on its file; a file nobody holds belongs to
-a writer that died, and any new writer may take it over and deliver it (``orphans``).
+A live writer holds an exclusive ``flock`` on ``<writer>.lock``; segments whose lock
+nobody holds belong to a writer that died or closed, and any deliverer may claim and
+deliver them (``claim_orphans``).
 
-Frame: ``u32 length | u32 crc32(payload) | payload``, payload ``marshal((seq, *fields))``.
-A torn tail (a crash mid-write) fails its CRC and ends the readable part of the file.
+Files: ``<writer>.lock`` and ``<writer>.<segment:08d>.spool``. Frame:
+``u32 length | u32 crc32(payload) | payload``, payload ``marshal((seq, *fields))``. A
+torn tail (a crash mid-write) fails its CRC and ends the readable part of a segment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import marshal
 import os
+import re
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from kmsguard.errors import AuditUnavailable
 
 _HEADER = struct.Struct(">II")
-SUFFIX = ".spool"
+_SEGMENT_RE = re.compile(r"(.+)\.(\d{8})\.spool")
+LOCK_SUFFIX = ".lock"
 Entry = tuple[int, tuple[Any, ...]]
 
 
@@ -45,7 +49,7 @@ class SpoolFull(AuditUnavailable):
 
 
 def decode(data: bytes) -> tuple[list[Entry], int]:
-    """Every whole, intact frame in ``data`` and the number of bytes they take."""
+    """Every whole, intact frame at the start of ``data`` and the number of bytes they take."""
     out: list[Entry] = []
     pos, size = 0, len(data)
     while pos + _HEADER.size <= size:
@@ -62,25 +66,83 @@ def decode(data: bytes) -> tuple[list[Entry], int]:
     return out, pos
 
 
-class Spool:
-    """One writer's spool file. ``append`` is called from any thread; the rest from the writer thread."""
+def segment_path(directory: Path, writer_id: str, number: int) -> Path:
+    return directory / f"{writer_id}.{number:08d}.spool"
 
-    def __init__(self, directory: Path, writer_id: str, max_bytes: int) -> None:
+
+def segments(directory: Path, writer_id: str) -> list[int]:
+    """The writer's segment numbers, oldest first."""
+    out = []
+    for path in directory.glob(f"{glob_escape(writer_id)}.*.spool"):
+        m = _SEGMENT_RE.fullmatch(path.name)
+        if m and m[1] == writer_id:
+            out.append(int(m[2]))
+    return sorted(out)
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def writers(directory: Path) -> set[str]:
+    """Every writer with a lock file or a segment in ``directory``."""
+    if not directory.is_dir():
+        return set()
+    out = set()
+    for path in directory.iterdir():
+        if path.name.endswith(LOCK_SUFFIX):
+            out.add(path.name.removesuffix(LOCK_SUFFIX))
+        elif m := _SEGMENT_RE.fullmatch(path.name):
+            out.add(m[1])
+    return out
+
+
+def try_lock(directory: Path, writer_id: str) -> int | None:
+    """Take ``writer_id``'s lock (creating the file); its fd, or None if a live process holds it."""
+    fd = os.open(directory / f"{writer_id}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def remove_writer(directory: Path, writer_id: str, lock_fd: int) -> None:
+    """Delete a fully delivered writer's files; the lock file last, while still held."""
+    for number in segments(directory, writer_id):
+        segment_path(directory, writer_id, number).unlink(missing_ok=True)
+    (directory / f"{writer_id}{LOCK_SUFFIX}").unlink(missing_ok=True)
+    os.close(lock_fd)
+
+
+class Spool:
+    """One writer's appending side. ``append`` is called from any thread."""
+
+    def __init__(self, directory: Path, writer_id: str, max_bytes: int, segment_bytes: int = 8 << 20) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = directory / f"{writer_id}{SUFFIX}"
+        self.directory = directory
+        self.writer_id = writer_id
         self.max_bytes = max_bytes
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.segment_bytes = segment_bytes
+        lock = try_lock(directory, writer_id)
+        if lock is None:
+            raise AuditUnavailable(f"audit writer id {writer_id} is in use")
+        self._lock_fd: int | None = lock
         self._lock = threading.Lock()
+        self.segment = 1
+        self._fd = self._open(self.segment)
+        self._segment_size = 0
         self.seq = 0  # last sequence number written
-        self.end = 0  # bytes in the file
-        self.read_offset = 0  # bytes delivered (everything before it may be dropped)
-        self._written = 0  # bytes ever written: the group-commit clock (never reset)
+        self.written = 0  # bytes ever written (never reset): the group-commit clock
+        self.delivered_bytes = 0  # reported by the deliverer
         self._synced = 0
         self._sync_cond = threading.Condition()
         self._syncing = False
 
-    # ------------------------------------------------------------------ caller side
+    def _open(self, number: int) -> int:
+        path = segment_path(self.directory, self.writer_id, number)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
     def append(self, fields: tuple[Any, ...], durable: bool) -> int:
         """Write one record; with ``durable``, return only once it is on disk. Returns its seq.
@@ -91,33 +153,49 @@ class Spool:
             seq = self.seq + 1
             payload = marshal.dumps((seq, *fields))
             frame = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-            if self.end + len(frame) > self.max_bytes:
+            if self.written - self.delivered_bytes + len(frame) > self.max_bytes:
                 raise SpoolFull()
             try:
+                if self._segment_size >= self.segment_bytes:
+                    self._rotate()
                 os.write(self._fd, frame)
             except OSError:
                 raise AuditUnavailable("the audit spool cannot be written") from None
             self.seq = seq
-            self.end += len(frame)
-            self._written += len(frame)
-            mark = self._written
+            self._segment_size += len(frame)
+            self.written += len(frame)
+            mark = self.written
         if durable:
             self.sync(mark)
         return seq
 
+    def _rotate(self) -> None:
+        """Start the next segment (under the lock); the full one is synced first, so strict records stay durable."""
+        old = self._fd
+        os.fdatasync(old)
+        self._fd = self._open(self.segment + 1)
+        self.segment += 1
+        self._segment_size = 0
+        os.close(old)
+
     def sync(self, mark: int | None = None) -> None:
         """Make every byte written up to ``mark`` (default: all so far) durable; one sync serves many callers."""
-        target = self._written if mark is None else mark
+        target = self.written if mark is None else mark
         with self._sync_cond:
             while self._synced < target:
                 if self._syncing:
                     self._sync_cond.wait()
                     continue
                 self._syncing = True
-                upto = self._written
+                upto = self.written
                 self._sync_cond.release()
                 try:
-                    os.fdatasync(self._fd)
+                    with self._lock:
+                        fd = os.dup(self._fd)  # appends go on while it syncs
+                    try:
+                        os.fdatasync(fd)
+                    finally:
+                        os.close(fd)
                 except OSError:
                     raise AuditUnavailable("the audit spool cannot be synced to disk") from None
                 finally:
@@ -126,74 +204,78 @@ class Spool:
                     self._sync_cond.notify_all()
                 self._synced = max(self._synced, upto)
 
-    # ------------------------------------------------------------------ writer-thread side
+    def pending_bytes(self) -> int:
+        return self.written - self.delivered_bytes
 
-    def pending(self) -> int:
-        return self.end - self.read_offset
-
-    def read(self, max_bytes: int) -> tuple[list[Entry], int]:
-        """Undelivered entries (at most about ``max_bytes``) and the offset just past them."""
-        upto = min(self.end, self.read_offset + max_bytes)
-        data = os.pread(self._fd, upto - self.read_offset, self.read_offset)
-        entries, used = decode(data)
-        if not entries and self.end > self.read_offset:
-            # One frame larger than max_bytes: read exactly it.
-            (length, _crc) = _HEADER.unpack(os.pread(self._fd, _HEADER.size, self.read_offset))
-            entries, used = decode(os.pread(self._fd, _HEADER.size + length, self.read_offset))
-        return entries, self.read_offset + used
-
-    def ack(self, offset: int) -> None:
-        """Everything before ``offset`` reached the sink; empty the file once all of it has."""
+    def close(self) -> None:
+        """Stop appending and release the writer lock: the files are now anyone's to deliver."""
         with self._lock:
-            self.read_offset = offset
-            if offset == self.end and offset > 0:
-                os.ftruncate(self._fd, 0)
-                self.end = self.read_offset = 0
-
-    def close(self, remove: bool) -> None:
-        with self._lock:
-            if remove:
-                self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.fdatasync(self._fd)
             os.close(self._fd)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
 
-class Orphan:
-    """The spool file of a writer that died, locked by us while we deliver it."""
+class SegmentReader:
+    """Reads one writer's records in order across its segments; deletes what was delivered."""
 
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self.writer_id = path.name.removesuffix(SUFFIX)
-        self._fd = fd
+    def __init__(self, directory: Path, writer_id: str) -> None:
+        self.directory = directory
+        self.writer_id = writer_id
+        self.segment = 0
+        self.offset = 0
+        self.consumed = 0  # bytes delivered, across segments
 
-    def entries(self) -> list[Entry]:
-        size = os.fstat(self._fd).st_size
-        return decode(os.pread(self._fd, size, 0))[0]
+    def read(self, max_bytes: int, writer_alive: bool) -> tuple[list[Entry], int]:
+        """The next entries (about ``max_bytes``) and the position token to pass to ``advance``."""
+        while True:
+            numbers = [n for n in segments(self.directory, self.writer_id) if n >= self.segment]
+            if not numbers:
+                return [], 0
+            if self.segment not in numbers:
+                self.segment, self.offset = numbers[0], 0
+            path = segment_path(self.directory, self.writer_id, self.segment)
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(self.offset)
+                    data = fh.read(max_bytes)
+                    if len(data) == max_bytes:
+                        data += _rest_of_frame(fh, data)
+            except FileNotFoundError:
+                continue
+            entries, used = decode(data)
+            if entries:
+                return entries, used
+            newer = len(numbers) > 1
+            if newer or not writer_alive:
+                # This segment is complete (the writer moved on, or is gone): drop it.
+                path.unlink(missing_ok=True)
+                if not newer:
+                    return [], 0
+                self.segment, self.offset = numbers[1], 0
+                continue
+            return [], 0
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        os.close(self._fd)
-
-    def release(self) -> None:
-        os.close(self._fd)
+    def advance(self, used: int) -> None:
+        self.offset += used
+        self.consumed += used
 
 
-def orphans(directory: Path, own: Path) -> Iterator[Orphan]:
-    """Spool files in ``directory`` that no live writer holds."""
-    if not directory.is_dir():
-        return
-    for path in sorted(directory.glob(f"*{SUFFIX}")):
-        if path == own:
-            continue
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)  # a live writer holds it
-            continue
-        if not path.exists():  # delivered and removed by another process between glob and lock
-            os.close(fd)
-            continue
-        yield Orphan(path, fd)
+def _rest_of_frame(fh: Any, data: bytes) -> bytes:
+    """Enough more bytes that a frame cut by the read size is whole."""
+    _entries, used = decode(data)
+    tail = data[used:]
+    if len(tail) < _HEADER.size:
+        more = fh.read(_HEADER.size - len(tail))
+        tail += more
+        extra = more
+    else:
+        extra = b""
+    if len(tail) >= _HEADER.size:
+        length, _crc = _HEADER.unpack_from(tail, 0)
+        need = _HEADER.size + length - len(tail)
+        if need > 0:
+            extra += fh.read(need)
+    return bytes(extra)

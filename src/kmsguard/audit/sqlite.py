@@ -94,4 +94,3 @@ class SqliteSink:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-

@@ -1,9 +1,10 @@
 """AuditObserver: records every Guard operation, off the caller's path unless strict.
 
 The caller's thread does the least that keeps the record safe: it copies the
-operation's facts into a tuple and appends it to this process's spool file (one
+operation's facts into a tuple and appends it to this process's spool (one
 ``write(2)``, see spool.py). Everything expensive — HMAC of context values, the chain
-hash, serialization, the sink's transaction — happens in one background thread that
+hash, serialization, the sink's transaction — is the deliverer's (deliver.py), in a
+child process (``delivery = "process"``, the default) or a thread (``"thread"``), which
 wakes every ``flush_interval`` and delivers what accumulated as one batch.
 
 Guarantees (documented in the README):
@@ -28,22 +29,23 @@ import logging
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
-from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys, Chain
+from kmsguard.audit.deliver import MAX_BACKOFF, Deliverer
+from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys
 from kmsguard.audit.sink import Sink
-from kmsguard.audit.spool import Entry, Orphan, Spool, orphans
+from kmsguard.audit.spool import Spool
 from kmsguard.errors import AuditUnavailable
 from kmsguard.operation import Operation
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 log = logging.getLogger("kmsguard.audit")
 _HOST_RE = re.compile(r"[^A-Za-z0-9.-]+")
-_MAX_BACKOFF = 5.0
 
 
 def new_writer_id() -> str:
@@ -57,42 +59,54 @@ class AuditObserver:
 
     def __init__(
         self,
-        sink: Sink,
+        sink: Sink | None,
         keys: Callable[[], AuditKeys],
         spool_dir: Path,
         *,
         strict: bool | None = None,
+        delivery: str = "thread",
+        env: Mapping[str, str] | None = None,
         flush_interval: float = 0.2,
-        batch_bytes: int = 1 << 20,
         max_spool_bytes: int = 256 << 20,
         principal: str = "unknown",
         telemetry: Telemetry = NULL_TELEMETRY,
         writer_id: str | None = None,
     ) -> None:
-        """``keys`` is called once, in the writer thread, when first needed (it may call KMS or the sink)."""
-        self.sink = sink
+        """``delivery = "process"`` runs the deliverer as a child built from ``env`` (the Settings' environment).
+
+        ``keys`` is called once, by the thread deliverer, when first needed (it may call
+        KMS or the sink); ``sink`` is used only by the thread deliverer.
+        """
         self.writer_id = writer_id or new_writer_id()
         self.spool_dir = Path(spool_dir)
         self.strict = strict
         self.flush_interval = flush_interval
-        self.batch_bytes = batch_bytes
         self.principal = principal
         self.telemetry = telemetry
         self._spool = Spool(self.spool_dir, self.writer_id, max_spool_bytes)
-        self._key_source = keys
-        self._keys: AuditKeys | None = None
-        self._chain: Chain | None = None
         self.delivered_seq = 0
         self.dropped = 0
-        self.failures = 0  # failed delivery attempts (the sink was down)
         self.sink_healthy = True
-        self._orphans_pending = True
-        self._wake = threading.Event()
         self._done = threading.Condition()
-        self._stopping = False
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._child_failures = 0
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"kmsguard-audit-{self.writer_id}", daemon=True)
+        self._deliverer: Deliverer | None = None
+        self.sink = sink
+        self._child: subprocess.Popen[str] | None = None
+        if delivery == "process":
+            self._child_env = {**os.environ, **(env or {})}
+            self._child = self._spawn(self._child_env)
+            target: Callable[[], None] = self._read_child
+        else:
+            assert sink is not None
+            self._deliverer = Deliverer(sink, keys, self.spool_dir, self.writer_id, on_progress=self._progress)
+            target = self._run_thread
+        self._thread = threading.Thread(target=target, name=f"kmsguard-audit-{self.writer_id}", daemon=True)
         self._thread.start()
+        self._timer = threading.Thread(target=self._tick, name="kmsguard-audit-sync", daemon=True)
+        self._timer.start()
         atexit.register(self.close)
 
     # ------------------------------------------------------------------ hot path
@@ -126,7 +140,7 @@ class AuditObserver:
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 log.error("audit spool unusable: %d non-strict records dropped so far", self.dropped)
 
-    # ------------------------------------------------------------------ control
+    # ------------------------------------------------------------------ state
 
     @property
     def queue_depth(self) -> int:
@@ -135,7 +149,19 @@ class AuditObserver:
 
     @property
     def spool_bytes(self) -> int:
-        return self._spool.pending()
+        return self._spool.pending_bytes()
+
+    @property
+    def failures(self) -> int:
+        return self._deliverer.failures if self._deliverer is not None else self._child_failures
+
+    def _progress(self, seq: int, consumed: int) -> None:
+        with self._done:
+            self.delivered_seq = max(self.delivered_seq, seq)
+            self._spool.delivered_bytes = consumed
+            self._done.notify_all()
+
+    # ------------------------------------------------------------------ control
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Deliver everything written so far; False if the sink did not take it within ``timeout``."""
@@ -146,15 +172,15 @@ class AuditObserver:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._wake.set()
+                self._kick()
                 self._done.wait(min(remaining, 0.05))
         return self.delivered_seq >= target
 
     def close(self, timeout: float = 10.0) -> None:
         """End the chain with a ``writer-closed`` record and deliver what is left.
 
-        What the sink does not take within ``timeout`` stays in the spool file, which
-        the next writer on this host delivers.
+        What the sink does not take within ``timeout`` stays in the spool, which the next
+        writer on this host delivers.
         """
         if self._closed:
             return
@@ -166,105 +192,94 @@ class AuditObserver:
                 self._spool.append(fields, durable=True)
             except AuditUnavailable:
                 log.error("audit: could not write the writer-closed record")
-        delivered = self.flush(timeout)
-        self._stopping = True
-        self._wake.set()
-        self._thread.join(timeout)
-        self._spool.close(remove=delivered and not self._thread.is_alive())
-        self.sink.close()
+        self.flush(timeout)
+        self._stopping.set()
+        self._spool.close()  # releases the writer lock: the deliverer may now remove the files
+        if self._child is not None:
+            assert self._child.stdin is not None
+            self._child.stdin.close()  # end of file: the child delivers the rest, cleans up, exits
+            try:
+                self._child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+        else:
+            self._kick()
+            self._thread.join(timeout)
+            assert self._deliverer is not None
+            self._deliverer.finish()
+            self._deliverer.sink.close()
 
-    # ------------------------------------------------------------------ writer thread
+    # ------------------------------------------------------------------ background
 
-    def _run(self) -> None:
-        backoff = self.flush_interval
-        while True:
-            self._wake.wait(backoff)
-            self._wake.clear()
-            stopping = self._stopping
+    def _kick(self) -> None:
+        if self._child is not None:
+            try:
+                assert self._child.stdin is not None
+                self._child.stdin.write("flush\n")
+                self._child.stdin.flush()
+            except (OSError, ValueError):
+                pass
+        else:
+            self._wake.set()
+
+    def _tick(self) -> None:
+        """Sync the spool every interval (the non-strict durability bound) and report levels."""
+        while not self._stopping.wait(self.flush_interval):
             try:
                 self._spool.sync()
-                self._deliver_orphans()
-                self._deliver_own()
-                backoff = self.flush_interval
-                self._set_healthy(True)
-            except Exception as exc:
-                self.failures += 1
-                self._set_healthy(False, exc)
-                backoff = min(_MAX_BACKOFF, max(backoff * 2, 0.05))
+            except AuditUnavailable:
+                log.error("audit: the spool cannot be synced to disk")
             self.telemetry.gauge("audit_queue_depth", self.queue_depth)
             self.telemetry.gauge("audit_spool_bytes", self.spool_bytes)
+
+    def _run_thread(self) -> None:
+        assert self._deliverer is not None
+        backoff = self.flush_interval
+        while not self._stopping.is_set():
+            self._wake.wait(backoff)
+            self._wake.clear()
+            ok = self._deliverer.run_once()
+            self.sink_healthy = ok
+            backoff = self.flush_interval if ok else min(MAX_BACKOFF, max(backoff * 2, 0.05))
             with self._done:
                 self._done.notify_all()
-            if stopping:
-                return
 
-    def _set_healthy(self, healthy: bool, exc: BaseException | None = None) -> None:
-        if healthy and not self.sink_healthy:
-            log.warning("audit sink %s is back; delivering spooled records", self.sink.name)
-        elif not healthy and self.sink_healthy:
-            # Only the exception's type and first line: the records themselves never go to the log.
-            detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            log.warning("audit sink %s unavailable, spooling records locally (%s)", self.sink.name, detail)
-        self.sink_healthy = healthy
+    def _spawn(self, env: dict[str, str]) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kmsguard.audit",
+                str(self.spool_dir),
+                self.writer_id,
+                str(self.flush_interval),
+            ],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
 
-    def _audit_keys(self) -> AuditKeys:
-        if self._keys is None:
-            self._keys = self._key_source()
-        return self._keys
-
-    def _deliver_own(self) -> None:
-        if self._chain is None:
-            self._chain = self._resume(self.writer_id)
-        while self._spool.pending():
-            entries, offset = self._spool.read(self.batch_bytes)
-            if not entries:
-                return
-            self._deliver(self._chain, entries)
-            self._spool.ack(offset)
+    def _read_child(self) -> None:
+        """Follow the child's reports; if it dies while we write, log it and start another."""
+        while True:
+            child = self._child
+            assert child is not None and child.stdout is not None
+            for line in child.stdout:
+                kind, *args = line.split()
+                if kind == "P":
+                    self._progress(int(args[0]), int(args[1]))
+                elif kind == "H":
+                    self.sink_healthy = args[0] == "1"
+                    if not self.sink_healthy:
+                        self._child_failures += 1
             with self._done:
-                self.delivered_seq = entries[-1][0]
                 self._done.notify_all()
-
-    def _deliver_orphans(self) -> None:
-        """Deliver the spools of writers that died on this host (once per process, until it succeeds)."""
-        if not self._orphans_pending:
-            return
-        for orphan in orphans(self.spool_dir, self._spool.path):
-            try:
-                self._deliver_orphan(orphan)
-            except BaseException:
-                orphan.release()
-                raise
-        self._orphans_pending = False
-
-    def _deliver_orphan(self, orphan: Orphan) -> None:
-        chain = self._resume(orphan.writer_id)
-        entries = [e for e in orphan.entries() if e[0] > chain.last_seq]
-        for start in range(0, len(entries), 1000):
-            self._deliver(chain, entries[start : start + 1000])
-        if entries:
-            log.warning("audit: delivered %d records left by writer %s", len(entries), orphan.writer_id)
-        orphan.remove()
-
-    def _resume(self, writer_id: str) -> Chain:
-        head = self.sink.head(writer_id)
-        keys = self._audit_keys()
-        return Chain(keys, writer_id, *head) if head else Chain(keys, writer_id)
-
-    def _deliver(self, chain: Chain, entries: list[Entry]) -> None:
-        """Link and store one batch; the chain advances only if the sink took it."""
-        saved = (chain.last_seq, chain.last_hash)
-        records: list[list[Any]] = []
-        try:
-            for seq, fields in entries:
-                if seq <= chain.last_seq:
-                    continue  # already stored (a retry after a lost acknowledgement)
-                records.append(chain.link(seq, fields))
-            if records:
-                self.sink.write(records)
-        except BaseException:
-            chain.last_seq, chain.last_hash = saved
-            raise
+            if self._stopping.wait(1.0):
+                return
+            log.error("audit deliverer exited with status %s; records stay spooled; restarting it", child.wait())
+            self._child = self._spawn(self._child_env)
 
 
 class DisabledAudit:
@@ -278,5 +293,4 @@ class DisabledAudit:
             return
         if op.strict_audit or self.strict:
             op.strict_audit = True
-            raise AuditUnavailable("audit is disabled ([audit] sink = \"none\") and this classification is strict")
-
+            raise AuditUnavailable('audit is disabled ([audit] sink = "none") and this classification is strict')

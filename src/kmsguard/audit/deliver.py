@@ -1,0 +1,150 @@
+"""The deliverer: reads spooled facts, chains them into records and stores them in the sink.
+
+It runs either as a thread of the writing process (``[audit] delivery = "thread"``,
+what one-shot CLI commands use) or as a child process (``"process"``, the default for
+services): the chain's HMACs, the JSON encoding and the sink's driver then run on
+another core instead of under the application's GIL, and the application's only
+per-operation audit cost is the spool append.
+
+Either way it delivers its own writer's records in order, and also, once per start,
+the spools of writers on this host that died or could not finish (their lock is free):
+it resumes each chain from the sink's last record of that writer, so every record is
+stored exactly once, in order, whatever crashed when.
+
+The child is ``python -m kmsguard.audit`` (see __main__.py). Its protocol: lines on
+stdin (``flush``; end of file = the writer closed or died:
+deliver everything, clean up, exit) and on stdout (``P <seq> <bytes>`` delivered up
+to, ``H 0|1`` sink health).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kmsguard.audit.record import AuditKeys, Chain
+from kmsguard.audit.sink import Sink
+from kmsguard.audit.spool import SegmentReader, remove_writer, try_lock, writers
+
+log = logging.getLogger("kmsguard.audit")
+MAX_BACKOFF = 5.0
+Progress = Callable[[int, int], None]
+
+
+class Deliverer:
+    """Delivers one live writer's spool, and orphaned spools, to a sink."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        keys: Callable[[], AuditKeys],
+        directory: Path,
+        writer_id: str,
+        batch_bytes: int = 1 << 20,
+        on_progress: Progress = lambda seq, consumed: None,
+    ) -> None:
+        self.sink = sink
+        self.directory = directory
+        self.writer_id = writer_id
+        self.batch_bytes = batch_bytes
+        self.on_progress = on_progress
+        self._key_source = keys
+        self._keys: AuditKeys | None = None
+        self._reader = SegmentReader(directory, writer_id)
+        self._chain: Chain | None = None
+        self._orphans_done = False
+        self.healthy = True
+        self.failures = 0
+
+    def run_once(self, writer_alive: bool = True) -> bool:
+        """One delivery pass; False if the sink failed (the caller backs off and retries)."""
+        try:
+            if not self._orphans_done:
+                self._deliver_orphans()
+                self._orphans_done = True
+            self._deliver_own(writer_alive)
+        except Exception as exc:
+            self.failures += 1
+            self._health(False, exc)
+            return False
+        self._health(True)
+        return True
+
+    def finish(self) -> bool:
+        """The writer is gone: deliver the rest and remove its files. False if the sink is down."""
+        if not self.run_once(writer_alive=False):
+            return False
+        lock = try_lock(self.directory, self.writer_id)
+        if lock is not None:
+            remove_writer(self.directory, self.writer_id, lock)
+        return True
+
+    def _health(self, healthy: bool, exc: BaseException | None = None) -> None:
+        if healthy and not self.healthy:
+            log.warning("audit sink %s is back; delivering spooled records", self.sink.name)
+        elif not healthy and self.healthy:
+            # The exception's type and first line only: records never go to the log.
+            first = str(exc).splitlines()[0] if exc is not None and str(exc) else ""
+            log.warning(
+                "audit sink %s unavailable, spooling locally (%s: %s)", self.sink.name, type(exc).__name__, first
+            )
+        self.healthy = healthy
+
+    def _audit_keys(self) -> AuditKeys:
+        if self._keys is None:
+            self._keys = self._key_source()
+        return self._keys
+
+    def _resume(self, writer_id: str) -> Chain:
+        head = self.sink.head(writer_id)
+        keys = self._audit_keys()
+        return Chain(keys, writer_id, *head) if head else Chain(keys, writer_id)
+
+    def _deliver_own(self, writer_alive: bool) -> None:
+        if self._chain is None:
+            self._chain = self._resume(self.writer_id)
+        self._drain(self._reader, self._chain, writer_alive, report=True)
+
+    def _drain(self, reader: SegmentReader, chain: Chain, writer_alive: bool, report: bool) -> None:
+        while True:
+            entries, used = reader.read(self.batch_bytes, writer_alive)
+            if not entries:
+                return
+            self._deliver(chain, entries)
+            reader.advance(used)
+            if report:
+                self.on_progress(entries[-1][0], reader.consumed)
+
+    def _deliver_orphans(self) -> None:
+        for writer_id in sorted(writers(self.directory) - {self.writer_id}):
+            lock = try_lock(self.directory, writer_id)
+            if lock is None:
+                continue  # alive, or being delivered by another process
+            try:
+                chain = self._resume(writer_id)
+                before = chain.last_seq
+                self._drain(SegmentReader(self.directory, writer_id), chain, writer_alive=False, report=False)
+            except BaseException:
+                os.close(lock)
+                raise
+            if chain.last_seq > before:
+                log.warning("audit: delivered %d records left by writer %s", chain.last_seq - before, writer_id)
+            remove_writer(self.directory, writer_id, lock)
+
+    def _deliver(self, chain: Chain, entries: list[tuple[int, tuple[Any, ...]]]) -> None:
+        """Link and store one batch; the chain advances only if the sink took it."""
+        saved = (chain.last_seq, chain.last_hash)
+        records = []
+        try:
+            for seq, fields in entries:
+                if seq <= chain.last_seq:
+                    continue  # already stored (a retry after a lost acknowledgement)
+                records.append(chain.link(seq, fields))
+            if records:
+                self.sink.write(records)
+        except BaseException:
+            chain.last_seq, chain.last_hash = saved
+            raise
