@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from kmsguard import Guard
+from kmsguard import Guard, __version__
 from kmsguard.audit.keys import AUDIT_KEY_CONTEXT
 from kmsguard.keyrings.base import CLASSIFICATION_CONTEXT_KEY
 from kmsguard.testing import KmsRegion
@@ -24,10 +24,14 @@ def test_round_trip_each_classification(
         assert info.keys == [{"provider": "aws-kms", "key_ref": kmsguard_aws_env[classification]}]
         assert guard.decrypt(sealed, context) == b"4111111111111111"
     # The audit writer's own calls (its KMS-wrapped audit key, see audit/keys.py) are not the data's.
-    sent = dict(
-        r for r in kms_region.proxy.requests if AUDIT_KEY_CONTEXT.items() - r[1].get("EncryptionContext", {}).items()
-    )
-    assert sent["GenerateDataKey"]["EncryptionContext"] == {**context, CLASSIFICATION_CONTEXT_KEY: classification}
-    assert sent["GenerateDataKey"]["KeySpec"] == "AES_256"
-    assert sent["Decrypt"]["KeyId"] == kmsguard_aws_env[classification]
-    assert base64.b64decode(sent["Decrypt"]["CiphertextBlob"])
+    data_calls = [
+        r for r in kms_region.proxy.requests if AUDIT_KEY_CONTEXT.items() - r.body.get("EncryptionContext", {}).items()
+    ]
+    generate = next(r for r in reversed(data_calls) if r.api == "GenerateDataKey")
+    decrypt = next(r for r in reversed(data_calls) if r.api == "Decrypt")
+    assert generate.body["EncryptionContext"] == {**context, CLASSIFICATION_CONTEXT_KEY: classification}
+    assert generate.body["KeySpec"] == "AES_256"
+    assert decrypt.body["KeyId"] == kmsguard_aws_env[classification]
+    assert decrypt.body["EncryptionContext"] == generate.body["EncryptionContext"]
+    assert base64.b64decode(decrypt.body["CiphertextBlob"])
+    assert f"kmsguard/{__version__}" in generate.headers["User-Agent"]

@@ -1,7 +1,7 @@
 """Every KMS and transport failure turned into one kmsguard error.
 
-The table below is the single source of truth (the README's table is generated from
-the same rows by a test, so the two cannot drift). Messages are built from names
+The two tables below are the single source of truth; the README's table is
+``error_table()`` and a test keeps the two equal, so they cannot drift. Messages are built from names
 only — the API, the region, the key reference, the AWS error code and request id —
 never from the service's free-text message, which kmsguard does not control.
 """
@@ -62,14 +62,11 @@ TRANSPORT_ERRORS: tuple[tuple[type[Exception], type[KmsGuardError], str], ...] =
     (bx.ReadTimeoutError, KmsTimeout, "the endpoint did not answer within the read timeout"),
     (bx.EndpointConnectionError, KmsServiceError, "could not connect to the endpoint"),
     (bx.ConnectionClosedError, KmsServiceError, "the endpoint closed the connection"),
-    (bx.HTTPClientError, KmsServiceError, "the HTTP exchange with the endpoint failed"),
     (bx.NoCredentialsError, CredentialsError, "no credentials found in the AWS credential chain"),
     (bx.PartialCredentialsError, CredentialsError, "the credentials are incomplete"),
     (bx.CredentialRetrievalError, CredentialsError, "the credential provider failed"),
     (bx.ProfileNotFound, CredentialsError, "the AWS profile does not exist"),
     (bx.SSOError, CredentialsError, "the SSO session is missing or expired; run 'aws sso login'"),
-    (bx.TokenRetrievalError, CredentialsError, "the SSO token could not be retrieved"),
-    (bx.NoRegionError, CredentialsError, "no region is set for the AWS client"),
     (bx.ParamValidationError, InvalidInput, "the request parameters are invalid"),
 )
 
@@ -92,6 +89,18 @@ def map_error(exc: BaseException, api: str, region: str, key_ref: str | None = N
                 return cls(f"{where}: {why}")
             return cls(f"{where}: {why} ({type(exc).__name__})")
     return KmsServiceError(f"{where}: unexpected failure ({type(exc).__name__})")
+
+
+def error_table() -> str:
+    """The mapping as a Markdown table (the README embeds it; a test keeps the two equal)."""
+    rows = ["| AWS error | kmsguard code | HTTP | retryable | meaning |", "| --- | --- | --- | --- | --- |"]
+    entries = [(code, cls, why) for code, (cls, why) in KMS_ERROR_CODES.items()]
+    entries += [(exc.__name__, cls, why) for exc, cls, why in TRANSPORT_ERRORS]
+    entries.append(("any other error", KmsServiceError, "unexpected failure"))
+    for name, cls, why in entries:
+        retry = "yes" if cls.retryable else "no"
+        rows.append(f"| `{name}` | `{cls.code}` | {cls.http_status} | {retry} | {why} |")
+    return "\n".join(rows) + "\n"
 
 
 def outcome_of(exc: BaseException | None) -> str:

@@ -12,7 +12,7 @@ as a pytest plugin when kmsguard is installed), or the classes directly::
 """
 
 from kmsguard.testing.moto_server import MotoServer, free_port
-from kmsguard.testing.proxy import FaultProxy, Rule
+from kmsguard.testing.proxy import FaultProxy, Rule, SeenRequest
 from kmsguard.testing.region import ACCOUNT_ID, TEST_ACCESS_KEY, TEST_SECRET_KEY, KmsRegion
 
 __all__ = [
@@ -23,5 +23,6 @@ __all__ = [
     "KmsRegion",
     "MotoServer",
     "Rule",
+    "SeenRequest",
     "free_port",
 ]

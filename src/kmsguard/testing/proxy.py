@@ -38,8 +38,8 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal, NamedTuple
+from urllib.parse import parse_qs, urlsplit
 
 from kmsguard.testing.replicas import ReplicaRouter
 
@@ -68,6 +68,14 @@ class Rule:
         if self.api is not None and self.api != api:
             return False
         return self.key_id is None or any(self.key_id in k for k in key_ids)
+
+
+class SeenRequest(NamedTuple):
+    """One request the proxy received: the KMS API, its JSON body and its headers (``r[0]``, ``r[1]`` too)."""
+
+    api: str
+    body: dict[str, Any]
+    headers: dict[str, str]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -102,8 +110,8 @@ class FaultProxy:
         self.counts: Counter[str] = Counter()
         self.statuses: Counter[int] = Counter()
         self.access_keys: list[str] = []
-        #: The most recent requests as (API, JSON body), to check what was sent (test use only).
-        self.requests: deque[tuple[str, dict[str, Any]]] = deque(maxlen=1000)
+        #: The most recent requests, to check what was sent (test use only: bodies hold data keys).
+        self.requests: deque[SeenRequest] = deque(maxlen=1000)
         #: Rewrites requests for emulated multi-region keys (kmsguard.testing.replicas).
         self.router: ReplicaRouter | None = None
         self._rules: list[Rule] = []
@@ -197,6 +205,14 @@ class FaultProxy:
         with self._lock:
             self._rules.clear()
         self._latency = 0.0
+
+    def last(self, api: str) -> SeenRequest:
+        """The most recent request for ``api``; KeyError when there was none."""
+        with self._lock:
+            for seen in reversed(self.requests):
+                if seen.api == api:
+                    return seen
+        raise KeyError(api)
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -302,13 +318,17 @@ class FaultProxy:
 
     def _handle(self, h: _Handler) -> None:
         body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
-        api = (h.headers.get("X-Amz-Target") or "").rpartition(".")[2] or "-"
-        doc = _json(body)
+        target = h.headers.get("X-Amz-Target")
+        if target:  # KMS: JSON 1.1 protocol
+            api, doc = target.rpartition(".")[2], _json(body)
+        else:  # STS and other query-protocol services: a form body naming the Action
+            doc = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+            api = doc.get("Action", "-")
         key_ids = tuple(str(doc[f]) for f in _KEY_FIELDS if f in doc)
         akid = _AKID_RE.search(h.headers.get("Authorization") or "")
         with self._lock:
             self.counts[api] += 1
-            self.requests.append((api, doc))
+            self.requests.append(SeenRequest(api, doc, dict(h.headers.items())))
             if akid:
                 self.access_keys.append(akid[1])
         if self._latency:

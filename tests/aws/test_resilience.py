@@ -1,0 +1,124 @@
+"""Retries, throttling, deadlines and the per-call accounting, against the proxy over real HTTP."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from kmsguard import errors, operation
+from kmsguard.keyrings.base import KeyRequest
+from kmsguard.operation import Operation
+from kmsguard.testing import KmsRegion
+
+from .conftest import MakeKeyring, RecordingTelemetry
+
+
+def _request(arn: str) -> KeyRequest:
+    return KeyRequest("general", arn, {})
+
+
+def test_throttled_calls_recover_with_adaptive_retry(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+    arn = kms_region.create_key()
+    telemetry = RecordingTelemetry()
+    keyring = make_keyring(telemetry, max_attempts=3)
+    kms_region.proxy.throttle(count=2, api="GenerateDataKey")
+    data_key = keyring.generate(_request(arn))
+    assert data_key.wrapped[0].key_ref == arn
+    assert kms_region.proxy.counts["GenerateDataKey"] == 3
+    assert keyring.clients.stats.total("attempts", api="GenerateDataKey", outcome="ok") == 3
+    assert keyring.clients.stats.total("retries", api="GenerateDataKey") == 2
+    assert keyring.clients.stats.total("throttles", api="GenerateDataKey") == 2
+    api, region, outcome, duration, attempts, throttles = telemetry.calls[-1]
+    assert (api, region, outcome, attempts, throttles) == ("GenerateDataKey", "us-east-1", "ok", 3, 2)
+    assert duration > 0
+
+
+def test_throttling_at_a_rate_loses_no_call(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+    arn = kms_region.create_key()
+    keyring = make_keyring(max_attempts=6)
+    kms_region.proxy.throttle(rate=0.3)
+    for _ in range(5):
+        keyring.unwrap(keyring.generate(_request(arn)).wrapped, _request(arn))
+    stats = keyring.clients.stats
+    assert stats.total("calls", outcome="ok") == 10 and stats.total("calls") == 10
+    assert stats.total("throttles") == kms_region.proxy.statuses[400] > 0
+
+
+def test_exhausted_retries_report_rate_limited(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+    arn = kms_region.create_key()
+    telemetry = RecordingTelemetry()
+    kms_region.proxy.throttle()
+    with pytest.raises(errors.RateLimited) as info:
+        make_keyring(telemetry, max_attempts=2).generate(_request(arn))
+    assert info.value.retryable and info.value.http_status == 429
+    assert telemetry.calls[-1][2:3] == ("RATE_LIMITED",) and telemetry.calls[-1][4:] == (2, 2)
+
+
+def test_server_errors_and_resets_are_retried(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+    arn = kms_region.create_key()
+    keyring = make_keyring(max_attempts=3)
+    kms_region.proxy.server_error(500, count=1)
+    kms_region.proxy.reset(count=1)
+    keyring.generate(_request(arn))
+    assert kms_region.proxy.counts["GenerateDataKey"] == 3
+
+
+def test_stalled_endpoint_fails_within_the_operation_deadline(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+    """read_timeout x attempts would be 60 s; the operation deadline ends it long before."""
+    arn = kms_region.create_key()
+    keyring = make_keyring(max_attempts=3, read_timeout=20, operation_timeout=0.5)
+    keyring.resolve(arn)
+    kms_region.proxy.stall(30)
+    started = time.monotonic()
+    with pytest.raises(errors.KmsTimeout, match="operation deadline"):
+        keyring.generate(_request(arn))
+    assert time.monotonic() - started < 10  # far below one read timeout: the deadline, not botocore, ended it
+
+
+def test_abandoned_call_starts_no_further_attempt(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+    arn = kms_region.create_key()
+    keyring = make_keyring(max_attempts=5, read_timeout=0.4, operation_timeout=0.2)
+    kms_region.proxy.stall(2)
+    with pytest.raises(errors.KmsTimeout):
+        keyring.generate(_request(arn))
+    stats = keyring.clients.stats
+    for _ in range(100):  # the worker finishes its one attempt in the background
+        if stats.total("calls", api="GenerateDataKey"):
+            break
+        time.sleep(0.05)
+    assert stats.total("calls", api="GenerateDataKey", outcome="KMS_TIMEOUT") == 1
+    assert kms_region.proxy.counts["GenerateDataKey"] == 1
+
+
+def test_each_kms_call_is_noted_in_the_current_operation(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+    kms_region.create_key(alias="alias/resilience-op")
+    keyring = make_keyring()
+    op = Operation("encrypt", "general", {}, "tester")
+    token = operation.current.set(op)
+    try:
+        data_key = keyring.generate(_request("alias/resilience-op"))
+        keyring.generate(_request("alias/resilience-op"))  # alias cached: no second DescribeKey
+    finally:
+        operation.current.reset(token)
+    assert op.kms_calls == 3
+    assert op.regions == ["us-east-1"]
+    assert op.key_refs == [data_key.wrapped[0].key_ref]
+    assert kms_region.proxy.counts["DescribeKey"] == 1
+
+
+def test_alias_cache_expires(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+    kms_region.create_key(alias="alias/resilience-ttl")
+    keyring = make_keyring(alias_cache_ttl=0)
+    keyring.generate(_request("alias/resilience-ttl"))
+    keyring.generate(_request("alias/resilience-ttl"))
+    assert kms_region.proxy.counts["DescribeKey"] == 2
+
+
+def test_clients_are_shared_per_region(make_keyring: MakeKeyring) -> None:
+    factory = make_keyring().clients
+    assert factory.client("us-east-1") is factory.client("us-east-1")
+    assert factory.client("eu-west-1") is not factory.client("us-east-1")
+    config = factory.client("us-east-1").meta.config
+    assert config.retries == {"mode": "adaptive", "total_max_attempts": 1}
+    assert config.user_agent_extra.startswith("kmsguard/")
