@@ -46,6 +46,7 @@ KMS_ERROR_CODES: dict[str, tuple[type[KmsGuardError], str]] = {
     "KMSInternalException": (KmsServiceError, "KMS failed internally"),
     "ServiceUnavailableException": (KmsServiceError, "KMS is unavailable"),
     "ValidationException": (InvalidInput, "KMS rejected the request as malformed"),
+    "AlreadyExistsException": (InvalidInput, "an alias or key of that name already exists"),
     "InvalidArnException": (InvalidInput, "the key ARN is malformed"),
     "InvalidGrantTokenException": (InvalidInput, "a grant token is invalid"),
     "UnsupportedOperationException": (InvalidKeyUsage, "the key does not support this operation"),

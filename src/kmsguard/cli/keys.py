@@ -1,15 +1,28 @@
-"""``kmsguard keys``: list, create, rotate, disable and enable keys of the local keyring."""
+"""``kmsguard keys``: the keys behind each classification, for either backend.
+
+Each command dispatches on ``backend``: the local keyring's versioned keys, or the
+AWS KMS keys named by the policy (through :class:`kmsguard.aws.admin.KeyAdmin`).
+Commands that make sense for one backend only say so with a CONFIGURATION_ERROR.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from kmsguard.cli.io import settings
 from kmsguard.config import Settings
-from kmsguard.errors import ConfigurationError
-from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
+from kmsguard.errors import ConfigurationError, InvalidInput
+from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring, key_name_of
+
+if TYPE_CHECKING:
+    from kmsguard.aws.admin import KeyAdmin
+
+class_option = click.option("--class", "classification", required=True, help="The classification whose key to use.")
+json_option = click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
 
 
 def _local(s: Settings) -> LocalKeyring:
@@ -18,8 +31,28 @@ def _local(s: Settings) -> LocalKeyring:
     return LocalKeyring(s.home / KEY_FILE_NAME, s.passphrase)
 
 
+def _aws(s: Settings) -> KeyAdmin:
+    from kmsguard.aws import AwsSettings, ClientFactory
+    from kmsguard.aws.admin import KeyAdmin
+
+    return KeyAdmin(ClientFactory(AwsSettings.from_section(s.section("aws"), s.env, s.environment)))
+
+
 def _key_of(s: Settings, classification: str) -> str:
     return s.policy.get(classification).key
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:
+        console.width = 240  # piped or captured: never squeeze ARNs to fit 80 columns
+    console.print(table)
 
 
 @click.group()
@@ -28,56 +61,151 @@ def keys() -> None:
 
 
 @keys.command("list")
-@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@json_option
 def list_keys(as_json: bool) -> None:
-    """Every key version with its state; the primary one encrypts."""
+    """Every local key version with its state; the primary one encrypts (local backend)."""
     s = settings()
     versions = _local(s).versions()
     if as_json:
         click.echo(json.dumps([{**vars(v), "key_ref": v.key_ref} for v in versions], indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("key", "version", "state", "primary", "created")
-    for v in versions:
-        table.add_row(v.name, str(v.version), v.state, "yes" if v.primary else "", v.created)
-    Console().print(table)
+    _table(
+        ("key", "version", "state", "primary", "created"),
+        [(v.name, str(v.version), v.state, "yes" if v.primary else "", v.created) for v in versions],
+    )
 
 
 @keys.command()
-@click.option("--class", "classification", required=True)
-def create(classification: str) -> None:
-    """Create the key of a classification added to the config after init."""
+@json_option
+@click.option("--strict", is_flag=True, help="Exit 1 when a key is not enabled or (AWS) not rotating.")
+def status(as_json: bool, strict: bool) -> None:
+    """Per classification: the key, its state and its rotation."""
     s = settings()
-    info = _local(s).create_key(_key_of(s, classification))
-    click.echo(f"created {info.key_ref}")
+    rows = _local_status(s) if s.backend == "local" else [r.to_dict() for r in _aws(s).status(s.policy)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    elif s.backend == "local":
+        _table(
+            ("class", "key", "primary", "state"),
+            [(r["classification"], r["key"], r["primary"], r["state"]) for r in rows],
+        )
+    else:
+        _table(
+            ("class", "region", "key ARN", "state", "spec", "usage", "multi-region", "rotation", "period", "next"),
+            [_aws_row(r) for r in rows],
+        )
+    unhealthy = [r["classification"] for r in rows if not r["healthy"]]
+    if strict and unhealthy:
+        click.echo(f"not ready (disabled, missing or not rotating): {', '.join(sorted(set(unhealthy)))}", err=True)
+        click.get_current_context().exit(1)
+
+
+def _local_status(s: Settings) -> list[dict[str, Any]]:
+    versions = _local(s).versions()
+    rows = []
+    for cls in s.policy:
+        name = key_name_of(cls.key)
+        primary = next((v for v in versions if v.name == name and v.primary), None)
+        state = primary.state if primary else "missing"
+        rows.append(
+            {
+                "classification": cls.name,
+                "key": cls.key,
+                "primary": primary.key_ref if primary else "-",
+                "state": state,
+                "healthy": state == "enabled",
+            }
+        )
+    return rows
+
+
+def _aws_row(r: dict[str, Any]) -> tuple[str, ...]:
+    def show(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return str(value)
+
+    state = r["state"] if r["error"] is None else r["error"]
+    return (
+        r["classification"],
+        r["region"],
+        show(r["arn"] or r["key"]),
+        show(state),
+        show(r["spec"]),
+        show(r["usage"]),
+        show(r["multi_region"]),
+        show(r["rotation_enabled"]),
+        show(r["rotation_period_days"]),
+        show(r["next_rotation"]),
+    )
 
 
 @keys.command()
-@click.option("--class", "classification", required=True)
+@class_option
+@click.option("--multi-region", is_flag=True, help="AWS: a multi-region key, replicated to every configured region.")
+@click.option(
+    "--alias", default=None, help="AWS: the alias to create (default: the classification's configured alias)."
+)
+def create(classification: str, multi_region: bool, alias: str | None) -> None:
+    """Create the key of a classification (a new account, a test endpoint, a class added after init)."""
+    s = settings()
+    key = _key_of(s, classification)
+    if s.backend == "local":
+        if multi_region or alias:
+            raise InvalidInput("--multi-region and --alias apply to the aws backend only")
+        click.echo(f"created {_local(s).create_key(key).key_ref}")
+        return
+    if alias is None and key.startswith("alias/"):
+        alias = key
+    for arn in _aws(s).create(classification, alias, multi_region=multi_region, app=s.app, environment=s.environment):
+        click.echo(f"created {arn}" + (f" as {alias}" if alias else "") + " (automatic rotation on)")
+
+
+@keys.command()
+@class_option
 def rotate(classification: str) -> None:
-    """Add a key version and make it primary; older versions keep decrypting."""
+    """Rotate now: local adds a version and makes it primary; AWS calls RotateKeyOnDemand.
+
+    Older key material keeps decrypting in both cases.
+    """
     s = settings()
-    info = _local(s).rotate(_key_of(s, classification))
-    click.echo(f"rotated: {info.key_ref} is now primary")
+    if s.backend == "local":
+        info = _local(s).rotate(_key_of(s, classification))
+        click.echo(f"rotated: {info.key_ref} is now primary")
+        return
+    arn = _aws(s).rotate(_key_of(s, classification))
+    click.echo(f"rotation started for {arn}")
+
+
+@keys.command("enable-rotation")
+@class_option
+@click.option("--period-days", type=click.IntRange(90, 2560), default=None, help="Days between rotations (AWS).")
+def enable_rotation(classification: str, period_days: int | None) -> None:
+    """Turn on AWS KMS automatic rotation for a classification's key, in every region (aws backend)."""
+    s = settings()
+    if s.backend != "aws":
+        raise ConfigurationError("backend: automatic rotation is an AWS KMS feature; use 'kmsguard keys rotate'")
+    for arn in _aws(s).enable_rotation(_key_of(s, classification), period_days):
+        click.echo(f"automatic rotation enabled for {arn}" + (f" every {period_days} days" if period_days else ""))
 
 
 @keys.command()
-@click.option("--class", "classification", required=True)
+@class_option
 @click.option("--version", "version", type=click.IntRange(min=1), required=True)
 def disable(classification: str, version: int) -> None:
-    """Disable a key version: its ciphertexts fail with KEY_DISABLED until re-enabled."""
+    """Disable a local key version: its ciphertexts fail with KEY_DISABLED until re-enabled."""
     s = settings()
     info = _local(s).set_state(_key_of(s, classification), version, enabled=False)
     click.echo(f"disabled {info.key_ref}")
 
 
 @keys.command()
-@click.option("--class", "classification", required=True)
+@class_option
 @click.option("--version", "version", type=click.IntRange(min=1), required=True)
 def enable(classification: str, version: int) -> None:
-    """Re-enable a disabled key version."""
+    """Re-enable a disabled local key version."""
     s = settings()
     info = _local(s).set_state(_key_of(s, classification), version, enabled=True)
     click.echo(f"enabled {info.key_ref}")
