@@ -209,7 +209,7 @@ class FaultProxy:
     def last(self, api: str) -> SeenRequest:
         """The most recent request for ``api``; KeyError when there was none."""
         with self._lock:
-            for seen in reversed(self.requests):
+            for seen in list(self.requests)[::-1]:
                 if seen.api == api:
                     return seen
         raise KeyError(api)
