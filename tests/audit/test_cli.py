@@ -90,3 +90,19 @@ def test_none_sink_has_nothing_to_read(keyring: LocalKeyring, home: Path, monkey
     _register()
     code, out = run("audit", "tail")
     assert code == 1 and "CONFIGURATION_ERROR" in out
+
+
+def test_key_management_is_audited(audited: Path) -> None:
+    assert run("keys", "rotate", "--class", "pii")[0] == 0
+    assert run("keys", "disable", "--class", "pii", "--version", "1")[0] == 0
+    code, out = run("keys", "disable", "--class", "pii", "--version", "2")  # the primary: refused
+    assert code == 1
+    _, out = run("audit", "query", "--class", "pii", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    ops = [(r["operation"], r["outcome"], r["key_refs"]) for r in rows if r["operation"].startswith("keys.")]
+    assert ops == [
+        ("keys.rotate", "ok", ["local:pii:v2"]),
+        ("keys.disable", "ok", ["local:pii:v1"]),
+        ("keys.disable", "error", []),
+    ]
+    assert run("audit", "verify")[0] == 0

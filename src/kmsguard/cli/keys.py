@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from kmsguard.audit.admin import audited
 from kmsguard.cli.io import settings
 from kmsguard.config import Settings
 from kmsguard.errors import ConfigurationError, InvalidInput
@@ -36,6 +37,14 @@ def _aws(s: Settings) -> KeyAdmin:
     from kmsguard.aws.admin import KeyAdmin
 
     return KeyAdmin(ClientFactory(AwsSettings.from_section(s.section("aws"), s.env, s.environment)))
+
+
+def _audited(s: Settings, name: str, classification: str) -> Any:
+    """Local key changes are audited like data operations, strictly (see kmsguard.audit.admin).
+
+    AWS KMS records its own key management (CreateKey, RotateKeyOnDemand...) in CloudTrail.
+    """
+    return audited(s, _local(s), name, classification)
 
 
 def _key_of(s: Settings, classification: str) -> str:
@@ -155,7 +164,9 @@ def create(classification: str, multi_region: bool, alias: str | None) -> None:
     if s.backend == "local":
         if multi_region or alias:
             raise InvalidInput("--multi-region and --alias apply to the aws backend only")
-        click.echo(f"created {_local(s).create_key(key).key_ref}")
+        with _audited(s, "keys.create", classification) as op:
+            op.key_refs.append(_local(s).create_key(key).key_ref)
+        click.echo(f"created {op.key_refs[0]}")
         return
     if alias is None and key.startswith("alias/"):
         alias = key
@@ -172,7 +183,9 @@ def rotate(classification: str) -> None:
     """
     s = settings()
     if s.backend == "local":
-        info = _local(s).rotate(_key_of(s, classification))
+        with _audited(s, "keys.rotate", classification) as op:
+            info = _local(s).rotate(_key_of(s, classification))
+            op.key_refs.append(info.key_ref)
         click.echo(f"rotated: {info.key_ref} is now primary")
         return
     arn = _aws(s).rotate(_key_of(s, classification))
@@ -197,7 +210,9 @@ def enable_rotation(classification: str, period_days: int | None) -> None:
 def disable(classification: str, version: int) -> None:
     """Disable a local key version: its ciphertexts fail with KEY_DISABLED until re-enabled."""
     s = settings()
-    info = _local(s).set_state(_key_of(s, classification), version, enabled=False)
+    with _audited(s, "keys.disable", classification) as op:
+        info = _local(s).set_state(_key_of(s, classification), version, enabled=False)
+        op.key_refs.append(info.key_ref)
     click.echo(f"disabled {info.key_ref}")
 
 
@@ -207,5 +222,7 @@ def disable(classification: str, version: int) -> None:
 def enable(classification: str, version: int) -> None:
     """Re-enable a disabled local key version."""
     s = settings()
-    info = _local(s).set_state(_key_of(s, classification), version, enabled=True)
+    with _audited(s, "keys.enable", classification) as op:
+        info = _local(s).set_state(_key_of(s, classification), version, enabled=True)
+        op.key_refs.append(info.key_ref)
     click.echo(f"enabled {info.key_ref}")
