@@ -141,8 +141,15 @@ class Spool:
         self._syncing = False
 
     def _open(self, number: int) -> int:
+        """Create a segment and make its directory entry durable (a strict record must survive power loss)."""
         path = segment_path(self.directory, self.writer_id, number)
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return fd
 
     def append(self, fields: tuple[Any, ...], durable: bool) -> int:
         """Write one record; with ``durable``, return only once it is on disk. Returns its seq.
