@@ -16,6 +16,7 @@ TOPICS: dict[str, str] = {
     "hotpath": "bench.hotpath",
     "kms_calls": "bench.kms_calls",
     "audit": "bench.audit",
+    "aws_client": "bench.aws_client",
 }
 
 

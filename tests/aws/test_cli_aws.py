@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +51,20 @@ def test_kms_errors_are_one_line(kmsguard_aws_env: dict[str, str], kms_region: K
     proc = run("encrypt", "--class", "pii", input=b"x", code=1)
     (line,) = proc.stderr.decode().strip().splitlines()
     assert line.startswith("error: KEY_DISABLED: KMS GenerateDataKey in us-east-1")
+
+
+def test_stalled_endpoint_ends_the_command_at_the_deadline(
+    kmsguard_aws_env: dict[str, str], kms_region: KmsRegion, tmp_path: Path
+) -> None:
+    """KMS_TIMEOUT after the 1 s deadline, and the process exits then, not after botocore's 20 s read timeout."""
+    config = tmp_path / "kmsguard.toml"
+    # No audit sink: its own KMS call for the audit key would add a wait of its own (not this test's subject).
+    config.write_text('backend = "aws"\n[aws]\noperation_timeout = 1\nread_timeout = 20\n[audit]\nsink = "none"\n')
+    kms_region.proxy.stall(30)
+    started = time.monotonic()
+    proc = run("encrypt", "--class", "pii", input=b"x", code=1, KMSGUARD_CONFIG=str(config))
+    assert "error: KMS_TIMEOUT:" in proc.stderr.decode() and "operation deadline (1s)" in proc.stderr.decode()
+    assert time.monotonic() - started < 10
 
 
 def test_no_region_is_a_configuration_error(kmsguard_aws_env: dict[str, str]) -> None:
@@ -123,3 +139,18 @@ def test_create_a_multi_region_key(kmsguard_aws_env: dict[str, str], kms_region:
 def test_local_only_commands_say_so(kmsguard_aws_env: dict[str, str]) -> None:
     proc = run("keys", "list", code=1)
     assert "CONFIGURATION_ERROR" in proc.stderr.decode()
+
+
+def test_status_on_the_local_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same command dispatches to the local keyring."""
+    for var in [v for v in os.environ if v.startswith("KMSGUARD_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("KMSGUARD_HOME", str(tmp_path / "home"))
+    run("init")
+    rows = json.loads(run("keys", "status", "--json", "--strict").stdout)
+    assert [(r["classification"], r["primary"], r["state"]) for r in rows] == [
+        ("general", "local:general:v1", "enabled"),
+        ("pii", "local:pii:v1", "enabled"),
+        ("payment", "local:payment:v1", "enabled"),
+    ]
+    assert "CONFIGURATION_ERROR" in run("keys", "enable-rotation", "--class", "pii", code=1).stderr.decode()

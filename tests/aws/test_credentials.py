@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -86,3 +90,57 @@ def test_role_credentials_refresh_before_they_expire(sts_via_proxy: KmsRegion, m
     assert sts_via_proxy.proxy.last("AssumeRole").body["DurationSeconds"] == "900"
     assert sts_via_proxy.proxy.counts["AssumeRole"] >= 2
     assert len(_kms_access_keys(sts_via_proxy)) >= 2  # later calls were signed with renewed credentials
+
+
+def test_web_identity_from_the_environment(
+    sts_via_proxy: KmsRegion, make_keyring: MakeKeyring, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What EKS (IRSA) sets up: a token file and a role; boto3's chain calls AssumeRoleWithWebIdentity."""
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.e30.c2ln")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("AWS_ROLE_ARN", ROLE)
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))
+    _generate(make_keyring, sts_via_proxy)
+    assert sts_via_proxy.proxy.last("AssumeRoleWithWebIdentity").body["RoleArn"] == ROLE
+    (key,) = _kms_access_keys(sts_via_proxy)
+    assert key.startswith("ASIA")
+
+
+def test_container_credentials_endpoint(
+    kms_region: KmsRegion, make_keyring: MakeKeyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ECS sets up: a local credentials endpoint; boto3's chain fetches from it."""
+    expires = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body = json.dumps(
+        {
+            "AccessKeyId": "ASIACONTAINERCREDS01",
+            "SecretAccessKey": "container-secret",
+            "Token": "container-token",
+            "Expiration": expires,
+        }
+    ).encode()
+
+    class Creds(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Creds)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", f"http://127.0.0.1:{server.server_port}/creds")
+        _generate(make_keyring, kms_region)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _kms_access_keys(kms_region) == {"ASIACONTAINERCREDS01"}

@@ -29,7 +29,6 @@ import contextvars
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -49,6 +48,7 @@ from kmsguard.aws import middleware, redact
 from kmsguard.aws.errors import map_error
 from kmsguard.aws.middleware import KmsMiddleware, KmsStats
 from kmsguard.aws.settings import AwsSettings
+from kmsguard.aws.workers import DaemonWorkers
 from kmsguard.errors import KmsGuardError, KmsTimeout
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
@@ -89,7 +89,7 @@ class ClientFactory:
         self._lock = threading.Lock()
         self._session: boto3.Session | None = None
         self._clients: dict[tuple[str, str | None, str | None, str | None], KMSClient] = {}
-        self._executor: ThreadPoolExecutor | None = None
+        self._workers: DaemonWorkers | None = None
         redact.install()
 
     # ------------------------------------------------------------------ clients
@@ -219,7 +219,8 @@ class ClientFactory:
             middleware.deadline.set(until)
             return method(**params)
 
-        future = self._pool().submit(contextvars.copy_context().run, run)
+        context = contextvars.copy_context()
+        future = self._pool().submit(lambda: context.run(run))
         try:
             return future.result(timeout=remaining)
         except FutureTimeout:
@@ -228,21 +229,19 @@ class ClientFactory:
                 f"no answer within the operation deadline ({self.settings.operation_timeout:g}s)"
             ) from None
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._executor is None:
+    def _pool(self) -> DaemonWorkers:
+        if self._workers is None:
             with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(
-                        max_workers=self.settings.max_pool_connections, thread_name_prefix="kmsguard-kms"
-                    )
-        return self._executor
+                if self._workers is None:
+                    self._workers = DaemonWorkers(self.settings.max_pool_connections)
+        return self._workers
 
     def close(self) -> None:
         """Stop the worker threads and close every client's connections."""
         with self._lock:
-            executor, self._executor = self._executor, None
+            workers, self._workers = self._workers, None
             clients, self._clients = list(self._clients.values()), {}
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        if workers is not None:
+            workers.close()
         for client in clients:
             client.close()

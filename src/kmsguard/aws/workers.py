@@ -1,0 +1,75 @@
+"""Daemon worker threads that run KMS calls for callers who wait only until their deadline.
+
+Why not ``concurrent.futures.ThreadPoolExecutor``: its threads are joined when the
+interpreter exits. A call abandoned at its deadline can sit in a stalled read until
+botocore's read timeout (30 s in production), and a command-line run that already
+reported KMS_TIMEOUT would then hang on exit for that long. These threads are daemons,
+so an abandoned call never holds the process up.
+
+At most ``limit`` threads are started, on demand; each is reused. A call submitted
+when all are busy waits in the queue (its caller's deadline still bounds the wait).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+
+class DaemonWorkers:
+    """A small on-demand pool of daemon threads. Thread-safe."""
+
+    def __init__(self, limit: int, name: str = "kmsguard-kms") -> None:
+        self._limit = max(1, limit)
+        self._name = name
+        self._tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._idle = 0  # started threads waiting for work that no submit has claimed
+        self._closed = False
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on a worker; the future holds its result or exception."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the KMS workers are closed")
+            if self._idle:
+                self._idle -= 1
+            elif self._threads < self._limit:
+                self._threads += 1
+                threading.Thread(target=self._run, name=f"{self._name}-{self._threads}", daemon=True).start()
+            self._tasks.put((future, fn))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            future, fn = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+            with self._lock:
+                self._idle += 1
+
+    def close(self) -> None:
+        """Let every thread finish its current call and stop; queued calls are cancelled."""
+        with self._lock:
+            self._closed = True
+            threads = self._threads
+        while True:
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[0].cancel()
+        for _ in range(threads):
+            self._tasks.put(None)
