@@ -16,7 +16,9 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
+
+R = TypeVar("R")
 
 
 class DaemonWorkers:
@@ -31,9 +33,9 @@ class DaemonWorkers:
         self._idle = 0  # started threads waiting for work that no submit has claimed
         self._closed = False
 
-    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+    def submit(self, fn: Callable[[], R]) -> Future[R]:
         """Run ``fn`` on a worker; the future holds its result or exception."""
-        future: Future[Any] = Future()
+        future: Future[R] = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the KMS workers are closed")
