@@ -17,6 +17,8 @@ TOPICS: dict[str, str] = {
     "kms_calls": "bench.kms_calls",
     "audit": "bench.audit",
     "aws_client": "bench.aws_client",
+    "failover": "bench.failover",
+    "throttling": "bench.throttling",
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
 from kmsguard import batch, envelope, operation, plans
@@ -152,7 +153,7 @@ class Guard:
         classification's required keys must be among them: a caller states why it
         decrypts payment data as it did when encrypting.
         """
-        ctx = plans.check_context(context)
+        ctx = _NO_CONTEXT if context is None else plans.check_context(context)
         if not self.observers:
             return self._decrypt(data, ctx, self.keyring.unwrap)
         return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx, self.keyring.unwrap))
@@ -358,3 +359,4 @@ class Guard:
 
 
 _TEXT_PREFIX = envelope.TEXT_PREFIX.encode("ascii")
+_NO_CONTEXT: Mapping[str, str] = MappingProxyType({})

@@ -33,6 +33,9 @@ class KeyRequest:
     _partition: tuple[str, str, tuple[tuple[str, str], ...]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    #: Scratch space for a cache in front of the keyring: the entry that last served this
+    #: request (see CachingKeyring); never key material itself, never compared or shown.
+    _memo: object = field(default=None, init=False, repr=False, compare=False)
 
     def bound_context(self) -> dict[str, str]:
         """The context a key service binds: the caller's chosen pairs plus the classification."""

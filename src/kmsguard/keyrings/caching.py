@@ -43,16 +43,32 @@ DEFAULT_CAPACITY = 1024
 
 
 class _Entry:
-    """One cached data key and what it has been used for. Mutated only under the cache lock."""
+    """One cached data key and what it has been used for. Mutated only under the cache lock.
 
-    __slots__ = ("bytes", "classification", "data_key", "expires", "messages")
+    ``data_key`` becomes None when the entry is retired, so a reference kept elsewhere
+    (the request memo, see :meth:`CachingKeyring.generate_for`) can never revive it.
+    """
 
-    def __init__(self, data_key: DataKey, classification: str, expires: float, first_size: int) -> None:
-        self.data_key = data_key
+    __slots__ = ("bytes", "classification", "data_key", "expires", "key", "messages", "owner", "wrapped")
+
+    def __init__(
+        self,
+        owner: CachingKeyring,
+        key: Hashable,
+        data_key: DataKey,
+        classification: str,
+        expires: float,
+        first_size: int,
+        wrapped: tuple[WrappedKey, ...] | None,
+    ) -> None:
+        self.owner = owner
+        self.key = key
+        self.data_key: DataKey | None = data_key
         self.classification = classification
         self.expires = expires
         self.messages = 1  # the leader's own message (meaningless for decrypt entries)
         self.bytes = first_size
+        self.wrapped = wrapped  # None for an encrypt entry
 
 
 class _Flight:
@@ -105,6 +121,7 @@ class CachingKeyring:
         )
         self.capacity = capacity
         self._telemetry = telemetry
+        self._reporting = telemetry is not NULL_TELEMETRY
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
@@ -121,6 +138,8 @@ class CachingKeyring:
         """A data key to seal one message of ``size`` bytes, reused while the limits allow.
 
         Guard calls this instead of :meth:`generate` so that ``max_bytes`` can be enforced.
+        A request object remembers the entry that served it (Guard reuses one request per
+        classification and context), so a hit skips hashing the partition.
         """
         limits = self._limits.get(request.classification)
         if limits is None or not limits.reuse:
@@ -130,30 +149,35 @@ class CachingKeyring:
                 self._misses += 1
             self._note(False, request.classification)
             return self.inner.generate(request)
-        # Encrypt entries are keyed by the 3-tuple partition, decrypt entries by 2-tuples,
-        # so the two kinds share one index (and one LRU order) without colliding.
-        key = request.cache_partition()
+        entry = _memo_of(request, self, None)
         while True:
             with self._lock:
-                entry = self._entries.get(key)
+                if entry is None or entry.data_key is None:
+                    # Encrypt entries are keyed by the 3-tuple partition, decrypt entries by
+                    # 2-tuples, so both share one index (and one LRU order) without colliding.
+                    entry = self._entries.get(request.cache_partition())
                 if entry is not None:
+                    data_key = entry.data_key
                     if (
-                        self._clock() < entry.expires
+                        data_key is not None
+                        and self._clock() < entry.expires
                         and entry.messages < limits.max_messages  # CacheLimits caps this at 2^32
                         and entry.bytes + size <= limits.max_bytes
                     ):
                         entry.messages += 1
                         entry.bytes += size
-                        self._entries.move_to_end(key)
+                        self._entries.move_to_end(entry.key)
                         self._hits += 1
-                        data_key = entry.data_key
                         break
-                    self._drop(key, entry)
+                    self._drop(entry)
             # Miss: lead the fetch of a fresh key (its first use is ours), or wait for the
             # leader's and go round to claim a use under the lock, so the limits hold exactly.
-            fresh = self._fetch(key, request, limits.max_age, size, lambda: self.inner.generate(request))
-            if fresh is not None:
-                return fresh
+            entry = self._fetch(request, request.cache_partition(), limits.max_age, size, None)
+            if entry is not None:
+                _remember(request, entry)
+                return entry.data_key  # type: ignore[return-value]
+        if request._memo is not entry:
+            _remember(request, entry)
         self._note(True, request.classification)
         return data_key
 
@@ -161,20 +185,25 @@ class CachingKeyring:
         limits = self._limits.get(request.classification)
         if limits is None or limits.decrypt_ttl <= 0:
             return self.inner.unwrap(wrapped, request)
-        key = (tuple(wrapped), request.cache_partition())
+        wrapped = tuple(wrapped)
+        entry = _memo_of(request, self, wrapped)
         while True:
             with self._lock:
-                entry = self._entries.get(key)
+                if entry is None or entry.data_key is None:
+                    entry = self._entries.get((wrapped, request.cache_partition()))
                 if entry is not None:
-                    if self._clock() < entry.expires:
-                        self._entries.move_to_end(key)
+                    data_key = entry.data_key
+                    if data_key is not None and self._clock() < entry.expires:
+                        self._entries.move_to_end(entry.key)
                         self._hits += 1
-                        data_key = entry.data_key
                         break
-                    self._drop(key, entry)
-            fresh = self._fetch(key, request, limits.decrypt_ttl, 0, lambda: self.inner.unwrap(wrapped, request))
-            if fresh is not None:
-                return fresh
+                    self._drop(entry)
+            entry = self._fetch(request, (wrapped, request.cache_partition()), limits.decrypt_ttl, 0, wrapped)
+            if entry is not None:
+                _remember(request, entry)
+                return entry.data_key  # type: ignore[return-value]
+        if request._memo is not entry:
+            _remember(request, entry)
         self._note(True, request.classification)
         return data_key
 
@@ -189,8 +218,8 @@ class CachingKeyring:
     def clear(self) -> None:
         """Forget every cached key (after a key is disabled or rotated, for instance)."""
         with self._lock:
-            for key, entry in list(self._entries.items()):
-                self._drop(key, entry)
+            for entry in list(self._entries.values()):
+                self._drop(entry)
 
     def stats(self) -> CacheStats:
         with self._lock:
@@ -211,13 +240,18 @@ class CachingKeyring:
     # ------------------------------------------------------------------ internals
 
     def _fetch(
-        self, key: Hashable, request: KeyRequest, lifetime: float, size: int, call: Callable[[], DataKey]
-    ) -> DataKey | None:
-        """Lead one inner call for ``key`` and cache its key, or wait for the leader's call.
+        self,
+        request: KeyRequest,
+        key: Hashable,
+        lifetime: float,
+        size: int,
+        wrapped: tuple[WrappedKey, ...] | None,
+    ) -> _Entry | None:
+        """Lead one inner call for ``key`` and cache its result, or wait for the leader's call.
 
-        The leader gets the fresh key, with its own message (of ``size`` bytes) already
+        The leader gets the new entry, with its own message (of ``size`` bytes) already
         counted; a waiter gets None and claims a use like any hit. A failed call raises in
-        the leader and in every waiter.
+        the leader and in every waiter. ``wrapped`` marks a decrypt entry.
         """
         with self._lock:
             flight = self._flights.get(key)
@@ -230,42 +264,62 @@ class CachingKeyring:
             return None
         self._note(False, request.classification)
         try:
-            data_key = call()
+            data_key = self.inner.generate(request) if wrapped is None else self.inner.unwrap(wrapped, request)
         except BaseException as exc:
             flight.error = exc
             raise
         else:
+            entry = _Entry(self, key, data_key, request.classification, self._clock() + lifetime, size, wrapped)
             with self._lock:
-                self._insert(key, _Entry(data_key, request.classification, self._clock() + lifetime, size))
+                self._insert(entry)
         finally:
             with self._lock:
                 del self._flights[key]
             flight.done.set()
-        return data_key
+        return entry
 
-    def _insert(self, key: Hashable, entry: _Entry) -> None:
-        old = self._entries.pop(key, None)
+    def _insert(self, entry: _Entry) -> None:
+        old = self._entries.get(entry.key)
         if old is not None:
-            self._drop(key, old, counted=False)
-        self._entries[key] = entry
+            self._drop(old, counted=False)
+        self._entries[entry.key] = entry
         while len(self._entries) > self.capacity:
-            oldest_key, oldest = next(iter(self._entries.items()))
-            self._drop(oldest_key, oldest)
+            self._drop(next(iter(self._entries.values())))
         self._telemetry.gauge("data_key_cache_entries", len(self._entries))
 
-    def _drop(self, key: Hashable, entry: _Entry, counted: bool = True) -> None:
-        """Retire an entry everywhere: the index (which is also the LRU order) and the key's sealers.
+    def _drop(self, entry: _Entry, counted: bool = True) -> None:
+        """Retire an entry everywhere: the index (which is also the LRU order), the request
+        memos that point at it (they see ``data_key`` None) and the key's sealers.
 
         Clearing the sealers breaks the DataKey -> Sealer -> DataKey cycle, so the key's
         memory goes when the last operation using it ends, not at the next GC pass.
         """
-        if self._entries.get(key) is entry:
-            del self._entries[key]
-        entry.data_key.sealers.clear()
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        data_key, entry.data_key = entry.data_key, None
+        if data_key is None:
+            return  # already retired
+        data_key.sealers.clear()
         if counted:
             self._evictions += 1
             self._telemetry.cache_event("evict", entry.classification)
 
     def _note(self, hit: bool, classification: str) -> None:
-        operation.note_cache(hit)
-        self._telemetry.cache_event("hit" if hit else "miss", classification)
+        # Both checks are cheap; the calls they skip are not, on a path that is otherwise
+        # one lock and a few comparisons.
+        if operation.current.get() is not None:
+            operation.note_cache(hit)
+        if self._reporting:
+            self._telemetry.cache_event("hit" if hit else "miss", classification)
+
+
+def _memo_of(request: KeyRequest, cache: CachingKeyring, wrapped: tuple[WrappedKey, ...] | None) -> _Entry | None:
+    """The entry that last served ``request`` in ``cache``, if it is the same kind of use."""
+    entry = request._memo
+    if type(entry) is _Entry and entry.owner is cache and entry.wrapped is wrapped:
+        return entry
+    return None
+
+
+def _remember(request: KeyRequest, entry: _Entry) -> None:
+    object.__setattr__(request, "_memo", entry)

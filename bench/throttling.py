@@ -1,0 +1,82 @@
+"""Throttling on 30% of KMS calls: how many of the operations fail.
+
+The proxy answers ThrottlingException to a seeded 30% of the KMS calls that reach it;
+botocore's adaptive retry mode backs off and retries (3 attempts in all, the production
+preset; 10 s operation deadline). Operations are half encrypts, then decrypts of them,
+as batches with 16 threads.
+
+* With the default cache (as a service runs), 1,000 operations make a handful of KMS
+  calls (payment's limits, 100 messages per data key, make the most), and the throttled
+  ones are retried.
+* With data-key reuse off every operation is a KMS call. Adaptive mode's client-side
+  rate limiter then cuts the send rate on every throttle, and a proxy that throttles 30%
+  at any rate keeps it near its floor, so operations queue until their deadline; these
+  stress rows run 200 operations to keep ``make bench`` short. With two regions a call
+  still throttled (or out of time) in one region fails over to the other.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench.common import table
+from bench.local_kms import factory, local_regions, multi_region
+from kmsguard import Guard
+from kmsguard.keyrings.aws_kms import AwsKmsKeyring
+from kmsguard.keyrings.base import Keyring
+from kmsguard.keyrings.caching import CachingKeyring
+from kmsguard.policy import DEFAULT_CACHE_LIMITS, CacheLimits, ClassPolicy, Policy
+from kmsguard.testing.replicas import create_multi_region_key
+
+RATE = 0.3
+
+
+def main() -> None:
+    rows = []
+    with local_regions("us-east-1", "eu-west-1") as regions:
+        key = create_multi_region_key(regions[0], [regions[1]])
+        off = CacheLimits(reuse=False, decrypt_ttl=0)
+        setups: list[tuple[str, CacheLimits, int, int]] = [
+            ("one region, cache on (general defaults)", DEFAULT_CACHE_LIMITS["general"], 1, 1000),
+            ("one region, cache on (payment defaults)", DEFAULT_CACHE_LIMITS["payment"], 1, 1000),
+            ("one region, cache off", off, 1, 200),
+            ("two regions, cache off", off, 2, 200),
+        ]
+        for label, limits, n_regions, total in setups:
+            half = total // 2
+            used = regions[:n_regions]
+            clients = factory(used)
+            inner: Keyring = multi_region(clients) if n_regions > 1 else AwsKmsKeyring(clients, used[0].name)
+            policy = Policy([ClassPolicy("general", key, cache=limits)])
+            guard = Guard(policy, CachingKeyring(inner, policy))
+            for region in used:
+                region.proxy.clear()
+                region.proxy.reset_counts()
+                region.proxy.throttle(rate=RATE)
+            t0 = time.perf_counter()
+            sealed = guard.encrypt_many([b"m%d" % i for i in range(half)], "general", max_concurrency=16)
+            opened = guard.decrypt_many([r.value for r in sealed if r.value is not None], max_concurrency=16)
+            elapsed = time.perf_counter() - t0
+            failures = sum(not r.ok for r in sealed) + sum(not r.ok for r in opened) + (half - len(opened))
+            calls = sum(r.proxy.counts.total() for r in used)
+            throttled = sum(r.proxy.statuses[400] for r in used)
+            for region in used:
+                region.proxy.clear()
+            clients.close()
+            codes = sorted({r.error.code for r in (*sealed, *opened) if r.error is not None})
+            rows.append(
+                [
+                    label,
+                    str(total),
+                    str(calls),
+                    str(throttled),
+                    str(failures),
+                    ", ".join(codes) or "-",
+                    f"{elapsed:.1f}",
+                ]
+            )
+    print(table(["setup", "operations", "KMS requests", "throttled", "failed", "errors", "seconds"], rows))
+
+
+if __name__ == "__main__":
+    main()
