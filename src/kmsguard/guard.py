@@ -153,9 +153,9 @@ class Guard:
         classification's required keys must be among them: a caller states why it
         decrypts payment data as it did when encrypting.
         """
-        ctx = _NO_CONTEXT if context is None else plans.check_context(context)
-        if not self.observers:
-            return self._decrypt(data, ctx, self.keyring.unwrap)
+        if not self.observers:  # the caller's context is checked against the header (_check_context)
+            return self._decrypt(data, _mapping(context), self.keyring.unwrap)
+        ctx = plans.check_context(context)
         return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx, self.keyring.unwrap))
 
     def encrypt_many(
@@ -301,14 +301,22 @@ class Guard:
 
     @staticmethod
     def _check_context(cls: ClassPolicy, header_context: Mapping[str, str], ctx: Mapping[str, str]) -> None:
+        """Every pair the caller gives must match the header; the class's required keys must be given.
+
+        A pair that matches a header pair is two strings, so types need checking only on
+        a mismatch: the hot path validates the caller's context here, in one pass.
+        """
         for key, value in ctx.items():
             if header_context.get(key) != value:
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise InvalidInput("context keys and values must be strings")
                 raise ContextMismatch(f"context key {key!r} does not match the ciphertext")
-        missing = cls.required_context.difference(ctx)
-        if missing:
-            raise ContextRequired(
-                f"classification {cls.name!r} requires context keys at decrypt: {', '.join(sorted(missing))}"
-            )
+        for key in cls.required_context:
+            if key not in ctx:
+                missing = sorted(cls.required_context.difference(ctx))
+                raise ContextRequired(
+                    f"classification {cls.name!r} requires context keys at decrypt: {', '.join(missing)}"
+                )
 
     def _observe(self, name: str, classification: str | None, ctx: Mapping[str, str], run: Callable[[], T]) -> T:
         """Run one operation; with observers, record it and let strict audit veto it."""
@@ -360,3 +368,11 @@ class Guard:
 
 _TEXT_PREFIX = envelope.TEXT_PREFIX.encode("ascii")
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
+
+
+def _mapping(context: Context) -> Mapping[str, str]:
+    if context is None:
+        return _NO_CONTEXT
+    if not isinstance(context, Mapping):
+        raise InvalidInput("context must be a mapping of str to str")
+    return context

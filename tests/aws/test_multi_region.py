@@ -271,3 +271,26 @@ def test_bad_multi_region_settings_name_the_field(
     monkeypatch.setenv("KMSGUARD_HOME", str(home))
     with pytest.raises(ConfigurationError, match=field):
         Guard.from_env()
+
+
+def test_emulated_replica_describes_itself_in_its_own_region(regions: list[KmsRegion], factory: ClientFactory) -> None:
+    east, west = regions
+    arn = create_multi_region_key(east, [west])
+    mrk_id = arn.rpartition("/")[2]
+    assert mrk_id.startswith("mrk-") and len(mrk_id) == 36
+    assert AwsKmsKeyring(factory, "eu-west-1").resolve(mrk_id) == arn.replace("us-east-1", "eu-west-1")
+    assert west.proxy.counts["DescribeKey"] == 1 and east.proxy.counts["DescribeKey"] == 0
+
+
+def test_failure_messages_name_regions_and_codes_only(regions: list[KmsRegion], factory: ClientFactory) -> None:
+    east, west = regions
+    key = create_multi_region_key(east, [west])
+    guard = guard_for(key, keyring(factory))
+    sealed = guard.encrypt(b"4111111111111111", "general")
+    wrapped = envelope.parse(sealed).wrapped_keys[0].wrapped
+    for region in regions:
+        region.proxy.outage("refuse")
+    with pytest.raises(AllRegionsFailed) as info:
+        guard.decrypt(sealed)
+    text = str(info.value)
+    assert "4111" not in text and wrapped.hex() not in text and "KMS_SERVICE_ERROR" in text
