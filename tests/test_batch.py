@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kmsguard import Guard, InvalidCiphertext, InvalidInput, KmsGuardError, envelope
+from kmsguard import Guard, InvalidCiphertext, InvalidInput, KmsGuardError, RateLimited, envelope
 from kmsguard.batch import Result
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.keyrings.local import LocalKeyring
@@ -89,3 +89,16 @@ def test_a_failed_unwrap_is_shared_by_its_group_not_retried(keyring: LocalKeyrin
 def test_result_is_value_or_error() -> None:
     assert Result(value=b"x").ok and Result(value=b"x").get() == b"x"
     assert not Result(error=InvalidInput()).ok
+
+
+def test_a_throttled_unwrap_fails_one_item_not_its_group(keyring: LocalKeyring) -> None:
+    guard, counting = no_cache_guard(keyring)
+    first = guard.encrypt(b"x", "general")
+    request = KeyRequest("general", "local:general", {})
+    dk = keyring.unwrap(envelope.parse(first).wrapped_keys, request)
+    group = [envelope.seal(dk, "general", {}, b"m%d" % i) for i in range(5)]
+    counting.calls["unwrap"] = 0
+    counting.fail_next = [RateLimited("KMS throttled the request")]
+    results = guard.decrypt_many(group, max_concurrency=1)
+    assert [r.ok for r in results] == [False, True, True, True, True]
+    assert counting.calls["unwrap"] == 2

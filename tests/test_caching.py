@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kmsguard import Guard, KeyDisabled, envelope
+from kmsguard import Guard, KeyDisabled, RateLimited, envelope
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import InvalidInput
 from kmsguard.keyrings.base import KeyRequest
@@ -33,15 +33,19 @@ class Counting:
         self.calls = {"generate": 0, "unwrap": 0}
         self.entered = threading.Event()
         self.gate: threading.Event | None = None
-        self.fail: Exception | None = None
+        self.fail: Exception | None = None  # raised by every call
+        self.fail_next: list[Exception] = []  # raised by the next calls, one each
         self._lock = threading.Lock()
 
     def _enter(self, name: str) -> None:
         with self._lock:
             self.calls[name] += 1
+            once = self.fail_next.pop(0) if self.fail_next else None
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
+        if once is not None:
+            raise once
         if self.fail is not None:
             raise self.fail
 
@@ -258,6 +262,32 @@ def test_a_failed_call_reaches_every_waiter_and_is_not_cached(counting: Counting
     counting.fail = None
     c.generate_for(GENERAL, 1)
     assert c.stats().entries == 1
+
+
+def test_waiters_of_a_throttled_call_try_again_instead_of_failing(counting: Counting) -> None:
+    c = cache(counting)
+    counting.gate = threading.Event()
+    counting.fail_next = [RateLimited("KMS throttled the request")]
+    start = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def worker() -> None:
+        start.wait()
+        try:
+            c.generate_for(GENERAL, 1)
+            outcomes.append("ok")
+        except RateLimited:
+            outcomes.append("throttled")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    assert counting.entered.wait(10)
+    counting.gate.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(outcomes) == ["ok", "ok", "ok", "throttled"]
+    assert counting.calls["generate"] == 2
 
 
 # ---------------------------------------------------------------------- eviction and reporting

@@ -75,8 +75,12 @@ class UnwrapOnce:
 
     The first item that needs a data key unwraps it (inside its own operation, so the
     audit record shows the KMS call); items of the same group wait for it and reuse the
-    key, or get the same error, without another call. Lives only as long as the batch.
+    key, or get the same error, without another call. A retryable failure (throttled,
+    timed out) is shared only after ``RETRYABLE_ATTEMPTS`` items of the group tried, so one
+    throttled call does not fail a whole group. Lives only as long as the batch.
     """
+
+    RETRYABLE_ATTEMPTS = 3
 
     def __init__(self, keyring: Keyring) -> None:
         self._keyring = keyring
@@ -92,7 +96,9 @@ class UnwrapOnce:
                 try:
                     slot.data_key = self._keyring.unwrap(wrapped, request)
                 except KmsGuardError as exc:
-                    slot.error = exc
+                    slot.attempts += 1
+                    if not exc.retryable or slot.attempts >= self.RETRYABLE_ATTEMPTS:
+                        slot.error = exc
                     raise
                 return slot.data_key
         if slot.error is not None:
@@ -103,9 +109,10 @@ class UnwrapOnce:
 
 
 class _Slot:
-    __slots__ = ("data_key", "error", "lock")
+    __slots__ = ("attempts", "data_key", "error", "lock")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.attempts = 0
         self.data_key: DataKey | None = None
         self.error: KmsGuardError | None = None

@@ -34,6 +34,7 @@ from typing import Any
 
 from kmsguard import operation
 from kmsguard.datakey import DataKey, WrappedKey
+from kmsguard.errors import KmsGuardError
 from kmsguard.keyrings.base import KeyRequest, Keyring
 from kmsguard.policy import CacheLimits, Policy
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
@@ -80,10 +81,12 @@ class _Flight:
         self.done = threading.Event()
         self.error: BaseException | None = None
 
-    def wait(self) -> None:
+    def wait(self, may_retry: bool) -> None:
+        """Wait for the leader; raise its error, unless retryable and ``may_retry`` (then go again)."""
         self.done.wait()
-        if self.error is not None:
-            raise self.error
+        error = self.error
+        if error is not None and not (may_retry and isinstance(error, KmsGuardError) and error.retryable):
+            raise error
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,7 @@ class CachingKeyring:
             self._note(False, request.classification)
             return self.inner.generate(request)
         entry = _memo_of(request, self, None)
+        waited = False
         while True:
             with self._lock:
                 if entry is None or entry.data_key is None:
@@ -172,7 +176,8 @@ class CachingKeyring:
                     self._drop(entry)
             # Miss: lead the fetch of a fresh key (its first use is ours), or wait for the
             # leader's and go round to claim a use under the lock, so the limits hold exactly.
-            entry = self._fetch(request, request.cache_partition(), limits.max_age, size, None)
+            entry = self._fetch(request, request.cache_partition(), limits.max_age, size, None, not waited)
+            waited = True
             if entry is not None:
                 _remember(request, entry)
                 return entry.data_key  # type: ignore[return-value]
@@ -187,6 +192,7 @@ class CachingKeyring:
             return self.inner.unwrap(wrapped, request)
         wrapped = tuple(wrapped)
         entry = _memo_of(request, self, wrapped)
+        waited = False
         while True:
             with self._lock:
                 if entry is None or entry.data_key is None:
@@ -198,7 +204,9 @@ class CachingKeyring:
                         self._hits += 1
                         break
                     self._drop(entry)
-            entry = self._fetch(request, (wrapped, request.cache_partition()), limits.decrypt_ttl, 0, wrapped)
+            key = (wrapped, request.cache_partition())
+            entry = self._fetch(request, key, limits.decrypt_ttl, 0, wrapped, not waited)
+            waited = True
             if entry is not None:
                 _remember(request, entry)
                 return entry.data_key  # type: ignore[return-value]
@@ -246,12 +254,16 @@ class CachingKeyring:
         lifetime: float,
         size: int,
         wrapped: tuple[WrappedKey, ...] | None,
+        may_retry: bool,
     ) -> _Entry | None:
         """Lead one inner call for ``key`` and cache its result, or wait for the leader's call.
 
         The leader gets the new entry, with its own message (of ``size`` bytes) already
         counted; a waiter gets None and claims a use like any hit. A failed call raises in
-        the leader and in every waiter. ``wrapped`` marks a decrypt entry.
+        the leader and in every waiter, except that a waiter whose leader failed with a
+        retryable error (throttled, timed out) gets None once, to try again itself: one
+        throttled call must not fail every operation that happened to share it.
+        ``wrapped`` marks a decrypt entry.
         """
         with self._lock:
             flight = self._flights.get(key)
@@ -260,7 +272,7 @@ class CachingKeyring:
                 flight = self._flights[key] = _Flight()
                 self._misses += 1
         if not leader:
-            flight.wait()
+            flight.wait(may_retry)
             return None
         self._note(False, request.classification)
         try:
