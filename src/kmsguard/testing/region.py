@@ -12,9 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import boto3
-from botocore.config import Config
-
 from kmsguard.testing.moto_server import MotoServer
 from kmsguard.testing.proxy import FaultProxy
 
@@ -52,6 +49,9 @@ class KmsRegion:
     def admin(self) -> KMSClient:
         """A KMS client straight to moto, for test setup; never faulted or counted."""
         if self._admin is None:
+            import boto3  # here, so that loading the pytest plugin does not import boto3
+            from botocore.config import Config
+
             self._admin = boto3.client(
                 "kms",
                 region_name=self.name,
