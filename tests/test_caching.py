@@ -312,6 +312,17 @@ def test_lru_eviction_drops_the_key_everywhere(counting: Counting) -> None:
     assert c.stats().entries == 0 and first.sealers == {}
 
 
+def test_expired_keys_leave_memory_at_the_next_miss(counting: Counting) -> None:
+    clock = Clock()
+    c = cache(counting, clock, max_age=10, decrypt_ttl=10)
+    old = c.generate(GENERAL)
+    envelope.sealer_for(old, "general", {"tenant": "a"})
+    clock.now += 11
+    c.generate(KeyRequest("general", "local:general", {"tenant": "other"}))
+    assert c.stats().entries == 1 and c.stats().evictions == 1
+    assert old.sealers == {}
+
+
 def test_reports_hits_and_misses_to_telemetry_and_the_operation(keyring: LocalKeyring) -> None:
     policy = Policy.defaults({n: f"local:{n}" for n in ("general", "pii", "payment")})
     telemetry = Recorder()

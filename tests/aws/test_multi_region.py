@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kmsguard import AllRegionsFailed, ConfigurationError, Guard, envelope
+from kmsguard import AllRegionsFailed, ConfigurationError, Guard, KmsGuardError, envelope
 from kmsguard.aws import AwsSettings, ClientFactory
 from kmsguard.keyrings.aws_kms import AwsKmsKeyring
 from kmsguard.keyrings.caching import CachingKeyring
@@ -127,6 +127,16 @@ def test_a_region_down_at_encrypt_is_left_out_of_that_envelope(
     sealed = guard.encrypt(b"x", "general")
     assert regions_of(sealed) == ["us-east-1"]
     assert guard.decrypt(sealed) == b"x"
+
+
+def test_a_misconfigured_region_key_fails_the_encrypt(regions: list[KmsRegion], factory: ClientFactory) -> None:
+    east, west = regions
+    keys = {"us-east-1": east.create_key(), "eu-west-1": west.create_key()}
+    guard = guard_for(keys["us-east-1"], keyring(factory, region_keys={"general": keys}, wrap_in_all_regions=True))
+    west.proxy.inject("NotFoundException", api="Encrypt")
+    with pytest.raises(KmsGuardError) as info:
+        guard.encrypt(b"x", "general")
+    assert info.value.code == "KEY_NOT_FOUND"
 
 
 def test_mixed_region_ciphertexts_in_one_batch(regions: list[KmsRegion], factory: ClientFactory) -> None:

@@ -294,6 +294,11 @@ class CachingKeyring:
         old = self._entries.get(entry.key)
         if old is not None:
             self._drop(old, counted=False)
+        # A miss already costs a KMS call, so it can afford a sweep: expired keys leave
+        # memory now rather than whenever the LRU reaches them.
+        now = self._clock()
+        for expired in [e for e in self._entries.values() if e.expires <= now]:
+            self._drop(expired)
         self._entries[entry.key] = entry
         while len(self._entries) > self.capacity:
             self._drop(next(iter(self._entries.values())))

@@ -274,9 +274,11 @@ class MultiRegionKeyring:
     def _wrap_in_others(self, data_key: DataKey, request: KeyRequest, served: str) -> DataKey:
         """Add a wrapped copy from every other usable region, in parallel, within the deadline.
 
-        A region whose breaker is open, that fails, or that does not answer before the
-        deadline is left out: the envelope then opens in fewer regions, which beats
-        failing the encrypt during an outage.
+        A region whose breaker is open, that is down or throttled, or that does not answer
+        before the deadline is left out: the envelope then opens in fewer regions, which
+        beats failing the encrypt during an outage. Any other error (a missing or disabled
+        key, denied access) is a configuration fault that would silently cost a region's
+        copy of every envelope, so it fails the encrypt.
         """
         others = [r for r in self._candidates(request) if r != served and self.breakers[r].allow()]
         if not others:
@@ -289,6 +291,7 @@ class MultiRegionKeyring:
         until = operation.deadline.get()
         done, _pending = wait(futures, timeout=None if until is None else max(0.0, until - time.monotonic()))
         added: list[WrappedKey] = []
+        fault: BaseException | None = None
         for future, region in futures.items():
             breaker = self.breakers[region]
             if future not in done:
@@ -302,6 +305,10 @@ class MultiRegionKeyring:
                 breaker.failure()
             else:
                 breaker.success()
+                if not isinstance(exc, RateLimited):
+                    fault = fault or exc
+        if fault is not None:
+            raise fault
         return data_key.with_wrapped((*data_key.wrapped, *added)) if added else data_key
 
 
