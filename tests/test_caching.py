@@ -7,7 +7,7 @@ counted here is a real wrap or unwrap.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -78,6 +78,24 @@ class Recorder(Telemetry):
 
     def cache_event(self, event: str, classification: str) -> None:
         self.events.append((event, classification))
+
+
+def concurrently(counting: Counting, n: int, work: Callable[[], None]) -> None:
+    """Start ``n`` threads at once, hold the keyring's first call until all have started, join."""
+    counting.gate = threading.Event()
+    start = threading.Barrier(n)
+
+    def run() -> None:
+        start.wait()
+        work()
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    assert counting.entered.wait(10)
+    counting.gate.set()
+    for t in threads:
+        t.join(10)
 
 
 @pytest.fixture
@@ -217,22 +235,12 @@ def test_decrypt_entries_are_partitioned_by_context(counting: Counting) -> None:
 def test_sixteen_concurrent_misses_make_one_call(counting: Counting, side: str) -> None:
     c = cache(counting)
     wrapped = counting.inner.generate(GENERAL).wrapped
-    counting.gate = threading.Event()
-    start = threading.Barrier(16)
     results: list[DataKey] = []
 
     def worker() -> None:
-        start.wait()
-        key = c.generate_for(GENERAL, 1) if side == "generate" else c.unwrap(wrapped, GENERAL)
-        results.append(key)
+        results.append(c.generate_for(GENERAL, 1) if side == "generate" else c.unwrap(wrapped, GENERAL))
 
-    threads = [threading.Thread(target=worker) for _ in range(16)]
-    for t in threads:
-        t.start()
-    assert counting.entered.wait(10)
-    counting.gate.set()
-    for t in threads:
-        t.join(10)
+    concurrently(counting, 16, worker)
     assert len(results) == 16 and len({id(k) for k in results}) == 1
     assert counting.calls[side] == 1
     stats = c.stats()
@@ -241,7 +249,6 @@ def test_sixteen_concurrent_misses_make_one_call(counting: Counting, side: str) 
 
 def test_a_failed_call_reaches_every_waiter_and_is_not_cached(counting: Counting) -> None:
     c = cache(counting)
-    counting.gate = threading.Event()
     counting.fail = KeyDisabled("local key 'general' v1 is disabled")
     errors: list[BaseException] = []
 
@@ -251,13 +258,7 @@ def test_a_failed_call_reaches_every_waiter_and_is_not_cached(counting: Counting
         except KeyDisabled as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    assert counting.entered.wait(10)
-    counting.gate.set()
-    for t in threads:
-        t.join(10)
+    concurrently(counting, 4, worker)
     assert len(errors) == 4
     counting.fail = None
     c.generate_for(GENERAL, 1)
@@ -266,26 +267,17 @@ def test_a_failed_call_reaches_every_waiter_and_is_not_cached(counting: Counting
 
 def test_waiters_of_a_throttled_call_try_again_instead_of_failing(counting: Counting) -> None:
     c = cache(counting)
-    counting.gate = threading.Event()
     counting.fail_next = [RateLimited("KMS throttled the request")]
-    start = threading.Barrier(4)
     outcomes: list[str] = []
 
     def worker() -> None:
-        start.wait()
         try:
             c.generate_for(GENERAL, 1)
             outcomes.append("ok")
         except RateLimited:
             outcomes.append("throttled")
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    assert counting.entered.wait(10)
-    counting.gate.set()
-    for t in threads:
-        t.join(10)
+    concurrently(counting, 4, worker)
     assert sorted(outcomes) == ["ok", "ok", "ok", "throttled"]
     assert counting.calls["generate"] == 2
 

@@ -72,6 +72,13 @@ def guard_for(key: str, mr: MultiRegionKeyring) -> Guard:
     return Guard(Policy([ClassPolicy("general", key, cache=NO_CACHE)]), mr)
 
 
+def wrap_all_guard(regions: list[KmsRegion], factory: ClientFactory) -> Guard:
+    """Single-region keys, one per region, and every data key wrapped in both."""
+    east, west = regions
+    keys = {"us-east-1": east.create_key(), "eu-west-1": west.create_key()}
+    return guard_for(keys["us-east-1"], keyring(factory, region_keys={"general": keys}, wrap_in_all_regions=True))
+
+
 def regions_of(sealed: bytes) -> list[str]:
     return [w.key_ref.split(":")[3] for w in envelope.parse(sealed).wrapped_keys]
 
@@ -105,9 +112,7 @@ def test_mrk_ciphertexts_decrypt_in_the_replica_while_the_primary_is_down(
 
 def test_wrap_in_all_regions_lets_any_region_decrypt(regions: list[KmsRegion], factory: ClientFactory) -> None:
     east, west = regions
-    keys = {"us-east-1": east.create_key(), "eu-west-1": west.create_key()}
-    mr = keyring(factory, region_keys={"general": keys}, wrap_in_all_regions=True)
-    guard = guard_for(keys["us-east-1"], mr)
+    guard = wrap_all_guard(regions, factory)
     sealed = guard.encrypt(b"ticket", "general", {"pnr": "X1"})
     assert regions_of(sealed) == ["us-east-1", "eu-west-1"]
     assert east.proxy.counts["GenerateDataKey"] == 1 and west.proxy.counts["Encrypt"] == 1
@@ -120,9 +125,8 @@ def test_wrap_in_all_regions_lets_any_region_decrypt(regions: list[KmsRegion], f
 def test_a_region_down_at_encrypt_is_left_out_of_that_envelope(
     regions: list[KmsRegion], factory: ClientFactory
 ) -> None:
-    east, west = regions
-    keys = {"us-east-1": east.create_key(), "eu-west-1": west.create_key()}
-    guard = guard_for(keys["us-east-1"], keyring(factory, region_keys={"general": keys}, wrap_in_all_regions=True))
+    west = regions[1]
+    guard = wrap_all_guard(regions, factory)
     west.proxy.outage("refuse")
     sealed = guard.encrypt(b"x", "general")
     assert regions_of(sealed) == ["us-east-1"]
@@ -130,9 +134,8 @@ def test_a_region_down_at_encrypt_is_left_out_of_that_envelope(
 
 
 def test_a_misconfigured_region_key_fails_the_encrypt(regions: list[KmsRegion], factory: ClientFactory) -> None:
-    east, west = regions
-    keys = {"us-east-1": east.create_key(), "eu-west-1": west.create_key()}
-    guard = guard_for(keys["us-east-1"], keyring(factory, region_keys={"general": keys}, wrap_in_all_regions=True))
+    west = regions[1]
+    guard = wrap_all_guard(regions, factory)
     west.proxy.inject("NotFoundException", api="Encrypt")
     with pytest.raises(KmsGuardError) as info:
         guard.encrypt(b"x", "general")

@@ -152,68 +152,14 @@ class CachingKeyring:
                 self._misses += 1
             self._note(False, request.classification)
             return self.inner.generate(request)
-        entry = _memo_of(request, self, None)
-        waited = False
-        while True:
-            with self._lock:
-                if entry is None or entry.data_key is None:
-                    # Encrypt entries are keyed by the 3-tuple partition, decrypt entries by
-                    # 2-tuples, so both share one index (and one LRU order) without colliding.
-                    entry = self._entries.get(request.cache_partition())
-                if entry is not None:
-                    data_key = entry.data_key
-                    if (
-                        data_key is not None
-                        and self._clock() < entry.expires
-                        and entry.messages < limits.max_messages  # CacheLimits caps this at 2^32
-                        and entry.bytes + size <= limits.max_bytes
-                    ):
-                        entry.messages += 1
-                        entry.bytes += size
-                        self._entries.move_to_end(entry.key)
-                        self._hits += 1
-                        break
-                    self._drop(entry)
-            # Miss: lead the fetch of a fresh key (its first use is ours), or wait for the
-            # leader's and go round to claim a use under the lock, so the limits hold exactly.
-            entry = self._fetch(request, request.cache_partition(), limits.max_age, size, None, not waited)
-            waited = True
-            if entry is not None:
-                _remember(request, entry)
-                return entry.data_key  # type: ignore[return-value]
-        if request._memo is not entry:
-            _remember(request, entry)
-        self._note(True, request.classification)
-        return data_key
+        return self._serve(request, request.cache_partition(), limits.max_age, size, None, limits)
 
     def unwrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> DataKey:
         limits = self._limits.get(request.classification)
         if limits is None or limits.decrypt_ttl <= 0:
             return self.inner.unwrap(wrapped, request)
         wrapped = tuple(wrapped)
-        entry = _memo_of(request, self, wrapped)
-        waited = False
-        while True:
-            with self._lock:
-                if entry is None or entry.data_key is None:
-                    entry = self._entries.get((wrapped, request.cache_partition()))
-                if entry is not None:
-                    data_key = entry.data_key
-                    if data_key is not None and self._clock() < entry.expires:
-                        self._entries.move_to_end(entry.key)
-                        self._hits += 1
-                        break
-                    self._drop(entry)
-            key = (wrapped, request.cache_partition())
-            entry = self._fetch(request, key, limits.decrypt_ttl, 0, wrapped, not waited)
-            waited = True
-            if entry is not None:
-                _remember(request, entry)
-                return entry.data_key  # type: ignore[return-value]
-        if request._memo is not entry:
-            _remember(request, entry)
-        self._note(True, request.classification)
-        return data_key
+        return self._serve(request, (wrapped, request.cache_partition()), limits.decrypt_ttl, 0, wrapped, None)
 
     def wrap(self, data_key: DataKey, request: KeyRequest) -> DataKey:
         return self.inner.wrap(data_key, request)
@@ -246,6 +192,59 @@ class CachingKeyring:
         return getattr(self.inner, name)
 
     # ------------------------------------------------------------------ internals
+
+    def _serve(
+        self,
+        request: KeyRequest,
+        key: Hashable,
+        lifetime: float,
+        size: int,
+        wrapped: tuple[WrappedKey, ...] | None,
+        limits: CacheLimits | None,
+    ) -> DataKey:
+        """A hit on the entry for ``key`` (a claimed use, for encrypt), or a fetch of a new one.
+
+        ``wrapped`` and no ``limits`` for decrypt entries, which only expire; encrypt
+        entries also count messages and bytes against ``limits``. Encrypt entries are
+        keyed by the 3-tuple partition, decrypt entries by 2-tuples, so both share one
+        index (and one LRU order) without colliding.
+        """
+        entry = _memo_of(request, self, wrapped)
+        waited = False
+        while True:
+            with self._lock:
+                if entry is None or entry.data_key is None:
+                    entry = self._entries.get(key)
+                if entry is not None:
+                    data_key = entry.data_key
+                    if (
+                        data_key is not None
+                        and self._clock() < entry.expires
+                        and (
+                            limits is None
+                            or (
+                                entry.messages < limits.max_messages  # CacheLimits caps this at 2^32
+                                and entry.bytes + size <= limits.max_bytes
+                            )
+                        )
+                    ):
+                        entry.messages += 1
+                        entry.bytes += size
+                        self._entries.move_to_end(entry.key)
+                        self._hits += 1
+                        break
+                    self._drop(entry)
+            # Miss: lead the fetch of a fresh key (its first use is ours), or wait for the
+            # leader's and go round to claim a use under the lock, so the limits hold exactly.
+            entry = self._fetch(request, key, lifetime, size, wrapped, not waited)
+            waited = True
+            if entry is not None:
+                _remember(request, entry)
+                return entry.data_key  # type: ignore[return-value]
+        if request._memo is not entry:
+            _remember(request, entry)
+        self._note(True, request.classification)
+        return data_key
 
     def _fetch(
         self,
