@@ -78,12 +78,13 @@ def test_stalled_endpoint_fails_within_the_operation_deadline(kms_region: KmsReg
 
 def test_abandoned_call_starts_no_further_attempt(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
     arn = kms_region.create_key()
-    keyring = make_keyring(max_attempts=5, read_timeout=0.4, operation_timeout=0.2)
-    kms_region.proxy.stall(2)
+    keyring = make_keyring(max_attempts=5, read_timeout=1.0, operation_timeout=0.5)
+    keyring.clients.client(kms_region.name)  # built up front: building it must not eat the 0.5 s budget
+    kms_region.proxy.stall(3)
     with pytest.raises(errors.KmsTimeout):
         keyring.generate(_request(arn))
     stats = keyring.clients.stats
-    for _ in range(100):  # the worker finishes its one attempt in the background
+    for _ in range(200):  # the worker's one attempt times out in the background, then it gives up
         if stats.total("calls", api="GenerateDataKey"):
             break
         time.sleep(0.05)
