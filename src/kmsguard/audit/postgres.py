@@ -118,9 +118,16 @@ class PostgresSink:
         return (int(row[0]), str(row[1])) if row else None
 
     def records(self) -> Iterator[AuditRecord]:
+        """Streamed through a server-side cursor on a connection of its own (constant memory)."""
         stmt = sql.SQL("SELECT {} FROM {} ORDER BY writer_id, seq").format(self._columns, self._table)
-        rows = self._run(lambda conn: conn.execute(stmt).fetchall())
-        return (from_row(row) for row in rows)
+        with (
+            psycopg.connect(self.dsn, connect_timeout=max(1, round(self.connect_timeout))) as conn,
+            conn.cursor(name="kmsguard_audit_verify") as cur,
+        ):
+            cur.itersize = 5000
+            cur.execute(stmt)
+            for row in cur:
+                yield from_row(row)
 
     def query(self, query: Query) -> list[AuditRecord]:
         where, params = query.sql_where("%s")

@@ -65,9 +65,13 @@ class SqliteSink:
         return (int(row[0]), str(row[1])) if row else None
 
     def records(self) -> Iterator[AuditRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM audit_records ORDER BY writer_id, seq").fetchall()  # noqa: S608
-        return (from_row(row) for row in rows)
+        """Streamed from a connection of its own (verify reads millions of rows in constant memory)."""
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            for row in db.execute(f"SELECT {_COLUMNS} FROM audit_records ORDER BY writer_id, seq"):  # noqa: S608
+                yield from_row(row)
+        finally:
+            db.close()
 
     def query(self, query: Query) -> list[AuditRecord]:
         where, params = query.sql_where("?")

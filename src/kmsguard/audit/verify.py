@@ -45,37 +45,60 @@ class Report:
 
 
 def verify(records: Iterable[AuditRecord], keys: AuditKeys) -> Report:
-    """Check records ordered by (writer_id, seq); report the first problem of each writer."""
+    """Check records ordered by (writer_id, seq); report the first problem of each writer.
+
+    Streams: one record at a time, so a chain of millions is checked in constant memory.
+    """
     report = Report()
     for writer_id, group in groupby(records, key=lambda r: r.writer_id):
-        chain = list(group)
         report.writers += 1
-        report.records += len(chain)
-        problem = _first_problem(writer_id, chain, keys)
-        if problem is not None:
-            report.problems.append(problem)
-        elif chain[-1].operation != CLOSE_OPERATION:
+        state = _ChainCheck(writer_id, keys)
+        for record in group:
+            report.records += 1
+            if state.problem is None:
+                state.check(record)
+        if state.problem is not None:
+            report.problems.append(state.problem)
+        elif not state.closed:
             report.open_writers.append(writer_id)
     return report
 
 
-def _first_problem(writer_id: str, chain: list[AuditRecord], keys: AuditKeys) -> Problem | None:
-    expected_seq, prev_hash, closed = 1, GENESIS, False
-    for r in chain:
-        if keys.chain_hash(r.canonical()) != r.hash:
-            true_seq = next(_seqs_that_verify(r, len(chain) + expected_seq, keys), None)
+class _ChainCheck:
+    """One writer's chain, checked record by record."""
+
+    #: How far beyond its position a moved record's true sequence number is searched.
+    MOVE_WINDOW = 10_000
+
+    def __init__(self, writer_id: str, keys: AuditKeys) -> None:
+        self.writer_id = writer_id
+        self.keys = keys
+        self.expected_seq = 1
+        self.prev_hash = GENESIS
+        self.closed = False
+        self.problem: Problem | None = None
+
+    def check(self, r: AuditRecord) -> None:
+        self.problem = self._problem(r)
+        self.expected_seq, self.prev_hash = r.seq + 1, r.hash
+        self.closed = r.operation == CLOSE_OPERATION
+
+    def _problem(self, r: AuditRecord) -> Problem | None:
+        if self.keys.chain_hash(r.canonical()) != r.hash:
+            upper = max(r.seq, self.expected_seq) + self.MOVE_WINDOW
+            true_seq = next(_seqs_that_verify(r, upper, self.keys), None)
             if true_seq is not None and true_seq != r.seq:
-                return Problem(writer_id, r.seq, "moved", f"this record was written as record {true_seq}")
-            return Problem(writer_id, r.seq, "altered", "its content does not match its hash")
-        if closed:
-            return Problem(writer_id, r.seq, "after-close", "a record follows the writer-closed record")
-        if r.seq != expected_seq:
-            missing = f"{expected_seq}" if r.seq == expected_seq + 1 else f"{expected_seq}-{r.seq - 1}"
-            return Problem(writer_id, r.seq, "removed", f"record(s) {missing} are missing before it")
-        if r.prev_hash != prev_hash:
-            return Problem(writer_id, r.seq, "removed", "it does not follow the record before it")
-        expected_seq, prev_hash, closed = r.seq + 1, r.hash, r.operation == CLOSE_OPERATION
-    return None
+                return Problem(self.writer_id, r.seq, "moved", f"this record was written as record {true_seq}")
+            return Problem(self.writer_id, r.seq, "altered", "its content does not match its hash")
+        if self.closed:
+            return Problem(self.writer_id, r.seq, "after-close", "a record follows the writer-closed record")
+        if r.seq != self.expected_seq:
+            first, last = self.expected_seq, r.seq - 1
+            missing = f"{first}" if first == last else f"{first}-{last}"
+            return Problem(self.writer_id, r.seq, "removed", f"record(s) {missing} are missing before it")
+        if r.prev_hash != self.prev_hash:
+            return Problem(self.writer_id, r.seq, "removed", "it does not follow the record before it")
+        return None
 
 
 def _seqs_that_verify(r: AuditRecord, upper: int, keys: AuditKeys) -> Iterator[int]:
