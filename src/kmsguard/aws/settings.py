@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from kmsguard.errors import ConfigurationError
@@ -108,9 +108,6 @@ class AwsSettings:
     def endpoint_for(self, region: str) -> str | None:
         """``[aws.endpoints]`` for the region, else ``AWS_ENDPOINT_URL_KMS``/``AWS_ENDPOINT_URL``, else AWS's own."""
         return self.endpoints.get(region) or self.default_endpoint
-
-    def with_regions(self, *regions: str) -> AwsSettings:
-        return replace(self, regions=tuple(regions))
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any], env: Mapping[str, str], environment: str) -> AwsSettings:

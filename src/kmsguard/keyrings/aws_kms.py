@@ -20,19 +20,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from kmsguard import operation
 from kmsguard.aws.arn import KeyArn
 from kmsguard.aws.clients import ClientFactory
-from kmsguard.aws.settings import AwsSettings
 from kmsguard.datakey import DEK_SIZE, DataKey, WrappedKey
 from kmsguard.errors import InvalidCiphertext, InvalidKeyUsage, KmsGuardError, KmsServiceError
 from kmsguard.keyrings.base import KeyRequest
-from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 PROVIDER = "aws-kms"
+T = TypeVar("T")
 
 
 class AwsKmsKeyring:
@@ -45,13 +44,6 @@ class AwsKmsKeyring:
         self.region = region or clients.settings.region
         self._aliases: dict[str, tuple[str, float]] = {}
         self._alias_lock = threading.Lock()
-
-    @classmethod
-    def from_settings(
-        cls, settings: AwsSettings, region: str | None = None, telemetry: Telemetry = NULL_TELEMETRY
-    ) -> AwsKmsKeyring:
-        """A keyring with its own client factory (stack.py shares one factory between regions)."""
-        return cls(ClientFactory(settings, telemetry), region)
 
     def close(self) -> None:
         """Close the client factory's connections and worker threads (idempotent)."""
@@ -149,7 +141,7 @@ class AwsKmsKeyring:
         operation.note_kms_call(key_ref if api != "DescribeKey" else None, self.region)
         return self.clients.call(self.region, api, until=until, key_ref=key_ref, **params)
 
-    def _first(self, wrapped: Sequence[WrappedKey], attempt: Any) -> Any:
+    def _first(self, wrapped: Sequence[WrappedKey], attempt: Callable[[WrappedKey, str], T]) -> T:
         """``attempt(entry, arn)`` on each entry this region can open; the first success wins.
 
         A wrong-key or wrong-context entry moves on to the next; any other failure is
