@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from kmsguard import Guard
@@ -18,7 +19,7 @@ from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.metrics import of
 from kmsguard.stack import build_keyring, build_observers, build_telemetry
 
-from .conftest import write_config
+from .conftest import PG_DSN, write_config
 
 PLAINTEXT = b"PAN-4111111111111111-SECRET"
 CONTEXT_VALUE = "customer-8675309"
@@ -52,12 +53,21 @@ def forms(secret: bytes) -> list[bytes]:
     return [secret, secret.hex().encode(), base64.b64encode(secret), base64.urlsafe_b64encode(secret).rstrip(b"=")]
 
 
-@pytest.mark.parametrize("sink", ["sqlite", "jsonl"])
+def _postgres_rows(schema: str) -> bytes:
+    with psycopg.connect(PG_DSN) as conn:
+        rows = conn.execute(f'SELECT t::text FROM "{schema}".audit_records t').fetchall()
+    return "\n".join(r[0] for r in rows).encode()
+
+
+@pytest.mark.parametrize("sink", ["sqlite", "jsonl", "postgres"])
 def test_scan_finds_no_plaintext_or_data_key(
-    sink: str, keyring: LocalKeyring, home: Path, caplog: pytest.LogCaptureFixture
+    sink: str, keyring: LocalKeyring, home: Path, caplog: pytest.LogCaptureFixture, request: pytest.FixtureRequest
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    write_config(home, {"sink": sink}, extra='[metrics]\nemf = "metrics.emf"\nflush_interval = 0.05\n')
+    audit: dict[str, object] = {"sink": sink, "delivery": "thread"}  # in-process, so caplog sees every log line
+    if sink == "postgres":
+        audit.update(dsn=PG_DSN, schema=request.getfixturevalue("pg_schema"))
+    write_config(home, audit, extra='[metrics]\nemf = "metrics.emf"\nflush_interval = 0.05\n')
     settings = load_settings({"KMSGUARD_HOME": str(home)})
     telemetry = build_telemetry(settings)
     capturing = CapturingKeyring(build_keyring(settings, telemetry))  # type: ignore[arg-type]
@@ -93,6 +103,9 @@ def test_scan_finds_no_plaintext_or_data_key(
     assert any(b"OperationDuration" in data for data in stored.values())  # EMF lines were written
     assert any(b"refund" not in data and b"decrypt" in data for data in stored.values())  # records were written
     haystacks = {**{str(p): d for p, d in stored.items()}, "metrics": exposition, "log": caplog.text.encode()}
+    if sink == "postgres":
+        haystacks["postgres rows"] = _postgres_rows(str(audit["schema"]))
+        assert b"decrypt" in haystacks["postgres rows"]
     for where, data in haystacks.items():
         for secret in secrets:
             assert secret not in data, f"secret bytes found in {where}"
