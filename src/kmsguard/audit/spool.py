@@ -90,6 +90,8 @@ def writers(directory: Path) -> set[str]:
         return set()
     out = set()
     for path in directory.iterdir():
+        if path.name.startswith("."):
+            continue  # a lock being created
         if path.name.endswith(LOCK_SUFFIX):
             out.add(path.name.removesuffix(LOCK_SUFFIX))
         elif m := _SEGMENT_RE.fullmatch(path.name):
@@ -97,9 +99,31 @@ def writers(directory: Path) -> set[str]:
     return out
 
 
+def create_lock(directory: Path, writer_id: str) -> int:
+    """Create and hold a new writer's lock file, atomically.
+
+    The file is locked under a temporary name and then linked into place, so no
+    deliverer can ever see an unheld lock of a live writer (and take its spool).
+    """
+    tmp = directory / f".{writer_id}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.link(tmp, directory / f"{writer_id}{LOCK_SUFFIX}")
+    except OSError:
+        os.close(fd)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    return fd
+
+
 def try_lock(directory: Path, writer_id: str) -> int | None:
-    """Take ``writer_id``'s lock (creating the file); its fd, or None if a live process holds it."""
-    fd = os.open(directory / f"{writer_id}{LOCK_SUFFIX}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """Take a writer's existing lock; its fd, or None if a live process holds it (or it is gone)."""
+    try:
+        fd = os.open(directory / f"{writer_id}{LOCK_SUFFIX}", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -125,10 +149,10 @@ class Spool:
         self.writer_id = writer_id
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
-        lock = try_lock(directory, writer_id)
-        if lock is None:
-            raise AuditUnavailable(f"audit writer id {writer_id} is in use")
-        self._lock_fd: int | None = lock
+        try:
+            self._lock_fd: int | None = create_lock(directory, writer_id)
+        except OSError:
+            raise AuditUnavailable(f"cannot create the audit spool in {directory}") from None
         self._lock = threading.Lock()
         self.segment = 1
         self._fd = self._open(self.segment)

@@ -194,6 +194,7 @@ class AuditObserver:
                 log.error("audit: could not write the writer-closed record")
         self.flush(timeout)
         self._stopping.set()
+        self._timer.join(timeout)
         self._spool.close()  # releases the writer lock: the deliverer may now remove the files
         if self._child is not None:
             assert self._child.stdin is not None
