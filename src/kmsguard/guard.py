@@ -265,15 +265,14 @@ class Guard:
         plan = self._decrypt_plans.get(raw)
         op = operation.current.get()
         if op is not None:
-            self._note_class(op, plan.policy, len(raw) - plan.prefix_len - envelope.NONCE_SIZE - envelope.TAG_SIZE)
+            self._note_class(op, plan.policy, len(raw) - plan.body_start - envelope.TAG_SIZE)
         if ctx or plan.policy.required_context:
             self._check_context(plan.policy, plan.context, ctx)
         data_key = unwrap(plan.wrapped, plan.request)
         if op is not None:
             self._note_keys(op, plan.wrapped)
-        n = plan.prefix_len
-        nonce = raw[n : n + envelope.NONCE_SIZE]
-        body = memoryview(raw)[n + envelope.NONCE_SIZE :]
+        nonce = raw[plan.prefix_len : plan.body_start]
+        body = memoryview(raw)[plan.body_start :]
         return envelope.open_body(data_key, plan.commitment, nonce, body, plan.aad_prefix + nonce)
 
     def _rewrap(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:

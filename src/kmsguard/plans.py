@@ -81,6 +81,8 @@ class DecryptPlan:
     aad_prefix: bytes
     #: Bytes before the nonce (header, wrapped keys, commitment).
     prefix_len: int
+    #: Where the body starts (after the nonce).
+    body_start: int
 
 
 class EncryptPlans:
@@ -150,6 +152,7 @@ class DecryptPlans:
             commitment=env.commitment,
             aad_prefix=env.aad[: -envelope.NONCE_SIZE],
             prefix_len=prefix_len,
+            body_start=env.body_offset,
         )
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()

@@ -50,7 +50,7 @@ class _Entry:
     (the request memo, see :meth:`CachingKeyring.generate_for`) can never revive it.
     """
 
-    __slots__ = ("bytes", "classification", "data_key", "expires", "key", "messages", "owner", "wrapped")
+    __slots__ = ("bytes", "classification", "data_key", "expires", "key", "limits", "messages", "owner", "wrapped")
 
     def __init__(
         self,
@@ -61,8 +61,10 @@ class _Entry:
         expires: float,
         first_size: int,
         wrapped: tuple[WrappedKey, ...] | None,
+        limits: CacheLimits | None,
     ) -> None:
         self.owner = owner
+        self.limits = limits  # message and byte budgets (encrypt entries only)
         self.key = key
         self.data_key: DataKey | None = data_key
         self.classification = classification
@@ -137,13 +139,27 @@ class CachingKeyring:
         """A data key for one message of unknown size (counts against messages, not bytes)."""
         return self.generate_for(request, 0)
 
+    # A request object remembers the entry that served it (``KeyRequest._memo``). Guard
+    # reuses one request per classification and context (and per envelope header), so
+    # a hit on the remembered entry skips the limits lookup and hashing the partition.
+
     def generate_for(self, request: KeyRequest, size: int) -> DataKey:
         """A data key to seal one message of ``size`` bytes, reused while the limits allow.
 
         Guard calls this instead of :meth:`generate` so that ``max_bytes`` can be enforced.
-        A request object remembers the entry that served it (Guard reuses one request per
-        classification and context), so a hit skips hashing the partition.
         """
+        entry = request._memo
+        if (
+            type(entry) is _Entry
+            and entry.owner is self
+            and entry.limits is not None  # an encrypt entry
+            and size <= entry.limits.max_bytes  # an oversized message must not retire it
+        ):
+            with self._lock:
+                data_key = self._claim(entry, size)
+            if data_key is not None:
+                self._note(True, request.classification)
+                return data_key
         limits = self._limits.get(request.classification)
         if limits is None or not limits.reuse:
             return self.inner.generate(request)
@@ -155,6 +171,13 @@ class CachingKeyring:
         return self._serve(request, request.cache_partition(), limits.max_age, size, None, limits)
 
     def unwrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> DataKey:
+        entry = request._memo
+        if type(entry) is _Entry and entry.owner is self and entry.wrapped is wrapped:
+            with self._lock:
+                data_key = self._claim(entry, 0)
+            if data_key is not None:
+                self._note(True, request.classification)
+                return data_key
         limits = self._limits.get(request.classification)
         if limits is None or limits.decrypt_ttl <= 0:
             return self.inner.unwrap(wrapped, request)
@@ -209,41 +232,43 @@ class CachingKeyring:
         keyed by the 3-tuple partition, decrypt entries by 2-tuples, so both share one
         index (and one LRU order) without colliding.
         """
-        entry = _memo_of(request, self, wrapped)
         waited = False
         while True:
             with self._lock:
-                if entry is None or entry.data_key is None:
-                    entry = self._entries.get(key)
-                if entry is not None:
-                    data_key = entry.data_key
-                    if (
-                        data_key is not None
-                        and self._clock() < entry.expires
-                        and (
-                            limits is None
-                            or (
-                                entry.messages < limits.max_messages  # CacheLimits caps this at 2^32
-                                and entry.bytes + size <= limits.max_bytes
-                            )
-                        )
-                    ):
-                        entry.messages += 1
-                        entry.bytes += size
-                        self._entries.move_to_end(entry.key)
-                        self._hits += 1
-                        break
-                    self._drop(entry)
+                entry = self._entries.get(key)
+                data_key = self._claim(entry, size) if entry is not None else None
+            if data_key is not None:
+                break
             # Miss: lead the fetch of a fresh key (its first use is ours), or wait for the
             # leader's and go round to claim a use under the lock, so the limits hold exactly.
-            entry = self._fetch(request, key, lifetime, size, wrapped, not waited)
+            entry = self._fetch(request, key, lifetime, size, wrapped, limits, not waited)
             waited = True
             if entry is not None:
                 _remember(request, entry)
                 return entry.data_key  # type: ignore[return-value]
-        if request._memo is not entry:
-            _remember(request, entry)
+        _remember(request, entry)  # type: ignore[arg-type]
         self._note(True, request.classification)
+        return data_key
+
+    def _claim(self, entry: _Entry, size: int) -> DataKey | None:
+        """One use of ``entry`` (a message of ``size`` bytes), or None and the entry retired.
+
+        Called with the lock held. An encrypt entry must be within its message and byte
+        budgets (CacheLimits caps max_messages at 2^32); every entry must be unexpired.
+        """
+        data_key = entry.data_key
+        if data_key is None:
+            return None
+        limits = entry.limits
+        if self._clock() >= entry.expires or (
+            limits is not None and (entry.messages >= limits.max_messages or entry.bytes + size > limits.max_bytes)
+        ):
+            self._drop(entry)
+            return None
+        entry.messages += 1
+        entry.bytes += size
+        self._entries.move_to_end(entry.key)
+        self._hits += 1
         return data_key
 
     def _fetch(
@@ -253,6 +278,7 @@ class CachingKeyring:
         lifetime: float,
         size: int,
         wrapped: tuple[WrappedKey, ...] | None,
+        limits: CacheLimits | None,
         may_retry: bool,
     ) -> _Entry | None:
         """Lead one inner call for ``key`` and cache its result, or wait for the leader's call.
@@ -280,7 +306,8 @@ class CachingKeyring:
             flight.error = exc
             raise
         else:
-            entry = _Entry(self, key, data_key, request.classification, self._clock() + lifetime, size, wrapped)
+            expires = self._clock() + lifetime
+            entry = _Entry(self, key, data_key, request.classification, expires, size, wrapped, limits)
             with self._lock:
                 self._insert(entry)
         finally:
@@ -327,14 +354,6 @@ class CachingKeyring:
             operation.note_cache(hit)
         if self._reporting:
             self._telemetry.cache_event("hit" if hit else "miss", classification)
-
-
-def _memo_of(request: KeyRequest, cache: CachingKeyring, wrapped: tuple[WrappedKey, ...] | None) -> _Entry | None:
-    """The entry that last served ``request`` in ``cache``, if it is the same kind of use."""
-    entry = request._memo
-    if type(entry) is _Entry and entry.owner is cache and entry.wrapped is wrapped:
-        return entry
-    return None
 
 
 def _remember(request: KeyRequest, entry: _Entry) -> None:
