@@ -126,3 +126,35 @@ def test_metrics_count_operations(keyring: LocalKeyring, home: Path) -> None:
     assert (
         'kmsguard_operation_duration_seconds_count{classification="pii",operation="encrypt",outcome="ok"} 1.0' in text
     )
+
+
+def test_a_killed_deliverer_is_replaced_and_loses_nothing(keyring: LocalKeyring, home: Path) -> None:
+    write_config(home, {"flush_interval": 0.05})
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        obs = observer_of(guard)
+        for i in range(20):
+            guard.encrypt(b"x", "general", {"i": str(i)})
+        assert obs.flush()
+        assert obs._child is not None
+        first = obs._child
+        first.kill()
+        for i in range(20):
+            guard.encrypt(b"x", "general", {"i": str(i)})
+        assert obs.flush(timeout=30)
+        assert obs._child is not first
+    records = records_of(home)
+    assert [r.seq for r in records] == list(range(1, 42))
+    assert verify_home(home).intact
+
+
+def test_a_full_spool_drops_non_strict_records_and_refuses_strict_ones(keyring: LocalKeyring, home: Path) -> None:
+    write_config(home, {"flush_interval": 60, "max_spool_mb": 1})
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        obs = observer_of(guard)
+        big = {"note": "n" * 7_000}  # ~7 KB of context per record: the 1 MiB spool fills fast
+        for _ in range(200):
+            guard.encrypt(b"x", "general", big)
+        assert obs.dropped > 0
+        with pytest.raises(AuditUnavailable):
+            guard.encrypt(b"x", "payment", {"purpose": "p", **big})
+        assert obs.spool_bytes <= 1 << 20

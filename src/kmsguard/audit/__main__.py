@@ -27,8 +27,8 @@ def main(argv: list[str]) -> int:
     sink = open_sink(AuditSettings.of(settings))
     keyring = build_keyring(settings)
 
-    def progress(seq: int, consumed: int) -> None:
-        print(f"P {seq} {consumed}", flush=True)
+    def progress(seq: int) -> None:
+        print(f"P {seq}", flush=True)
 
     deliverer = Deliverer(sink, lambda: keys_for(settings, keyring, sink), directory, writer_id, on_progress=progress)
     backoff, healthy = interval, True

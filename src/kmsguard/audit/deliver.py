@@ -13,7 +13,7 @@ stored exactly once, in order, whatever crashed when.
 
 The child is ``python -m kmsguard.audit`` (see __main__.py). Its protocol: lines on
 stdin (``flush``; end of file = the writer closed or died:
-deliver everything, clean up, exit) and on stdout (``P <seq> <bytes>`` delivered up
+deliver everything, clean up, exit) and on stdout (``P <seq>`` delivered up
 to, ``H 0|1`` sink health).
 """
 
@@ -31,7 +31,7 @@ from kmsguard.audit.spool import SegmentReader, remove_writer, try_lock, writers
 
 log = logging.getLogger("kmsguard.audit")
 MAX_BACKOFF = 5.0
-Progress = Callable[[int, int], None]
+Progress = Callable[[int], None]
 
 
 class Deliverer:
@@ -44,7 +44,7 @@ class Deliverer:
         directory: Path,
         writer_id: str,
         batch_bytes: int = 1 << 20,
-        on_progress: Progress = lambda seq, consumed: None,
+        on_progress: Progress = lambda seq: None,
     ) -> None:
         self.sink = sink
         self.directory = directory
@@ -116,7 +116,7 @@ class Deliverer:
             self._deliver(chain, entries)
             reader.advance(used)
             if report:
-                self.on_progress(entries[-1][0], reader.consumed)
+                self.on_progress(entries[-1][0])
 
     def _deliver_orphans(self) -> None:
         for writer_id in sorted(writers(self.directory) - {self.writer_id}):

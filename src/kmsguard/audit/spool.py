@@ -159,7 +159,8 @@ class Spool:
         self._segment_size = 0
         self.seq = 0  # last sequence number written
         self.written = 0  # bytes ever written (never reset): the group-commit clock
-        self.delivered_bytes = 0  # reported by the deliverer
+        self.on_disk = 0  # bytes in this writer's segments when last measured
+        self._written_at_measure = 0
         self._synced = 0
         self._sync_cond = threading.Condition()
         self._syncing = False
@@ -184,7 +185,7 @@ class Spool:
             seq = self.seq + 1
             payload = marshal.dumps((seq, *fields))
             frame = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-            if self.written - self.delivered_bytes + len(frame) > self.max_bytes:
+            if self.pending_bytes() + len(frame) > self.max_bytes:
                 raise SpoolFull()
             try:
                 if self._segment_size >= self.segment_bytes:
@@ -236,7 +237,18 @@ class Spool:
                 self._synced = max(self._synced, upto)
 
     def pending_bytes(self) -> int:
-        return self.written - self.delivered_bytes
+        """Undelivered bytes, near enough: the segments on disk at the last measure, plus writes since."""
+        return self.on_disk + self.written - self._written_at_measure
+
+    def measure(self) -> None:
+        """Re-read the segments' sizes (the deliverer deletes whole segments as it goes)."""
+        written_before = self.written  # writes racing the stats are counted twice: an overestimate
+        total = 0
+        for number in segments(self.directory, self.writer_id):
+            with contextlib.suppress(FileNotFoundError):
+                total += segment_path(self.directory, self.writer_id, number).stat().st_size
+        with self._lock:
+            self.on_disk, self._written_at_measure = total, written_before
 
     def close(self) -> None:
         """Stop appending and release the writer lock: the files are now anyone's to deliver."""
@@ -257,7 +269,6 @@ class SegmentReader:
         self.writer_id = writer_id
         self.segment = 0
         self.offset = 0
-        self.consumed = 0  # bytes delivered, across segments
 
     def read(self, max_bytes: int, writer_alive: bool) -> tuple[list[Entry], int]:
         """The next entries (about ``max_bytes``) and the position token to pass to ``advance``."""
@@ -291,7 +302,6 @@ class SegmentReader:
 
     def advance(self, used: int) -> None:
         self.offset += used
-        self.consumed += used
 
 
 def _rest_of_frame(fh: Any, data: bytes) -> bytes:

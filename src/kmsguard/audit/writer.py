@@ -155,10 +155,9 @@ class AuditObserver:
     def failures(self) -> int:
         return self._deliverer.failures if self._deliverer is not None else self._child_failures
 
-    def _progress(self, seq: int, consumed: int) -> None:
+    def _progress(self, seq: int) -> None:
         with self._done:
             self.delivered_seq = max(self.delivered_seq, seq)
-            self._spool.delivered_bytes = consumed
             self._done.notify_all()
 
     # ------------------------------------------------------------------ control
@@ -230,6 +229,7 @@ class AuditObserver:
                 self._spool.sync()
             except AuditUnavailable:
                 log.error("audit: the spool cannot be synced to disk")
+            self._spool.measure()
             self.telemetry.gauge("audit_queue_depth", self.queue_depth)
             self.telemetry.gauge("audit_spool_bytes", self.spool_bytes)
 
@@ -270,7 +270,7 @@ class AuditObserver:
             for line in child.stdout:
                 kind, *args = line.split()
                 if kind == "P":
-                    self._progress(int(args[0]), int(args[1]))
+                    self._progress(int(args[0]))
                 elif kind == "H":
                     self.sink_healthy = args[0] == "1"
                     if not self.sink_healthy:
