@@ -307,3 +307,20 @@ def test_failure_messages_name_regions_and_codes_only(regions: list[KmsRegion], 
         guard.decrypt(sealed)
     text = str(info.value)
     assert "4111" not in text and wrapped.hex() not in text and "KMS_SERVICE_ERROR" in text
+
+
+def test_rewrap_in_all_regions_keeps_the_body_and_opens_in_either(
+    regions: list[KmsRegion], factory: ClientFactory
+) -> None:
+    east, west = regions
+    guard = wrap_all_guard(regions, factory)
+    west.proxy.outage("refuse")
+    sealed = guard.encrypt(b"old", "general")  # made while the west was down: east only
+    assert regions_of(sealed) == ["us-east-1"]
+    west.proxy.restore()
+
+    rewrapped = guard.rewrap(sealed)
+    assert regions_of(rewrapped) == ["us-east-1", "eu-west-1"]
+    assert envelope.parse(rewrapped).aad == envelope.parse(sealed).aad  # the body is untouched
+    east.proxy.outage("refuse")
+    assert guard.decrypt(rewrapped) == b"old"

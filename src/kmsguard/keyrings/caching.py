@@ -15,8 +15,10 @@ in one bounded LRU:
 
 Concurrent misses for the same entry are served by one call to the inner keyring (single
 flight): sixteen threads starting cold cost one GenerateDataKey, not sixteen. An entry
-that is evicted, expired or used up is removed from the index, the LRU order and the
-in-flight table at once, so no structure keeps a retired key alive.
+that is evicted or used up is retired everywhere at once (the index, the LRU order, the
+request memos that point at it, the key's header memo), so no structure keeps it alive;
+expired entries go the same way at their next lookup or at the next miss, whichever
+comes first.
 
 Reuse trades KMS calls for exposure: whoever obtains one data key can open every message
 sealed under it. The limits bound that exposure; stricter classes get stricter limits

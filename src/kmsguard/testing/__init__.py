@@ -9,11 +9,16 @@ as a pytest plugin when kmsguard is installed), or the classes directly::
     region.proxy.throttle(count=2)               # the next two KMS calls are throttled
     ...
     region.close(); region.server.stop()
+
+Multi-region keys: ``create_multi_region_key(primary, [replica, ...])`` (moto cannot
+decrypt its own ``mrk-`` ciphertexts, so the kit emulates replicas; see
+:mod:`kmsguard.testing.replicas`).
 """
 
 from kmsguard.testing.moto_server import MotoServer, free_port
 from kmsguard.testing.proxy import FaultProxy, Rule, SeenRequest
 from kmsguard.testing.region import ACCOUNT_ID, TEST_ACCESS_KEY, TEST_SECRET_KEY, KmsRegion
+from kmsguard.testing.replicas import create_multi_region_key
 
 __all__ = [
     "ACCOUNT_ID",
@@ -24,5 +29,6 @@ __all__ = [
     "MotoServer",
     "Rule",
     "SeenRequest",
+    "create_multi_region_key",
     "free_port",
 ]
