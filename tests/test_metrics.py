@@ -198,3 +198,20 @@ def test_publisher_failures_are_counted_not_raised(aws_env: None) -> None:
     m.close()
     assert m.exporter is not None and m.exporter.dropped == 10
     assert "kmsguard_cloudwatch_dropped_total 10.0" in m.exposition().decode()
+
+
+def test_operation_histogram_buckets_are_cumulative() -> None:
+    m = Metrics()
+    for seconds in (0.0001, 0.003, 2.0, 100.0):
+        op = finished()
+        op.duration = seconds
+        m.operation_finished(op)
+    text = m.exposition().decode()
+    series = 'classification="general",le="{}",operation="encrypt",outcome="ok"'
+    assert f"kmsguard_operation_duration_seconds_bucket{{{series.format('0.0001')}}} 1.0" in text  # le is inclusive
+    assert f"kmsguard_operation_duration_seconds_bucket{{{series.format('0.0025')}}} 1.0" in text
+    assert f"kmsguard_operation_duration_seconds_bucket{{{series.format('0.005')}}} 2.0" in text
+    assert f"kmsguard_operation_duration_seconds_bucket{{{series.format('5.0')}}} 3.0" in text
+    assert f"kmsguard_operation_duration_seconds_bucket{{{series.format('+Inf')}}} 4.0" in text
+    labels = 'classification="general",operation="encrypt",outcome="ok"'
+    assert f"kmsguard_operation_duration_seconds_sum{{{labels}}} 102.0031" in text

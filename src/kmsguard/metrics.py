@@ -24,13 +24,17 @@ import re
 import sys
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from kmsguard.config import Settings
 from kmsguard.errors import ConfigurationError
@@ -53,13 +57,10 @@ class Metrics(Telemetry):
     def __init__(self, exporter: CloudWatchExport | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        op_labels = ("operation", "classification", "outcome")
-        self.operations = Counter("kmsguard_operations", "Guard operations", op_labels, registry=r)
+        self.operation_stats = OperationStats()
+        r.register(self.operation_stats)
         self.operation_errors = Counter(
             "kmsguard_operation_errors", "Failed operations by error code", ("operation", "code"), registry=r
-        )
-        self.operation_seconds = Histogram(
-            "kmsguard_operation_duration_seconds", "Guard operation latency", op_labels, buckets=_OP_BUCKETS, registry=r
         )
         kms = ("api", "region")
         self.kms_calls = Counter("kmsguard_kms_calls", "KMS API calls", (*kms, "outcome"), registry=r)
@@ -77,7 +78,6 @@ class Metrics(Telemetry):
         )
         self._gauges: dict[str, Gauge] = {}
         self._gauge_lock = threading.Lock()
-        self._op_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.exporter = exporter
         if exporter is not None:
             exporter.on_drop = self.cloudwatch_dropped.inc
@@ -85,12 +85,7 @@ class Metrics(Telemetry):
     # ------------------------------------------------------------------ Observer (hot path)
 
     def operation_finished(self, op: Operation) -> None:
-        key = (op.name, op.classification or "none", op.outcome)
-        children = self._op_children.get(key)
-        if children is None:
-            children = self._op_children[key] = (self.operations.labels(*key), self.operation_seconds.labels(*key))
-        children[0].inc()
-        children[1].observe(op.duration)
+        self.operation_stats.observe((op.name, op.classification or "none", op.outcome), op.duration)
         if op.error_code is not None:
             self.operation_errors.labels(op.name, op.error_code).inc()
         if self.exporter is not None:
@@ -138,6 +133,46 @@ class Metrics(Telemetry):
 def of(observers: Iterable[object]) -> Metrics | None:
     """The Metrics among a Guard's observers (``metrics.of(guard.observers)``), if metrics are on."""
     return next((o for o in observers if isinstance(o, Metrics)), None)
+
+
+class OperationStats(Collector):
+    """Operation count and latency histogram, kept as plain numbers under one lock.
+
+    The same series as a prometheus_client Counter and Histogram
+    (``kmsguard_operations_total``, ``kmsguard_operation_duration_seconds``), at a
+    third of their per-operation cost: this runs once per Guard operation.
+    """
+
+    LABELS = ("operation", "classification", "outcome")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str, str], list[Any]] = {}  # key -> [count, sum, per-bucket counts]
+
+    def observe(self, key: tuple[str, str, str], seconds: float) -> None:
+        bucket = bisect_left(_OP_BUCKETS, seconds)
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = [0, 0.0, [0] * (len(_OP_BUCKETS) + 1)]
+            series[0] += 1
+            series[1] += seconds
+            series[2][bucket] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            snapshot = [(key, s[0], s[1], list(s[2])) for key, s in self._series.items()]
+        count = CounterMetricFamily("kmsguard_operations", "Guard operations", labels=self.LABELS)
+        latency = HistogramMetricFamily(
+            "kmsguard_operation_duration_seconds", "Guard operation latency", labels=self.LABELS
+        )
+        for key, n, total, buckets in snapshot:
+            count.add_metric(list(key), n)
+            cumulative = list(accumulate(buckets))
+            bounds = [repr(b) for b in _OP_BUCKETS] + ["+Inf"]
+            latency.add_metric(list(key), list(zip(bounds, cumulative, strict=True)), total)
+        yield count
+        yield latency
 
 
 # ---------------------------------------------------------------------- CloudWatch
