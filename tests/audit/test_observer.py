@@ -158,3 +158,14 @@ def test_a_full_spool_drops_non_strict_records_and_refuses_strict_ones(keyring: 
         with pytest.raises(AuditUnavailable):
             guard.encrypt(b"x", "payment", {"purpose": "p", **big})
         assert obs.spool_bytes <= 1 << 20
+
+
+def test_audit_files_are_private(keyring: LocalKeyring, home: Path) -> None:
+    with Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_AUDIT_DELIVERY": "thread"}) as guard:
+        guard.encrypt(b"x", "general")
+        assert observer_of(guard).flush()
+        spool = home / "audit-spool"
+        assert spool.stat().st_mode & 0o077 == 0
+        assert all(p.stat().st_mode & 0o077 == 0 for p in spool.iterdir())
+        for name in ("audit.db", "audit.db-wal", "audit.db-shm"):  # all exist while the writer has the db open
+            assert (home / name).stat().st_mode & 0o077 == 0, name
