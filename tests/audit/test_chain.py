@@ -117,7 +117,7 @@ def test_forging_needs_the_audit_key(db: SqliteSink, keys: AuditKeys) -> None:
     import hashlib
 
     record = next(db.records())
-    forged = AuditRecord.of([*record.as_values()[:9], "error", *record.as_values()[10:]])
+    forged = AuditRecord.from_dict({**record.to_dict(), "outcome": "error"})
     fake_hash = hashlib.sha256(forged.canonical()).hexdigest()
     sql(db, "UPDATE audit_records SET outcome = 'error', hash = ? WHERE writer_id = 'w1' AND seq = 1", fake_hash)
     assert [p.kind for p in verify(db.records(), keys).problems] == ["altered"]

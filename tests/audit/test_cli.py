@@ -44,6 +44,7 @@ def test_verify_intact_then_tampered(audited: Path) -> None:
     code, out = run("audit", "verify", "--json")
     report = json.loads(out)
     assert code == 1 and not report["intact"] and report["problems"][0]["kind"] == "altered"
+    assert len(report["audit_key"]) == 16
 
 
 def test_tail_json_lines(audited: Path) -> None:

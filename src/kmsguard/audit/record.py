@@ -85,11 +85,6 @@ class AuditRecord:
         """The bytes the chain hash covers: every field but ``hash``, in FIELDS order, as compact JSON."""
         return canonical_bytes(self.as_values()[:-1])
 
-    @classmethod
-    def of(cls, values: Sequence[Any]) -> AuditRecord:
-        """From values in FIELDS order (what Chain.link returns)."""
-        return cls.from_dict(dict(zip(FIELDS, values, strict=True)))
-
     def as_values(self) -> tuple[Any, ...]:
         return (
             self.writer_id,
@@ -184,6 +179,7 @@ class AuditKeys:
             raise ValueError("the audit secret must be at least 32 bytes")
         self._context_key = _derive(secret, b"kmsguard audit v1 context")
         self._chain_key = _derive(secret, b"kmsguard audit v1 chain")
+        #: Names the key in verify's report (so two operators can tell they checked with the same one).
         self.fingerprint = hashlib.sha256(self._chain_key).hexdigest()[:16]
         self._memo: dict[tuple[str, str], str] = {}
 

@@ -34,6 +34,7 @@ class Problem:
 
 @dataclass
 class Report:
+    key_fingerprint: str = ""
     writers: int = 0
     records: int = 0
     open_writers: list[str] = field(default_factory=list)
@@ -49,7 +50,7 @@ def verify(records: Iterable[AuditRecord], keys: AuditKeys) -> Report:
 
     Streams: one record at a time, so a chain of millions is checked in constant memory.
     """
-    report = Report()
+    report = Report(key_fingerprint=keys.fingerprint)
     for writer_id, group in groupby(records, key=lambda r: r.writer_id):
         report.writers += 1
         state = _ChainCheck(writer_id, keys)

@@ -40,6 +40,7 @@ def verify(ctx: click.Context, as_json: bool) -> None:
             json.dumps(
                 {
                     "intact": report.intact,
+                    "audit_key": report.key_fingerprint,
                     "writers": report.writers,
                     "records": report.records,
                     "open_writers": report.open_writers,
@@ -50,12 +51,15 @@ def verify(ctx: click.Context, as_json: bool) -> None:
     elif report.intact:
         click.echo(
             f"intact: {report.records} records from {report.writers} writers"
-            f" ({len(report.open_writers)} chains still open)"
+            f" ({len(report.open_writers)} chains still open; audit key {report.key_fingerprint})"
         )
     else:
         for problem in report.problems:
             click.echo(f"TAMPERED: {problem}")
-        click.echo(f"{len(report.problems)} of {report.writers} chains broken ({report.records} records)")
+        click.echo(
+            f"{len(report.problems)} of {report.writers} chains broken ({report.records} records;"
+            f" audit key {report.key_fingerprint})"
+        )
     if not report.intact:
         ctx.exit(1)
 
