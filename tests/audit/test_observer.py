@@ -53,14 +53,20 @@ def test_jsonl_sink(keyring: LocalKeyring, home: Path) -> None:
 def test_strict_refuses_when_the_record_cannot_be_made_durable(keyring: LocalKeyring, home: Path) -> None:
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
         obs = observer_of(guard)
-        os.close(obs._spool._fd)  # the spool's disk is gone
-        obs._spool._fd = os.open(os.devnull, os.O_RDONLY)
-        with pytest.raises(AuditUnavailable):
-            guard.encrypt(b"x", "payment", {"purpose": "p"})
-        guard.encrypt(b"x", "general")  # non-strict: still served, the loss is counted
-        assert obs.dropped == 1
+        spool_fd = obs._spool._fd
+        unsyncable, writer_end = os.pipe()  # fdatasync fails on it, as on a failing disk
+        os.close(writer_end)
+        obs._spool._fd = unsyncable
+        try:
+            with pytest.raises(AuditUnavailable):
+                guard.encrypt(b"x", "payment", {"purpose": "p"})
+            guard.encrypt(b"x", "general")  # non-strict: served without waiting for the disk
+        finally:
+            obs._spool._fd = spool_fd
+            os.close(unsyncable)
         text = of(guard.observers).exposition().decode()  # type: ignore[union-attr]
         assert 'kmsguard_operations_total{classification="payment",operation="encrypt",outcome="error"} 1.0' in text
+        assert 'kmsguard_operations_total{classification="general",operation="encrypt",outcome="ok"} 1.0' in text
         assert 'code="AUDIT_UNAVAILABLE"' in text
 
 

@@ -1,8 +1,9 @@
 """The local spool: append-only segment files per writer that every audit record passes through.
 
-The caller's thread appends the operation's facts (one framed ``marshal`` tuple, a
-single ``write(2)``) before the operation returns, so a killed process loses nothing:
-the bytes are in the kernel and a deliverer takes them to the sink. While the sink is
+The caller's thread appends the operation's facts (one framed ``marshal`` tuple, copied
+into a shared memory map of the segment file) before the operation returns, so a killed
+process loses nothing: the bytes are in the kernel's page cache, and a deliverer takes
+them to the sink. While the sink is
 down the segments simply accumulate (up to ``max_bytes``) and drain in order when it
 returns. The writer only ever appends to its newest segment; the deliverer deletes a
 segment once it is delivered and a newer one exists, so the two never race on a file.
@@ -16,9 +17,10 @@ A live writer holds an exclusive ``flock`` on ``<writer>.lock``; segments whose 
 nobody holds belong to a writer that died or closed, and any deliverer may claim and
 deliver them (``claim_orphans``).
 
-Files: ``<writer>.lock`` and ``<writer>.<segment:08d>.spool``. Frame:
+Files: ``<writer>.lock`` and ``<writer>.<segment:08d>.spool`` (preallocated). Frame:
 ``u32 length | u32 crc32(payload) | payload``, payload ``marshal((seq, *fields))``. A
-torn tail (a crash mid-write) fails its CRC and ends the readable part of a segment.
+torn tail (a crash mid-write) fails its CRC and ends the readable part of a segment, as
+a zero length does (the unwritten rest of a preallocated segment).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import marshal
+import mmap
 import os
 import re
 import struct
@@ -54,6 +57,8 @@ def decode(data: bytes) -> tuple[list[Entry], int]:
     pos, size = 0, len(data)
     while pos + _HEADER.size <= size:
         length, crc = _HEADER.unpack_from(data, pos)
+        if length == 0:
+            break  # the unwritten (zeroed) rest of a segment
         end = pos + _HEADER.size + length
         if end > size:
             break
@@ -141,61 +146,85 @@ def remove_writer(directory: Path, writer_id: str, lock_fd: int) -> None:
 
 
 class Spool:
-    """One writer's appending side. ``append`` is called from any thread."""
+    """One writer's appending side. ``append`` is called from any thread.
 
-    def __init__(self, directory: Path, writer_id: str, max_bytes: int, segment_bytes: int = 8 << 20) -> None:
+    Segments are preallocated (``posix_fallocate``, so a full disk fails at rotation, not
+    as a SIGBUS mid-write) and memory-mapped shared: an append is a copy into the page
+    cache, with no system call, and a killed process leaves its bytes behind for the
+    deliverer exactly as a ``write(2)`` would. The payload is copied before its header,
+    so a reader (or a crash) sees a whole frame or none; a zero header ends a segment.
+    """
+
+    def __init__(self, directory: Path, writer_id: str, max_bytes: int, segment_bytes: int = 1 << 20) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.directory = directory
         self.writer_id = writer_id
         self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes
+        self.segment_bytes = max(64 << 10, min(segment_bytes, max_bytes // 4))
         try:
             self._lock_fd: int | None = create_lock(directory, writer_id)
         except OSError:
             raise AuditUnavailable(f"cannot create the audit spool in {directory}") from None
         self._lock = threading.Lock()
         self.segment = 1
-        self._fd = self._open(self.segment)
-        self._segment_size = 0
+        try:
+            self._fd, self._map = self._open(self.segment)
+        except OSError:
+            os.close(self._lock_fd)
+            raise AuditUnavailable(f"cannot create the audit spool in {directory}") from None
+        self._pos = 0  # where the next frame goes in the current segment
         self.seq = 0  # last sequence number written
         self.written = 0  # bytes ever written (never reset): the group-commit clock
-        self.on_disk = 0  # bytes in this writer's segments when last measured
+        self.on_disk = 0  # undelivered bytes when last measured
         self._written_at_measure = 0
         self._synced = 0
         self._sync_cond = threading.Condition()
         self._syncing = False
 
-    def _open(self, number: int) -> int:
-        """Create a segment and make its directory entry durable (a strict record must survive power loss)."""
+    def _open(self, number: int) -> tuple[int, mmap.mmap]:
+        """Create, allocate and map a segment; its size and directory entry are made durable."""
         path = segment_path(self.directory, self.writer_id, number)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return fd
+            os.posix_fallocate(fd, 0, self.segment_bytes)
+            os.fsync(fd)
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            return fd, mmap.mmap(fd, self.segment_bytes)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
 
     def append(self, fields: tuple[Any, ...], durable: bool) -> int:
         """Write one record; with ``durable``, return only once it is on disk. Returns its seq.
 
-        Raises SpoolFull or AuditUnavailable (an OSError writing or syncing).
+        Raises SpoolFull or AuditUnavailable (no room for a segment, or a sync failed).
         """
         with self._lock:
             seq = self.seq + 1
             payload = marshal.dumps((seq, *fields))
-            frame = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-            if self.pending_bytes() + len(frame) > self.max_bytes:
+            size = _HEADER.size + len(payload)
+            if self.pending_bytes() + size > self.max_bytes:
                 raise SpoolFull()
-            try:
-                if self._segment_size >= self.segment_bytes:
+            pos = self._pos
+            if pos + size > self.segment_bytes:
+                if size > self.segment_bytes:
+                    raise AuditUnavailable("an audit record is larger than a spool segment")
+                try:
                     self._rotate()
-                os.write(self._fd, frame)
-            except OSError:
-                raise AuditUnavailable("the audit spool cannot be written") from None
+                except OSError:
+                    raise AuditUnavailable("the audit spool cannot be written") from None
+                pos = 0
+            mapped = self._map
+            mapped[pos + _HEADER.size : pos + size] = payload
+            mapped[pos : pos + _HEADER.size] = _HEADER.pack(len(payload), zlib.crc32(payload))
+            self._pos = pos + size
             self.seq = seq
-            self._segment_size += len(frame)
-            self.written += len(frame)
+            self.written += size
             mark = self.written
         if durable:
             self.sync(mark)
@@ -203,15 +232,21 @@ class Spool:
 
     def _rotate(self) -> None:
         """Start the next segment (under the lock); the full one is synced first, so strict records stay durable."""
-        old = self._fd
-        os.fdatasync(old)
-        self._fd = self._open(self.segment + 1)
+        fd, mapped = self._open(self.segment + 1)
+        old_fd, old_map = self._fd, self._map
+        os.fdatasync(old_fd)
+        self._fd, self._map = fd, mapped
         self.segment += 1
-        self._segment_size = 0
-        os.close(old)
+        self._pos = 0
+        old_map.close()
+        os.close(old_fd)
 
     def sync(self, mark: int | None = None) -> None:
-        """Make every byte written up to ``mark`` (default: all so far) durable; one sync serves many callers."""
+        """Make every byte written up to ``mark`` (default: all so far) durable; one sync serves many callers.
+
+        ``fdatasync`` writes back the mapping's dirty pages too (Linux), and unlike
+        ``mmap.flush`` it lets other threads run while it waits for the disk.
+        """
         target = self.written if mark is None else mark
         with self._sync_cond:
             while self._synced < target:
@@ -237,24 +272,23 @@ class Spool:
                 self._synced = max(self._synced, upto)
 
     def pending_bytes(self) -> int:
-        """Undelivered bytes, near enough: the segments on disk at the last measure, plus writes since."""
+        """Undelivered bytes, near enough: full older segments still on disk at the last measure, plus writes since."""
         return self.on_disk + self.written - self._written_at_measure
 
     def measure(self) -> None:
-        """Re-read the segments' sizes (the deliverer deletes whole segments as it goes)."""
-        written_before = self.written  # writes racing the stats are counted twice: an overestimate
-        total = 0
-        for number in segments(self.directory, self.writer_id):
-            with contextlib.suppress(FileNotFoundError):
-                total += segment_path(self.directory, self.writer_id, number).stat().st_size
+        """Count the older segments still on disk (the deliverer deletes whole segments as it goes)."""
         with self._lock:
-            self.on_disk, self._written_at_measure = total, written_before
+            current, position, written = self.segment, self._pos, self.written
+        older = sum(1 for n in segments(self.directory, self.writer_id) if n < current)
+        with self._lock:
+            self.on_disk, self._written_at_measure = older * self.segment_bytes + position, written
 
     def close(self) -> None:
         """Stop appending and release the writer lock: the files are now anyone's to deliver."""
         with self._lock:
             with contextlib.suppress(OSError):
                 os.fdatasync(self._fd)
+            self._map.close()
             os.close(self._fd)
             if self._lock_fd is not None:
                 os.close(self._lock_fd)

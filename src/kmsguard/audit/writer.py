@@ -1,8 +1,8 @@
 """AuditObserver: records every Guard operation, off the caller's path unless strict.
 
 The caller's thread does the least that keeps the record safe: it copies the
-operation's facts into a tuple and appends it to this process's spool (one
-``write(2)``, see spool.py). Everything expensive — HMAC of context values, the chain
+operation's facts into a tuple and appends it to this process's spool (a copy into a
+shared memory map of the spool file, see spool.py). Everything expensive — HMAC of context values, the chain
 hash, serialization, the sink's transaction — is the deliverer's (deliver.py), in a
 child process (``delivery = "process"``, the default) or a thread (``"thread"``), which
 wakes every ``flush_interval`` and delivers what accumulated as one batch.
