@@ -166,13 +166,17 @@ class AuditObserver:
         """Deliver everything written so far; False if the sink did not take it within ``timeout``."""
         target = self._spool.seq
         deadline = time.monotonic() + timeout
-        with self._done:
-            while self.delivered_seq < target and self._thread.is_alive():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
+        next_kick = 0.0
+        while self.delivered_seq < target and self._thread.is_alive():
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if now >= next_kick:  # outside the condition: a write to the child's pipe may block
                 self._kick()
-                self._done.wait(min(remaining, 0.05))
+                next_kick = now + 0.5
+            with self._done:
+                if self.delivered_seq < target:
+                    self._done.wait(min(deadline - now, 0.05))
         return self.delivered_seq >= target
 
     def close(self, timeout: float = 10.0) -> None:
