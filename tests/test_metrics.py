@@ -5,11 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -17,6 +13,7 @@ import pytest
 
 from kmsguard.metrics import MAX_VALUES_PER_CALL, CloudWatchExport, Metrics, Sample, batches, emf_lines, metric_data
 from kmsguard.operation import Operation
+from kmsguard.testing.moto_server import MotoServer, free_port
 
 
 def finished(name: str = "encrypt", cls: str = "general", error: Exception | None = None) -> Operation:
@@ -97,34 +94,14 @@ def test_a_full_buffer_drops_and_counts_without_blocking() -> None:
 # ---------------------------------------------------------------------- moto's CloudWatch over HTTP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+@pytest.fixture
+def moto_url(kms_server: MotoServer) -> str:
+    """The session's moto server (kmsguard.testing): it serves CloudWatch as well as KMS, over HTTP."""
+    return kms_server.url
 
 
 @pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def cloudwatch_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -145,7 +122,7 @@ class CountingClient:
         return self.client.put_metric_data(**kwargs)
 
 
-def test_publisher_sends_batches_to_cloudwatch(moto_url: str, aws_env: None) -> None:
+def test_publisher_sends_batches_to_cloudwatch(moto_url: str, cloudwatch_env: None) -> None:
     namespace = f"kg-{os.getpid()}-{time.monotonic_ns()}"
     client = CountingClient(boto3.client("cloudwatch", endpoint_url=moto_url, region_name="us-east-1"))
     m = Metrics(CloudWatchExport(namespace, client_factory=lambda: client, flush_interval=3600, max_buffer=100_000))
@@ -179,8 +156,8 @@ def test_publisher_sends_batches_to_cloudwatch(moto_url: str, aws_env: None) -> 
     assert m.exporter is not None and m.exporter.dropped == 0
 
 
-def test_publisher_failures_are_counted_not_raised(aws_env: None) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+def test_publisher_failures_are_counted_not_raised(cloudwatch_env: None) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     m = Metrics(
         CloudWatchExport(
             "ns",
