@@ -321,7 +321,7 @@ class Guard:
         """Run one operation; with observers, record it and let strict audit veto it."""
         if not self.observers:
             return run()
-        op = Operation(name, classification, ctx, self.principal)
+        op = Operation(name, classification, ctx, operation.principal.get() or self.principal)
         token = operation.current.set(op)
         try:
             result = run()

@@ -16,7 +16,8 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
@@ -118,6 +119,23 @@ class Observer(Protocol):
 
 
 current: ContextVar[Operation | None] = ContextVar("kmsguard_operation", default=None)
+
+#: Who the current code acts for, when that is not the Guard's own principal (see acting_as).
+principal: ContextVar[str | None] = ContextVar("kmsguard_principal", default=None)
+
+
+@contextmanager
+def acting_as(who: str) -> Iterator[None]:
+    """Record the operations in this block as done by ``who`` (an end user, an API key's owner).
+
+    A front end serving many callers with one Guard says whom each request is for; audit
+    records then name that caller instead of the service's configured principal.
+    """
+    token = principal.set(who)
+    try:
+        yield
+    finally:
+        principal.reset(token)
 
 #: The monotonic time by which the current keyring operation must end, across every
 #: region and retry. The multi-region keyring sets it; the AWS client factory bounds

@@ -175,3 +175,14 @@ def test_audit_files_are_private(keyring: LocalKeyring, home: Path) -> None:
         assert all(p.stat().st_mode & 0o077 == 0 for p in spool.iterdir())
         for name in ("audit.db", "audit.db-wal", "audit.db-shm"):  # all exist while the writer has the db open
             assert (home / name).stat().st_mode & 0o077 == 0, name
+
+
+def test_a_front_end_names_the_caller(keyring: LocalKeyring, home: Path) -> None:
+    from kmsguard.operation import acting_as
+
+    with Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_PRINCIPAL": "booking-api"}) as guard:
+        with acting_as("agent-7@airline"):
+            guard.encrypt(b"x", "pii", {"passenger": "42"})
+        guard.encrypt(b"x", "pii", {"passenger": "43"})
+    first, second, _close = records_of(home)
+    assert (first.principal, second.principal) == ("agent-7@airline", "booking-api")
