@@ -114,6 +114,14 @@ def test_every_pair_passed_to_decrypt_must_match(guard: Guard) -> None:
             guard.decrypt(sealed, wrong)
 
 
+def test_a_non_string_context_value_at_decrypt_is_refused_even_for_a_key_the_header_lacks(guard: Guard) -> None:
+    """``None`` once slipped through: a missing header key read as None, which equalled it."""
+    sealed = guard.encrypt(b"P1234567", "pii", {"passenger": "42"})
+    for bad in ({"flight": None}, {"passenger": "42", "flight": None}, {"passenger": 42}):
+        with pytest.raises(InvalidInput):
+            guard.decrypt(sealed, bad)  # type: ignore[dict-item]
+
+
 def test_context_is_bound_by_the_keyring_not_only_the_header(guard: Guard) -> None:
     """A header whose context was swapped (and re-authenticated under the same DEK) still fails:
     the wrapped DEK is bound to the original context."""

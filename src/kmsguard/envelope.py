@@ -34,7 +34,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import os
 import re
 import struct
 from collections.abc import Mapping
@@ -43,6 +42,7 @@ from types import MappingProxyType
 
 from cryptography.exceptions import InvalidTag
 
+from kmsguard import nonces
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import InvalidCiphertext, InvalidInput
 
@@ -52,7 +52,7 @@ SUITE = 1
 TEXT_PREFIX = "kg1:"
 
 COMMITMENT_SIZE = 32
-NONCE_SIZE = 12
+NONCE_SIZE = nonces.NONCE_SIZE
 TAG_SIZE = 16
 MAX_CLASSIFICATION = 32
 MAX_CONTEXT_BYTES = 8192
@@ -69,6 +69,8 @@ _KEY_REF_RE = re.compile(rb"[\x21-\x7e]{1,2048}")
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 
 _U16 = struct.Struct(">H")
+#: Every sealed message's nonce: uniformly random, from the OS CSPRNG (drawn in bulk, see kmsguard.nonces).
+_fresh_nonce = nonces.nonce
 _FIXED_PREFIX = MAGIC + bytes((VERSION, SUITE))
 
 
@@ -169,7 +171,7 @@ class Sealer:
     cache that reuses a data key should keep its Sealer too.
     """
 
-    __slots__ = ("_aad_prefix", "_out_prefix", "data_key")
+    __slots__ = ("_aad_prefix", "_aead", "_out_prefix", "data_key")
 
     def __init__(
         self, data_key: DataKey, classification: str, context: Mapping[str, str], *, header: bytes | None = None
@@ -177,6 +179,7 @@ class Sealer:
         if header is None:
             header = encode_header(classification, context)
         self.data_key = data_key
+        self._aead = data_key.aead
         self._aad_prefix = header + data_key.commitment
         self._out_prefix = header + encode_wrapped_keys(data_key.wrapped) + data_key.commitment
 
@@ -186,11 +189,10 @@ class Sealer:
             raise InvalidInput("plaintext is too large for one envelope")
         self.data_key.use()
         if nonce is None:
-            nonce = os.urandom(NONCE_SIZE)
+            nonce = _fresh_nonce()
         elif len(nonce) != NONCE_SIZE:
             raise InvalidInput("a nonce must be 12 bytes")
-        body = self.data_key.aead.encrypt(nonce, plaintext, self._aad_prefix + nonce)
-        return self._out_prefix + nonce + body
+        return b"".join((self._out_prefix, nonce, self._aead.encrypt(nonce, plaintext, self._aad_prefix + nonce)))
 
 
 _MAX_SEALERS_PER_KEY = 64

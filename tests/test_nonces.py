@@ -1,0 +1,84 @@
+"""Bulk-drawn nonces: never handed out twice, across threads and across fork."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from kmsguard import envelope, nonces
+
+
+@pytest.fixture
+def small_draws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Refill every few nonces and switch threads often, so refills race."""
+    monkeypatch.setattr(nonces, "NONCES_PER_DRAW", 5)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_nonces_are_12_random_bytes_and_distinct() -> None:
+    drawn = [nonces.nonce() for _ in range(3 * nonces.NONCES_PER_DRAW)]  # spans refills
+    assert all(type(n) is bytes and len(n) == nonces.NONCE_SIZE for n in drawn)
+    assert len(set(drawn)) == len(drawn)
+
+
+def test_threads_never_share_a_nonce(small_draws: None) -> None:
+    per_thread = 4000
+    results: list[list[bytes]] = [[] for _ in range(8)]
+    start = threading.Barrier(len(results))
+
+    def collect(out: list[bytes]) -> None:
+        start.wait()
+        for _ in range(per_thread):
+            out.append(nonces.nonce())
+
+    threads = [threading.Thread(target=collect, args=(out,)) for out in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = [n for out in results for n in out]
+    assert len(everything) == 8 * per_thread
+    assert all(len(n) == nonces.NONCE_SIZE for n in everything)
+    assert len(set(everything)) == len(everything)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_does_not_repeat_the_parents_next_nonces() -> None:
+    nonces.nonce()  # the parent now holds a buffer with unused nonces in it
+    count = 50
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report its next nonces and leave without running pytest's teardown
+        try:
+            os.close(read_end)
+            os.write(write_end, b"".join(nonces.nonce() for _ in range(count)))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    parents = [nonces.nonce() for _ in range(count)]
+    data = b""
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    childs = [data[i : i + nonces.NONCE_SIZE] for i in range(0, len(data), nonces.NONCE_SIZE)]
+    assert len(childs) == count
+    assert not set(childs) & set(parents)
+
+
+def test_sealed_envelopes_carry_pool_nonces_that_differ(small_draws: None) -> None:
+    from kmsguard.datakey import DataKey, WrappedKey
+
+    dk = DataKey(os.urandom(32), (WrappedKey("local", "local:general:v1", b"w"),))
+    sealer = envelope.Sealer(dk, "general", {})
+    seen = {envelope.parse(sealer.seal(b"x")).nonce for _ in range(100)}
+    assert len(seen) == 100
