@@ -96,6 +96,7 @@ class Guard:
         self.principal = principal
         self.settings = settings
         self._generate = sized_generate(keyring)
+        self._unwrap = keyring.unwrap
         self._encrypt_plans = plans.EncryptPlans(policy)
         self._decrypt_plans = plans.DecryptPlans(policy)
 
@@ -154,9 +155,9 @@ class Guard:
         decrypts payment data as it did when encrypting.
         """
         if not self.observers:  # the caller's context is checked against the header (_check_context)
-            return self._decrypt(data, _mapping(context), self.keyring.unwrap)
+            return self._decrypt(data, _mapping(context), self._unwrap)
         ctx = plans.check_context(context)
-        return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx, self.keyring.unwrap))
+        return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx, self._unwrap))
 
     def encrypt_many(
         self,

@@ -157,7 +157,7 @@ class CachingKeyring:
             and entry.limits is not None  # an encrypt entry
             and size <= entry.limits.max_bytes  # an oversized message must not retire it
         ):
-            data_key = self._reuse(entry, size, request.classification)
+            data_key = self._claim(entry, size, request.classification)
             if data_key is not None:
                 return data_key
         limits = self._limits.get(request.classification)
@@ -173,7 +173,7 @@ class CachingKeyring:
     def unwrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> DataKey:
         entry = request._memo
         if type(entry) is _Entry and entry.owner is self and entry.wrapped is wrapped:
-            data_key = self._reuse(entry, 0, request.classification)
+            data_key = self._claim(entry, 0, request.classification)
             if data_key is not None:
                 return data_key
         limits = self._limits.get(request.classification)
@@ -234,7 +234,9 @@ class CachingKeyring:
         while True:
             with self._lock:
                 entry = self._entries.get(key)
-                data_key = self._claim(entry, size) if entry is not None else None
+            # An entry retired between the lookup and the claim is a miss like any other:
+            # at worst one more inner call, never a use beyond the limits.
+            data_key = self._claim(entry, size, request.classification) if entry is not None else None
             if data_key is not None:
                 break
             # Miss: lead the fetch of a fresh key (its first use is ours), or wait for the
@@ -245,44 +247,37 @@ class CachingKeyring:
                 _remember(request, entry)
                 return entry.data_key  # type: ignore[return-value]
         _remember(request, entry)  # type: ignore[arg-type]
-        self._note(True, request.classification)
         return data_key
 
-    def _reuse(self, entry: _Entry, size: int, classification: str) -> DataKey | None:
-        """The hit path: one use of the entry a request remembers, or None if it is retired.
+    def _claim(self, entry: _Entry, size: int, classification: str) -> DataKey | None:
+        """One use of ``entry`` (a message of ``size`` bytes), or None and the entry retired.
 
-        This runs for nearly every message, so it takes the lock with acquire/release
-        (about half the cost of ``with`` here) and skips :meth:`_note` when nobody listens.
+        An encrypt entry must be within its message and byte budgets (CacheLimits caps
+        max_messages at 2^32); every entry must be unexpired. Check and count happen under
+        the lock, so the limits hold exactly under any concurrency. This is the hit path of
+        nearly every message, so it takes the lock with acquire/release (``with`` costs
+        about as much as the checks themselves) and notes the hit only if someone listens.
         """
         lock = self._lock
         lock.acquire()
         try:
-            data_key = self._claim(entry, size)
+            data_key = entry.data_key
+            if data_key is None:  # retired by another thread
+                return None
+            limits = entry.limits
+            if self._clock() >= entry.expires or (
+                limits is not None and (entry.messages >= limits.max_messages or entry.bytes + size > limits.max_bytes)
+            ):
+                self._drop(entry)
+                return None
+            entry.messages += 1
+            entry.bytes += size
+            self._entries.move_to_end(entry.key)
+            self._hits += 1
         finally:
             lock.release()
-        if data_key is not None and (self._reporting or operation.current.get() is not None):
+        if self._reporting or operation.current.get() is not None:
             self._note(True, classification)
-        return data_key
-
-    def _claim(self, entry: _Entry, size: int) -> DataKey | None:
-        """One use of ``entry`` (a message of ``size`` bytes), or None and the entry retired.
-
-        Called with the lock held. An encrypt entry must be within its message and byte
-        budgets (CacheLimits caps max_messages at 2^32); every entry must be unexpired.
-        """
-        data_key = entry.data_key
-        if data_key is None:
-            return None
-        limits = entry.limits
-        if self._clock() >= entry.expires or (
-            limits is not None and (entry.messages >= limits.max_messages or entry.bytes + size > limits.max_bytes)
-        ):
-            self._drop(entry)
-            return None
-        entry.messages += 1
-        entry.bytes += size
-        self._entries.move_to_end(entry.key)
-        self._hits += 1
         return data_key
 
     def _fetch(
