@@ -36,7 +36,12 @@ def open_sink(config: AuditSettings) -> Sink:
 
         return SqliteSink(config.path)
     if config.sink == "postgres":
-        from kmsguard.audit.postgres import PostgresSink
+        try:
+            from kmsguard.audit.postgres import PostgresSink
+        except ImportError:
+            raise ConfigurationError(
+                'audit.sink: "postgres" needs psycopg; install kmsguard[postgres]'
+            ) from None
 
         assert config.dsn is not None
         return PostgresSink(config.dsn, config.schema, config.connect_timeout)
