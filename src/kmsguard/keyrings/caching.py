@@ -180,7 +180,11 @@ class CachingKeyring:
         if limits is None or limits.decrypt_ttl <= 0:
             return self.inner.unwrap(wrapped, request)
         wrapped = tuple(wrapped)
-        return self._serve(request, (wrapped, request.cache_partition()), limits.decrypt_ttl, 0, wrapped, None)
+        # Keyed by plain tuples of the wrapped keys' fields, which hash in C (WrappedKey's
+        # dataclass hash is Python code): the LRU touch of a hit rehashes the key whenever
+        # another entry was used in between, as in any mixed encrypt/decrypt workload.
+        fields = tuple((w.provider, w.key_ref, w.wrapped) for w in wrapped)
+        return self._serve(request, (fields, request.cache_partition()), limits.decrypt_ttl, 0, wrapped, None)
 
     def wrap(self, data_key: DataKey, request: KeyRequest) -> DataKey:
         return self.inner.wrap(data_key, request)
