@@ -8,7 +8,11 @@ DEMO_HOME := $(CURDIR)/.kmsguard
 
 .PHONY: demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The hot path is compiled in place (setup.py): a changed source must rebuild it, or
+# Python would keep importing the stale extension next to it.
+COMPILED_SOURCES := setup.py src/kmsguard/fastpath.py src/kmsguard/fastpath.pxd src/kmsguard/nonces.py
+
+$(VENV)/.installed: pyproject.toml $(COMPILED_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
@@ -32,4 +36,4 @@ bench: $(VENV)/.installed-test
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_HOME) build .pytest_cache .mypy_cache .ruff_cache src/kmsguard/*.so src/kmsguard/*.c

@@ -171,7 +171,7 @@ class Sealer:
     cache that reuses a data key should keep its Sealer too.
     """
 
-    __slots__ = ("_aad_prefix", "_aead", "_out_prefix", "data_key")
+    __slots__ = ("_aead", "aad_prefix", "data_key", "out_prefix")
 
     def __init__(
         self, data_key: DataKey, classification: str, context: Mapping[str, str], *, header: bytes | None = None
@@ -180,8 +180,8 @@ class Sealer:
             header = encode_header(classification, context)
         self.data_key = data_key
         self._aead = data_key.aead
-        self._aad_prefix = header + data_key.commitment
-        self._out_prefix = header + encode_wrapped_keys(data_key.wrapped) + data_key.commitment
+        self.aad_prefix = header + data_key.commitment
+        self.out_prefix = header + encode_wrapped_keys(data_key.wrapped) + data_key.commitment
 
     def seal(self, plaintext: bytes, nonce: bytes | None = None) -> bytes:
         """Encrypt one message. ``nonce`` is for known-answer tests only; leave it None."""
@@ -192,7 +192,7 @@ class Sealer:
             nonce = _fresh_nonce()
         elif len(nonce) != NONCE_SIZE:
             raise InvalidInput("a nonce must be 12 bytes")
-        return b"".join((self._out_prefix, nonce, self._aead.encrypt(nonce, plaintext, self._aad_prefix + nonce)))
+        return b"".join((self.out_prefix, nonce, self._aead.encrypt(nonce, plaintext, self.aad_prefix + nonce)))
 
 
 _MAX_SEALERS_PER_KEY = 64

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
-from kmsguard import batch, envelope, operation, plans
+from kmsguard import batch, envelope, fastpath, operation, plans
 from kmsguard.config import Settings, load_settings
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import (
@@ -99,6 +99,11 @@ class Guard:
         self._unwrap = keyring.unwrap
         self._encrypt_plans = plans.EncryptPlans(policy)
         self._decrypt_plans = plans.DecryptPlans(policy)
+        #: A cache that lends its Budgets (CachingKeyring) lets cache hits take a lane.
+        self._lease: Callable[[KeyRequest], tuple[DataKey, fastpath.Budget] | None] | None = getattr(
+            keyring, "lease", None
+        )
+        self._lanes = fastpath.Lanes()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Guard:
@@ -141,7 +146,9 @@ class Guard:
         keys must be present.
         """
         if not self.observers:
-            return self._encrypt(plaintext, classification, context)
+            return self._lanes.seal(plaintext, classification, context) or self._encrypt(
+                plaintext, classification, context
+            )
         ctx = plans.check_context(context)
         # The classification is recorded once the policy accepts it (_note_class): an
         # arbitrary string a caller passed must not reach audit records or metric labels.
@@ -155,6 +162,10 @@ class Guard:
         decrypts payment data as it did when encrypting.
         """
         if not self.observers:  # the caller's context is checked against the header (_check_context)
+            if type(data) is bytes:
+                plain = self._lanes.open(data, context)
+                if plain is not None:
+                    return plain
             return self._decrypt(data, _mapping(context), self._unwrap)
         ctx = plans.check_context(context)
         return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx, self._unwrap))
@@ -259,7 +270,14 @@ class Guard:
         data_key = self._generate(plan.request, len(plaintext))
         if op is not None:
             self._note_keys(op, data_key.wrapped)
-        return envelope.header_sealer(data_key, plan.header).seal(plaintext)
+        sealer = envelope.header_sealer(data_key, plan.header)
+        out = sealer.seal(plaintext)
+        if self._lease is not None:
+            lease = self._lease(plan.request)
+            if lease is not None and lease[0] is data_key:
+                lane = fastpath.EncryptLane(lease[1], sealer.out_prefix, sealer.aad_prefix)
+                self._lanes.bind_encrypt((classification, tuple(context.items()) if context else ()), lane)
+        return out
 
     def _decrypt(self, data: EnvelopeInput, ctx: Mapping[str, str], unwrap: Unwrap) -> bytes:
         raw = data if type(data) is bytes and not data.startswith(_TEXT_PREFIX) else envelope.coerce(data)
@@ -274,7 +292,16 @@ class Guard:
             self._note_keys(op, plan.wrapped)
         nonce = raw[plan.prefix_len : plan.body_start]
         body = memoryview(raw)[plan.body_start :]
-        return envelope.open_body(data_key, plan.commitment, nonce, body, plan.aad_prefix + nonce)
+        out = envelope.open_body(data_key, plan.commitment, nonce, body, plan.aad_prefix + nonce)
+        if self._lease is not None:  # the commitment matched: this prefix opens with this key
+            lease = self._lease(plan.request)
+            if lease is not None and lease[0] is data_key:
+                required = tuple(plan.policy.required_context)
+                lane = fastpath.DecryptLane(
+                    lease[1], plan.context, required, plan.aad_prefix, plan.prefix_len, plan.body_start
+                )
+                self._lanes.bind_decrypt(raw[: plan.prefix_len], lane)
+        return out
 
     def _rewrap(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:
         raw = envelope.coerce(data)

@@ -3,7 +3,8 @@
 A KMS call costs milliseconds, money and a share of an account-wide request quota;
 AES-GCM under a key already in memory costs microseconds. This keyring sits in front of
 any other (``CachingKeyring(AwsKmsKeyring(...), policy)``) and keeps two kinds of entry
-in one bounded LRU:
+in one bounded index that evicts the least recently used (each entry's Budget records
+when it was last used):
 
 * **encrypt entries**, one per :meth:`KeyRequest.cache_partition` (classification, key id
   and the context bound at the key service). A data key is only ever reused where KMS
@@ -15,9 +16,9 @@ in one bounded LRU:
 
 Concurrent misses for the same entry are served by one call to the inner keyring (single
 flight): sixteen threads starting cold cost one GenerateDataKey, not sixteen. An entry
-that is evicted or used up is retired everywhere at once (the index, the LRU order, the
-request memos that point at it, the key's header memo), so no structure keeps it alive;
-expired entries go the same way at their next lookup or at the next miss, whichever
+that is evicted or used up is retired everywhere at once (the index, its Budget and so
+Guard's lanes, the request memos that point at it, the key's header memo), so no
+structure keeps it alive; expired entries go the same way at their next lookup or at the next miss, whichever
 comes first.
 
 Reuse trades KMS calls for exposure: whoever obtains one data key can open every message
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +37,7 @@ from typing import Any
 from kmsguard import operation
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import KmsGuardError
+from kmsguard.fastpath import Budget
 from kmsguard.keyrings.base import KeyRequest, Keyring
 from kmsguard.policy import CacheLimits, Policy
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
@@ -46,13 +47,12 @@ DEFAULT_CAPACITY = 1024
 
 
 class _Entry:
-    """One cached data key and what it has been used for. Mutated only under the cache lock.
-
-    ``data_key`` becomes None when the entry is retired, so a reference kept elsewhere
-    (the request memo, see :meth:`CachingKeyring.generate_for`) can never revive it.
+    """One cached data key. ``budget`` (shared with Guard's lanes, see kmsguard.fastpath)
+    counts its uses and holds its limits; ``data_key`` becomes None when the entry is
+    retired, so a reference kept elsewhere (the request memo) can never revive it.
     """
 
-    __slots__ = ("bytes", "classification", "data_key", "expires", "key", "limits", "messages", "owner", "wrapped")
+    __slots__ = ("budget", "classification", "data_key", "key", "owner", "wrapped")
 
     def __init__(
         self,
@@ -60,20 +60,19 @@ class _Entry:
         key: Hashable,
         data_key: DataKey,
         classification: str,
-        expires: float,
-        first_size: int,
+        budget: Budget,
         wrapped: tuple[WrappedKey, ...] | None,
-        limits: CacheLimits | None,
     ) -> None:
         self.owner = owner
-        self.limits = limits  # message and byte budgets (encrypt entries only)
         self.key = key
         self.data_key: DataKey | None = data_key
         self.classification = classification
-        self.expires = expires
-        self.messages = 1  # the leader's own message (meaningless for decrypt entries)
-        self.bytes = first_size
+        self.budget = budget
         self.wrapped = wrapped  # None for an encrypt entry
+
+    @property
+    def is_encrypt(self) -> bool:
+        return self.wrapped is None
 
 
 class _Flight:
@@ -131,9 +130,10 @@ class CachingKeyring:
         self._reporting = telemetry is not NULL_TELEMETRY
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._entries: dict[Hashable, _Entry] = {}
         self._flights: dict[Hashable, _Flight] = {}
-        self._hits = self._misses = self._evictions = 0
+        self._misses = self._evictions = 0
+        self._retired_hits: dict[str, int] = {}
 
     # ------------------------------------------------------------------ Keyring protocol
 
@@ -154,8 +154,8 @@ class CachingKeyring:
         if (
             type(entry) is _Entry
             and entry.owner is self
-            and entry.limits is not None  # an encrypt entry
-            and size <= entry.limits.max_bytes  # an oversized message must not retire it
+            and entry.is_encrypt
+            and size <= entry.budget.max_bytes  # an oversized message must not retire it
         ):
             data_key = self._claim(entry, size, request.classification)
             if data_key is not None:
@@ -181,8 +181,7 @@ class CachingKeyring:
             return self.inner.unwrap(wrapped, request)
         wrapped = tuple(wrapped)
         # Keyed by plain tuples of the wrapped keys' fields, which hash in C (WrappedKey's
-        # dataclass hash is Python code): the LRU touch of a hit rehashes the key whenever
-        # another entry was used in between, as in any mixed encrypt/decrypt workload.
+        # dataclass hash is Python code).
         fields = tuple((w.provider, w.key_ref, w.wrapped) for w in wrapped)
         return self._serve(request, (fields, request.cache_partition()), limits.decrypt_ttl, 0, wrapped, None)
 
@@ -202,7 +201,30 @@ class CachingKeyring:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(len(self._entries), self._hits, self._misses, self._evictions)
+            hits = sum(self._retired_hits.values()) + sum(e.budget.hits for e in self._entries.values())
+            return CacheStats(len(self._entries), hits, self._misses, self._evictions)
+
+    def hits_by_classification(self) -> dict[str, int]:
+        """Lifetime hits per classification, for metrics (hits are counted in C, not reported one by one)."""
+        with self._lock:
+            out = dict(self._retired_hits)
+            for e in self._entries.values():
+                out[e.classification] = out.get(e.classification, 0) + e.budget.hits
+            return out
+
+    def lease(self, request: KeyRequest) -> tuple[DataKey, Budget] | None:
+        """The data key that last served ``request`` and its Budget, while the entry lives.
+
+        Guard binds a lane (kmsguard.fastpath) to the Budget, so the next message with
+        the same request costs one claim on it; the cache's limits apply to both paths.
+        """
+        entry = request._memo
+        if type(entry) is not _Entry or entry.owner is not self:
+            return None
+        data_key = entry.data_key
+        if data_key is None or not entry.budget.live:
+            return None
+        return data_key, entry.budget
 
     def close(self) -> None:
         self.clear()
@@ -232,7 +254,7 @@ class CachingKeyring:
         ``wrapped`` and no ``limits`` for decrypt entries, which only expire; encrypt
         entries also count messages and bytes against ``limits``. Encrypt entries are
         keyed by the 3-tuple partition, decrypt entries by 2-tuples, so both share one
-        index (and one LRU order) without colliding.
+        index without colliding.
         """
         waited = False
         while True:
@@ -256,30 +278,16 @@ class CachingKeyring:
     def _claim(self, entry: _Entry, size: int, classification: str) -> DataKey | None:
         """One use of ``entry`` (a message of ``size`` bytes), or None and the entry retired.
 
-        An encrypt entry must be within its message and byte budgets (CacheLimits caps
-        max_messages at 2^32); every entry must be unexpired. Check and count happen under
-        the lock, so the limits hold exactly under any concurrency. This is the hit path of
-        nearly every message, so it takes the lock with acquire/release (``with`` costs
-        about as much as the checks themselves) and notes the hit only if someone listens.
+        The Budget checks and counts in one step (see kmsguard.fastpath), so the limits
+        hold exactly under any concurrency, on this path and on Guard's lanes alike.
         """
-        lock = self._lock
-        lock.acquire()
-        try:
-            data_key = entry.data_key
-            if data_key is None:  # retired by another thread
-                return None
-            limits = entry.limits
-            if self._clock() >= entry.expires or (
-                limits is not None and (entry.messages >= limits.max_messages or entry.bytes + size > limits.max_bytes)
-            ):
+        data_key = entry.data_key
+        if data_key is None:  # retired by another thread
+            return None
+        if entry.budget.claim(size) is None:
+            with self._lock:
                 self._drop(entry)
-                return None
-            entry.messages += 1
-            entry.bytes += size
-            self._entries.move_to_end(entry.key)
-            self._hits += 1
-        finally:
-            lock.release()
+            return None
         if self._reporting or operation.current.get() is not None:
             self._note(True, classification)
         return data_key
@@ -320,7 +328,12 @@ class CachingKeyring:
             raise
         else:
             expires = self._clock() + lifetime
-            entry = _Entry(self, key, data_key, request.classification, expires, size, wrapped, limits)
+            budget = (
+                Budget(data_key.aead, self._clock, expires, limits.max_messages, limits.max_bytes, size)
+                if limits is not None
+                else Budget(data_key.aead, self._clock, expires)
+            )
+            entry = _Entry(self, key, data_key, request.classification, budget, wrapped)
             with self._lock:
                 self._insert(entry)
         finally:
@@ -336,16 +349,18 @@ class CachingKeyring:
         # A miss already costs a KMS call, so it can afford a sweep: expired keys leave
         # memory now rather than whenever the LRU reaches them.
         now = self._clock()
-        for expired in [e for e in self._entries.values() if e.expires <= now]:
+        for expired in [e for e in self._entries.values() if e.budget.expires <= now]:
             self._drop(expired)
         self._entries[entry.key] = entry
-        while len(self._entries) > self.capacity:
-            self._drop(next(iter(self._entries.values())))
+        if len(self._entries) > self.capacity:  # least recently used: the Budget with the oldest use
+            for victim in sorted(self._entries.values(), key=_last_used)[: len(self._entries) - self.capacity]:
+                self._drop(victim)
         self._telemetry.gauge("data_key_cache_entries", len(self._entries))
 
     def _drop(self, entry: _Entry, counted: bool = True) -> None:
-        """Retire an entry everywhere: the index (which is also the LRU order), the request
-        memos that point at it (they see ``data_key`` None) and the key's sealers.
+        """Retire an entry everywhere: the index, its Budget (so every lane drops the key
+        object), the request memos that point at it (they see ``data_key`` None) and the
+        key's sealers. Called with the lock held.
 
         Clearing the sealers breaks the DataKey -> Sealer -> DataKey cycle, so the key's
         memory goes when the last operation using it ends, not at the next GC pass.
@@ -355,6 +370,8 @@ class CachingKeyring:
         data_key, entry.data_key = entry.data_key, None
         if data_key is None:
             return  # already retired
+        entry.budget.retire()
+        self._retired_hits[entry.classification] = self._retired_hits.get(entry.classification, 0) + entry.budget.hits
         data_key.sealers.clear()
         if counted:
             self._evictions += 1
@@ -367,6 +384,10 @@ class CachingKeyring:
             operation.note_cache(hit)
         if self._reporting:
             self._telemetry.cache_event("hit" if hit else "miss", classification)
+
+
+def _last_used(entry: _Entry) -> int:
+    return entry.budget.last_used
 
 
 def _remember(request: KeyRequest, entry: _Entry) -> None:

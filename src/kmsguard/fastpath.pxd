@@ -1,0 +1,41 @@
+# C types for fastpath.py when Cython compiles it (see that module's docstring).
+# The .py file stays the source; this file only tells Cython which classes are
+# extension types and which fields are C numbers, so Budget._take runs as C code
+# without releasing the GIL.
+
+cdef long long _tick
+cdef object _nonce
+cdef object _join
+cdef object _ABSENT
+
+cdef class Budget:
+    cdef public object aead
+    cdef public object clock
+    cdef public double expires
+    cdef public long long max_messages
+    cdef public long long max_bytes
+    cdef public long long messages
+    cdef public long long nbytes
+    cdef public long long hits
+    cdef public bint live
+    cdef public long long last_used
+    cdef object _lock
+    cdef object _take(self, long long size, double now)
+
+cdef class EncryptLane:
+    cdef public Budget budget
+    cdef public bytes out_prefix
+    cdef public bytes aad_prefix
+
+cdef class DecryptLane:
+    cdef public Budget budget
+    cdef public object context
+    cdef public tuple required
+    cdef public bytes aad_prefix
+    cdef public Py_ssize_t prefix_len
+    cdef public Py_ssize_t body_start
+
+cdef class Lanes:
+    cdef public dict encrypt
+    cdef public dict decrypt
+    cdef public list lengths

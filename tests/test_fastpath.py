@@ -1,0 +1,202 @@
+"""The cache-hit lanes (kmsguard.fastpath): compiled, exact limits, and never a decision of their own.
+
+Every lane test compares with what the full path does: a lane either gives the same
+result or steps aside (None), and the cache's limits hold across both paths.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+from dataclasses import replace
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from kmsguard import ContextMismatch, ContextRequired, Guard, InvalidCiphertext, envelope, fastpath
+from kmsguard.keyrings.caching import CachingKeyring
+from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
+from kmsguard.policy import CacheLimits, Policy
+
+NAMES = ("general", "pii", "payment")
+
+
+def _source_module() -> ModuleType:
+    """fastpath.py imported as plain Python, as it runs where no compiler built it."""
+    source = Path(fastpath.__file__).with_name("fastpath.py")
+    spec = importlib.util.spec_from_file_location("kmsguard_fastpath_source", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(params=["compiled", "source"])
+def fp(request: pytest.FixtureRequest) -> ModuleType:
+    return fastpath if request.param == "compiled" else _source_module()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_installed_build_compiled_the_hot_path() -> None:
+    """setup.py's extensions are optional; a build that silently fell back to Python fails here."""
+    from kmsguard import nonces
+
+    assert fastpath.COMPILED, f"kmsguard.fastpath runs as plain Python from {fastpath.__file__}"
+    assert not nonces.__file__.endswith(".py")
+    assert not _source_module().COMPILED
+
+
+def test_budget_counts_messages_bytes_and_age(fp: ModuleType) -> None:
+    clock = Clock()
+    aead = object()
+    budget = fp.Budget(aead, clock, expires=1010.0, max_messages=3, max_bytes=100, first_size=10)
+    assert budget.claim(50) is aead  # message 2, 60 bytes
+    assert budget.claim(41) is None  # 101 bytes: over the byte budget
+    assert budget.claim(40) is aead  # message 3, 100 bytes
+    assert budget.claim(0) is None  # a 4th message is over max_messages
+    assert (budget.messages, budget.nbytes, budget.hits) == (3, 100, 2)
+
+    young = fp.Budget(aead, clock, expires=1010.0)
+    assert young.claim(0) is aead
+    clock.now = 1010.0
+    assert young.claim(0) is None
+
+
+def test_a_retired_budget_gives_nothing_and_holds_no_key(fp: ModuleType) -> None:
+    budget = fp.Budget(object(), Clock(), expires=2000.0)
+    budget.retire()
+    assert budget.claim(0) is None
+    assert budget.aead is None and not budget.live
+
+
+@pytest.fixture
+def racy() -> Iterator[None]:
+    """Switch threads as often as the interpreter can, so that unguarded claims would race."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def test_sixteen_threads_never_claim_past_the_limit(fp: ModuleType, racy: None) -> None:
+    budget = fp.Budget(object(), Clock(), expires=2000.0, max_messages=5000, max_bytes=10**9)
+    granted = [0] * 16
+    start = threading.Barrier(16)
+
+    def claim(i: int) -> None:
+        start.wait()
+        for _ in range(1000):
+            if budget.claim(1) is not None:
+                granted[i] += 1
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(granted) == 4999  # the first message is the fetching caller's
+    assert budget.messages == 5000 and budget.nbytes == 4999
+
+
+def test_last_use_orders_budgets(fp: ModuleType) -> None:
+    a = fp.Budget(object(), Clock(), expires=2000.0)
+    b = fp.Budget(object(), Clock(), expires=2000.0)
+    assert a.last_used < b.last_used
+    a.claim(0)
+    assert a.last_used > b.last_used
+
+
+# ---------------------------------------------------------------------- through Guard
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> LocalKeyring:
+    return LocalKeyring.create(tmp_path / KEY_FILE_NAME, NAMES)
+
+
+def make_guard(keyring: LocalKeyring, clock: Clock | None = None, **limits: Any) -> Guard:
+    policy = Policy.defaults({n: f"local:{n}" for n in NAMES})
+    if limits:
+        policy = policy.with_class(replace(policy.get("general"), cache=CacheLimits(**limits)))
+    cache = CachingKeyring(keyring, policy, clock=clock or Clock())
+    return Guard(policy, cache)
+
+
+def wrapped_of(data: bytes) -> bytes:
+    return envelope.parse(data).wrapped_keys[0].wrapped
+
+
+def test_hits_take_a_lane_and_open_like_the_full_path(local: LocalKeyring) -> None:
+    guard = make_guard(local)
+    ctx = {"tenant": "t-1"}
+    first = guard.encrypt(b"one", "general", ctx)
+    assert len(guard._lanes.encrypt) == 1
+    second = guard.encrypt(b"two", "general", ctx)  # through the lane
+    assert wrapped_of(first) == wrapped_of(second)
+    assert guard.decrypt(first, ctx) == b"one"  # full path, binds the decrypt lane
+    assert len(guard._lanes.decrypt) == 1
+    assert guard.decrypt(second, ctx) == b"two"  # through the lane
+    fresh = make_guard(local)  # no lanes, no cache: the lane's envelope is a normal one
+    assert fresh.decrypt(second, ctx) == b"two"
+
+
+def test_limits_hold_across_lane_and_full_path(local: LocalKeyring) -> None:
+    clock = Clock()
+    guard = make_guard(local, clock, max_messages=3, max_age=10.0)
+    keys = [wrapped_of(guard.encrypt(b"x", "general")) for _ in range(7)]
+    assert keys[0] == keys[1] == keys[2] != keys[3]
+    assert keys[3] == keys[4] == keys[5] != keys[6]
+    clock.now += 10.0
+    assert wrapped_of(guard.encrypt(b"x", "general")) != keys[6]
+
+
+def test_clearing_the_cache_retires_the_lanes_key(local: LocalKeyring) -> None:
+    guard = make_guard(local)
+    before = wrapped_of(guard.encrypt(b"x", "general"))
+    lane = next(iter(guard._lanes.encrypt.values()))
+    assert isinstance(guard.keyring, CachingKeyring)
+    guard.keyring.clear()
+    assert lane.budget.aead is None  # the lane no longer holds the key object
+    assert wrapped_of(guard.encrypt(b"x", "general")) != before
+
+
+@pytest.fixture
+def sealed(local: LocalKeyring) -> Iterator[tuple[Guard, bytes]]:
+    guard = make_guard(local)
+    data = guard.encrypt(b"card", "payment", {"purpose": "refund", "tenant": "t"})
+    assert guard.decrypt(data, {"purpose": "refund"}) == b"card"  # binds the lane
+    yield guard, data
+
+
+def test_a_lane_leaves_every_error_to_the_full_path(sealed: tuple[Guard, bytes]) -> None:
+    guard, data = sealed
+    assert guard._lanes.open(data, {"purpose": "other"}) is None
+    with pytest.raises(ContextMismatch):
+        guard.decrypt(data, {"purpose": "other"})
+    assert guard._lanes.open(data, None) is None
+    with pytest.raises(ContextRequired):
+        guard.decrypt(data)
+    assert guard._lanes.open(data, ["purpose"]) is None
+    assert guard._lanes.seal("text", "payment", {"purpose": "refund", "tenant": "t"}) is None
+
+
+def test_a_forged_body_under_a_bound_prefix_is_invalid(sealed: tuple[Guard, bytes]) -> None:
+    guard, data = sealed
+    forged = data[:-1] + bytes([data[-1] ^ 1])
+    with pytest.raises(InvalidCiphertext):
+        guard._lanes.open(forged, {"purpose": "refund"})
+    with pytest.raises(InvalidCiphertext):
+        guard.decrypt(data[:-17], {"purpose": "refund"})  # too short for a tag: the full path says so
