@@ -6,6 +6,7 @@ injected in-process is the breaker's clock, so cool-downs pass without sleeping.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -225,6 +226,52 @@ def test_persistent_throttling_fails_over_without_opening_the_breaker(
     east.proxy.throttle()
     assert regions_of(guard.encrypt(b"x", "general")) == ["eu-west-1"]
     assert mr.breakers["us-east-1"].state == "closed"
+
+
+def test_when_every_region_is_throttled_they_are_tried_again_until_one_serves(
+    regions: list[KmsRegion], factory: ClientFactory
+) -> None:
+    east, west = regions
+    key = create_multi_region_key(east, [west])
+    telemetry = Failovers()
+    mr = keyring(factory, operation_timeout=20.0, telemetry=telemetry)
+    guard = guard_for(key, mr)
+    east.proxy.throttle()
+    west.proxy.throttle(count=3)  # max_attempts = 2: the west fails the first round too
+    assert regions_of(guard.encrypt(b"x", "general")) == ["eu-west-1"]
+    assert west.proxy.counts["GenerateDataKey"] == 4 and east.proxy.counts["GenerateDataKey"] >= 4
+    assert telemetry.seen[("us-east-1", "eu-west-1")] >= 2 and telemetry.seen[("eu-west-1", "us-east-1")] >= 1
+    assert mr.breakers["us-east-1"].state == mr.breakers["eu-west-1"].state == "closed"
+
+
+def test_throttling_everywhere_fails_at_the_deadline_naming_each_region(
+    regions: list[KmsRegion], factory: ClientFactory
+) -> None:
+    east, west = regions
+    key = create_multi_region_key(east, [west])
+    guard = guard_for(key, keyring(factory, operation_timeout=1.5))
+    guard.encrypt(b"warm", "general")  # clients built: building them must not eat the budget
+    for region in regions:
+        region.proxy.throttle()
+    started = time.monotonic()
+    with pytest.raises(AllRegionsFailed) as info:
+        guard.encrypt(b"x", "general")
+    assert 1.0 < time.monotonic() - started < 5
+    assert "us-east-1: RATE_LIMITED" in info.value.message and "eu-west-1: RATE_LIMITED" in info.value.message
+
+
+def test_throttling_at_30_percent_in_both_regions_fails_nothing(
+    regions: list[KmsRegion], factory: ClientFactory
+) -> None:
+    east, west = regions
+    key = create_multi_region_key(east, [west])
+    guard = guard_for(key, keyring(factory, operation_timeout=20.0))
+    for region in regions:
+        region.proxy.throttle(rate=0.3)
+    for i in range(20):
+        assert guard.decrypt(guard.encrypt(b"m%d" % i, "general")) == b"m%d" % i
+    assert east.proxy.statuses[400] > 0
+    assert factory.stats.total("throttles") == east.proxy.statuses[400] + west.proxy.statuses[400]
 
 
 def test_a_disabled_key_is_not_failed_over(regions: list[KmsRegion], factory: ClientFactory) -> None:

@@ -18,7 +18,7 @@ def _request(arn: str) -> KeyRequest:
     return KeyRequest("general", arn, {})
 
 
-def test_throttled_calls_recover_with_adaptive_retry(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+def test_throttled_calls_recover_in_one_accounted_call(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
     arn = kms_region.create_key()
     telemetry = RecordingTelemetry()
     keyring = make_keyring(telemetry, max_attempts=3)
@@ -45,14 +45,72 @@ def test_throttling_at_a_rate_loses_no_call(kms_region: KmsRegion, make_keyring:
     assert stats.total("throttles") == kms_region.proxy.statuses[400] > 0
 
 
-def test_exhausted_retries_report_rate_limited(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+def test_throttling_at_30_percent_fails_nothing_even_with_one_attempt(
+    kms_region: KmsRegion, make_keyring: MakeKeyring
+) -> None:
+    """max_attempts = 1 leaves every retry to kmsguard's wait-out: no call may fail, each is counted once."""
+    arn = kms_region.create_key()
+    telemetry = RecordingTelemetry()
+    keyring = make_keyring(telemetry, max_attempts=1, operation_timeout=20)
+    kms_region.proxy.throttle(rate=0.3)
+    for _ in range(40):
+        keyring.unwrap(keyring.generate(_request(arn)).wrapped, _request(arn))
+    stats = keyring.clients.stats
+    assert stats.total("calls", outcome="ok") == stats.total("calls") == 80
+    throttled = kms_region.proxy.statuses[400]
+    assert throttled > 0
+    assert stats.total("throttles") == stats.total("retries") == throttled
+    assert stats.total("attempts") == 80 + throttled == kms_region.proxy.counts.total()
+    assert sum(c[5] for c in telemetry.calls) == throttled and all(c[2] == "ok" for c in telemetry.calls)
+
+
+def test_throttling_that_never_ends_fails_rate_limited_at_the_deadline(
+    kms_region: KmsRegion, make_keyring: MakeKeyring
+) -> None:
+    arn = kms_region.create_key()
+    telemetry = RecordingTelemetry()
+    keyring = make_keyring(telemetry, max_attempts=2, operation_timeout=1.5)
+    keyring.clients.client(kms_region.name)  # built up front: building it must not eat the budget
+    kms_region.proxy.throttle()
+    started = time.monotonic()
+    with pytest.raises(errors.RateLimited) as info:
+        keyring.generate(_request(arn))
+    elapsed = time.monotonic() - started
+    assert 1.0 < elapsed < 5  # waited out until (about) the deadline, then gave up
+    assert info.value.retryable and info.value.http_status == 429
+    assert "ThrottlingException" in info.value.message
+    api, _, outcome, _, attempts, throttles = telemetry.calls[-1]
+    assert (api, outcome) == ("GenerateDataKey", "RATE_LIMITED")
+    assert attempts == throttles == kms_region.proxy.counts["GenerateDataKey"] > 2  # more than max_attempts
+
+
+def test_without_a_deadline_throttling_gets_max_attempts(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
     arn = kms_region.create_key()
     telemetry = RecordingTelemetry()
     kms_region.proxy.throttle()
-    with pytest.raises(errors.RateLimited) as info:
-        make_keyring(telemetry, max_attempts=2).generate(_request(arn))
-    assert info.value.retryable and info.value.http_status == 429
+    with pytest.raises(errors.RateLimited):
+        make_keyring(telemetry, max_attempts=2, operation_timeout=0).generate(_request(arn))
     assert telemetry.calls[-1][2:3] == ("RATE_LIMITED",) and telemetry.calls[-1][4:] == (2, 2)
+
+
+def test_an_outage_is_not_waited_out(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+    """5xx answers get max_attempts, not the deadline: an outage is reported (or failed over) at once."""
+    arn = kms_region.create_key()
+    kms_region.proxy.server_error(503)
+    started = time.monotonic()
+    with pytest.raises(errors.KmsServiceError):
+        make_keyring(max_attempts=2, operation_timeout=30).generate(_request(arn))
+    assert time.monotonic() - started < 10
+    assert kms_region.proxy.counts["GenerateDataKey"] == 2
+
+
+def test_limit_exceeded_gets_max_attempts(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
+    """LimitExceededException is also KMS's answer for resource quotas, which waiting does not free."""
+    arn = kms_region.create_key()
+    kms_region.proxy.inject("LimitExceededException", api="GenerateDataKey")
+    with pytest.raises(errors.RateLimited):
+        make_keyring(max_attempts=3, operation_timeout=30).generate(_request(arn))
+    assert kms_region.proxy.counts["GenerateDataKey"] == 3
 
 
 def test_server_errors_and_resets_are_retried(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
@@ -121,5 +179,5 @@ def test_clients_are_shared_per_region(make_keyring: MakeKeyring) -> None:
     assert factory.client("us-east-1") is factory.client("us-east-1")
     assert factory.client("eu-west-1") is not factory.client("us-east-1")
     config = factory.client("us-east-1").meta.config
-    assert config.retries == {"mode": "adaptive", "total_max_attempts": 1}
+    assert config.retries == {"mode": "standard", "total_max_attempts": 1}  # kmsguard retries, not botocore
     assert config.user_agent_extra.startswith("kmsguard/")

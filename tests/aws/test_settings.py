@@ -52,7 +52,8 @@ def test_every_value_overridable_and_reaches_botocore() -> None:
         }
     )
     config = ClientFactory(s).config("eu-west-1")
-    assert config.retries == {"mode": "adaptive", "total_max_attempts": 7}
+    assert config.retries == {"mode": "standard", "total_max_attempts": 1}  # kmsguard makes the 7 attempts
+    assert s.max_attempts == 7
     assert (config.connect_timeout, config.read_timeout, config.max_pool_connections) == (1.5, 4, 12)
     assert config.tcp_keepalive is False and config.user_agent_extra.startswith("kmsguard/")
     assert s.operation_timeout == 9

@@ -4,16 +4,19 @@ Clients are expensive (endpoint resolution, a connection pool, credential resolu
 and thread-safe, so the factory builds one per (region, profile, role, endpoint) under
 a lock and every thread shares it. Each client gets:
 
-* ``retries={"mode": "adaptive", "total_max_attempts": N}`` — adaptive mode adds a
-  client-side rate limiter that backs off on throttling; ``total_max_attempts`` counts
-  the first attempt (botocore's ``max_attempts`` would count only retries);
+* ``retries={"mode": "standard", "total_max_attempts": 1}`` — one HTTP attempt per
+  botocore call, because kmsguard retries itself (:mod:`kmsguard.aws.retry`): throttling
+  until the operation's deadline, transient failures up to ``max_attempts``, with
+  full-jitter backoff that never sleeps past the deadline. ``standard`` rather than
+  ``adaptive``: adaptive mode's client-side rate limiter acts even with one attempt
+  and, under a steady share of throttled calls, never lets the send rate recover;
 * connect and read timeouts, ``max_pool_connections`` sized for the concurrency (an
   undersized pool makes botocore open and discard connections), TCP keep-alive, and a
   ``kmsguard/<version>`` user agent;
 * the :mod:`~kmsguard.aws.middleware` hooks (timing, counts, deadline).
 
 botocore has no overall deadline: a call may take ``attempts x (connect + read)`` plus
-back-off. :meth:`ClientFactory.call` therefore runs the call on a worker thread and
+back-off. :meth:`ClientFactory.call` therefore runs each attempt on a worker thread and
 waits at most until the operation's deadline; past it the caller gets ``KmsTimeout``
 at once, and the middleware stops the abandoned call from starting another attempt.
 
@@ -43,10 +46,11 @@ from botocore.credentials import (
     DeferredRefreshableCredentials,
 )
 
-from kmsguard import __version__, operation
+from kmsguard import __version__, backoff, operation
 from kmsguard.aws import middleware, redact
 from kmsguard.aws.errors import map_error
 from kmsguard.aws.middleware import KmsMiddleware, KmsStats
+from kmsguard.aws.retry import retry_kind
 from kmsguard.aws.settings import AwsSettings
 from kmsguard.aws.workers import DaemonWorkers
 from kmsguard.errors import KmsGuardError, KmsTimeout
@@ -95,11 +99,11 @@ class ClientFactory:
     # ------------------------------------------------------------------ clients
 
     def config(self, region: str) -> Config:
-        """The botocore Config every KMS client of this factory uses."""
+        """The botocore Config every KMS client of this factory uses (one attempt per call: see the module doc)."""
         s = self.settings
         return Config(
             region_name=region,
-            retries={"mode": "adaptive", "total_max_attempts": s.max_attempts},
+            retries={"mode": "standard", "total_max_attempts": 1},
             connect_timeout=s.connect_timeout,
             read_timeout=s.read_timeout,
             max_pool_connections=s.max_pool_connections,
@@ -191,24 +195,55 @@ class ClientFactory:
     def call(
         self, region: str, api: str, *, until: float | None = None, key_ref: str | None = None, **params: Any
     ) -> dict[str, Any]:
-        """Call KMS ``api`` (e.g. ``"GenerateDataKey"``) in ``region``; kmsguard errors only.
+        """Call KMS ``api`` (e.g. ``"GenerateDataKey"``) in ``region``, with retries; kmsguard errors only.
 
         ``until`` is the operation's deadline (from :meth:`deadline`; one operation may
         make several calls under one deadline). ``key_ref`` only names the key in errors.
+        The call is recorded once in :attr:`stats` and the telemetry, with all its
+        attempts, throttles and back-off.
         """
         if until is None:
             until = self.deadline()
+        state = middleware.CallState(api, owned=True)
+        token = middleware.current_call.set(state)
+        outcome = "ok"
         try:
-            method: Callable[..., dict[str, Any]] = getattr(self.client(region), xform_name(api))
-            if until is None:
-                return method(**params)
-            return self._bounded(until, method, params)
+            return self._with_retries(region, api, until, params)
         except KmsTimeout as exc:
+            outcome = exc.code
             raise KmsTimeout(f"KMS {api} in {region}: {exc.message}") from None
-        except KmsGuardError:
+        except KmsGuardError as exc:
+            outcome = exc.code
             raise
         except Exception as exc:
-            raise map_error(exc, api, region, key_ref) from None
+            error = map_error(exc, api, region, key_ref)
+            outcome = error.code
+            raise error from None
+        finally:
+            middleware.current_call.reset(token)
+            if state.started:
+                middleware.record_call(self.stats, self.telemetry, region, state, outcome)
+
+    def _with_retries(self, region: str, api: str, until: float | None, params: dict[str, Any]) -> dict[str, Any]:
+        """The retry loop of :mod:`kmsguard.aws.retry`: raises the last attempt's (botocore) error."""
+        method: Callable[..., dict[str, Any]] = getattr(self.client(region), xform_name(api))
+        wait_out = until is not None and operation.wait_out_throttling.get()
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                if until is None:
+                    return method(**params)
+                return self._bounded(until, method, params)
+            except KmsGuardError:
+                raise  # the deadline passed (KmsTimeout): nothing left to retry in
+            except Exception as exc:
+                kind = retry_kind(exc)
+                if kind is None or (attempts >= self.settings.max_attempts and not (kind == "throttle" and wait_out)):
+                    raise
+                policy = backoff.THROTTLE if kind == "throttle" else backoff.TRANSIENT
+                if not backoff.wait_before_retry(policy.delay(attempts), until):
+                    raise
 
     def _bounded(self, until: float, method: Callable[..., T], params: dict[str, Any]) -> T:
         remaining = until - time.monotonic()

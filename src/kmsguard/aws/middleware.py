@@ -10,6 +10,13 @@ attempt (retries included) and ``after-call`` or ``after-call-error`` once at th
 * ``before-send`` refuses to start another attempt once the operation's deadline (set
   by the caller in :data:`deadline`) has passed, so a call abandoned by its caller
   stops retrying in the background.
+
+kmsguard retries a call itself (:mod:`kmsguard.aws.retry`), so one logical call is
+several botocore calls of one attempt each. :class:`~kmsguard.aws.clients.ClientFactory`
+therefore opens a :class:`CallState` for the logical call in :data:`current_call`; the
+hooks add every attempt and throttle to it and leave the recording to the factory,
+which reports the call once, with its final outcome and all its attempts and back-off.
+A botocore call made outside the factory (no open state) is recorded here as before.
 """
 
 from __future__ import annotations
@@ -29,6 +36,26 @@ THROTTLE_CODES = frozenset({"ThrottlingException", "LimitExceededException", "Th
 
 #: The monotonic time after which no new attempt may start; set around each call.
 deadline: ContextVar[float | None] = ContextVar("kmsguard_kms_deadline", default=None)
+
+
+class CallState:
+    """One logical KMS call's running totals, shared by all its attempts (and threads)."""
+
+    __slots__ = ("api", "attempts", "owned", "started", "t0", "throttles")
+
+    def __init__(self, api: str, *, owned: bool) -> None:
+        self.api = api
+        self.t0 = time.perf_counter()
+        self.attempts = 0
+        self.throttles = 0
+        #: Whether botocore began the call (a client that could not be built made none).
+        self.started = False
+        #: True when the factory records the call itself (it knows the final outcome).
+        self.owned = owned
+
+
+#: The logical call in progress (set by ClientFactory.call; copied into its worker thread).
+current_call: ContextVar[CallState | None] = ContextVar("kmsguard_kms_call", default=None)
 
 _STATE_KEY = "kmsguard"
 
@@ -95,7 +122,11 @@ class KmsMiddleware:
         events.register("after-call-error.kms", self._after_call_error)
 
     def _before_call(self, model: Any, context: dict[str, Any], **_: Any) -> None:
-        context[_STATE_KEY] = {"t0": time.perf_counter(), "attempts": 0, "throttles": 0, "api": model.name}
+        state = current_call.get()
+        if state is None:
+            state = CallState(model.name, owned=False)
+        state.started = True
+        context[_STATE_KEY] = state
 
     @staticmethod
     def _before_send(**_: Any) -> None:
@@ -105,13 +136,13 @@ class KmsMiddleware:
 
     @staticmethod
     def _response_received(context: Mapping[str, Any], parsed_response: Mapping[str, Any] | None, **_: Any) -> None:
-        state = context.get(_STATE_KEY)
+        state: CallState | None = context.get(_STATE_KEY)
         if state is None:
             return
-        state["attempts"] += 1
+        state.attempts += 1
         code = (parsed_response or {}).get("Error", {}).get("Code")
         if code in THROTTLE_CODES:
-            state["throttles"] += 1
+            state.throttles += 1
 
     def _after_call(self, http_response: Any, parsed: Mapping[str, Any], context: Mapping[str, Any], **_: Any) -> None:
         if http_response.status_code < 300:
@@ -123,13 +154,18 @@ class KmsMiddleware:
         self._finish(context, outcome_of(exception))
 
     def _finish(self, context: Mapping[str, Any], outcome: str) -> None:
-        state = context.get(_STATE_KEY)
-        if state is None:
+        state: CallState | None = context.get(_STATE_KEY)
+        if state is None or state.owned:
             return
-        seconds = time.perf_counter() - state["t0"]
-        attempts = max(state["attempts"], 1)
-        self.stats.record(state["api"], self.region, outcome, seconds, attempts, state["throttles"])
-        self.telemetry.kms_call(state["api"], self.region, outcome, seconds, attempts, state["throttles"])
+        record_call(self.stats, self.telemetry, self.region, state, outcome)
+
+
+def record_call(stats: KmsStats, telemetry: Telemetry, region: str, state: CallState, outcome: str) -> None:
+    """Record one finished logical call: its wall time (retries and back-off included), attempts, throttles."""
+    seconds = time.perf_counter() - state.t0
+    attempts = max(state.attempts, 1)
+    stats.record(state.api, region, outcome, seconds, attempts, state.throttles)
+    telemetry.kms_call(state.api, region, outcome, seconds, attempts, state.throttles)
 
 
 def _code_outcome(parsed: Mapping[str, Any]) -> str:

@@ -21,10 +21,16 @@ first) and, for every operation, uses the first region that is healthy:
 * **Failovers** are counted by (from, to) through ``Telemetry.failover``: each time an
   operation moves on from a region that failed, or was skipped as open, to the next.
 
-Throttling (RATE_LIMITED, after botocore's adaptive retries) fails over to the next
-region but does not count against the breaker: a throttled region is alive. Errors that
-another region would repeat (a disabled key, access denied, bad input) end an encrypt at
-once; on decrypt the other regions' entries are still tried.
+Throttling (RATE_LIMITED after ``max_attempts`` in that region) fails over to the next
+region but does not count against the breaker: a throttled region is alive. When every
+region an operation tried was throttled, the keyring waits (full-jitter backoff,
+:data:`kmsguard.backoff.THROTTLE`) and goes round the throttled regions again, until the
+operation's deadline: throttling is waited out, as with one region, but never in one
+region while another could serve. (The AWS client factory's own wait-out is turned off
+inside this keyring's operations, :data:`kmsguard.operation.wait_out_throttling`, so a
+throttled region hands back after ``max_attempts``.) Errors that another region would
+repeat (a disabled key, access denied, bad input) end an encrypt at once; on decrypt the
+other regions' entries are still tried.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from kmsguard import operation
+from kmsguard import backoff, operation
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import (
     AllRegionsFailed,
@@ -205,9 +211,11 @@ class MultiRegionKeyring:
         if outer is not None and (until is None or outer < until):
             until = outer
         token = operation.deadline.set(until)
+        patience = operation.wait_out_throttling.set(False)  # this keyring goes round the regions instead
         try:
             yield until
         finally:
+            operation.wait_out_throttling.reset(patience)
             operation.deadline.reset(token)
 
     def _candidates(self, request: KeyRequest) -> list[str]:
@@ -232,44 +240,58 @@ class MultiRegionKeyring:
 
         ``reading`` (the entries, for unwrap and rewrap) skips regions that hold no entry
         they could open, and tries the next region after any error, not only outages.
+        When no region served and some were throttled, those are tried again after a
+        backoff, round after round, until the deadline (without one: a single round).
         """
-        errors: list[tuple[str, KmsGuardError | str]] = []
+        errors: dict[str, KmsGuardError | str] = {}
         left: str | None = None  # the last region this operation moved on from
-        for region in self._candidates(request):
-            keyring = self.regions[region]
-            if reading is not None and not _can_open(keyring, reading):
-                continue
-            until = operation.deadline.get()
-            if until is not None and time.monotonic() >= until:
-                raise KmsTimeout(f"the operation deadline passed; tried: {_summary(errors) or 'nothing'}")
-            breaker = self.breakers[region]
-            if not breaker.allow():
-                errors.append((region, "circuit open"))
-                left = left or region
-                continue
-            if left is not None:
-                self._telemetry.failover(left, region)
-            try:
-                result = call(keyring, self._request_in(region, request))
-            except UNAVAILABLE as exc:
-                breaker.failure()
-                errors.append((region, exc))
-                left = region
-                continue
-            except RateLimited as exc:
-                breaker.success()  # it answered: alive, only busy
-                errors.append((region, exc))
-                left = region
-                continue
-            except KmsGuardError as exc:
+        regions = self._candidates(request)
+        rounds = 0
+        while True:
+            throttled: list[str] = []
+            for region in regions:
+                keyring = self.regions[region]
+                if reading is not None and not _can_open(keyring, reading):
+                    continue
+                until = operation.deadline.get()
+                if until is not None and time.monotonic() >= until:
+                    if rounds:
+                        raise _failure(request, list(errors.items()), reading is not None)
+                    tried = _summary(list(errors.items())) or "nothing"
+                    raise KmsTimeout(f"the operation deadline passed; tried: {tried}")
+                breaker = self.breakers[region]
+                if not breaker.allow():
+                    errors[region] = "circuit open"
+                    left = left or region
+                    continue
+                if left is not None and left != region:
+                    self._telemetry.failover(left, region)
+                try:
+                    result = call(keyring, self._request_in(region, request))
+                except UNAVAILABLE as exc:
+                    breaker.failure()
+                    errors[region] = exc
+                    left = region
+                    continue
+                except RateLimited as exc:
+                    breaker.success()  # it answered: alive, only busy
+                    errors[region] = exc
+                    throttled.append(region)
+                    left = region
+                    continue
+                except KmsGuardError as exc:
+                    breaker.success()
+                    if reading is None:
+                        raise
+                    errors[region] = exc
+                    continue
                 breaker.success()
-                if reading is None:
-                    raise
-                errors.append((region, exc))
-                continue
-            breaker.success()
-            return region, result
-        raise _failure(request, errors, reading is not None)
+                return region, result
+            rounds += 1
+            until = operation.deadline.get()
+            if not throttled or until is None or not backoff.wait_before_retry(backoff.THROTTLE.delay(rounds), until):
+                raise _failure(request, list(errors.items()), reading is not None)
+            regions = throttled
 
     def _wrap_in_others(self, data_key: DataKey, request: KeyRequest, served: str) -> DataKey:
         """Add a wrapped copy from every other usable region, in parallel, within the deadline.
