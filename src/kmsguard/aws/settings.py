@@ -6,7 +6,8 @@ Values come from presets per ``environment`` and are each overridable in ``[aws]
     regions = ["eu-west-1", "eu-central-1"]   # or KMSGUARD_REGIONS="eu-west-1,eu-central-1"
     profile = "payments"                      # a profile of the shared config files
     role_arn = "arn:aws:iam::123456789012:role/kmsguard"   # assumed with automatic refresh
-    max_attempts = 3                          # total attempts, the first one included
+    max_attempts = 3                          # attempts per call for transient failures, the first included
+                                              # (throttling is retried until operation_timeout instead)
     connect_timeout = 5
     read_timeout = 30
     operation_timeout = 30                    # kmsguard's own deadline per keyring operation
@@ -15,6 +16,10 @@ Values come from presets per ``environment`` and are each overridable in ``[aws]
     eu-west-1 = "https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com"
 
 No secret ever lives here: credentials come from boto3's own chain.
+
+There is no setting for the retry back-off: throttling is retried until
+``operation_timeout`` (the one knob a caller needs: how long it can wait) with the
+fixed full-jitter schedule of :mod:`kmsguard.backoff`; see :mod:`kmsguard.aws.retry`.
 """
 
 from __future__ import annotations

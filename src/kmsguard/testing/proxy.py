@@ -5,8 +5,8 @@ and lets disabled or pending-deletion keys keep working. This proxy sits on loop
 between botocore and moto and makes those failures happen for real, so retries,
 timeouts, error mapping and failover are exercised through botocore's own HTTP stack:
 
-* ``throttle(rate=..., count=...)`` answers ``400 ThrottlingException`` (botocore's
-  adaptive retry sees a throttle and backs off);
+* ``throttle(rate=..., count=...)`` answers ``400 ThrottlingException`` (kmsguard's
+  retry policy sees a throttle, backs off and retries until the deadline);
 * ``inject(code, api=..., key_id=..., status=...)`` any KMS error, optionally only for
   one API and/or one key (``DisabledException``, ``KMSInvalidStateException``...);
 * ``server_error(status=500)``, ``reset()`` (TCP reset), ``stall(seconds)`` (accept and
