@@ -14,7 +14,7 @@ Shared by the AWS client factory (retrying one KMS call) and the multi-region ke
   told to stop and report the last error (so never-ending throttling fails *at* the
   deadline, with the throttling error, instead of earlier or with a timeout).
 
-No client-side rate limiter: botocore's adaptive mode halves its send rate on every
+No client-side rate limiter: botocore's adaptive mode cuts its send rate to 70% on every
 throttle and, when a fixed share of calls is throttled at any rate, never recovers
 (see the README's throttling benchmark). Jittered backoff per call adapts by itself.
 """
@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-#: Time kept free before a deadline for one last attempt (a KMS round trip is ~5-50 ms).
-ATTEMPT_WINDOW = 0.05
+#: Time kept free before a deadline for one last attempt (a KMS round trip is ~5-50 ms
+#: in-region): an attempt started later would likely be cut off and end as a timeout.
+ATTEMPT_WINDOW = 0.1
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class Backoff:
     cap: float
 
     def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
-        return rand() * min(self.cap, self.base * 2.0 ** max(retry - 1, 0))
+        # The exponent is clamped: a long deadline may see hundreds of retries, and 2.0**1024 overflows.
+        return rand() * min(self.cap, self.base * 2.0 ** min(max(retry - 1, 0), 32))
 
 
 #: After a throttle: starts at up to 0.5 s (KMS quotas are per second, so sub-second

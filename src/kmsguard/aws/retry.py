@@ -22,7 +22,7 @@ mode and ``total_max_attempts = 1`` (each botocore call is one HTTP attempt), an
 * Nothing else is retried (a disabled key, denied access, bad input, credentials).
 
 Why not botocore's own retries: ``adaptive`` mode adds a client-side rate limiter that
-halves the send rate on every throttle and, when a fixed share of calls is throttled
+cuts the send rate to 70% on every throttle and, when a fixed share of calls is throttled
 at any rate, never recovers (operations then queue until their deadline). ``standard``
 mode has no limiter, but it sleeps without knowing kmsguard's deadline (up to 20 s
 between throttled attempts) and spends a per-client retry quota (500 units, 5 per
