@@ -24,7 +24,13 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+
+#: Whether a throttled key-service call is retried until the operation's deadline (the
+#: default) or handed back after its ``max_attempts``. The multi-region keyring turns it
+#: off for its calls: it has other regions to try first, and goes round them again itself.
+wait_out_throttling: ContextVar[bool] = ContextVar("kmsguard_wait_out_throttling", default=True)
 
 #: Time kept free before a deadline for one last attempt (a KMS round trip is ~5-50 ms
 #: in-region): an attempt started later would likely be cut off and end as a timeout.

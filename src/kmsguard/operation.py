@@ -142,11 +142,6 @@ def acting_as(who: str) -> Iterator[None]:
 #: each call by it, so failing over never outlives the caller's deadline.
 deadline: ContextVar[float | None] = ContextVar("kmsguard_operation_deadline", default=None)
 
-#: Whether a throttled key-service call is retried until the deadline (the default) or
-#: handed back after its ``max_attempts``. The multi-region keyring turns it off for its
-#: calls: it has other regions to try first, and goes round them again itself.
-wait_out_throttling: ContextVar[bool] = ContextVar("kmsguard_wait_out_throttling", default=True)
-
 
 def note_kms_call(key_ref: str | None = None, region: str | None = None) -> None:
     """A keyring called its key service once (retries are counted by the AWS layer)."""

@@ -19,7 +19,7 @@ class Telemetry:
     def kms_call(
         self, api: str, region: str, outcome: str, duration: float, attempts: int = 1, throttles: int = 0
     ) -> None:
-        """One KMS API call finished (``duration`` includes its retries and back-off)."""
+        """One KMS API call finished (``duration`` includes botocore's retries)."""
 
     def cache_event(self, event: str, classification: str) -> None:
         """``hit``, ``miss`` or ``evict`` in a data-key cache."""

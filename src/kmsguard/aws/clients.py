@@ -227,7 +227,7 @@ class ClientFactory:
     def _with_retries(self, region: str, api: str, until: float | None, params: dict[str, Any]) -> dict[str, Any]:
         """The retry loop of :mod:`kmsguard.aws.retry`: raises the last attempt's (botocore) error."""
         method: Callable[..., dict[str, Any]] = getattr(self.client(region), xform_name(api))
-        wait_out = until is not None and operation.wait_out_throttling.get()
+        wait_out = until is not None and backoff.wait_out_throttling.get()
         attempts = 0
         while True:
             attempts += 1

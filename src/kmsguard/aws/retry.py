@@ -34,7 +34,7 @@ client until enough calls succeed. With one attempt per botocore call the quota 
 never touched, and the one retry loop here knows the deadline.
 
 The multi-region keyring turns the wait-out off for its calls
-(:data:`kmsguard.operation.wait_out_throttling`): a throttled region there gets
+(:data:`kmsguard.backoff.wait_out_throttling`): a throttled region there gets
 ``max_attempts`` and then the next region is tried, and the keyring itself goes round
 the throttled regions again with the same backoff until the deadline.
 """

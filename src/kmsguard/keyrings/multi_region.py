@@ -27,7 +27,7 @@ region an operation tried was throttled, the keyring waits (full-jitter backoff,
 :data:`kmsguard.backoff.THROTTLE`) and goes round the throttled regions again, until the
 operation's deadline: throttling is waited out, as with one region, but never in one
 region while another could serve. (The AWS client factory's own wait-out is turned off
-inside this keyring's operations, :data:`kmsguard.operation.wait_out_throttling`, so a
+inside this keyring's operations, :data:`kmsguard.backoff.wait_out_throttling`, so a
 throttled region hands back after ``max_attempts``.) Errors that another region would
 repeat (a disabled key, access denied, bad input) end an encrypt at once; on decrypt the
 other regions' entries are still tried.
@@ -211,11 +211,11 @@ class MultiRegionKeyring:
         if outer is not None and (until is None or outer < until):
             until = outer
         token = operation.deadline.set(until)
-        patience = operation.wait_out_throttling.set(False)  # this keyring goes round the regions instead
+        patience = backoff.wait_out_throttling.set(False)  # this keyring goes round the regions instead
         try:
             yield until
         finally:
-            operation.wait_out_throttling.reset(patience)
+            backoff.wait_out_throttling.reset(patience)
             operation.deadline.reset(token)
 
     def _candidates(self, request: KeyRequest) -> list[str]:
