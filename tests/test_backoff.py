@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from kmsguard.backoff import ATTEMPT_WINDOW, THROTTLE, TRANSIENT, Backoff, wait_before_retry
+from kmsguard.backoff import ATTEMPT_WINDOW, THROTTLE, TRANSIENT, Backoff
 
 
 def test_full_jitter_grows_then_caps() -> None:
@@ -17,10 +17,11 @@ def test_full_jitter_grows_then_caps() -> None:
 
 
 def test_wait_is_cut_to_leave_room_for_one_last_attempt() -> None:
+    slow = Backoff(base=30.0, cap=30.0)
     until = time.monotonic() + ATTEMPT_WINDOW + 0.2
     started = time.monotonic()
-    assert wait_before_retry(30.0, until)  # a 30 s back-off shrinks to the time left
+    assert slow.wait(1, until, rand=lambda: 1.0)  # a 30 s back-off shrinks to the time left
     assert time.monotonic() - started < 5
     assert time.monotonic() <= until
-    assert not wait_before_retry(1.0, time.monotonic() + ATTEMPT_WINDOW / 2)  # no room left: give up at once
-    assert wait_before_retry(0.0, None)  # no deadline: just the back-off
+    assert not slow.wait(1, time.monotonic() + ATTEMPT_WINDOW / 2)  # no room left: give up at once
+    assert Backoff(base=0.0, cap=0.0).wait(1, None)  # no deadline: just the back-off

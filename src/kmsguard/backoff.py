@@ -7,8 +7,12 @@ Shared by the AWS client factory (retrying one KMS call) and the multi-region ke
   Many threads throttled at the same moment then spread their retries over the whole
   window instead of coming back together (the "thundering herd" that equal or no
   jitter produces), which is what lets a throttled service recover;
-* **capped** — a long throttling episode keeps retrying every few seconds rather than
-  backing off past the deadline;
+* **capped low** — waits stop growing at 2 s (1 s on average), so a call keeps getting
+  chances at a steady pace until its deadline instead of spending it on a few long
+  waits. With an 8 s cap (0.5 s base) a call throttled 6 times in a row (0.3^6, about
+  1 in 1,400 calls at 30% throttling) had waited ~12 s on average and missed a 10 s
+  deadline: the benchmark's 1,000 cache-off operations lost one that way. With the 2 s
+  cap a 10 s deadline holds ~12 retries: 0.3^12, about 1 in 2 million calls;
 * **deadline-bound** — a wait is cut so that one more attempt can still start
   ``ATTEMPT_WINDOW`` before the deadline; when even that no longer fits, the caller is
   told to stop and report the last error (so never-ending throttling fails *at* the
@@ -44,32 +48,37 @@ class Backoff:
     base: float
     cap: float
 
-    def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
+    def ceiling(self, retry: int) -> float:
+        """The longest wait before retry number ``retry``, ignoring any deadline."""
         # The exponent is clamped: a long deadline may see hundreds of retries, and 2.0**1024 overflows.
-        return rand() * min(self.cap, self.base * 2.0 ** min(max(retry - 1, 0), 32))
+        return min(self.cap, self.base * 2.0 ** min(max(retry - 1, 0), 32))
+
+    def delay(self, retry: int, rand: Callable[[], float] = random.random) -> float:
+        """A full-jitter wait before retry number ``retry``, ignoring any deadline."""
+        return rand() * self.ceiling(retry)
+
+    def wait(self, retry: int, until: float | None, rand: Callable[[], float] = random.random) -> bool:
+        """Sleep before retry number ``retry``; False (at once) when no attempt fits before ``until`` any more.
+
+        The full-jitter wait is cut to end ``ATTEMPT_WINDOW`` before ``until``
+        (None: no deadline).
+        """
+        delay = self.delay(retry, rand)
+        if until is not None:
+            room = until - time.monotonic() - ATTEMPT_WINDOW
+            if room <= 0:
+                return False
+            delay = min(delay, room)
+        if delay > 0:
+            time.sleep(delay)
+        return True
 
 
-#: After a throttle: starts at up to 0.5 s (KMS quotas are per second, so sub-second
-#: retries mostly land in the next window) and stops growing at 8 s, well inside the
-#: presets' 15-30 s deadlines so a long throttling episode still gets several tries.
-THROTTLE = Backoff(base=0.5, cap=8.0)
+#: After a throttle: up to 0.25 s, 0.5 s, 1 s, then up to 2 s each time. KMS request
+#: quotas are per second, so sub-second waits mostly land in a later window; the low
+#: cap keeps ~1 retry a second per call (see "capped low" above).
+THROTTLE = Backoff(base=0.25, cap=2.0)
 
 #: After a transient failure (5xx, a reset or timed-out connection): botocore's standard
 #: 50 ms base; these retries are few (``max_attempts``), so the cap is rarely reached.
 TRANSIENT = Backoff(base=0.05, cap=2.0)
-
-
-def wait_before_retry(delay: float, until: float | None) -> bool:
-    """Sleep ``delay`` seconds, cut to leave ``ATTEMPT_WINDOW`` before ``until``.
-
-    Returns False (without sleeping) when no attempt could start before the deadline any
-    more: the caller then raises the error it has. ``until`` None means no deadline.
-    """
-    if until is not None:
-        room = until - time.monotonic() - ATTEMPT_WINDOW
-        if room <= 0:
-            return False
-        delay = min(delay, room)
-    if delay > 0:
-        time.sleep(delay)
-    return True

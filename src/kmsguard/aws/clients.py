@@ -242,7 +242,7 @@ class ClientFactory:
                 if kind is None or (attempts >= self.settings.max_attempts and not (kind == "throttle" and wait_out)):
                     raise
                 policy = backoff.THROTTLE if kind == "throttle" else backoff.TRANSIENT
-                if not backoff.wait_before_retry(policy.delay(attempts), until):
+                if not policy.wait(attempts, until):
                     raise
 
     def _bounded(self, until: float, method: Callable[..., T], params: dict[str, Any]) -> T:

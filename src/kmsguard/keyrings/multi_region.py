@@ -289,7 +289,7 @@ class MultiRegionKeyring:
                 return region, result
             rounds += 1
             until = operation.deadline.get()
-            if not throttled or until is None or not backoff.wait_before_retry(backoff.THROTTLE.delay(rounds), until):
+            if not throttled or until is None or not backoff.THROTTLE.wait(rounds, until):
                 raise _failure(request, list(errors.items()), reading is not None)
             regions = throttled
 
