@@ -10,7 +10,7 @@ DEMO_HOME := $(CURDIR)/.kmsguard
 
 # The hot path is compiled in place (setup.py): a changed source must rebuild it, or
 # Python would keep importing the stale extension next to it.
-COMPILED_SOURCES := setup.py src/kmsguard/fastpath.py src/kmsguard/fastpath.pxd src/kmsguard/nonces.py
+COMPILED_SOURCES := setup.py $(wildcard src/kmsguard/*.pxd src/kmsguard/*/*.pxd) $(patsubst %.pxd,%.py,$(wildcard src/kmsguard/*.pxd src/kmsguard/*/*.pxd)) src/kmsguard/nonces.py
 
 $(VENV)/.installed: pyproject.toml $(COMPILED_SOURCES)
 	$(PYTHON) -m venv $(VENV)

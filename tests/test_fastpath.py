@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 import threading
-from dataclasses import replace
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any

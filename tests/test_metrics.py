@@ -25,7 +25,8 @@ def finished(name: str = "encrypt", cls: str = "general", error: Exception | Non
 def test_telemetry_feeds_the_registry() -> None:
     m = Metrics()
     m.kms_call("GenerateDataKey", "eu-west-1", "ok", 0.02, attempts=3, throttles=2)
-    m.cache_event("hit", "pii")
+    m.cache_hits(lambda: {"pii": 5})
+    m.cache_hits(lambda: {"pii": 2, "general": 1})
     m.cache_event("evict", "pii")
     m.failover("eu-west-1", "eu-central-1")
     m.gauge("audit_queue_depth", 7)
@@ -36,6 +37,8 @@ def test_telemetry_feeds_the_registry() -> None:
     assert 'kmsguard_kms_throttles_total{api="GenerateDataKey",region="eu-west-1"} 2.0' in text
     assert 'kmsguard_kms_latency_seconds_count{api="GenerateDataKey",region="eu-west-1"} 1.0' in text
     assert 'kmsguard_cache_events_total{classification="pii",event="evict"} 1.0' in text
+    assert 'kmsguard_cache_events_total{classification="pii",event="hit"} 7.0' in text
+    assert 'kmsguard_cache_events_total{classification="general",event="hit"} 1.0' in text
     assert 'kmsguard_failovers_total{from_region="eu-west-1",to_region="eu-central-1"} 1.0' in text
     assert "kmsguard_audit_queue_depth 7.0" in text
     assert "Bad" not in text

@@ -2,9 +2,12 @@
 # The .py file stays the source; this file only tells Cython which classes are
 # extension types and which fields are C numbers, so Budget._take runs as C code
 # without releasing the GIL.
+import cython
 
 cdef long long _tick
 cdef object _nonce
+cdef object _wall
+cdef object _perf
 cdef object _join
 cdef object _ABSENT
 
@@ -26,6 +29,7 @@ cdef class EncryptLane:
     cdef public Budget budget
     cdef public bytes out_prefix
     cdef public bytes aad_prefix
+    cdef public dict kinds
 
 cdef class DecryptLane:
     cdef public Budget budget
@@ -34,8 +38,25 @@ cdef class DecryptLane:
     cdef public bytes aad_prefix
     cdef public Py_ssize_t prefix_len
     cdef public Py_ssize_t body_start
+    cdef public dict kinds
+
+cdef class HitSink:
+    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *
 
 cdef class Lanes:
     cdef public dict encrypt
     cdef public dict decrypt
     cdef public list lengths
+    cdef public bint observed
+    cdef public tuple sinks
+    cdef public object principal
+    cdef public object acting
+    cdef double _synced_at
+    cdef double _wall_offset
+    cdef object _principal(self)
+    cdef EncryptLane _encrypt_lane(self, object plaintext, object classification, object context)
+    cdef object _seal(self, EncryptLane lane, object plaintext)
+    cdef DecryptLane _decrypt_lane(self, object raw, object context)
+    cdef object _open(self, DecryptLane lane, object raw)
+    @cython.locals(sink=HitSink)
+    cdef void _record(self, object kind, double t0, double duration, Py_ssize_t size) except *

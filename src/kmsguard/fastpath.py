@@ -35,7 +35,9 @@ entry holds no key.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -54,10 +56,13 @@ MAX_LANES = 4096
 #: Distinct envelope prefix lengths probed on decrypt (one per header shape in use).
 MAX_PREFIX_LENGTHS = 8
 _NO_LIMIT = 2**62
+MAX_KINDS_PER_LANE = 64
 _COPY_BELOW = 16384
 
 _tick = 0  # a use counter shared by every Budget: its value at a Budget's last use orders the LRU
 _nonce = nonces.nonce
+_wall = time.time
+_perf = time.perf_counter
 _join = b"".join
 #: What a header lacks a key as; equal to nothing a caller can pass.
 _ABSENT = object()
@@ -121,16 +126,23 @@ class Budget:
 
 
 class EncryptLane:
-    """Sealing under one cached data key for one (classification, context)."""
+    """Sealing under one cached data key for one (classification, context).
+
+    ``kinds``: the HitKind per principal, for recording hits (see :meth:`Lanes.seal_recorded`).
+    """
 
     def __init__(self, budget: Budget, out_prefix: bytes, aad_prefix: bytes) -> None:
         self.budget = budget
         self.out_prefix = out_prefix
         self.aad_prefix = aad_prefix
+        self.kinds: dict[object, object] = {}
 
 
 class DecryptLane:
-    """Opening envelopes with one prefix under the cached data key they name."""
+    """Opening envelopes with one prefix under the cached data key they name.
+
+    ``kinds``: the HitKind per (principal, caller's context items).
+    """
 
     def __init__(
         self,
@@ -147,31 +159,68 @@ class DecryptLane:
         self.aad_prefix = aad_prefix
         self.prefix_len = prefix_len
         self.body_start = body_start
+        self.kinds: dict[object, object] = {}
+
+
+def bind_kind(lane: EncryptLane | DecryptLane, key: object, kind: object) -> None:
+    """Remember ``kind`` for later hits on ``lane`` (a bounded number per lane)."""
+    if len(lane.kinds) < MAX_KINDS_PER_LANE:
+        lane.kinds[key] = kind
+
+
+class HitSink:
+    """Where an observer takes cache hits in compact form (kmsguard.operation.HitKind).
+
+    The audit writer and the metrics registry subclass it (compiled, they are called
+    from :class:`Lanes` as C, with no Python call in between).
+    """
+
+    def record(self, kind: Any, started: float, duration: float, size: int) -> None:
+        raise NotImplementedError
 
 
 class Lanes:
-    """One Guard's lanes. Dictionaries only: every read and replace is atomic under the GIL."""
+    """One Guard's lanes. Dictionaries only: every read and replace is atomic under the GIL.
 
-    def __init__(self) -> None:
+    With ``observed`` set (Guard's observers all take hits, see
+    kmsguard.operation.HitObserver), a lane serves only operations of a kind it has a
+    HitKind for — per principal: the ``acting`` context variable's, else ``principal``
+    — and reports each to ``sinks``; any other operation takes the full path, which
+    observes it in full.
+    """
+
+    def __init__(
+        self,
+        observed: bool = False,
+        sinks: tuple[HitSink, ...] = (),
+        principal: str = "",
+        acting: ContextVar[str | None] | None = None,
+    ) -> None:
         self.encrypt: dict[object, EncryptLane] = {}
         self.decrypt: dict[bytes, DecryptLane] = {}
         self.lengths: list[int] = []
+        self.observed = observed
+        self.sinks = sinks
+        self.principal = principal
+        self.acting = acting
+        self._synced_at = -2.0  # perf_counter time of the last wall-clock reading (see _record)
+        self._wall_offset = 0.0
 
     def seal(self, plaintext: Any, classification: Any, context: Any) -> bytes | None:
         """The envelope of ``plaintext``, or None: take the slow path."""
-        if type(plaintext) is not bytes or len(plaintext) > MAX_PLAINTEXT:
-            return None
-        try:
-            lane = self.encrypt.get((classification, tuple(context.items()) if context else ()))
-        except (AttributeError, TypeError):
-            return None
+        lane = self._encrypt_lane(plaintext, classification, context)
         if lane is None:
             return None
-        aead = lane.budget.claim(len(plaintext))
-        if aead is None:
+        if not self.observed:
+            return self._seal(lane, plaintext)
+        kind = lane.kinds.get(self._principal())
+        if kind is None:
             return None
-        nonce = _nonce()
-        return _join((lane.out_prefix, nonce, aead.encrypt(nonce, plaintext, lane.aad_prefix + nonce)))
+        t0 = _perf()
+        out = self._seal(lane, plaintext)
+        if out is not None:
+            self._record(kind, t0, _perf() - t0, len(plaintext))
+        return out
 
     def open(self, raw: bytes, context: Any) -> bytes | None:
         """The plaintext of binary envelope ``raw``, or None: take the slow path.
@@ -179,6 +228,53 @@ class Lanes:
         A body that fails authentication under a bound lane raises InvalidCiphertext,
         as the slow path would: the prefix (header and commitment) names the key.
         """
+        lane = self._decrypt_lane(raw, context)
+        if lane is None:
+            return None
+        if not self.observed:
+            return self._open(lane, raw)
+        kind = lane.kinds.get((self._principal(), tuple(context.items()) if context else ()))
+        if kind is None:
+            return None
+        t0 = _perf()
+        out = self._open(lane, raw)
+        if out is not None:
+            self._record(kind, t0, _perf() - t0, len(out))
+        return out
+
+    def bind_encrypt(self, key: object, lane: EncryptLane) -> None:
+        if len(self.encrypt) >= MAX_LANES:
+            self.encrypt.clear()
+        self.encrypt[key] = lane
+
+    def bind_decrypt(self, prefix: bytes, lane: DecryptLane) -> None:
+        if len(self.decrypt) >= MAX_LANES:
+            self.decrypt.clear()
+        if len(prefix) not in self.lengths:
+            if len(self.lengths) >= MAX_PREFIX_LENGTHS:
+                return
+            self.lengths.append(len(prefix))
+        self.decrypt[prefix] = lane
+
+    # ------------------------------------------------------------------ internals
+
+    def _encrypt_lane(self, plaintext: Any, classification: Any, context: Any) -> EncryptLane | None:
+        if type(plaintext) is not bytes or len(plaintext) > MAX_PLAINTEXT:
+            return None
+        try:
+            return self.encrypt.get((classification, tuple(context.items()) if context else ()))
+        except (AttributeError, TypeError):
+            return None
+
+    def _seal(self, lane: EncryptLane, plaintext: bytes) -> bytes | None:
+        aead = lane.budget.claim(len(plaintext))
+        if aead is None:
+            return None
+        nonce = _nonce()
+        return _join((lane.out_prefix, nonce, aead.encrypt(nonce, plaintext, lane.aad_prefix + nonce)))
+
+    def _decrypt_lane(self, raw: bytes, context: Any) -> DecryptLane | None:
+        """The lane bound to ``raw``'s prefix, if the caller's context is exactly what it accepts."""
         lane: DecryptLane | None = None
         for n in self.lengths:
             lane = self.decrypt.get(raw[:n])
@@ -197,6 +293,9 @@ class Lanes:
                     return None
         except (AttributeError, TypeError):
             return None
+        return lane
+
+    def _open(self, lane: DecryptLane, raw: bytes) -> bytes | None:
         aead = lane.budget.claim(0)
         if aead is None:
             return None
@@ -209,16 +308,20 @@ class Lanes:
         except InvalidTag:
             raise InvalidCiphertext() from None
 
-    def bind_encrypt(self, key: object, lane: EncryptLane) -> None:
-        if len(self.encrypt) >= MAX_LANES:
-            self.encrypt.clear()
-        self.encrypt[key] = lane
+    def _principal(self) -> Any:
+        acting = self.acting
+        return (acting.get() if acting is not None else None) or self.principal
 
-    def bind_decrypt(self, prefix: bytes, lane: DecryptLane) -> None:
-        if len(self.decrypt) >= MAX_LANES:
-            self.decrypt.clear()
-        if len(prefix) not in self.lengths:
-            if len(self.lengths) >= MAX_PREFIX_LENGTHS:
-                return
-            self.lengths.append(len(prefix))
-        self.decrypt[prefix] = lane
+    def _record(self, kind: object, t0: float, duration: float, size: int) -> None:
+        """Report a hit that started at ``t0`` (perf_counter) to every sink, with its wall-clock start.
+
+        The wall clock is read once a second, not per hit: between readings a start time
+        is the last reading plus the perf_counter time since, off by the clocks' drift
+        over at most a second (microseconds), which an audit timestamp can afford.
+        """
+        if t0 - self._synced_at > 1.0:
+            self._synced_at = t0
+            self._wall_offset = _wall() - t0
+        started = t0 + self._wall_offset
+        for sink in self.sinks:
+            sink.record(kind, started, duration, size)

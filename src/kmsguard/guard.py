@@ -103,7 +103,16 @@ class Guard:
         self._lease: Callable[[KeyRequest], tuple[DataKey, fastpath.Budget] | None] | None = getattr(
             keyring, "lease", None
         )
-        self._lanes = fastpath.Lanes()
+        # Cache hits take a lane, observed or not, if every observer takes hits in compact
+        # form; with another observer every operation takes the full path.
+        sinks = [o.hit_recorder() for o in self.observers if isinstance(o, operation.HitObserver)]
+        self._lanes = fastpath.Lanes(
+            observed=bool(self.observers),
+            sinks=tuple(sink for sink in sinks if sink is not None),
+            principal=principal,
+            acting=operation.principal,
+        )
+        self._use_lanes = len(sinks) == len(self.observers)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Guard:
@@ -145,10 +154,12 @@ class Guard:
         to the key service); it is not secret. The classification's required context
         keys must be present.
         """
+        if self._use_lanes:
+            out = self._lanes.seal(plaintext, classification, context)
+            if out is not None:
+                return out
         if not self.observers:
-            return self._lanes.seal(plaintext, classification, context) or self._encrypt(
-                plaintext, classification, context
-            )
+            return self._encrypt(plaintext, classification, context)
         ctx = plans.check_context(context)
         # The classification is recorded once the policy accepts it (_note_class): an
         # arbitrary string a caller passed must not reach audit records or metric labels.
@@ -161,11 +172,11 @@ class Guard:
         classification's required keys must be among them: a caller states why it
         decrypts payment data as it did when encrypting.
         """
+        if type(data) is bytes and self._use_lanes:
+            plain = self._lanes.open(data, context)
+            if plain is not None:
+                return plain
         if not self.observers:  # the caller's context is checked against the header (_check_context)
-            if type(data) is bytes:
-                plain = self._lanes.open(data, context)
-                if plain is not None:
-                    return plain
             return self._decrypt(data, _mapping(context), self._unwrap)
         ctx = plans.check_context(context)
         return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx, self._unwrap))
@@ -275,8 +286,13 @@ class Guard:
         if self._lease is not None:
             lease = self._lease(plan.request)
             if lease is not None and lease[0] is data_key:
-                lane = fastpath.EncryptLane(lease[1], sealer.out_prefix, sealer.aad_prefix)
-                self._lanes.bind_encrypt((classification, tuple(context.items()) if context else ()), lane)
+                key = (classification, tuple(context.items()) if context else ())
+                lane = self._lanes.encrypt.get(key)
+                if lane is None or lane.budget is not lease[1]:
+                    lane = fastpath.EncryptLane(lease[1], sealer.out_prefix, sealer.aad_prefix)
+                    self._lanes.bind_encrypt(key, lane)
+                if op is not None:
+                    op.lane = lane
         return out
 
     def _decrypt(self, data: EnvelopeInput, ctx: Mapping[str, str], unwrap: Unwrap) -> bytes:
@@ -296,11 +312,16 @@ class Guard:
         if self._lease is not None:  # the commitment matched: this prefix opens with this key
             lease = self._lease(plan.request)
             if lease is not None and lease[0] is data_key:
-                required = tuple(plan.policy.required_context)
-                lane = fastpath.DecryptLane(
-                    lease[1], plan.context, required, plan.aad_prefix, plan.prefix_len, plan.body_start
-                )
-                self._lanes.bind_decrypt(raw[: plan.prefix_len], lane)
+                prefix = raw[: plan.prefix_len]
+                lane = self._lanes.decrypt.get(prefix)
+                if lane is None or lane.budget is not lease[1]:
+                    required = tuple(plan.policy.required_context)
+                    lane = fastpath.DecryptLane(
+                        lease[1], plan.context, required, plan.aad_prefix, plan.prefix_len, plan.body_start
+                    )
+                    self._lanes.bind_decrypt(prefix, lane)
+                if op is not None:
+                    op.lane = lane
         return out
 
     def _rewrap(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:
@@ -361,7 +382,17 @@ class Guard:
             operation.current.reset(token)
         op.finish(None)
         self._notify(op)
+        if op.lane is not None and op.cache_hit and not op.kms_calls and not op.strict_audit:
+            self._bind_kind(op)
         return result
+
+    def _bind_kind(self, op: Operation) -> None:
+        """Let the next operations of this kind be recorded as hits (see kmsguard.operation.HitKind)."""
+        lane = op.lane
+        if isinstance(lane, fastpath.EncryptLane):
+            fastpath.bind_kind(lane, op.principal, operation.HitKind(op))
+        elif isinstance(lane, fastpath.DecryptLane):
+            fastpath.bind_kind(lane, (op.principal, tuple(op.context.items())), operation.HitKind(op))
 
     def _notify(self, op: Operation) -> None:
         """Tell every observer; a strict operation whose record could not be made durable fails.

@@ -24,10 +24,9 @@ import re
 import sys
 import threading
 import time
-from bisect import bisect_left
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import IO, Any
@@ -38,7 +37,9 @@ from prometheus_client.registry import Collector
 
 from kmsguard.config import Settings
 from kmsguard.errors import ConfigurationError
-from kmsguard.operation import Operation
+from kmsguard.histogram import Histogram as Series
+from kmsguard.histogram import HitTally
+from kmsguard.operation import HitKind, Operation
 from kmsguard.telemetry import Telemetry
 
 log = logging.getLogger("kmsguard.metrics")
@@ -69,9 +70,8 @@ class Metrics(Telemetry):
         self.kms_seconds = Histogram(
             "kmsguard_kms_latency_seconds", "KMS call latency incl. retries", kms, buckets=_KMS_BUCKETS, registry=r
         )
-        self.cache_events = Counter(
-            "kmsguard_cache_events", "Data-key cache hits/misses/evictions", ("event", "classification"), registry=r
-        )
+        self.cache_events = CacheEvents()
+        r.register(self.cache_events)
         self.failovers = Counter("kmsguard_failovers", "Region failovers", ("from_region", "to_region"), registry=r)
         self.cloudwatch_dropped = Counter(
             "kmsguard_cloudwatch_dropped", "Operation samples CloudWatch export dropped", registry=r
@@ -89,7 +89,12 @@ class Metrics(Telemetry):
         if op.error_code is not None:
             self.operation_errors.labels(op.name, op.error_code).inc()
         if self.exporter is not None:
-            self.exporter.add(op)
+            self.exporter.add(op.name, op.outcome == "ok", op.classification, op.duration)
+
+    def hit_recorder(self) -> HitTally:
+        """Cache hits (see kmsguard.operation.HitKind) go into the same series as full operations."""
+        lookup = lambda kind: self.operation_stats.series(_hit_series(kind))  # noqa: E731
+        return HitTally(lookup) if self.exporter is None else _ExportedHits(lookup, self.exporter)
 
     # ------------------------------------------------------------------ Telemetry
 
@@ -104,7 +109,10 @@ class Metrics(Telemetry):
             self.kms_throttles.labels(api, region).inc(throttles)
 
     def cache_event(self, event: str, classification: str) -> None:
-        self.cache_events.labels(event, classification).inc()
+        self.cache_events.count(event, classification)
+
+    def cache_hits(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.cache_events.hit_sources.append(source)
 
     def failover(self, from_region: str, to_region: str) -> None:
         self.failovers.labels(from_region, to_region).inc()
@@ -136,43 +144,89 @@ def of(observers: Iterable[object]) -> Metrics | None:
 
 
 class OperationStats(Collector):
-    """Operation count and latency histogram, kept as plain numbers under one lock.
+    """Operation count and latency histogram: one compiled :class:`kmsguard.histogram.Histogram` per series.
 
     The same series as a prometheus_client Counter and Histogram
     (``kmsguard_operations_total``, ``kmsguard_operation_duration_seconds``), at a
-    third of their per-operation cost: this runs once per Guard operation.
+    fraction of their per-operation cost: this runs once per Guard operation.
     """
 
     LABELS = ("operation", "classification", "outcome")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._series: dict[tuple[str, str, str], list[Any]] = {}  # key -> [count, sum, per-bucket counts]
+        self._series: dict[tuple[str, str, str], Series] = {}
+
+    def series(self, key: tuple[str, str, str]) -> Series:
+        series = self._series.get(key)
+        if series is None:
+            with self._lock:
+                series = self._series.setdefault(key, Series(_OP_BUCKETS))
+        return series
 
     def observe(self, key: tuple[str, str, str], seconds: float) -> None:
-        bucket = bisect_left(_OP_BUCKETS, seconds)
-        with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = [0, 0.0, [0] * (len(_OP_BUCKETS) + 1)]
-            series[0] += 1
-            series[1] += seconds
-            series[2][bucket] += 1
+        self.series(key).add(seconds)
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            snapshot = [(key, s[0], s[1], list(s[2])) for key, s in self._series.items()]
+            series = list(self._series.items())
         count = CounterMetricFamily("kmsguard_operations", "Guard operations", labels=self.LABELS)
         latency = HistogramMetricFamily(
             "kmsguard_operation_duration_seconds", "Guard operation latency", labels=self.LABELS
         )
-        for key, n, total, buckets in snapshot:
+        bounds = [repr(b) for b in _OP_BUCKETS] + ["+Inf"]
+        for key, histogram in series:
+            n, total, buckets = histogram.snapshot()
             count.add_metric(list(key), n)
-            cumulative = list(accumulate(buckets))
-            bounds = [repr(b) for b in _OP_BUCKETS] + ["+Inf"]
-            latency.add_metric(list(key), list(zip(bounds, cumulative, strict=True)), total)
+            latency.add_metric(list(key), list(zip(bounds, accumulate(buckets), strict=True)), total)
         yield count
         yield latency
+
+
+def _hit_series(kind: HitKind) -> tuple[str, str, str]:
+    return (kind.name, kind.classification or "none", "ok")
+
+
+class _ExportedHits(HitTally):
+    """Hits counted and, as full operations are, handed to the CloudWatch export."""
+
+    def __init__(self, lookup: Callable[[HitKind], Series], exporter: CloudWatchExport) -> None:
+        super().__init__(lookup)
+        self.exporter = exporter
+
+    def record(self, kind: HitKind, started: float, duration: float, size: int) -> None:
+        super().record(kind, started, duration, size)
+        self.exporter.add(kind.name, True, kind.classification, duration)
+
+
+class CacheEvents(Collector):
+    """``kmsguard_cache_events_total`` by event and classification.
+
+    Misses and evictions are counted here as they happen; hits are read, when scraped,
+    from the caches that count them (``Telemetry.cache_hits``).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Tally[tuple[str, str]] = Tally()
+        self.hit_sources: list[Callable[[], Mapping[str, int]]] = []
+
+    def count(self, event: str, classification: str) -> None:
+        with self._lock:
+            self._counts[(event, classification)] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            counts = dict(self._counts)
+        for source in list(self.hit_sources):
+            for classification, hits in source().items():
+                counts[("hit", classification)] = counts.get(("hit", classification), 0) + hits
+        family = CounterMetricFamily(
+            "kmsguard_cache_events", "Data-key cache hits/misses/evictions", labels=("event", "classification")
+        )
+        for (event, classification), n in sorted(counts.items()):
+            family.add_metric([event, classification], n)
+        yield family
 
 
 # ---------------------------------------------------------------------- CloudWatch
@@ -293,12 +347,12 @@ class CloudWatchExport:
         self._thread = threading.Thread(target=self._run, name="kmsguard-cloudwatch", daemon=True)
         self._thread.start()
 
-    def add(self, op: Operation) -> None:
+    def add(self, operation: str, success: bool, classification: str | None, duration: float) -> None:
         """Hot path: one append, or a counted drop when the buffer is full."""
         if len(self._buffer) >= self.max_buffer:
             self._drop(1)
             return
-        self._buffer.append(Sample(op.name, op.outcome == "ok", op.classification or "none", op.duration * 1000.0))
+        self._buffer.append(Sample(operation, success, classification or "none", duration * 1000.0))
 
     def flush(self) -> None:
         """Export everything buffered now (the background thread does this every interval)."""

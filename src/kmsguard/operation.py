@@ -19,16 +19,20 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from kmsguard.fastpath import HitSink
 
 #: Request ids are ``<process prefix><counter>``: unique, and cheap enough to make for
 #: every operation (uuid4 costs several microseconds, which the hot path cannot spare).
-_ID_PREFIX = os.urandom(6).hex()
-_ID_COUNTER = itertools.count(1)
+REQUEST_PREFIX = os.urandom(6).hex()
+#: The process' request numbers; a hit's record carries one (see kmsguard.audit.frames).
+request_numbers = itertools.count(1)
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+    return f"{REQUEST_PREFIX}{next(request_numbers):010x}"
 
 
 class Operation:
@@ -49,6 +53,7 @@ class Operation:
         "error_code",
         "key_refs",
         "kms_calls",
+        "lane",
         "name",
         "outcome",
         "principal",
@@ -82,6 +87,8 @@ class Operation:
         self.error_code: str | None = None
         self.duration = 0.0
         self.size = 0
+        #: The fast-path lane (kmsguard.fastpath) that served this operation, if any.
+        self.lane: object = None
         self._t0 = time.perf_counter()
 
     @property
@@ -105,6 +112,43 @@ class Operation:
 
     def __repr__(self) -> str:
         return f"Operation({self.name!r}, {self.classification!r}, outcome={self.outcome!r})"
+
+
+class HitKind:
+    """What every cache-hit operation of one kind shares, so that it is worked out once.
+
+    Once an operation has been served from the cache with no key-service call, Guard
+    keeps one HitKind on the lane that served it (kmsguard.fastpath); later operations
+    of the same kind are reported with only what differs — start time, duration and
+    size — to each observer's hit recorder (see :class:`HitObserver`). Built from the
+    first such operation's record, so a hit is recorded exactly as that operation was.
+    """
+
+    __slots__ = ("classification", "context", "key_refs", "name", "principal", "regions")
+
+    def __init__(self, op: Operation) -> None:
+        self.name = op.name
+        self.classification = op.classification
+        self.key_refs = tuple(op.key_refs)
+        self.regions = tuple(op.regions)
+        self.principal = op.principal
+        self.context = tuple(op.context.items())
+
+    def __repr__(self) -> str:
+        return f"HitKind({self.name!r}, {self.classification!r})"
+
+
+@runtime_checkable
+class HitObserver(Protocol):
+    """An Observer that can also take cache hits in compact form (audit, metrics).
+
+    ``hit_recorder()`` returns the HitSink whose ``record(kind, started_at, duration,
+    size)`` takes each hit, or None when this observer records nothing for hits. Only
+    non-strict operations are reported this way: a strict one must be made durable in
+    full before it returns.
+    """
+
+    def hit_recorder(self) -> HitSink | None: ...
 
 
 @runtime_checkable

@@ -12,6 +12,8 @@ key material or data.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 
 class Telemetry:
     """No-op base; the metrics registry overrides what it exports."""
@@ -22,7 +24,14 @@ class Telemetry:
         """One KMS API call finished (``duration`` includes botocore's retries)."""
 
     def cache_event(self, event: str, classification: str) -> None:
-        """``hit``, ``miss`` or ``evict`` in a data-key cache."""
+        """``miss`` or ``evict`` in a data-key cache."""
+
+    def cache_hits(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """A data-key cache counts its hits itself (lifetime hits per classification, read on export).
+
+        Hits are the one event of every cached operation, so the cache counts them in C
+        (kmsguard.fastpath.Budget) instead of reporting each one.
+        """
 
     def failover(self, from_region: str, to_region: str) -> None:
         """An operation moved on from a failing region to the next."""

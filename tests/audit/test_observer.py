@@ -74,7 +74,7 @@ def test_strict_override_makes_every_class_strict(keyring: LocalKeyring, home: P
     write_config(home, {"strict": True})
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
         obs = observer_of(guard)
-        obs._spool.max_bytes = 0  # a full spool
+        obs._spool.frames.limit = 0  # a full spool
         with pytest.raises(AuditUnavailable):
             guard.encrypt(b"x", "general")
 
@@ -158,9 +158,14 @@ def test_a_full_spool_drops_non_strict_records_and_refuses_strict_ones(keyring: 
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
         obs = observer_of(guard)
         big = {"note": "n" * 7_000}  # ~7 KB of context per record: the 1 MiB spool fills fast
-        for _ in range(200):
-            guard.encrypt(b"x", "general", big)
+        for i in range(200):  # a new context each time: full records, not compact hits
+            guard.encrypt(b"x", "general", {**big, "i": str(i)})
         assert obs.dropped > 0
+        dropped = obs.dropped
+        obs._spool.frames.limit = obs._spool.frames.written  # not a byte more, not even for a small record
+        for _ in range(5):  # the first two are full records, then compact hits: all dropped
+            guard.encrypt(b"x", "general", {"small": "context"})
+        assert obs.dropped == dropped + 5
         with pytest.raises(AuditUnavailable):
             guard.encrypt(b"x", "payment", {"purpose": "p", **big})
         assert obs.spool_bytes <= 1 << 20

@@ -18,9 +18,10 @@ nobody holds belong to a writer that died or closed, and any deliverer may claim
 deliver them (``claim_orphans``).
 
 Files: ``<writer>.lock`` and ``<writer>.<segment:08d>.spool`` (preallocated). Frame:
-``u32 length | u32 crc32(payload) | payload``, payload ``marshal((seq, *fields))``. A
-torn tail (a crash mid-write) fails its CRC and ends the readable part of a segment, as
-a zero length does (the unwritten rest of a preallocated segment).
+``u32 length | u32 check | payload``: a record (``marshal((seq, *fields))``), a
+template, or the compact hit frame of a cache-hit operation (frames.py documents all
+three). A torn tail (a crash mid-write) fails its check and ends the readable part of a
+segment, as a zero length does (the unwritten rest of a preallocated segment).
 """
 
 from __future__ import annotations
@@ -35,14 +36,20 @@ import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from kmsguard.audit.frames import HIT_FLAG, HIT_PAYLOAD, TEMPLATE, Frames, hit_check
 from kmsguard.errors import AuditUnavailable
 
 _HEADER = struct.Struct(">II")
+#: Room a template frame leaves in its segment, so the hit frame that needs it fits too.
+HIT_FRAME_ROOM = 8 + HIT_PAYLOAD
 _SEGMENT_RE = re.compile(r"(.+)\.(\d{8})\.spool")
 LOCK_SUFFIX = ".lock"
+_HIT = struct.Struct(">6Q")
 Entry = tuple[int, tuple[Any, ...]]
+#: Template id -> (the shared fields, the request id prefix); see frames.py.
+Templates = dict[int, tuple[tuple[Any, ...], str]]
 
 
 class SpoolFull(AuditUnavailable):
@@ -51,24 +58,50 @@ class SpoolFull(AuditUnavailable):
     default_message = "the audit spool is full; the audit sink has been unavailable too long"
 
 
-def decode(data: bytes) -> tuple[list[Entry], int]:
-    """Every whole, intact frame at the start of ``data`` and the number of bytes they take."""
+def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
+    """Every whole, intact record at the start of ``data`` and the number of bytes they take.
+
+    Template frames go into ``templates`` (the reader's, per segment); hit frames come
+    out as the record the full path would have spooled, from their template.
+    """
     out: list[Entry] = []
     pos, size = 0, len(data)
     while pos + _HEADER.size <= size:
-        length, crc = _HEADER.unpack_from(data, pos)
+        length, check = _HEADER.unpack_from(data, pos)
         if length == 0:
             break  # the unwritten (zeroed) rest of a segment
+        if length & HIT_FLAG:
+            end = pos + _HEADER.size + HIT_PAYLOAD
+            if length != HIT_FLAG | HIT_PAYLOAD or end > size:
+                break
+            seq, template, started, duration, nbytes, request = _HIT.unpack_from(data, pos + _HEADER.size)
+            known = templates.get(template)
+            if hit_check(seq, template, started, duration, nbytes, request) != check or known is None:
+                break
+            shared, prefix = known
+            out.append((seq, hit_record(shared, started / 1e6, duration / 1e9, nbytes, f"{prefix}{request:010x}")))
+            pos = end
+            continue
         end = pos + _HEADER.size + length
         if end > size:
             break
         payload = data[pos + _HEADER.size : end]
-        if zlib.crc32(payload) != crc:
+        if zlib.crc32(payload) != check:
             break
         item = marshal.loads(payload)  # noqa: S302 - our own 0600 file, CRC-checked
-        out.append((item[0], item[1:]))
+        if item[0] == TEMPLATE:
+            templates[item[1]] = (tuple(item[2]), item[3])
+        else:
+            out.append((item[0], item[1:]))
         pos = end
     return out, pos
+
+
+def hit_record(shared: tuple[Any, ...], started: float, duration: float, size: int, request_id: str) -> tuple[Any, ...]:
+    """A hit's record fields (AuditObserver's order) from its template's shared fields."""
+    name, classification, key_refs, regions, principal, context = shared
+    return (started, name, classification, key_refs, regions, principal, "ok", None, duration, 0, True, size,
+            request_id, context)
 
 
 def segment_path(directory: Path, writer_id: str, number: int) -> Path:
@@ -148,14 +181,14 @@ def remove_writer(directory: Path, writer_id: str, lock_fd: int) -> None:
 class Spool:
     """One writer's appending side. ``append`` is called from any thread.
 
-    Segments are preallocated (``posix_fallocate``, so a full disk fails at rotation, not
+    Segments are preallocated (written full of zeros, so a full disk fails at rotation, not
     as a SIGBUS mid-write) and memory-mapped shared: an append is a copy into the page
     cache, with no system call, and a killed process leaves its bytes behind for the
     deliverer exactly as a ``write(2)`` would. The payload is copied before its header,
     so a reader (or a crash) sees a whole frame or none; a zero header ends a segment.
     """
 
-    def __init__(self, directory: Path, writer_id: str, max_bytes: int, segment_bytes: int = 1 << 20) -> None:
+    def __init__(self, directory: Path, writer_id: str, max_bytes: int, segment_bytes: int = 4 << 20) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.directory = directory
         self.writer_id = writer_id
@@ -166,15 +199,16 @@ class Spool:
         except OSError:
             raise AuditUnavailable(f"cannot create the audit spool in {directory}") from None
         self._lock = threading.Lock()
+        #: Position, last seq and bytes ever written (the group-commit clock), shared with hits.
+        self.frames = Frames(self._lock, self.segment_bytes, max_bytes)
         self.segment = 1
         try:
             self._fd, self._map = self._open(self.segment)
         except OSError:
             os.close(self._lock_fd)
             raise AuditUnavailable(f"cannot create the audit spool in {directory}") from None
-        self._pos = 0  # where the next frame goes in the current segment
-        self.seq = 0  # last sequence number written
-        self.written = 0  # bytes ever written (never reset): the group-commit clock
+        self.frames.attach(self._map)
+        self._unsynced: list[int] = []  # descriptors of full segments not yet synced
         self.on_disk = 0  # undelivered bytes when last measured
         self._written_at_measure = 0
         self._synced = 0
@@ -182,11 +216,19 @@ class Spool:
         self._syncing = False
 
     def _open(self, number: int) -> tuple[int, mmap.mmap]:
-        """Create, allocate and map a segment; its size and directory entry are made durable."""
+        """Create, allocate and map a segment; its size and directory entry are made durable.
+
+        The segment is written full of zeros rather than ``posix_fallocate``'d: both
+        reserve the disk space, but a page of an allocated-but-unwritten extent costs a
+        filesystem extent conversion the first time a record lands in it (about three
+        times the page fault of a written page, measured), and that is on the caller's path.
+        """
         path = segment_path(self.directory, self.writer_id, number)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.posix_fallocate(fd, 0, self.segment_bytes)
+            zeros, remaining = bytes(1 << 20), self.segment_bytes
+            while remaining:
+                remaining -= os.write(fd, zeros[:remaining])
             os.fsync(fd)
             dir_fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -199,47 +241,85 @@ class Spool:
             path.unlink(missing_ok=True)
             raise
 
+    @property
+    def seq(self) -> int:
+        """The last sequence number written."""
+        return self.frames.seq
+
+    @property
+    def written(self) -> int:
+        return self.frames.written
+
     def append(self, fields: tuple[Any, ...], durable: bool) -> int:
         """Write one record; with ``durable``, return only once it is on disk. Returns its seq.
 
         Raises SpoolFull or AuditUnavailable (no room for a segment, or a sync failed).
         """
-        with self._lock:
-            seq = self.seq + 1
-            payload = marshal.dumps((seq, *fields))
-            size = _HEADER.size + len(payload)
-            if self.pending_bytes() + size > self.max_bytes:
-                raise SpoolFull()
-            pos = self._pos
-            if pos + size > self.segment_bytes:
-                if size > self.segment_bytes:
-                    raise AuditUnavailable("an audit record is larger than a spool segment")
-                try:
-                    self._rotate()
-                except OSError:
-                    raise AuditUnavailable("the audit spool cannot be written") from None
-                pos = 0
-            mapped = self._map
-            mapped[pos + _HEADER.size : pos + size] = payload
-            mapped[pos : pos + _HEADER.size] = _HEADER.pack(len(payload), zlib.crc32(payload))
-            self._pos = pos + size
-            self.seq = seq
-            self.written += size
-            mark = self.written
+        frames = self.frames
+        with self._lock:  # frames.exclusive(), without a generator's cost on every full record
+            frames.busy = True
+            try:
+                seq = frames.seq + 1
+                self._put(marshal.dumps((seq, *fields)))
+                frames.seq = seq
+                mark = frames.written
+            finally:
+                frames.busy = frames.closed
         if durable:
             self.sync(mark)
         return seq
 
+    def hit(self, template: int, shared: tuple[Any, ...], prefix: str, started: int, duration: int, size: int,
+            request: int) -> int:
+        """Write a hit frame (see frames.py) when Frames.hit could not: a template to write
+        first, or a segment to start. Returns its seq; raises as :meth:`append` does."""
+        with self.frames.exclusive() as frames:
+            while True:
+                seq = frames.write_hit(template, started, duration, size, request)
+                if seq > 0:
+                    return seq
+                if seq == -2:
+                    raise SpoolFull()
+                # Not in this segment yet, or no room: the template first (starting the
+                # next segment if the hit would not fit after it), then the hit.
+                self._put(marshal.dumps((TEMPLATE, template, shared, prefix)), reserve=HIT_FRAME_ROOM)
+                frames.emitted.add(template)
+
+    def _put(self, payload: bytes, reserve: int = 0) -> None:
+        """Append one frame to the current segment, starting the next if it does not fit. Exclusive."""
+        if self.frames.closed:
+            raise AuditUnavailable("the audit spool is closed")
+        frames = self.frames
+        size = _HEADER.size + len(payload)
+        if frames.written + size > frames.limit:
+            raise SpoolFull()
+        pos = frames.pos
+        if pos + size + reserve > self.segment_bytes:
+            if size + reserve > self.segment_bytes:
+                raise AuditUnavailable("an audit record is larger than a spool segment")
+            try:
+                self._rotate()
+            except OSError:
+                raise AuditUnavailable("the audit spool cannot be written") from None
+            pos = 0
+        mapped = self._map
+        mapped[pos + _HEADER.size : pos + size] = payload
+        mapped[pos : pos + _HEADER.size] = _HEADER.pack(len(payload), zlib.crc32(payload))
+        frames.pos = pos + size
+        frames.written += size
+
     def _rotate(self) -> None:
-        """Start the next segment (under the lock); the full one is synced first, so strict records stay durable."""
+        """Start the next segment (exclusive). The full one is synced by the next :meth:`sync`
+        (the timer's, or a strict caller's), not here: the caller that fills a segment
+        does not wait for the disk unless it asked to."""
         fd, mapped = self._open(self.segment + 1)
         old_fd, old_map = self._fd, self._map
-        os.fdatasync(old_fd)
         self._fd, self._map = fd, mapped
         self.segment += 1
-        self._pos = 0
-        old_map.close()
-        os.close(old_fd)
+        self.frames.detach()
+        self.frames.attach(mapped)
+        old_map.close()  # its dirty pages stay in the page cache, for the sync of old_fd
+        self._unsynced.append(old_fd)
 
     def sync(self, mark: int | None = None) -> None:
         """Make every byte written up to ``mark`` (default: all so far) durable; one sync serves many callers.
@@ -247,22 +327,29 @@ class Spool:
         ``fdatasync`` writes back the mapping's dirty pages too (Linux), and unlike
         ``mmap.flush`` it lets other threads run while it waits for the disk.
         """
-        target = self.written if mark is None else mark
+        target = self.frames.written if mark is None else mark
         with self._sync_cond:
             while self._synced < target:
                 if self._syncing:
                     self._sync_cond.wait()
                     continue
                 self._syncing = True
-                upto = self.written
+                upto = self.frames.written
                 self._sync_cond.release()
                 try:
                     with self._lock:
+                        full = list(self._unsynced)
                         fd = os.dup(self._fd)  # appends go on while it syncs
                     try:
+                        for older in full:
+                            os.fdatasync(older)
                         os.fdatasync(fd)
                     finally:
                         os.close(fd)
+                    with self._lock:
+                        for older in full:
+                            self._unsynced.remove(older)
+                            os.close(older)
                 except OSError:
                     raise AuditUnavailable("the audit spool cannot be synced to disk") from None
                 finally:
@@ -273,19 +360,26 @@ class Spool:
 
     def pending_bytes(self) -> int:
         """Undelivered bytes, near enough: full older segments still on disk at the last measure, plus writes since."""
-        return self.on_disk + self.written - self._written_at_measure
+        return self.on_disk + self.frames.written - self._written_at_measure
 
     def measure(self) -> None:
         """Count the older segments still on disk (the deliverer deletes whole segments as it goes)."""
-        with self._lock:
-            current, position, written = self.segment, self._pos, self.written
+        with self.frames.exclusive():
+            current, position, written = self.segment, self.frames.pos, self.frames.written
         older = sum(1 for n in segments(self.directory, self.writer_id) if n < current)
-        with self._lock:
+        with self.frames.exclusive():
             self.on_disk, self._written_at_measure = older * self.segment_bytes + position, written
+            self.frames.limit = written + self.max_bytes - self.on_disk
 
     def close(self) -> None:
         """Stop appending and release the writer lock: the files are now anyone's to deliver."""
         with self._lock:
+            self.frames.close()
+            for older in self._unsynced:
+                with contextlib.suppress(OSError):
+                    os.fdatasync(older)
+                os.close(older)
+            self._unsynced.clear()
             with contextlib.suppress(OSError):
                 os.fdatasync(self._fd)
             self._map.close()
@@ -303,6 +397,7 @@ class SegmentReader:
         self.writer_id = writer_id
         self.segment = 0
         self.offset = 0
+        self.templates: Templates = {}  # of the current segment
 
     def read(self, max_bytes: int, writer_alive: bool) -> tuple[list[Entry], int]:
         """The next entries (about ``max_bytes``) and the position token to pass to ``advance``."""
@@ -311,7 +406,7 @@ class SegmentReader:
             if not numbers:
                 return [], 0
             if self.segment not in numbers:
-                self.segment, self.offset = numbers[0], 0
+                self.segment, self.offset, self.templates = numbers[0], 0, {}
             path = segment_path(self.directory, self.writer_id, self.segment)
             try:
                 with open(path, "rb") as fh:
@@ -321,7 +416,7 @@ class SegmentReader:
                         data += _rest_of_frame(fh, data)
             except FileNotFoundError:
                 continue
-            entries, used = decode(data)
+            entries, used = decode(data, self.templates)
             if entries:
                 return entries, used
             newer = len(numbers) > 1
@@ -330,7 +425,7 @@ class SegmentReader:
                 path.unlink(missing_ok=True)
                 if not newer:
                     return [], 0
-                self.segment, self.offset = numbers[1], 0
+                self.segment, self.offset, self.templates = numbers[1], 0, {}
                 continue
             return [], 0
 
@@ -338,19 +433,25 @@ class SegmentReader:
         self.offset += used
 
 
-def _rest_of_frame(fh: Any, data: bytes) -> bytes:
-    """Enough more bytes that a frame cut by the read size is whole."""
-    _entries, used = decode(data)
-    tail = data[used:]
-    if len(tail) < _HEADER.size:
-        more = fh.read(_HEADER.size - len(tail))
-        tail += more
-        extra = more
-    else:
-        extra = b""
-    if len(tail) >= _HEADER.size:
-        length, _crc = _HEADER.unpack_from(tail, 0)
-        need = _HEADER.size + length - len(tail)
-        if need > 0:
-            extra += fh.read(need)
-    return bytes(extra)
+def _rest_of_frame(fh: BinaryIO, data: bytes) -> bytes:
+    """Enough more bytes that a frame cut by the read size is whole (walks headers only)."""
+    pos, size = 0, len(data)
+    while True:
+        if pos + _HEADER.size > size:
+            header = data[pos:] + fh.read(pos + _HEADER.size - size)
+            extra = header[size - pos :]
+            if len(header) < _HEADER.size:
+                return extra
+            length, _check = _HEADER.unpack_from(header, 0)
+            return extra + (fh.read(_frame_length(length)) if length else b"")
+        length, _check = _HEADER.unpack_from(data, pos)
+        if length == 0:
+            return b""
+        end = pos + _HEADER.size + _frame_length(length)
+        if end > size:
+            return bytes(fh.read(end - size))
+        pos = end
+
+
+def _frame_length(length: int) -> int:
+    return HIT_PAYLOAD if length & HIT_FLAG else length

@@ -25,6 +25,7 @@ Guarantees (documented in the README):
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import re
@@ -36,16 +37,19 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from kmsguard import operation
 from kmsguard.audit.deliver import MAX_BACKOFF, Deliverer
+from kmsguard.audit.frames import HitWriter
 from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys
 from kmsguard.audit.sink import Sink
 from kmsguard.audit.spool import Spool
 from kmsguard.errors import AuditUnavailable
-from kmsguard.operation import Operation
+from kmsguard.operation import HitKind, Operation
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 log = logging.getLogger("kmsguard.audit")
 _HOST_RE = re.compile(r"[^A-Za-z0-9.-]+")
+_MAX_TEMPLATES = 100_000
 
 
 def new_writer_id() -> str:
@@ -84,6 +88,8 @@ class AuditObserver:
         self.principal = principal
         self.telemetry = telemetry
         self._spool = Spool(self.spool_dir, self.writer_id, max_spool_bytes)
+        self._templates: dict[object, int] = {}  # HitKind -> its template id (see frames.py)
+        self._template_ids = itertools.count(1)
         self.delivered_seq = 0
         self.dropped = 0
         self.sink_healthy = True
@@ -136,9 +142,35 @@ class AuditObserver:
         except AuditUnavailable:
             if strict:
                 raise
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 10_000 == 0:
-                log.error("audit spool unusable: %d non-strict records dropped so far", self.dropped)
+            self._drop()
+
+    def hit_recorder(self) -> HitWriter:
+        """Cache hits (kmsguard.operation.HitKind) as compact hit frames: see frames.py.
+
+        Hits are never strict (Guard reports only non-strict operations this way), so a
+        hit that cannot be spooled is dropped and counted, as a non-strict record is.
+        """
+        return HitWriter(self._spool.frames, self._templates, operation.request_numbers, self._hit_slow)
+
+    def _hit_slow(self, kind: object, started: int, duration: int, size: int, request: int) -> None:
+        assert isinstance(kind, HitKind)
+        template = self._templates.get(kind)
+        if template is None:
+            template = next(self._template_ids)
+        shared = (kind.name, kind.classification, kind.key_refs, kind.regions, kind.principal, kind.context)
+        try:
+            self._spool.hit(template, shared, operation.REQUEST_PREFIX, started, duration, size, request)
+        except AuditUnavailable:
+            self._drop()
+            return
+        if len(self._templates) >= _MAX_TEMPLATES:
+            self._templates.clear()  # ids are never reused, so stale ones in the spool stay valid
+        self._templates[kind] = template
+
+    def _drop(self) -> None:
+        self.dropped += 1
+        if self.dropped == 1 or self.dropped % 10_000 == 0:
+            log.error("audit spool unusable: %d non-strict records dropped so far", self.dropped)
 
     # ------------------------------------------------------------------ state
 
@@ -209,6 +241,9 @@ class AuditObserver:
         else:
             self._kick()
             self._thread.join(timeout)
+            if self._thread.is_alive():  # still delivering: two deliverers must never share a chain
+                log.warning("audit: delivery did not finish in %.0f s; the rest stays spooled", timeout)
+                return
             assert self._deliverer is not None
             self._deliverer.finish()
             self._deliverer.sink.close()
@@ -292,6 +327,10 @@ class DisabledAudit:
 
     def __init__(self, strict: bool | None = None) -> None:
         self.strict = strict
+
+    def hit_recorder(self) -> None:
+        """Hits are non-strict operations, which a disabled audit lets through unrecorded."""
+        return None
 
     def operation_finished(self, op: Operation) -> None:
         if self.strict is False:

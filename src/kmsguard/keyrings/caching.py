@@ -134,6 +134,7 @@ class CachingKeyring:
         self._flights: dict[Hashable, _Flight] = {}
         self._misses = self._evictions = 0
         self._retired_hits: dict[str, int] = {}
+        telemetry.cache_hits(self.hits_by_classification)
 
     # ------------------------------------------------------------------ Keyring protocol
 
@@ -166,7 +167,7 @@ class CachingKeyring:
         if size > limits.max_bytes:  # too big to share a key with anything; leave the entry alone
             with self._lock:
                 self._misses += 1
-            self._note(False, request.classification)
+            self._note_miss(request.classification)
             return self.inner.generate(request)
         return self._serve(request, request.cache_partition(), limits.max_age, size, None, limits)
 
@@ -288,8 +289,8 @@ class CachingKeyring:
             with self._lock:
                 self._drop(entry)
             return None
-        if self._reporting or operation.current.get() is not None:
-            self._note(True, classification)
+        if operation.current.get() is not None:
+            operation.note_cache(True)
         return data_key
 
     def _fetch(
@@ -320,7 +321,7 @@ class CachingKeyring:
         if not leader:
             flight.wait(may_retry)
             return None
-        self._note(False, request.classification)
+        self._note_miss(request.classification)
         try:
             data_key = self.inner.generate(request) if wrapped is None else self.inner.unwrap(wrapped, request)
         except BaseException as exc:
@@ -377,13 +378,12 @@ class CachingKeyring:
             self._evictions += 1
             self._telemetry.cache_event("evict", entry.classification)
 
-    def _note(self, hit: bool, classification: str) -> None:
-        # Both checks are cheap; the calls they skip are not, on a path that is otherwise
-        # one lock and a few comparisons.
+    def _note_miss(self, classification: str) -> None:
+        """A miss goes to the operation and to the telemetry (hits are counted by the Budgets)."""
         if operation.current.get() is not None:
-            operation.note_cache(hit)
+            operation.note_cache(False)
         if self._reporting:
-            self._telemetry.cache_event("hit" if hit else "miss", classification)
+            self._telemetry.cache_event("miss", classification)
 
 
 def _last_used(entry: _Entry) -> int:

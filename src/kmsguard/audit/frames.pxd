@@ -1,0 +1,43 @@
+# C types for frames.py when Cython compiles it (see that module's docstring and
+# kmsguard/fastpath.pxd): Frames.hit becomes C stores into the memory map.
+import cython
+from kmsguard.fastpath cimport HitSink
+
+cdef unsigned long long _M64
+cdef unsigned long long _FNV_OFFSET
+cdef unsigned long long _FNV_PRIME
+cdef Py_ssize_t _FRAME
+cdef unsigned long long _HEADER_WORD
+
+@cython.locals(h="unsigned long long")
+cpdef unsigned int hit_check(unsigned long long seq, unsigned long long template, unsigned long long started,
+                             unsigned long long duration, unsigned long long size, unsigned long long request)
+
+@cython.locals(k=int)
+cdef void _put(unsigned char[::1] view, Py_ssize_t at, unsigned long long value, int width) noexcept
+
+cdef class Frames:
+    cdef public object lock
+    cdef public Py_ssize_t size
+    cdef public long long limit
+    cdef public Py_ssize_t pos
+    cdef public long long seq
+    cdef public long long written
+    cdef public bint busy
+    cdef public bint closed
+    cdef public set emitted
+    cdef unsigned char[::1] view
+
+    cpdef long long hit(self, unsigned long long template, unsigned long long started, unsigned long long duration,
+                        unsigned long long size, unsigned long long request)
+    @cython.locals(pos=Py_ssize_t, seq="long long", view="unsigned char[::1]")
+    cdef long long _hit(self, unsigned long long template, unsigned long long started, unsigned long long duration,
+                        unsigned long long size, unsigned long long request) except? -3
+
+cdef class HitWriter(HitSink):
+    cdef public Frames frames
+    cdef public dict templates
+    cdef public object requests
+    cdef public object slow
+    @cython.locals(at="unsigned long long", took="unsigned long long", request="unsigned long long")
+    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *

@@ -1,0 +1,179 @@
+"""Where the spool's next frame goes, and the compact frame that records a cache hit.
+
+Every frame is ``u32 length | u32 check | payload`` (big-endian), written payload
+first and header last, so a reader, or a process killed mid-write, sees a whole frame
+or none (see spool.py). Three kinds:
+
+* a **record**: payload ``marshal((seq, *fields))``, check its CRC-32 (spool.py);
+* a **template**: payload ``marshal(("T", template_id, *fields))``, check its CRC-32,
+  no sequence number. It holds what every cache-hit operation of one kind shares
+  (operation, classification, keys, principal, context...) and is written into a
+  segment before the first hit frame of that segment that names it, so each segment
+  reads on its own;
+* a **hit**: ``length`` is ``HIT_FLAG | 48`` and the payload six u64: seq, template id,
+  start time (microseconds since the epoch), duration (nanoseconds), size, request
+  number; the check is :func:`hit_check` of the six. A hit is what Guard's lanes
+  record (kmsguard.fastpath): a cache-hit operation that needed nothing but AES-GCM.
+
+:meth:`Frames.hit` writes a hit frame with no Python in between: compiled (Cython,
+``frames.pxd``), it is a few dozen C stores and no lock. That is the whole audit cost
+of a cache hit in the caller's thread; the deliverer expands the frame into the same
+record the full path would have spooled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from kmsguard.fastpath import HitSink
+
+#: True when this module runs compiled (Frames.hit is then atomic under the GIL).
+COMPILED = not __file__.endswith(".py")
+HIT_FLAG = 0x80000000
+HIT_PAYLOAD = 48
+HIT_FRAME = 8 + HIT_PAYLOAD
+TEMPLATE = "T"
+_M64 = 0xFFFFFFFFFFFFFFFF
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+# C copies of the constants for hit() (frames.pxd), which must not box a number to compare it.
+_FRAME = HIT_FRAME
+_HEADER_WORD = HIT_FLAG | HIT_PAYLOAD
+
+
+def hit_check(seq: int, template: int, started: int, duration: int, size: int, request: int) -> int:
+    """FNV-1a over the six values, 32 bits: catches a torn or stale hit frame (as CRC-32 does a record's)."""
+    h = _FNV_OFFSET
+    h = ((h ^ seq) * _FNV_PRIME) & _M64
+    h = ((h ^ template) * _FNV_PRIME) & _M64
+    h = ((h ^ started) * _FNV_PRIME) & _M64
+    h = ((h ^ duration) * _FNV_PRIME) & _M64
+    h = ((h ^ size) * _FNV_PRIME) & _M64
+    h = ((h ^ request) * _FNV_PRIME) & _M64
+    return h & 0xFFFFFFFF
+
+
+def _put(view: Any, at: int, value: int, width: int) -> None:
+    for k in range(width):
+        view[at + k] = (value >> (8 * (width - 1 - k))) & 0xFF
+
+
+class Frames:
+    """The write position in the current segment's memory map, shared by spool.py and hits.
+
+    spool.py changes these fields only under its lock and with ``busy`` set (see
+    :meth:`exclusive`); ``limit`` is the value of ``written`` past which the spool is
+    full, ``emitted`` the template ids already written into the current segment.
+
+    :meth:`hit` takes no lock when compiled: it reads ``busy`` and writes its frame in
+    one stretch of C that never releases the GIL, so it runs entirely before or after
+    any other thread's step; while spool.py is busy it steps aside (returns 0) and the
+    caller takes the spool's lock instead. As plain Python it takes the lock.
+    """
+
+    def __init__(self, lock: threading.Lock, segment_bytes: int, limit: int) -> None:
+        self.lock = lock
+        self.size = segment_bytes
+        self.limit = limit
+        self.pos = 0
+        self.seq = 0
+        self.written = 0
+        self.busy = False
+        self.closed = False
+        self.emitted: set[int] = set()
+        self.view: Any = None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[Frames]:
+        """The lock, and no hit written until it is released: for spool.py's multi-step changes."""
+        with self.lock:
+            self.busy = True
+            try:
+                yield self
+            finally:
+                self.busy = self.closed
+
+    def attach(self, mapped: Any) -> None:
+        """Write into ``mapped`` (a new segment) from its start. Exclusive."""
+        if len(mapped) < self.size:  # hits write anywhere below size, unchecked when compiled
+            raise ValueError("a segment map is smaller than the segment size")
+        self.view = mapped if COMPILED else memoryview(mapped).cast("B")
+        self.pos = 0
+        self.emitted = set()
+
+    def detach(self) -> None:
+        """Let go of the map (it cannot be closed while a view of it exists). Exclusive."""
+        self.view = None
+
+    def close(self) -> None:
+        """No more frames: hits step aside for good (to a slow path that refuses). Under the lock."""
+        self.closed = self.busy = True
+        self.view = None
+
+    def hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
+        """Append a hit frame; its seq, or 0: not now (spool.py is busy, or the template is
+        not in this segment yet), -1: no room left in the segment, -2: the spool is full."""
+        if COMPILED:
+            return 0 if self.busy else self._hit(template, started, duration, size, request)
+        with self.lock:
+            return self._hit(template, started, duration, size, request)
+
+    def write_hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
+        """:meth:`hit` for spool.py, which holds the spool exclusively."""
+        return self._hit(template, started, duration, size, request)
+
+    def _hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
+        if template not in self.emitted:
+            return 0
+        pos = self.pos
+        if pos + _FRAME > self.size:
+            return -1
+        if self.written + _FRAME > self.limit:
+            return -2
+        seq = self.seq + 1
+        view = self.view
+        _put(view, pos + 8, seq, 8)
+        _put(view, pos + 16, template, 8)
+        _put(view, pos + 24, started, 8)
+        _put(view, pos + 32, duration, 8)
+        _put(view, pos + 40, size, 8)
+        _put(view, pos + 48, request, 8)
+        _put(view, pos + 4, hit_check(seq, template, started, duration, size, request), 4)
+        _put(view, pos, _HEADER_WORD, 4)  # the header last: now the frame exists
+        self.pos = pos + _FRAME
+        self.seq = seq
+        self.written += _FRAME
+        return seq
+
+
+class HitWriter(HitSink):
+    """The audit side of a cache hit: a hit frame, or the spool's slow path when it cannot.
+
+    ``templates`` maps a HitKind to its template id once the spool has one for it;
+    ``slow(kind, started, duration, size, request)`` handles everything else (a new
+    kind, a template to write into a new segment, a segment to start, a full spool).
+    Request numbers come from ``requests``, the process' request-id counter.
+    """
+
+    def __init__(
+        self,
+        frames: Frames,
+        templates: dict[object, int],
+        requests: Iterator[int],
+        slow: Callable[[object, int, int, int, int], None],
+    ) -> None:
+        self.frames = frames
+        self.templates = templates
+        self.requests = requests
+        self.slow = slow
+
+    def record(self, kind: Any, started: float, duration: float, size: int) -> None:
+        request = next(self.requests)
+        at = int(started * 1e6)
+        took = int(duration * 1e9)
+        template = self.templates.get(kind)
+        if template is None or self.frames.hit(template, at, took, size, request) <= 0:
+            self.slow(kind, at, took, size, request)

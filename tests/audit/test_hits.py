@@ -1,0 +1,120 @@
+"""Cache hits recorded as compact hit frames (kmsguard.audit.frames): the same records as the full path.
+
+A cache-hit operation that needs nothing but AES-GCM is spooled as a 56-byte frame
+naming a template (what every hit of its kind shares); the deliverer expands it. These
+tests check what comes out in the sink, not how it was spooled.
+"""
+
+from __future__ import annotations
+
+import marshal
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from kmsguard import Guard
+from kmsguard.audit import AuditObserver
+from kmsguard.audit.frames import HIT_FLAG, HIT_PAYLOAD, TEMPLATE, hit_check
+from kmsguard.audit.spool import decode
+from kmsguard.keyrings.local import LocalKeyring
+from kmsguard.metrics import Metrics
+from kmsguard.operation import acting_as
+
+from .conftest import records_of, verify_home, write_config
+
+
+def observer_of(guard: Guard) -> AuditObserver:
+    return next(o for o in guard.observers if isinstance(o, AuditObserver))
+
+
+def test_hits_are_recorded_as_the_full_path_records_them(keyring: LocalKeyring, home: Path) -> None:
+    write_config(home, {"delivery": "thread"})
+    with Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_PRINCIPAL": "booking-api"}) as guard:
+        sealed = [guard.encrypt(b"x" * (i + 1), "pii", {"passenger": "42"}) for i in range(5)]
+        opened = [guard.decrypt(s, {"passenger": "42"}) for s in sealed]
+        with acting_as("agent-7"):
+            for _ in range(3):
+                guard.encrypt(b"y", "pii", {"passenger": "42"})
+        assert observer_of(guard)._templates, "no operation took the compact path"
+    assert opened == [b"x" * (i + 1) for i in range(5)]
+    records = records_of(home)[:-1]  # without writer-closed
+    assert [r.operation for r in records] == ["encrypt"] * 5 + ["decrypt"] * 5 + ["encrypt"] * 3
+    assert [r.cache_hit for r in records] == [False] + [True] * 4 + [False] + [True] * 4 + [True] * 3
+    assert [r.size for r in records[:10]] == [1, 2, 3, 4, 5] * 2
+    assert [r.principal for r in records] == ["booking-api"] * 10 + ["agent-7"] * 3
+    full, hits = records[1], records[2:5]  # the 2nd operation took the full path and taught the lane its kind
+    for hit in hits:
+        assert (hit.key_refs, hit.context, hit.classification, hit.outcome, hit.error_code) == (
+            full.key_refs, full.context, full.classification, "ok", None
+        )
+    assert len({r.request_id for r in records}) == len(records)
+    assert [r.time for r in records] == sorted(r.time for r in records)
+    assert all(r.duration_us >= 0 for r in records)
+    assert verify_home(home).intact
+
+
+def test_hits_across_segments_and_deliverer_restarts(keyring: LocalKeyring, home: Path) -> None:
+    """Small segments: templates are written again into each one, so a segment reads on its own."""
+    write_config(home, {"delivery": "thread", "flush_interval": 60, "max_spool_mb": 1})  # 256 KiB segments
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        for i in range(12_000):  # about 3 segments of hit frames, two kinds interleaved
+            guard.encrypt(b"x", "general", {"n": str(i % 2)})
+        assert observer_of(guard)._spool.segment >= 3
+    records = records_of(home)
+    assert len(records) == 12_001 and [r.seq for r in records] == list(range(1, 12_002))
+    assert verify_home(home).intact
+
+
+def test_metrics_count_hits_as_operations(keyring: LocalKeyring, home: Path) -> None:
+    write_config(home, {"sink": "none"})
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        for _ in range(10):
+            guard.encrypt(b"x", "general")
+        metrics = next(o for o in guard.observers if isinstance(o, Metrics))
+        text = metrics.exposition().decode()
+    labels = '{classification="general",operation="encrypt",outcome="ok"}'
+    assert f"kmsguard_operations_total{labels} 10.0" in text
+    assert f"kmsguard_operation_duration_seconds_count{labels} 10.0" in text
+    assert 'kmsguard_cache_events_total{classification="general",event="hit"} 9.0' in text
+
+
+# ---------------------------------------------------------------------- the frames themselves
+
+SHARED = ("encrypt", "general", ("local:general:v1",), (), "svc", (("tenant", "t"),))
+
+
+def _template(tid: int) -> bytes:
+    payload = marshal.dumps((TEMPLATE, tid, SHARED, "abc"))
+    return struct.pack(">II", len(payload), zlib.crc32(payload)) + payload
+
+
+def _hit(seq: int, tid: int, check: int | None = None) -> bytes:
+    values = (seq, tid, 1_700_000_000_000_000, 2_500, 1024, 7)
+    header = struct.pack(">II", HIT_FLAG | HIT_PAYLOAD, hit_check(*values) if check is None else check)
+    return header + struct.pack(">6Q", *values)
+
+
+def test_a_hit_frame_expands_to_its_record() -> None:
+    entries, used = decode(_template(3) + _hit(1, 3) + _hit(2, 3), {})
+    assert used == len(_template(3)) + 2 * 56
+    assert [seq for seq, _ in entries] == [1, 2]
+    started, name, cls, refs, regions, principal, outcome, error, duration, kms, hit, size, rid, ctx = entries[0][1]
+    assert (name, cls, refs, regions, principal, ctx) == SHARED
+    assert (outcome, error, kms, hit, size, rid) == ("ok", None, 0, True, 1024, "abc0000000007")
+    assert started == pytest.approx(1_700_000_000.0) and duration == pytest.approx(2.5e-6)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _template(3) + _hit(1, 3, check=0),  # torn or stale: the check fails
+        _template(3) + _hit(1, 4),  # names a template this segment has not got
+        _template(3) + _hit(1, 3)[:40],  # cut short
+    ],
+    ids=["bad-check", "unknown-template", "short"],
+)
+def test_a_bad_hit_frame_ends_what_is_readable(data: bytes) -> None:
+    entries, used = decode(data, {})
+    assert entries == [] and used == len(_template(3))
