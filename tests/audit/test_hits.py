@@ -7,15 +7,19 @@ tests check what comes out in the sink, not how it was spooled.
 
 from __future__ import annotations
 
+import importlib.util
 import marshal
+import mmap
 import struct
+import threading
 import zlib
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from kmsguard import Guard
-from kmsguard.audit import AuditObserver
+from kmsguard.audit import AuditObserver, frames
 from kmsguard.audit.frames import HIT_FLAG, HIT_PAYLOAD, TEMPLATE, hit_check
 from kmsguard.audit.spool import decode
 from kmsguard.keyrings.local import LocalKeyring
@@ -118,3 +122,35 @@ def test_a_hit_frame_expands_to_its_record() -> None:
 def test_a_bad_hit_frame_ends_what_is_readable(data: bytes) -> None:
     entries, used = decode(data, {})
     assert entries == [] and used == len(_template(3))
+
+
+def _frames_modules() -> list[ModuleType]:
+    """The installed (compiled) frames module and its source run as plain Python."""
+    source = Path(frames.__file__).with_name("frames.py")
+    spec = importlib.util.spec_from_file_location("kmsguard_frames_source", source)
+    assert spec is not None and spec.loader is not None
+    plain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain)
+    return [frames, plain]
+
+
+@pytest.mark.parametrize("module", _frames_modules(), ids=["compiled", "source"])
+def test_frames_write_what_decode_reads(module: ModuleType) -> None:
+    mapped = mmap.mmap(-1, 4096)
+    f = module.Frames(threading.Lock(), 4096, 1 << 20)
+    f.attach(mapped)
+    assert f.hit(3, 1, 2, 3, 4) == 0  # the template is not in this segment yet
+    f.emitted.add(3)
+    assert [f.hit(3, 1_700_000_000_000_000, 2_500, 1024, n) for n in (7, 8)] == [1, 2]
+    with f.exclusive():
+        assert f.hit(3, 1, 2, 3, 4) == 0  # spool.py is busy: step aside
+    f.limit = f.written
+    assert f.hit(3, 1, 2, 3, 4) == -2  # full
+    entries, _used = decode(_template(3) + bytes(mapped[: f.pos]), {})
+    assert [(seq, fields[12]) for seq, fields in entries] == [(1, "abc0000000007"), (2, "abc0000000008")]
+    f.limit = 1 << 20
+    f.pos = 4096 - 55
+    assert f.hit(3, 1, 2, 3, 4) == -1  # no room left in the segment
+    f.close()
+    assert f.hit(3, 1, 2, 3, 4) == 0  # closed for good: the slow path refuses
+    mapped.close()

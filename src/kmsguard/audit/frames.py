@@ -116,8 +116,10 @@ class Frames:
     def hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
         """Append a hit frame; its seq, or 0: not now (spool.py is busy, or the template is
         not in this segment yet), -1: no room left in the segment, -2: the spool is full."""
+        if self.busy:
+            return 0
         if COMPILED:
-            return 0 if self.busy else self._hit(template, started, duration, size, request)
+            return self._hit(template, started, duration, size, request)
         with self.lock:
             return self._hit(template, started, duration, size, request)
 
