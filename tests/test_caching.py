@@ -294,7 +294,8 @@ def test_lru_eviction_drops_the_key_everywhere(counting: Counting) -> None:
     c = CachingKeyring(counting, {"general": CacheLimits()}, capacity=2, telemetry=telemetry, clock=Clock())
     requests = [KeyRequest("general", "local:general", {"n": str(i)}) for i in range(3)]
     first = c.generate(requests[0])
-    envelope.sealer_for(first, "general", {"n": "0"})
+    lease = c.lease(requests[0])
+    assert lease is not None and lease[0] is first
     c.generate(requests[1])
     c.generate(requests[0])  # touch 0, so 1 is the least recently used
     c.generate(requests[2])  # evicts 1
@@ -305,18 +306,20 @@ def test_lru_eviction_drops_the_key_everywhere(counting: Counting) -> None:
     assert counting.calls["generate"] == 4
     assert ("evict", "general") in telemetry.events
     c.clear()
-    assert c.stats().entries == 0 and first.sealers == {}
+    assert c.stats().entries == 0 and lease[1].aead is None  # no lane can use the key any more
+    assert c.lease(requests[0]) is None
 
 
 def test_expired_keys_leave_memory_at_the_next_miss(counting: Counting) -> None:
     clock = Clock()
     c = cache(counting, clock, max_age=10, decrypt_ttl=10)
-    old = c.generate(GENERAL)
-    envelope.sealer_for(old, "general", {"tenant": "a"})
+    c.generate(GENERAL)
+    lease = c.lease(GENERAL)
+    assert lease is not None
     clock.now += 11
     c.generate(KeyRequest("general", "local:general", {"tenant": "other"}))
     assert c.stats().entries == 1 and c.stats().evictions == 1
-    assert old.sealers == {}
+    assert lease[1].aead is None and not lease[1].live
 
 
 def test_reports_hits_and_misses_to_telemetry_and_the_operation(keyring: LocalKeyring) -> None:

@@ -75,7 +75,7 @@ classifications = st.from_regex(r"[a-z0-9_-]{1,32}", fullmatch=True)
 def test_round_trip_of_arbitrary_bytes_and_contexts(
     plaintext: bytes, context: dict[str, str], classification: str
 ) -> None:
-    sealed = envelope.sealer_for(DK, classification, context).seal(plaintext)
+    sealed = envelope.Sealer(DK, classification, context).seal(plaintext)
     env = envelope.parse(sealed)
     assert env.classification == classification
     assert dict(env.context) == context
@@ -93,7 +93,7 @@ def test_context_is_encoded_sorted_by_utf8_bytes_whatever_the_insertion_order() 
 
 
 def test_nonces_are_fresh_per_message() -> None:
-    sealer = envelope.sealer_for(DK, "general", {})
+    sealer = envelope.Sealer(DK, "general", {})
     nonces = {envelope.parse(sealer.seal(b"same")).nonce for _ in range(200)}
     assert len(nonces) == 200
 
@@ -371,7 +371,7 @@ def test_a_data_key_refuses_to_seal_past_2_to_the_32_messages() -> None:
 
     dk = DataKey(DEK, (LOCAL,))
     dk._counter = itertools.count(2**32)  # as if 2^32 - 1 messages had been sealed
-    sealer = envelope.sealer_for(dk, "general", {})
+    sealer = envelope.Sealer(dk, "general", {})
     sealer.seal(b"the last one")
     with pytest.raises(DataKeyExhausted):
         sealer.seal(b"one too many")

@@ -50,10 +50,12 @@ class Clock:
 
 def test_the_installed_build_compiled_the_hot_path() -> None:
     """setup.py's extensions are optional; a build that silently fell back to Python fails here."""
-    from kmsguard import nonces
+    from kmsguard import histogram, nonces
+    from kmsguard.audit import frames
 
-    assert fastpath.COMPILED, f"kmsguard.fastpath runs as plain Python from {fastpath.__file__}"
-    assert not nonces.__file__.endswith(".py")
+    for module in (fastpath, nonces, histogram, frames):
+        assert not module.__file__.endswith(".py"), f"{module.__name__} runs as plain Python from {module.__file__}"
+    assert fastpath.COMPILED and histogram.COMPILED and frames.COMPILED
     assert not _source_module().COMPILED
 
 

@@ -59,7 +59,7 @@ class DataKey:
     that no DEK ever seals more than 2^32 of them, whichever cache holds it.
     """
 
-    __slots__ = ("_counter", "_plaintext", "aead", "commitment", "sealers", "wrapped")
+    __slots__ = ("_counter", "_plaintext", "aead", "commitment", "wrapped")
 
     def __init__(self, plaintext: bytes, wrapped: tuple[WrappedKey, ...]) -> None:
         if len(plaintext) != DEK_SIZE:
@@ -69,8 +69,6 @@ class DataKey:
         self.aead = AESGCM(_hkdf(plaintext, _INFO_ENC))
         self.commitment = _hkdf(plaintext, _INFO_COMMIT)
         self._counter = itertools.count(1)  # next() is atomic under the GIL
-        #: The envelope layer's encoded headers for this key, so a reused key re-encodes nothing.
-        self.sealers: dict[object, object] = {}
 
     @property
     def plaintext(self) -> bytes:

@@ -72,6 +72,7 @@ _U16 = struct.Struct(">H")
 #: Every sealed message's nonce: uniformly random, from the OS CSPRNG (drawn in bulk, see kmsguard.nonces).
 _fresh_nonce = nonces.nonce
 _FIXED_PREFIX = MAGIC + bytes((VERSION, SUITE))
+_NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,15 +168,22 @@ class Sealer:
     """Seals messages under one data key, classification and context.
 
     The header, the wrapped-keys section and the commitment are encoded once here, so
-    sealing a message costs one AES-GCM call, a random nonce and a concatenation. A
-    cache that reuses a data key should keep its Sealer too.
+    sealing a message costs one AES-GCM call, a random nonce and a concatenation. Guard
+    keeps the result for a cached data key as a lane (kmsguard.fastpath), not the Sealer:
+    a Sealer holds its key, and the key nothing of the Sealer's.
     """
 
     __slots__ = ("_aead", "aad_prefix", "data_key", "out_prefix")
 
     def __init__(
-        self, data_key: DataKey, classification: str, context: Mapping[str, str], *, header: bytes | None = None
+        self,
+        data_key: DataKey,
+        classification: str = "",
+        context: Mapping[str, str] = _NO_CONTEXT,
+        *,
+        header: bytes | None = None,
     ) -> None:
+        """For ``classification`` and ``context``, or for an already encoded ``header``."""
         if header is None:
             header = encode_header(classification, context)
         self.data_key = data_key
@@ -193,34 +201,6 @@ class Sealer:
         elif len(nonce) != NONCE_SIZE:
             raise InvalidInput("a nonce must be 12 bytes")
         return b"".join((self.out_prefix, nonce, self._aead.encrypt(nonce, plaintext, self.aad_prefix + nonce)))
-
-
-_MAX_SEALERS_PER_KEY = 64
-
-
-def sealer_for(data_key: DataKey, classification: str, context: Mapping[str, str]) -> Sealer:
-    """The data key's Sealer for this header, built once and kept on the key (bounded)."""
-    memo_key = (classification, tuple(context.items()))
-    sealer = data_key.sealers.get(memo_key)
-    if sealer is None:
-        sealer = Sealer(data_key, classification, context)
-        if len(data_key.sealers) < _MAX_SEALERS_PER_KEY:
-            data_key.sealers[memo_key] = sealer
-    return sealer  # type: ignore[return-value]
-
-
-def header_sealer(data_key: DataKey, header: bytes) -> Sealer:
-    """Like :func:`sealer_for`, for a caller that keeps the encoded header (Guard's plans).
-
-    The memo key is the header's bytes, whose hash Python computes once per object, so a
-    hit costs one dictionary lookup.
-    """
-    sealer = data_key.sealers.get(header)
-    if sealer is None:
-        sealer = Sealer(data_key, "", {}, header=header)
-        if len(data_key.sealers) < _MAX_SEALERS_PER_KEY:
-            data_key.sealers[header] = sealer
-    return sealer  # type: ignore[return-value]
 
 
 def seal(

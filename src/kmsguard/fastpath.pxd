@@ -5,6 +5,13 @@
 import cython
 
 cdef long long _tick
+cdef Py_ssize_t TAG_SIZE
+cdef Py_ssize_t MAX_PLAINTEXT
+cdef Py_ssize_t MAX_LANES
+cdef Py_ssize_t MAX_PREFIX_LENGTHS
+cdef Py_ssize_t MAX_KINDS_PER_LANE
+cdef long long _NO_LIMIT
+cdef Py_ssize_t _COPY_BELOW
 cdef object _nonce
 cdef object _wall
 cdef object _perf

@@ -281,7 +281,7 @@ class Guard:
         data_key = self._generate(plan.request, len(plaintext))
         if op is not None:
             self._note_keys(op, data_key.wrapped)
-        sealer = envelope.header_sealer(data_key, plan.header)
+        sealer = envelope.Sealer(data_key, header=plan.header)
         out = sealer.seal(plaintext)
         if self._lease is not None:
             lease = self._lease(plan.request)

@@ -17,8 +17,8 @@ when it was last used):
 Concurrent misses for the same entry are served by one call to the inner keyring (single
 flight): sixteen threads starting cold cost one GenerateDataKey, not sixteen. An entry
 that is evicted or used up is retired everywhere at once (the index, its Budget and so
-Guard's lanes, the request memos that point at it, the key's header memo), so no
-structure keeps it alive; expired entries go the same way at their next lookup or at the next miss, whichever
+Guard's lanes, the request memos that point at it), so no structure keeps it alive;
+expired entries go the same way at their next lookup or at the next miss, whichever
 comes first.
 
 Reuse trades KMS calls for exposure: whoever obtains one data key can open every message
@@ -360,11 +360,8 @@ class CachingKeyring:
 
     def _drop(self, entry: _Entry, counted: bool = True) -> None:
         """Retire an entry everywhere: the index, its Budget (so every lane drops the key
-        object), the request memos that point at it (they see ``data_key`` None) and the
-        key's sealers. Called with the lock held.
-
-        Clearing the sealers breaks the DataKey -> Sealer -> DataKey cycle, so the key's
-        memory goes when the last operation using it ends, not at the next GC pass.
+        object) and the request memos that point at it (they see ``data_key`` None).
+        Called with the lock held.
         """
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
@@ -373,7 +370,6 @@ class CachingKeyring:
             return  # already retired
         entry.budget.retire()
         self._retired_hits[entry.classification] = self._retired_hits.get(entry.classification, 0) + entry.budget.hits
-        data_key.sealers.clear()
         if counted:
             self._evictions += 1
             self._telemetry.cache_event("evict", entry.classification)
