@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -41,6 +41,9 @@ from kmsguard.histogram import Histogram as Series
 from kmsguard.histogram import HitTally
 from kmsguard.operation import HitKind, Operation
 from kmsguard.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from kmsguard.audit.record import AuditRecord
 
 log = logging.getLogger("kmsguard.metrics")
 _GAUGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -90,6 +93,15 @@ class Metrics(Telemetry):
             self.operation_errors.labels(op.name, op.error_code).inc()
         if self.exporter is not None:
             self.exporter.add(op.name, op.outcome == "ok", op.classification, op.duration)
+
+    def count_recorded(self, record: AuditRecord) -> None:
+        """Count an operation read back from the audit trail (``kmsguard metrics`` in a one-shot process)."""
+        cls = record.classification or "none"
+        self.operation_stats.observe((record.operation, cls, record.outcome), record.duration_us / 1e6)
+        if record.error_code is not None:
+            self.operation_errors.labels(record.operation, record.error_code).inc()
+        if record.cache_hit is not None:
+            self.cache_events.count("hit" if record.cache_hit else "miss", cls)
 
     def hit_recorder(self) -> HitTally:
         """Cache hits (see kmsguard.operation.HitKind) go into the same series as full operations."""

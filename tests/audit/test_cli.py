@@ -81,9 +81,18 @@ def test_bad_since_is_a_usage_error(audited: Path) -> None:
     assert code == 2 and "--since" in out
 
 
-def test_metrics_command(audited: Path) -> None:
+def test_metrics_command_counts_what_the_audit_trail_holds(audited: Path) -> None:
     code, out = run("metrics")
-    assert code == 0 and "# TYPE kmsguard_operations_total counter" in out and "kmsguard_audit_spool_bytes 0.0" in out
+    assert code == 0 and "kmsguard_audit_spool_bytes 0.0" in out
+    assert 'kmsguard_operations_total{classification="general",operation="encrypt",outcome="ok"} 3.0' in out
+    assert 'kmsguard_operations_total{classification="payment",operation="decrypt",outcome="error"} 1.0' in out
+    assert 'kmsguard_operation_errors_total{code="CONTEXT_MISMATCH",operation="decrypt"} 1.0' in out
+    assert 'kmsguard_cache_events_total{classification="general",event="miss"} 3.0' in out
+    assert "writer-closed" not in out
+    code, out = run("metrics", "--since", "1m")
+    assert code == 0 and 'operation="encrypt",outcome="ok"} 3.0' in out
+    code, out = run("metrics", "--since", "2999-01-01T00:00")
+    assert code == 0 and "kmsguard_operations_total{" not in out
 
 
 def test_none_sink_has_nothing_to_read(keyring: LocalKeyring, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -158,21 +158,36 @@ def _show(q: Query, as_json: bool) -> None:
 
 
 @click.command()
-def metrics() -> None:
-    """Print this host's metrics in the Prometheus text format.
+@click.option("--since", help="Count operations recorded since: ISO time (2026-11-28T10:00) or an age: 15m, 2h, 7d.")
+def metrics(since: str | None) -> None:
+    """Print the metrics in the Prometheus text format, counted from the audit trail.
 
-    A one-shot command has counted no operations itself; it shows the levels it can
-    read from disk (undelivered audit spool) and every metric's name. A running service
-    exposes its live registry (``kmsguard.metrics.of(guard.observers)``, the HTTP ``/metrics``).
+    A one-shot command has run no operations itself, so the operation series
+    (``kmsguard_operations_total``, ``kmsguard_operation_duration_seconds``,
+    ``kmsguard_operation_errors_total``, cache hits and misses) are counted from every
+    operation the audit sink holds (all writers; ``--since`` for a window), and the
+    undelivered spool is read from disk. A running service exposes its live registry
+    (``kmsguard.metrics.of(guard.observers)``), which also has the KMS and failover series.
     """
-    from kmsguard.audit import AuditSettings
+    from kmsguard.audit import AuditSettings, Query, open_sink
+    from kmsguard.audit.record import CLOSE_OPERATION
     from kmsguard.metrics import Metrics
     from kmsguard.stack import build_telemetry
 
     s = settings()
     telemetry = build_telemetry(s)
     registry = telemetry if isinstance(telemetry, Metrics) else Metrics()
-    spool_dir = AuditSettings.of(s).spool_dir
+    config = AuditSettings.of(s)
+    if config.sink != "none":
+        sink = open_sink(config)
+        try:
+            records = sink.query(Query(since=_since(since))) if since else sink.records()
+            for r in records:
+                if r.operation != CLOSE_OPERATION:
+                    registry.count_recorded(r)
+        finally:
+            sink.close()
+    spool_dir = config.spool_dir
     registry.gauge(
         "audit_spool_bytes", sum(p.stat().st_size for p in spool_dir.glob("*.spool")) if spool_dir.is_dir() else 0
     )
