@@ -153,4 +153,5 @@ def test_frames_write_what_decode_reads(module: ModuleType) -> None:
     assert f.hit(3, 1, 2, 3, 4) == -1  # no room left in the segment
     f.close()
     assert f.hit(3, 1, 2, 3, 4) == 0  # closed for good: the slow path refuses
+    assert f.write_hit(3, 1, 2, 3, 4) == 0  # even for spool.py: there is no map any more
     mapped.close()

@@ -191,3 +191,24 @@ def test_a_front_end_names_the_caller(keyring: LocalKeyring, home: Path) -> None
         guard.encrypt(b"x", "pii", {"passenger": "43"})
     first, second, _close = records_of(home)
     assert (first.principal, second.principal) == ("agent-7@airline", "booking-api")
+
+
+def test_a_forked_child_never_writes_into_its_parents_spool(keyring: LocalKeyring, home: Path) -> None:
+    write_config(home, {"delivery": "thread"})
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        for _ in range(3):
+            guard.encrypt(b"x", "general")  # the third is a compact hit
+        pid = os.fork()
+        if pid == 0:  # the child: its records are refused by the inherited spool, never written
+            try:
+                guard.encrypt(b"x", "general")  # a hit frame
+                guard.encrypt(b"x", "general", {"new": "kind"})  # a full record
+                code = 0 if observer_of(guard).dropped == 2 else 1
+            except BaseException:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        guard.encrypt(b"x", "general")
+    records = records_of(home)
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5] and verify_home(home).intact

@@ -128,7 +128,7 @@ class Frames:
         return self._hit(template, started, duration, size, request)
 
     def _hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
-        if template not in self.emitted:
+        if self.closed or template not in self.emitted:  # closed: no map to write into
             return 0
         pos = self.pos
         if pos + _FRAME > self.size:

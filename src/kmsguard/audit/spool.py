@@ -209,6 +209,9 @@ class Spool:
             raise AuditUnavailable(f"cannot create the audit spool in {directory}") from None
         self.frames.attach(self._map)
         self._unsynced: list[int] = []  # descriptors of full segments not yet synced
+        # A forked child inherits the shared map and would write over the parent's records:
+        # in the child this spool takes nothing (a Guard must be built after the fork).
+        os.register_at_fork(after_in_child=self.frames.close)
         self.on_disk = 0  # undelivered bytes when last measured
         self._written_at_measure = 0
         self._synced = 0
@@ -274,6 +277,8 @@ class Spool:
         """Write a hit frame (see frames.py) when Frames.hit could not: a template to write
         first, or a segment to start. Returns its seq; raises as :meth:`append` does."""
         with self.frames.exclusive() as frames:
+            if frames.closed:
+                raise AuditUnavailable("the audit spool is closed")
             while True:
                 seq = frames.write_hit(template, started, duration, size, request)
                 if seq > 0:
