@@ -6,6 +6,7 @@ import io
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -91,6 +92,27 @@ def test_a_full_buffer_drops_and_counts_without_blocking() -> None:
         m.operation_finished(finished())
     assert m.exporter is not None and m.exporter.dropped == 3
     assert "kmsguard_cloudwatch_dropped_total 3.0" in m.exposition().decode()
+    m.close()
+
+
+def test_cache_hits_reach_the_cloudwatch_export_too(tmp_path: Path) -> None:
+    from kmsguard import Guard
+    from kmsguard.keyrings.caching import CachingKeyring
+    from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
+    from kmsguard.policy import Policy
+
+    names = ("general", "pii", "payment")
+    keyring = LocalKeyring.create(tmp_path / KEY_FILE_NAME, names)
+    policy = Policy.defaults({n: f"local:{n}" for n in names})
+    emf = io.StringIO()
+    m = Metrics(CloudWatchExport("ns", emf=emf, flush_interval=3600))
+    guard = Guard(policy, CachingKeyring(keyring, policy), observers=[m])
+    for _ in range(6):  # a miss, a hit in full, then hits through the lane
+        guard.encrypt(b"x", "general")
+    assert m.exporter is not None
+    m.exporter.flush()
+    values = [v for line in emf.getvalue().splitlines() for v in json.loads(line)["OperationDuration"]]
+    assert len(values) == 6
     m.close()
 
 

@@ -176,7 +176,9 @@ class HitSink:
     """
 
     def record(self, kind: Any, started: float, duration: float, size: int) -> None:
-        raise NotImplementedError
+        """One hit of ``kind``: started at ``started`` (epoch seconds), took ``duration`` s, ``size`` bytes.
+
+        The base records nothing."""
 
 
 class Lanes:

@@ -127,7 +127,6 @@ class CachingKeyring:
         )
         self.capacity = capacity
         self._telemetry = telemetry
-        self._reporting = telemetry is not NULL_TELEMETRY
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[Hashable, _Entry] = {}
@@ -158,7 +157,7 @@ class CachingKeyring:
             and entry.is_encrypt
             and size <= entry.budget.max_bytes  # an oversized message must not retire it
         ):
-            data_key = self._claim(entry, size, request.classification)
+            data_key = self._claim(entry, size)
             if data_key is not None:
                 return data_key
         limits = self._limits.get(request.classification)
@@ -174,7 +173,7 @@ class CachingKeyring:
     def unwrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> DataKey:
         entry = request._memo
         if type(entry) is _Entry and entry.owner is self and entry.wrapped is wrapped:
-            data_key = self._claim(entry, 0, request.classification)
+            data_key = self._claim(entry, 0)
             if data_key is not None:
                 return data_key
         limits = self._limits.get(request.classification)
@@ -263,7 +262,7 @@ class CachingKeyring:
                 entry = self._entries.get(key)
             # An entry retired between the lookup and the claim is a miss like any other:
             # at worst one more inner call, never a use beyond the limits.
-            data_key = self._claim(entry, size, request.classification) if entry is not None else None
+            data_key = self._claim(entry, size) if entry is not None else None
             if data_key is not None:
                 break
             # Miss: lead the fetch of a fresh key (its first use is ours), or wait for the
@@ -276,7 +275,7 @@ class CachingKeyring:
         _remember(request, entry)  # type: ignore[arg-type]
         return data_key
 
-    def _claim(self, entry: _Entry, size: int, classification: str) -> DataKey | None:
+    def _claim(self, entry: _Entry, size: int) -> DataKey | None:
         """One use of ``entry`` (a message of ``size`` bytes), or None and the entry retired.
 
         The Budget checks and counts in one step (see kmsguard.fastpath), so the limits
@@ -289,8 +288,7 @@ class CachingKeyring:
             with self._lock:
                 self._drop(entry)
             return None
-        if operation.current.get() is not None:
-            operation.note_cache(True)
+        operation.note_cache(True)
         return data_key
 
     def _fetch(
@@ -376,10 +374,8 @@ class CachingKeyring:
 
     def _note_miss(self, classification: str) -> None:
         """A miss goes to the operation and to the telemetry (hits are counted by the Budgets)."""
-        if operation.current.get() is not None:
-            operation.note_cache(False)
-        if self._reporting:
-            self._telemetry.cache_event("miss", classification)
+        operation.note_cache(False)
+        self._telemetry.cache_event("miss", classification)
 
 
 def _last_used(entry: _Entry) -> int:
