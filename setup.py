@@ -21,6 +21,9 @@ setup(
             "annotation_typing": False,
             "boundscheck": False,
             "wraparound": False,
+            # No generated __reduce__: a Budget holds a key object, and nothing here is
+            # meant to be pickled (as plain Python classes they are not picklable either).
+            "auto_pickle": False,
         },
     )
 )

@@ -57,9 +57,13 @@ cdef class Lanes:
     cdef public bint observed
     cdef public tuple sinks
     cdef public object principal
-    cdef public object acting
     cdef double _synced_at
     cdef double _wall_offset
+    cdef object _acting_get
+    @cython.locals(t0=double)
+    cpdef object seal(self, object plaintext, object classification, object context)
+    @cython.locals(t0=double)
+    cpdef object open(self, object raw, object context)
     cdef object _principal(self)
     cdef EncryptLane _encrypt_lane(self, object plaintext, object classification, object context)
     cdef object _seal(self, EncryptLane lane, object plaintext)

@@ -204,7 +204,7 @@ class Lanes:
         self.observed = observed
         self.sinks = sinks
         self.principal = principal
-        self.acting = acting
+        self._acting_get = acting.get if acting is not None else None
         self._synced_at = -2.0  # perf_counter time of the last wall-clock reading (see _record)
         self._wall_offset = 0.0
 
@@ -311,8 +311,8 @@ class Lanes:
             raise InvalidCiphertext() from None
 
     def _principal(self) -> Any:
-        acting = self.acting
-        return (acting.get() if acting is not None else None) or self.principal
+        get = self._acting_get
+        return (get() if get is not None else None) or self.principal
 
     def _record(self, kind: object, t0: float, duration: float, size: int) -> None:
         """Report a hit that started at ``t0`` (perf_counter) to every sink, with its wall-clock start.
