@@ -30,6 +30,13 @@ claim is C code that never releases the GIL: atomic without a lock. Imported as 
 Python (no compiler at install time), it takes a lock instead; :data:`COMPILED` says
 which. Retiring a Budget drops its AESGCM object, so a lane that outlives its cache
 entry holds no key.
+
+**Observed hits.** With observers (audit, metrics) that take hits in compact form
+(:class:`HitSink`), a lane serves an operation only once the full path has taught it
+that operation's kind (kmsguard.operation.HitKind: principal, classification, keys,
+context), then reports each hit to the sinks with its start, duration and size; an
+operation of a kind it does not know, or a strict one, takes the full path and is
+observed in full.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ MAX_LANES = 4096
 #: Distinct envelope prefix lengths probed on decrypt (one per header shape in use).
 MAX_PREFIX_LENGTHS = 8
 _NO_LIMIT = 2**62
+#: HitKinds a lane keeps (principals, and callers' contexts on decrypt); beyond, the full path.
 MAX_KINDS_PER_LANE = 64
 _COPY_BELOW = 16384
 

@@ -25,6 +25,7 @@ cdef class Frames:
     cdef public long long written
     cdef public bint busy
     cdef public bint closed
+    cdef object __weakref__
     cdef public set emitted
     cdef unsigned char[::1] view
 

@@ -34,16 +34,15 @@ import os
 import re
 import struct
 import threading
+import weakref
 import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kmsguard.audit.frames import HIT_FLAG, HIT_PAYLOAD, TEMPLATE, Frames, hit_check
+from kmsguard.audit.frames import HIT_FLAG, HIT_FRAME, HIT_PAYLOAD, TEMPLATE, Frames, hit_check
 from kmsguard.errors import AuditUnavailable
 
 _HEADER = struct.Struct(">II")
-#: Room a template frame leaves in its segment, so the hit frame that needs it fits too.
-HIT_FRAME_ROOM = 8 + HIT_PAYLOAD
 _SEGMENT_RE = re.compile(r"(.+)\.(\d{8})\.spool")
 LOCK_SUFFIX = ".lock"
 _HIT = struct.Struct(">6Q")
@@ -178,6 +177,19 @@ def remove_writer(directory: Path, writer_id: str, lock_fd: int) -> None:
     os.close(lock_fd)
 
 
+#: Every live spool's Frames. A forked child inherits their shared maps and would write
+#: over its parent's records, so in the child they all refuse (build a Guard after a fork).
+_open_spools: weakref.WeakSet[Frames] = weakref.WeakSet()
+
+
+def _close_in_child() -> None:
+    for frames in list(_open_spools):
+        frames.close()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
 class Spool:
     """One writer's appending side. ``append`` is called from any thread.
 
@@ -209,9 +221,7 @@ class Spool:
             raise AuditUnavailable(f"cannot create the audit spool in {directory}") from None
         self.frames.attach(self._map)
         self._unsynced: list[int] = []  # descriptors of full segments not yet synced
-        # A forked child inherits the shared map and would write over the parent's records:
-        # in the child this spool takes nothing (a Guard must be built after the fork).
-        os.register_at_fork(after_in_child=self.frames.close)
+        _open_spools.add(self.frames)
         self.on_disk = 0  # undelivered bytes when last measured
         self._written_at_measure = 0
         self._synced = 0
@@ -287,7 +297,7 @@ class Spool:
                     raise SpoolFull()
                 # Not in this segment yet, or no room: the template first (starting the
                 # next segment if the hit would not fit after it), then the hit.
-                self._put(marshal.dumps((TEMPLATE, template, shared, prefix)), reserve=HIT_FRAME_ROOM)
+                self._put(marshal.dumps((TEMPLATE, template, shared, prefix)), reserve=HIT_FRAME)
                 frames.emitted.add(template)
 
     def _put(self, payload: bytes, reserve: int = 0) -> None:
