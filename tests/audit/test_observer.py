@@ -68,6 +68,12 @@ def test_strict_refuses_when_the_record_cannot_be_made_durable(keyring: LocalKey
         assert 'kmsguard_operations_total{classification="payment",operation="encrypt",outcome="error"} 1.0' in text
         assert 'kmsguard_operations_total{classification="general",operation="encrypt",outcome="ok"} 1.0' in text
         assert 'code="AUDIT_UNAVAILABLE"' in text
+    # The refused operation's record reached the spool before the sync failed: the trail
+    # shows it followed by its refusal, never as done.
+    refused = [r for r in records_of(home) if r.classification == "payment"]
+    assert [(r.outcome, r.error_code) for r in refused] == [("ok", None), ("error", "AUDIT_UNAVAILABLE")]
+    assert refused[0].request_id == refused[1].request_id
+    assert verify_home(home).intact
 
 
 def test_strict_override_makes_every_class_strict(keyring: LocalKeyring, home: Path) -> None:

@@ -57,6 +57,12 @@ class SpoolFull(AuditUnavailable):
     default_message = "the audit spool is full; the audit sink has been unavailable too long"
 
 
+class NotDurable(AuditUnavailable):
+    """What was written could not be synced to disk: it is in the spool, but not durably."""
+
+    default_message = "the audit spool cannot be synced to disk"
+
+
 def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
     """Every whole, intact record at the start of ``data`` and the number of bytes they take.
 
@@ -366,7 +372,7 @@ class Spool:
                             self._unsynced.remove(older)
                             os.close(older)
                 except OSError:
-                    raise AuditUnavailable("the audit spool cannot be synced to disk") from None
+                    raise NotDurable() from None
                 finally:
                     self._sync_cond.acquire()
                     self._syncing = False

@@ -36,13 +36,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from kmsguard import operation
 from kmsguard.audit.deliver import MAX_BACKOFF, Deliverer
 from kmsguard.audit.frames import HitWriter
 from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys
 from kmsguard.audit.sink import Sink
-from kmsguard.audit.spool import Spool
+from kmsguard.audit.spool import NotDurable, Spool
 from kmsguard.errors import AuditUnavailable
 from kmsguard.operation import HitKind, Operation
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
@@ -139,9 +140,22 @@ class AuditObserver:
         )
         try:
             self._spool.append(fields, strict)
+        except NotDurable:
+            # The record is in the spool and may yet be delivered, but Guard refuses the
+            # operation: follow it with the refusal (same request id), so the trail never
+            # shows as done what the caller was told failed.
+            if op.outcome == "ok":
+                self._append_quietly((*fields[:6], "error", NotDurable.code, *fields[8:]))
+            raise
         except AuditUnavailable:
             if strict:
                 raise
+            self._drop()
+
+    def _append_quietly(self, fields: tuple[Any, ...]) -> None:
+        try:
+            self._spool.append(fields, durable=False)
+        except AuditUnavailable:
             self._drop()
 
     def hit_recorder(self) -> HitWriter:
