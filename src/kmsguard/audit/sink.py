@@ -188,4 +188,4 @@ class JsonLinesSink:
         return blob
 
     def close(self) -> None:
-        pass
+        """Nothing to release: every write opens and closes the file itself."""

@@ -25,6 +25,7 @@ Guarantees (documented in the README):
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -266,12 +267,11 @@ class AuditObserver:
 
     def _kick(self) -> None:
         if self._child is not None:
-            try:
+            # A child that has exited (its pipe closed) is restarted by _read_child.
+            with contextlib.suppress(OSError, ValueError):
                 assert self._child.stdin is not None
                 self._child.stdin.write("flush\n")
                 self._child.stdin.flush()
-            except (OSError, ValueError):
-                pass
         else:
             self._wake.set()
 
