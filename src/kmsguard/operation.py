@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from kmsguard.fastpath import HitSink
@@ -31,8 +31,8 @@ REQUEST_PREFIX = os.urandom(6).hex()
 request_numbers = itertools.count(1)
 
 
-def new_request_id() -> str:
-    return f"{REQUEST_PREFIX}{next(request_numbers):010x}"
+def request_id_of(number: int) -> str:
+    return f"{REQUEST_PREFIX}{number:010x}"
 
 
 class Operation:
@@ -40,11 +40,11 @@ class Operation:
 
     A plain class with ``__slots__`` rather than a dataclass: one is built per operation
     whenever anyone observes, so its construction is hot-path cost. The request id is
-    made only when first read, unless the caller (the HTTP service) supplies its own.
+    numbered only when first asked for.
     """
 
     __slots__ = (
-        "_request_id",
+        "_request_number",
         "_t0",
         "cache_hit",
         "classification",
@@ -70,14 +70,13 @@ class Operation:
         context: Mapping[str, str],
         principal: str,
         strict_audit: bool = False,
-        request_id: str | None = None,
     ) -> None:
         self.name = name
         self.classification = classification
         self.context = context
         self.principal = principal
         self.strict_audit = strict_audit
-        self._request_id = request_id
+        self._request_number = 0
         self.started_at = time.time()
         self.key_refs: list[str] = []
         self.regions: list[str] = []
@@ -93,14 +92,34 @@ class Operation:
 
     @property
     def request_id(self) -> str:
-        rid = self._request_id
-        if rid is None:
-            rid = self._request_id = new_request_id()
-        return rid
+        return request_id_of(self.request_number())
 
-    @request_id.setter
-    def request_id(self, value: str) -> None:
-        self._request_id = value
+    def request_number(self) -> int:
+        """The process' request number in this operation's id; the audit writer spools the number."""
+        number = self._request_number
+        if number == 0:
+            number = self._request_number = next(request_numbers)
+        return number
+
+    def shape(self) -> tuple[Any, ...]:
+        """The record's fields that operations of one kind share: all but start, duration, size and request id.
+
+        (operation, classification, key_refs, regions, principal, outcome, error_code,
+        kms_calls, cache_hit, context items): the audit writer spools one template per
+        shape and each operation as a compact frame naming it (kmsguard.audit.frames).
+        """
+        return (
+            self.name,
+            self.classification,
+            tuple(self.key_refs),
+            tuple(self.regions),
+            self.principal,
+            self.outcome,
+            self.error_code,
+            self.kms_calls,
+            self.cache_hit,
+            tuple(self.context.items()),
+        )
 
     def finish(self, error: BaseException | None) -> None:
         self.duration = time.perf_counter() - self._t0
@@ -124,15 +143,13 @@ class HitKind:
     first such operation's record, so a hit is recorded exactly as that operation was.
     """
 
-    __slots__ = ("classification", "context", "key_refs", "name", "principal", "regions")
+    __slots__ = ("classification", "name", "shape")
 
     def __init__(self, op: Operation) -> None:
         self.name = op.name
         self.classification = op.classification
-        self.key_refs = tuple(op.key_refs)
-        self.regions = tuple(op.regions)
-        self.principal = op.principal
-        self.context = tuple(op.context.items())
+        #: Operation.shape() of every hit of this kind (the first one's, which was "ok" with no KMS call).
+        self.shape = op.shape()
 
     def __repr__(self) -> str:
         return f"HitKind({self.name!r}, {self.classification!r})"

@@ -22,6 +22,7 @@ from kmsguard import Guard
 from kmsguard.audit import AuditObserver, frames
 from kmsguard.audit.frames import HIT_FLAG, HIT_PAYLOAD, TEMPLATE, hit_check
 from kmsguard.audit.spool import decode
+from kmsguard.errors import InvalidCiphertext
 from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.metrics import Metrics
 from kmsguard.operation import acting_as
@@ -71,6 +72,47 @@ def test_hits_across_segments_and_deliverer_restarts(keyring: LocalKeyring, home
     assert verify_home(home).intact
 
 
+NO_REUSE = "[classifications.general.cache]\nreuse = false\n"
+
+
+def test_full_path_operations_of_one_kind_are_spooled_compactly(keyring: LocalKeyring, home: Path) -> None:
+    """Cache off: every encrypt calls the key service, yet all but the first of a kind is a hit frame."""
+    write_config(home, {"delivery": "thread"}, extra=NO_REUSE)
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        sealed = [guard.encrypt(b"x" * (i + 1), "general", {"tenant": "t-1"}) for i in range(6)]
+        with pytest.raises(InvalidCiphertext):
+            guard.decrypt(sealed[0][:-1] + bytes([sealed[0][-1] ^ 1]), {"tenant": "t-1"})
+        with pytest.raises(InvalidCiphertext):
+            guard.decrypt(sealed[1][:-1] + bytes([sealed[1][-1] ^ 1]), {"tenant": "t-1"})
+        shapes = [k for k in observer_of(guard)._templates if isinstance(k, tuple)]
+    assert sorted(s[0] for s in shapes) == ["decrypt", "encrypt"]  # each kind's second operation on
+    records = records_of(home)[:-1]
+    assert [(r.operation, r.outcome, r.error_code) for r in records] == [("encrypt", "ok", None)] * 6 + [
+        ("decrypt", "error", "INVALID_CIPHERTEXT")
+    ] * 2
+    first, rest = records[0], records[1:6]
+    for r in rest:
+        assert (r.key_refs, r.regions, r.principal, r.kms_calls, r.cache_hit, r.context) == (
+            first.key_refs, first.regions, first.principal, first.kms_calls, first.cache_hit, first.context
+        )
+    assert first.key_refs == ("local:general:v1",)
+    assert [r.size for r in records[:6]] == [1, 2, 3, 4, 5, 6]
+    assert len({r.request_id for r in records}) == len(records)
+    assert verify_home(home).intact
+
+
+def test_a_kind_seen_once_costs_no_template(keyring: LocalKeyring, home: Path) -> None:
+    """A context value unique to each call: every record in full, no template spooled for any."""
+    write_config(home, {"delivery": "thread"}, extra=NO_REUSE)
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        for i in range(5):
+            guard.encrypt(b"x", "general", {"booking": f"b-{i}"})
+        assert not observer_of(guard)._templates
+    records = records_of(home)[:-1]
+    assert len(records) == 5 and len({tuple(r.context.values()) for r in records}) == 5
+    assert verify_home(home).intact
+
+
 def test_metrics_count_hits_as_operations(keyring: LocalKeyring, home: Path) -> None:
     write_config(home, {"sink": "none"})
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
@@ -86,11 +128,11 @@ def test_metrics_count_hits_as_operations(keyring: LocalKeyring, home: Path) -> 
 
 # ---------------------------------------------------------------------- the frames themselves
 
-SHARED = ("encrypt", "general", ("local:general:v1",), (), "svc", (("tenant", "t"),))
+SHAPE = ("encrypt", "general", ("local:general:v1",), (), "svc", "ok", None, 0, True, (("tenant", "t"),))
 
 
-def _template(tid: int) -> bytes:
-    payload = marshal.dumps((TEMPLATE, tid, SHARED, "abc"))
+def _template(tid: int, shape: tuple[object, ...] = SHAPE) -> bytes:
+    payload = marshal.dumps((TEMPLATE, tid, shape, "abc"))
     return struct.pack(">II", len(payload), zlib.crc32(payload)) + payload
 
 
@@ -105,9 +147,18 @@ def test_a_hit_frame_expands_to_its_record() -> None:
     assert used == len(_template(3)) + 2 * 56
     assert [seq for seq, _ in entries] == [1, 2]
     started, name, cls, refs, regions, principal, outcome, error, duration, kms, hit, size, rid, ctx = entries[0][1]
-    assert (name, cls, refs, regions, principal, ctx) == SHARED
-    assert (outcome, error, kms, hit, size, rid) == ("ok", None, 0, True, 1024, "abc0000000007")
+    assert (name, cls, refs, regions, principal, outcome, error, kms, hit, ctx) == SHAPE
+    assert (size, rid) == (1024, "abc0000000007")
     assert started == pytest.approx(1_700_000_000.0) and duration == pytest.approx(2.5e-6)
+
+
+def test_a_template_spooled_by_the_previous_release_still_reads() -> None:
+    """Its shape held six fields: a spool left behind by a crash before an upgrade is delivered as it was meant."""
+    old = (SHAPE[0], SHAPE[1], SHAPE[2], SHAPE[3], SHAPE[4], SHAPE[9])
+    entries, _used = decode(_template(3, old) + _hit(1, 3), {})
+    assert entries[0][1][1:8] + entries[0][1][9:11] + entries[0][1][13:] == (
+        "encrypt", "general", ("local:general:v1",), (), "svc", "ok", None, 0, True, (("tenant", "t"),)
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,19 +1,22 @@
-"""Where the spool's next frame goes, and the compact frame that records a cache hit.
+"""Where the spool's next frame goes, and the compact frame that records most operations.
 
 Every frame is ``u32 length | u32 check | payload`` (big-endian), written payload
 first and header last, so a reader, or a process killed mid-write, sees a whole frame
 or none (see spool.py). Three kinds:
 
-* a **record**: payload ``marshal((seq, *fields))``, check its CRC-32 (spool.py);
-* a **template**: payload ``marshal(("T", template_id, *fields))``, check its CRC-32,
-  no sequence number. It holds what every cache-hit operation of one kind shares
-  (operation, classification, keys, principal, context...) and is written into a
-  segment before the first hit frame of that segment that names it, so each segment
-  reads on its own;
-* a **hit**: ``length`` is ``HIT_FLAG | 48`` and the payload six u64: seq, template id,
-  start time (microseconds since the epoch), duration (nanoseconds), size, request
-  number; the check is :func:`hit_check` of the six. A hit is what Guard's lanes
-  record (kmsguard.fastpath): a cache-hit operation that needed nothing but AES-GCM.
+* a **record**: payload ``marshal((seq, *fields))``, check its CRC-32 (spool.py): a
+  strict operation, or one whose caller named its request id;
+* a **template**: payload ``marshal(("T", template_id, shape, request_prefix))``,
+  check its CRC-32, no sequence number. ``shape`` is what every operation of one kind
+  shares (kmsguard.operation.Operation.shape: operation, classification, keys,
+  principal, outcome, KMS calls, cache hit, context...). It is written into a segment
+  before the first hit frame of that segment that names it, so each segment reads on
+  its own;
+* a **hit** (a compact record): ``length`` is ``HIT_FLAG | 48`` and the payload six
+  u64: seq, template id, start time (microseconds since the epoch), duration
+  (nanoseconds), size, request number; the check is :func:`hit_check` of the six.
+  Guard's lanes (kmsguard.fastpath) record cache hits this way, and the audit writer
+  every other non-strict operation whose kind it has seen before.
 
 :meth:`Frames.hit` writes a hit frame with no Python in between: compiled (Cython,
 ``frames.pxd``), it is a few dozen C stores and no lock. That is the whole audit cost
@@ -154,7 +157,7 @@ class Frames:
 class HitWriter(HitSink):
     """The audit side of a cache hit: a hit frame, or the spool's slow path when it cannot.
 
-    ``templates`` maps a HitKind to its template id once the spool has one for it;
+    ``templates`` maps a HitKind (or a shape) to its template id once the spool has one for it;
     ``slow(kind, started, duration, size, request)`` handles everything else (a new
     kind, a template to write into a new segment, a segment to start, a full spool).
     Request numbers come from ``requests``, the process' request-id counter.

@@ -1,10 +1,9 @@
 """The local spool: append-only segment files per writer that every audit record passes through.
 
-The caller's thread appends the operation's facts (one framed ``marshal`` tuple, copied
-into a shared memory map of the segment file) before the operation returns, so a killed
-process loses nothing: the bytes are in the kernel's page cache, and a deliverer takes
-them to the sink. While the sink is
-down the segments simply accumulate (up to ``max_bytes``) and drain in order when it
+The caller's thread appends the operation's facts (a frame, copied into a shared memory
+map of the segment file) before the operation returns, so a killed process loses
+nothing: the bytes are in the kernel's page cache, and a deliverer takes them to the
+sink. While the sink is down the segments simply accumulate (up to ``max_bytes``) and drain in order when it
 returns. The writer only ever appends to its newest segment; the deliverer deletes a
 segment once it is delivered and a newer one exists, so the two never race on a file.
 
@@ -19,9 +18,9 @@ deliver them (``claim_orphans``).
 
 Files: ``<writer>.lock`` and ``<writer>.<segment:08d>.spool`` (preallocated). Frame:
 ``u32 length | u32 check | payload``: a record (``marshal((seq, *fields))``), a
-template, or the compact hit frame of a cache-hit operation (frames.py documents all
-three). A torn tail (a crash mid-write) fails its check and ends the readable part of a
-segment, as a zero length does (the unwritten rest of a preallocated segment).
+template, or a compact hit frame naming a template (frames.py documents all three). A
+torn tail (a crash mid-write) fails its check and ends the readable part of a segment,
+as a zero length does (the unwritten rest of a preallocated segment).
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ _SEGMENT_RE = re.compile(r"(.+)\.(\d{8})\.spool")
 LOCK_SUFFIX = ".lock"
 _HIT = struct.Struct(">6Q")
 Entry = tuple[int, tuple[Any, ...]]
-#: Template id -> (the shared fields, the request id prefix); see frames.py.
+#: Template id -> (its Operation.shape(), the request id prefix); see frames.py.
 Templates = dict[int, tuple[tuple[Any, ...], str]]
 
 
@@ -83,8 +82,8 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
             known = templates.get(template)
             if hit_check(seq, template, started, duration, nbytes, request) != check or known is None:
                 break
-            shared, prefix = known
-            out.append((seq, hit_record(shared, started / 1e6, duration / 1e9, nbytes, f"{prefix}{request:010x}")))
+            shape, prefix = known
+            out.append((seq, templated_record(shape, started / 1e6, duration / 1e9, nbytes, f"{prefix}{request:010x}")))
             pos = end
             continue
         end = pos + _HEADER.size + length
@@ -95,18 +94,23 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
             break
         item = marshal.loads(payload)  # noqa: S302 - our own 0600 file, CRC-checked
         if item[0] == TEMPLATE:
-            templates[item[1]] = (tuple(item[2]), item[3])
+            shape = tuple(item[2])
+            if len(shape) == 6:  # written before templates held outcome, error, KMS calls and cache hit
+                shape = (*shape[:5], "ok", None, 0, True, shape[5])
+            templates[item[1]] = (shape, item[3])
         else:
             out.append((item[0], item[1:]))
         pos = end
     return out, pos
 
 
-def hit_record(shared: tuple[Any, ...], started: float, duration: float, size: int, request_id: str) -> tuple[Any, ...]:
-    """A hit's record fields (AuditObserver's order) from its template's shared fields."""
-    name, classification, key_refs, regions, principal, context = shared
-    return (started, name, classification, key_refs, regions, principal, "ok", None, duration, 0, True, size,
-            request_id, context)
+def templated_record(
+    shape: tuple[Any, ...], started: float, duration: float, size: int, request_id: str
+) -> tuple[Any, ...]:
+    """A record's fields (AuditObserver's order) from its template's (kmsguard.operation.Operation.shape)."""
+    name, classification, key_refs, regions, principal, outcome, error_code, kms_calls, cache_hit, context = shape
+    return (started, name, classification, key_refs, regions, principal, outcome, error_code, duration, kms_calls,
+            cache_hit, size, request_id, context)
 
 
 def segment_path(directory: Path, writer_id: str, number: int) -> Path:
@@ -288,7 +292,7 @@ class Spool:
             self.sync(mark)
         return seq
 
-    def hit(self, template: int, shared: tuple[Any, ...], prefix: str, started: int, duration: int, size: int,
+    def hit(self, template: int, shape: tuple[Any, ...], prefix: str, started: int, duration: int, size: int,
             request: int) -> int:
         """Write a hit frame (see frames.py) when Frames.hit could not: a template to write
         first, or a segment to start. Returns its seq; raises as :meth:`append` does."""
@@ -303,7 +307,7 @@ class Spool:
                     raise SpoolFull()
                 # Not in this segment yet, or no room: the template first (starting the
                 # next segment if the hit would not fit after it), then the hit.
-                self._put(marshal.dumps((TEMPLATE, template, shared, prefix)), reserve=HIT_FRAME)
+                self._put(marshal.dumps((TEMPLATE, template, shape, prefix)), reserve=HIT_FRAME)
                 frames.emitted.add(template)
 
     def _put(self, payload: bytes, reserve: int = 0) -> None:

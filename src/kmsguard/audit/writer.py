@@ -1,8 +1,9 @@
 """AuditObserver: records every Guard operation, off the caller's path unless strict.
 
-The caller's thread does the least that keeps the record safe: it copies the
-operation's facts into a tuple and appends it to this process's spool (a copy into a
-shared memory map of the spool file, see spool.py). Everything expensive — HMAC of context values, the chain
+The caller's thread does the least that keeps the record safe: it appends the
+operation's facts to this process's spool (a copy into a shared memory map of the spool
+file, see spool.py) — for an operation of a kind seen before, a 56-byte frame naming a
+template of what that kind shares (frames.py). Everything expensive — HMAC of context values, the chain
 hash, serialization, the sink's transaction — is the deliverer's (deliver.py), in a
 child process (``delivery = "process"``, the default) or a thread (``"thread"``), which
 wakes every ``flush_interval`` and delivers what accumulated as one batch.
@@ -44,14 +45,14 @@ from kmsguard.audit.deliver import MAX_BACKOFF, Deliverer
 from kmsguard.audit.frames import HitWriter
 from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys
 from kmsguard.audit.sink import Sink
-from kmsguard.audit.spool import NotDurable, Spool
+from kmsguard.audit.spool import NotDurable, Spool, templated_record
 from kmsguard.errors import AuditUnavailable
 from kmsguard.operation import HitKind, Operation
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 log = logging.getLogger("kmsguard.audit")
 _HOST_RE = re.compile(r"[^A-Za-z0-9.-]+")
-_MAX_TEMPLATES = 100_000
+_MAX_TEMPLATES = 10_000
 
 
 def new_writer_id() -> str:
@@ -90,7 +91,8 @@ class AuditObserver:
         self.principal = principal
         self.telemetry = telemetry
         self._spool = Spool(self.spool_dir, self.writer_id, max_spool_bytes)
-        self._templates: dict[object, int] = {}  # HitKind -> its template id (see frames.py)
+        self._templates: dict[object, int] = {}  # HitKind or shape -> its template id (see frames.py)
+        self._seen: set[tuple[Any, ...]] = set()  # shapes spooled once in full (see _compact)
         self._template_ids = itertools.count(1)
         self.delivered_seq = 0
         self.dropped = 0
@@ -123,24 +125,14 @@ class AuditObserver:
         strict = op.strict_audit if self.strict is None else self.strict
         if strict and not op.strict_audit:
             op.strict_audit = True  # [audit] strict = true: Guard must refuse what cannot be recorded
-        fields = (
-            op.started_at,
-            op.name,
-            op.classification,
-            tuple(op.key_refs),
-            tuple(op.regions),
-            op.principal,
-            op.outcome,
-            op.error_code,
-            op.duration,
-            op.kms_calls,
-            op.cache_hit,
-            op.size,
-            op.request_id,
-            tuple(op.context.items()),
-        )
+        if not strict:
+            self._compact(op.shape(), op.started_at, op.duration, op.size, op.request_number())
+            return
+        # Strict, in full: the record is synced before the operation returns, and a
+        # refusal must be able to follow it.
+        fields = templated_record(op.shape(), op.started_at, op.duration, op.size, op.request_id)
         try:
-            self._spool.append(fields, strict)
+            self._spool.append(fields, durable=True)
         except NotDurable:
             # The record is in the spool and may yet be delivered, but Guard refuses the
             # operation: follow it with the refusal (same request id), so the trail never
@@ -148,10 +140,6 @@ class AuditObserver:
             if op.outcome == "ok":
                 self._append_quietly((*fields[:6], "error", NotDurable.code, *fields[8:]))
             raise
-        except AuditUnavailable:
-            if strict:
-                raise
-            self._drop()
 
     def _append_quietly(self, fields: tuple[Any, ...]) -> None:
         try:
@@ -167,14 +155,34 @@ class AuditObserver:
         """
         return HitWriter(self._spool.frames, self._templates, operation.request_numbers, self._hit_slow)
 
+    def _compact(self, shape: tuple[Any, ...], started_at: float, duration: float, size: int, request: int) -> None:
+        """A non-strict operation as a hit frame, once its shape has been seen before.
+
+        The first operation of a shape is spooled in full and only remembered: a shape
+        that never recurs (a context value unique to each call) would otherwise cost a
+        template as well as a frame.
+        """
+        template = self._templates.get(shape)
+        at, took = round(started_at * 1e6), round(duration * 1e9)
+        if template is not None and self._spool.frames.hit(template, at, took, size, request) > 0:
+            return
+        if template is None and shape not in self._seen:
+            if len(self._seen) >= _MAX_TEMPLATES:
+                self._seen.clear()
+            self._seen.add(shape)
+            self._append_quietly(templated_record(shape, started_at, duration, size, operation.request_id_of(request)))
+            return
+        self._hit_slow(shape, at, took, size, request)
+
     def _hit_slow(self, kind: object, started: int, duration: int, size: int, request: int) -> None:
-        assert isinstance(kind, HitKind)
+        """A template to write first (a new kind, or a new segment), a segment to start, or no room."""
         template = self._templates.get(kind)
         if template is None:
             template = next(self._template_ids)
-        shared = (kind.name, kind.classification, kind.key_refs, kind.regions, kind.principal, kind.context)
+        shape = kind.shape if isinstance(kind, HitKind) else kind
+        assert isinstance(shape, tuple)
         try:
-            self._spool.hit(template, shared, operation.REQUEST_PREFIX, started, duration, size, request)
+            self._spool.hit(template, shape, operation.REQUEST_PREFIX, started, duration, size, request)
         except AuditUnavailable:
             self._drop()
             return
