@@ -21,6 +21,7 @@ import pytest
 from kmsguard import Guard
 from kmsguard.audit import AuditObserver, frames
 from kmsguard.audit.frames import HIT_FLAG, HIT_PAYLOAD, TEMPLATE, hit_check
+from kmsguard.audit.record import Compact
 from kmsguard.audit.spool import decode
 from kmsguard.errors import InvalidCiphertext
 from kmsguard.keyrings.local import LocalKeyring
@@ -146,7 +147,9 @@ def test_a_hit_frame_expands_to_its_record() -> None:
     entries, used = decode(_template(3) + _hit(1, 3) + _hit(2, 3), {})
     assert used == len(_template(3)) + 2 * 56
     assert [seq for seq, _ in entries] == [1, 2]
-    started, name, cls, refs, regions, principal, outcome, error, duration, kms, hit, size, rid, ctx = entries[0][1]
+    compact = entries[0][1]
+    assert isinstance(compact, Compact)
+    started, name, cls, refs, regions, principal, outcome, error, duration, kms, hit, size, rid, ctx = compact.fields()
     assert (name, cls, refs, regions, principal, outcome, error, kms, hit, ctx) == SHAPE
     assert (size, rid) == (1024, "abc0000000007")
     assert started == pytest.approx(1_700_000_000.0) and duration == pytest.approx(2.5e-6)
@@ -156,7 +159,9 @@ def test_a_template_spooled_by_the_previous_release_still_reads() -> None:
     """Its shape held six fields: a spool left behind by a crash before an upgrade is delivered as it was meant."""
     old = (SHAPE[0], SHAPE[1], SHAPE[2], SHAPE[3], SHAPE[4], SHAPE[9])
     entries, _used = decode(_template(3, old) + _hit(1, 3), {})
-    assert entries[0][1][1:8] + entries[0][1][9:11] + entries[0][1][13:] == (
+    compact = entries[0][1]
+    assert isinstance(compact, Compact)
+    assert compact.template.shape == (
         "encrypt", "general", ("local:general:v1",), (), "svc", "ok", None, 0, True, (("tenant", "t"),)
     )
 
@@ -198,7 +203,9 @@ def test_frames_write_what_decode_reads(module: ModuleType) -> None:
     f.limit = f.written
     assert f.hit(3, 1, 2, 3, 4) == -2  # full
     entries, _used = decode(_template(3) + bytes(mapped[: f.pos]), {})
-    assert [(seq, fields[12]) for seq, fields in entries] == [(1, "abc0000000007"), (2, "abc0000000008")]
+    assert [(seq, c.fields()[12]) for seq, c in entries if isinstance(c, Compact)] == [
+        (1, "abc0000000007"), (2, "abc0000000008")
+    ]
     f.limit = 1 << 20
     f.pos = 4096 - 55
     assert f.hit(3, 1, 2, 3, 4) == -1  # no room left in the segment

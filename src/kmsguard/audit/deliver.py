@@ -23,11 +23,10 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from kmsguard.audit.record import AuditKeys, Chain
 from kmsguard.audit.sink import Sink
-from kmsguard.audit.spool import SegmentReader, remove_writer, try_lock, writers
+from kmsguard.audit.spool import Entry, SegmentReader, remove_writer, try_lock, writers
 
 log = logging.getLogger("kmsguard.audit")
 MAX_BACKOFF = 5.0
@@ -134,7 +133,7 @@ class Deliverer:
                 log.warning("audit: delivered %d records left by writer %s", chain.last_seq - before, writer_id)
             remove_writer(self.directory, writer_id, lock)
 
-    def _deliver(self, chain: Chain, entries: list[tuple[int, tuple[Any, ...]]]) -> None:
+    def _deliver(self, chain: Chain, entries: list[Entry]) -> None:
         """Link and store one batch; the chain advances only if the sink took it."""
         saved = (chain.last_seq, chain.last_hash)
         records = []

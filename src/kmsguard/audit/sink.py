@@ -87,20 +87,21 @@ class Sink(Protocol):
 def to_row(values: Sequence[Any]) -> tuple[Any, ...]:
     """Column values for the SQL sinks: lists and context as canonical JSON text."""
     v = values
-    return (*v[:6], _list_json(v[6]), _list_json(v[7]), *v[8:16], to_json(v[16]), v[17])
+    return (*v[:6], _json_of(tuple(v[6]), list), _json_of(tuple(v[7]), list), *v[8:16],
+            _json_of(tuple(v[16].items()), dict), v[17])
 
 
-_LIST_JSON: dict[tuple[str, ...], str] = {}
+_JSON: dict[tuple[Any, ...], str] = {}
 
 
-def _list_json(items: Sequence[str]) -> str:
-    """Key references and regions repeat in nearly every record: encode each list once."""
-    key = tuple(items)
-    text = _LIST_JSON.get(key)
+def _json_of(items: tuple[Any, ...], kind: type[list[Any]] | type[dict[str, str]]) -> str:
+    """Key references, regions and hashed contexts repeat in nearly every record: encode each once."""
+    key = (kind, items)
+    text = _JSON.get(key)
     if text is None:
-        if len(_LIST_JSON) >= 1024:
-            _LIST_JSON.clear()
-        text = _LIST_JSON[key] = to_json(list(key))
+        if len(_JSON) >= 4096:
+            _JSON.clear()
+        text = _JSON[key] = to_json(kind(items))
     return text
 
 

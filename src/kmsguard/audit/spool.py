@@ -39,15 +39,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from kmsguard.audit.frames import HIT_FLAG, HIT_FRAME, HIT_PAYLOAD, TEMPLATE, Frames, hit_check
+from kmsguard.audit.record import Compact, Template
 from kmsguard.errors import AuditUnavailable
 
 _HEADER = struct.Struct(">II")
 _SEGMENT_RE = re.compile(r"(.+)\.(\d{8})\.spool")
 LOCK_SUFFIX = ".lock"
 _HIT = struct.Struct(">6Q")
-Entry = tuple[int, tuple[Any, ...]]
-#: Template id -> (its Operation.shape(), the request id prefix); see frames.py.
-Templates = dict[int, tuple[tuple[Any, ...], str]]
+#: (seq, the record's fields as AuditObserver spools them, or a Compact record).
+Entry = tuple[int, tuple[Any, ...] | Compact]
+#: The templates of a segment by id (see frames.py).
+Templates = dict[int, Template]
 
 
 class SpoolFull(AuditUnavailable):
@@ -66,7 +68,7 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
     """Every whole, intact record at the start of ``data`` and the number of bytes they take.
 
     Template frames go into ``templates`` (the reader's, per segment); hit frames come
-    out as the record the full path would have spooled, from their template.
+    out as Compact records naming their template.
     """
     out: list[Entry] = []
     pos, size = 0, len(data)
@@ -82,8 +84,7 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
             known = templates.get(template)
             if hit_check(seq, template, started, duration, nbytes, request) != check or known is None:
                 break
-            shape, prefix = known
-            out.append((seq, templated_record(shape, started / 1e6, duration / 1e9, nbytes, f"{prefix}{request:010x}")))
+            out.append((seq, Compact(known, started, duration, nbytes, request)))
             pos = end
             continue
         end = pos + _HEADER.size + length
@@ -97,7 +98,7 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
             shape = tuple(item[2])
             if len(shape) == 6:  # written before templates held outcome, error, KMS calls and cache hit
                 shape = (*shape[:5], "ok", None, 0, True, shape[5])
-            templates[item[1]] = (shape, item[3])
+            templates[item[1]] = Template(shape, item[3])
         else:
             out.append((item[0], item[1:]))
         pos = end
