@@ -16,7 +16,8 @@ A live writer holds an exclusive ``flock`` on ``<writer>.lock``; segments whose 
 nobody holds belong to a writer that died or closed, and any deliverer may claim and
 deliver them (``claim_orphans``).
 
-Files: ``<writer>.lock`` and ``<writer>.<segment:08d>.spool`` (preallocated). Frame:
+Files: ``<writer>.lock``, ``<writer>.<segment:08d>.spool`` (preallocated) and
+``.<writer>.spare`` (the next segment, prepared ahead). Frame:
 ``u32 length | u32 check | payload``: a record (``marshal((seq, *fields))``), a
 template, or a compact hit frame naming a template (frames.py documents all three). A
 torn tail (a crash mid-write) fails its check and ends the readable part of a segment,
@@ -118,6 +119,11 @@ def segment_path(directory: Path, writer_id: str, number: int) -> Path:
     return directory / f"{writer_id}.{number:08d}.spool"
 
 
+def spare_path(directory: Path, writer_id: str) -> Path:
+    """The next segment being prepared (see Spool); hidden, so no reader takes it for a segment."""
+    return directory / f".{writer_id}.spare"
+
+
 def segments(directory: Path, writer_id: str) -> list[int]:
     """The writer's segment numbers, oldest first."""
     out = []
@@ -184,6 +190,7 @@ def remove_writer(directory: Path, writer_id: str, lock_fd: int) -> None:
     """Delete a fully delivered writer's files; the lock file last, while still held."""
     for number in segments(directory, writer_id):
         segment_path(directory, writer_id, number).unlink(missing_ok=True)
+    spare_path(directory, writer_id).unlink(missing_ok=True)  # left by a writer that died
     (directory / f"{writer_id}{LOCK_SUFFIX}").unlink(missing_ok=True)
     os.close(lock_fd)
 
@@ -209,6 +216,11 @@ class Spool:
     cache, with no system call, and a killed process leaves its bytes behind for the
     deliverer exactly as a ``write(2)`` would. The payload is copied before its header,
     so a reader (or a crash) sees a whole frame or none; a zero header ends a segment.
+
+    The next segment is prepared ahead by a thread of its own, as the hidden file
+    ``.<writer>.spare``: filling and syncing 4 MiB takes milliseconds, which the caller
+    whose record fills a segment would otherwise wait out. Rotating renames the spare
+    into place; the directory entry is synced by the next :meth:`sync`.
     """
 
     def __init__(self, directory: Path, writer_id: str, max_bytes: int, segment_bytes: int = 4 << 20) -> None:
@@ -226,7 +238,7 @@ class Spool:
         self.frames = Frames(self._lock, self.segment_bytes, max_bytes)
         self.segment = 1
         try:
-            self._fd, self._map = self._open(self.segment)
+            self._fd, self._map = self._create(segment_path(directory, writer_id, self.segment))
         except OSError:
             os.close(self._lock_fd)
             raise AuditUnavailable(f"cannot create the audit spool in {directory}") from None
@@ -238,32 +250,62 @@ class Spool:
         self._synced = 0
         self._sync_cond = threading.Condition()
         self._syncing = False
+        self._renames = self._renames_synced = 0  # spares renamed into place; as of the last sync
+        self._pid = os.getpid()
+        self._spare: tuple[int, mmap.mmap] | None = None
+        self._spare_wanted = threading.Event()
+        self._spare_wanted.set()
+        self._spare_maker = threading.Thread(target=self._make_spares, name="kmsguard-audit-spare", daemon=True)
+        self._spare_maker.start()
 
-    def _open(self, number: int) -> tuple[int, mmap.mmap]:
-        """Create, allocate and map a segment; its size and directory entry are made durable.
+    def _make_spares(self) -> None:
+        """Keep one spare segment ready (see the class docstring) until the spool closes."""
+        path = spare_path(self.directory, self.writer_id)
+        while True:
+            self._spare_wanted.wait()
+            self._spare_wanted.clear()
+            if self.frames.closed:
+                return
+            try:
+                spare = self._create(path)
+            except OSError:
+                continue  # the rotation that needs it tries itself, and reports a failure
+            with self._lock:
+                if not self.frames.closed:
+                    self._spare = spare
+                    continue
+            os.close(spare[0])
+            spare[1].close()
+            path.unlink(missing_ok=True)
+            return
+
+    def _create(self, path: Path) -> tuple[int, mmap.mmap]:
+        """Create, allocate and map a segment file; its size and directory entry are made durable.
 
         The segment is written full of zeros rather than ``posix_fallocate``'d: both
         reserve the disk space, but a page of an allocated-but-unwritten extent costs a
         filesystem extent conversion the first time a record lands in it (about three
         times the page fault of a written page, measured), and that is on the caller's path.
         """
-        path = segment_path(self.directory, self.writer_id, number)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             zeros, remaining = bytes(1 << 20), self.segment_bytes
             while remaining:
                 remaining -= os.write(fd, zeros[:remaining])
             os.fsync(fd)
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            self._sync_directory()
             return fd, mmap.mmap(fd, self.segment_bytes)
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     @property
     def seq(self) -> int:
@@ -335,10 +377,18 @@ class Spool:
         frames.written += size
 
     def _rotate(self) -> None:
-        """Start the next segment (exclusive). The full one is synced by the next :meth:`sync`
-        (the timer's, or a strict caller's), not here: the caller that fills a segment
-        does not wait for the disk unless it asked to."""
-        fd, mapped = self._open(self.segment + 1)
+        """Start the next segment (exclusive). The full one, and the new name in the directory,
+        are synced by the next :meth:`sync` (the timer's, or a strict caller's), not here:
+        the caller that fills a segment does not wait for the disk unless it asked to."""
+        path = segment_path(self.directory, self.writer_id, self.segment + 1)
+        if self._spare is not None:
+            fd, mapped = self._spare
+            self._spare = None
+            os.rename(spare_path(self.directory, self.writer_id), path)
+            self._renames += 1
+        else:
+            fd, mapped = self._create(path)
+        self._spare_wanted.set()
         old_fd, old_map = self._fd, self._map
         self._fd, self._map = fd, mapped
         self.segment += 1
@@ -366,10 +416,14 @@ class Spool:
                     with self._lock:
                         full = list(self._unsynced)
                         fd = os.dup(self._fd)  # appends go on while it syncs
+                        renames = self._renames
                     try:
                         for older in full:
                             os.fdatasync(older)
                         os.fdatasync(fd)
+                        if renames > self._renames_synced:
+                            self._sync_directory()
+                            self._renames_synced = renames
                     finally:
                         os.close(fd)
                     with self._lock:
@@ -401,6 +455,15 @@ class Spool:
         """Stop appending and release the writer lock: the files are now anyone's to deliver."""
         with self._lock:
             self.frames.close()
+            spare, self._spare = self._spare, None
+        self._spare_wanted.set()
+        if os.getpid() == self._pid:  # not in a forked child: the spare file is its parent's
+            self._spare_maker.join()
+            spare_path(self.directory, self.writer_id).unlink(missing_ok=True)
+        if spare is not None:
+            os.close(spare[0])
+            spare[1].close()
+        with self._lock:
             for older in self._unsynced:
                 with contextlib.suppress(OSError):
                     os.fdatasync(older)

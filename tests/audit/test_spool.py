@@ -1,0 +1,88 @@
+"""The spool's segments: the next one is prepared ahead, and every file is cleaned up by whoever owns it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from kmsguard.audit.spool import SegmentReader, Spool, remove_writer, segment_path, spare_path, try_lock
+
+SEGMENT = 64 << 10
+FIELDS = (1.0, "encrypt", "general", ("local:general:v1",), (), "p", "ok", None, 0.001, 0, True, 1024, "r", ())
+
+
+def wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.01)
+
+
+def fill(spool: Spool, segments: int) -> int:
+    """Append until ``segments`` more segments were started, checking each is the spare renamed.
+
+    Returns how many records that took."""
+    n, target = 0, spool.segment + segments
+    while spool.segment < target:
+        spare = spare_path(spool.directory, spool.writer_id)
+        wait_for(spare)
+        deadline = time.monotonic() + 10
+        while spool._spare is None:  # the file exists before it is filled and handed over
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        inode, current = spare.stat().st_ino, spool.segment
+        while spool.segment == current:
+            spool.append(FIELDS, durable=False)
+            n += 1
+        assert segment_path(spool.directory, spool.writer_id, spool.segment).stat().st_ino == inode
+    return n
+
+
+def test_a_full_segment_rotates_into_the_spare_prepared_ahead(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, "w", 1 << 30, segment_bytes=SEGMENT)
+    count = fill(spool, 3)
+    spool.sync()
+    assert spool.segment == 4
+    reader = SegmentReader(tmp_path, "w")
+    seqs: list[int] = []
+    while True:
+        entries, used = reader.read(1 << 20, writer_alive=True)
+        if not entries:
+            break
+        seqs += [seq for seq, _ in entries]
+        reader.advance(used)
+    assert seqs == list(range(1, count + 1))
+    spool.close()
+    assert not spare_path(tmp_path, "w").exists()
+
+
+def test_a_forked_child_leaves_its_parents_spare_alone(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, "w", 1 << 30, segment_bytes=SEGMENT)
+    wait_for(spare_path(tmp_path, "w"))
+    pid = os.fork()
+    if pid == 0:
+        try:
+            spool.close()  # as an inherited Guard's atexit would
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert spare_path(tmp_path, "w").exists()
+    fill(spool, 1)  # the parent still rotates into it
+    spool.close()
+
+
+def test_a_dead_writers_spare_is_removed_with_its_spool(tmp_path: Path) -> None:
+    pid = os.fork()
+    if pid == 0:  # a writer that dies without closing: lock, segment and spare stay behind
+        try:
+            Spool(tmp_path, "dead", 1 << 30, segment_bytes=SEGMENT)
+            wait_for(spare_path(tmp_path, "dead"))
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert spare_path(tmp_path, "dead").exists()
+    lock = try_lock(tmp_path, "dead")
+    assert lock is not None
+    remove_writer(tmp_path, "dead", lock)
+    assert list(tmp_path.iterdir()) == []
