@@ -5,7 +5,7 @@ first and header last, so a reader, or a process killed mid-write, sees a whole 
 or none (see spool.py). Three kinds:
 
 * a **record**: payload ``marshal((seq, *fields))``, check its CRC-32 (spool.py): a
-  strict operation, or one whose caller named its request id;
+  strict operation, or the first of its kind;
 * a **template**: payload ``marshal(("T", template_id, shape, request_prefix))``,
   check its CRC-32, no sequence number. ``shape`` is what every operation of one kind
   shares (kmsguard.operation.Operation.shape: operation, classification, keys,
