@@ -26,7 +26,8 @@ from kmsguard.audit.record import (
     format_time,
 )
 from kmsguard.audit.sqlite import SqliteSink
-from kmsguard.audit.verify import verify
+from kmsguard.audit.verify import load_anchor, save_anchor, verify
+from kmsguard.errors import InvalidInput
 
 
 def fields(n: int, op: str = "encrypt", ctx: tuple[tuple[str, str], ...] = (("tenant", "acme"),)) -> tuple:
@@ -125,6 +126,37 @@ def test_a_cut_tail_of_a_closed_chain_is_detected_and_open_chains_are_listed(tmp
     assert report.intact and report.open_writers == ["running"]
     sql(sink, "DELETE FROM audit_records WHERE writer_id = 'closed' AND seq = 5")
     assert verify(sink.records(), keys).open_writers == ["closed", "running"]
+
+
+def test_an_anchor_catches_a_deleted_chain_and_a_cut_open_tail(tmp_path: Path, keys: AuditKeys) -> None:
+    """What a chain cannot vouch for by itself: its own existence, and an open chain's tail."""
+    sink = SqliteSink(tmp_path / "a.db")
+    sink.write(chain_records(keys, "closed", 3))
+    sink.write(chain_records(keys, "running", 4, close=False))
+    first = verify(sink.records(), keys)
+    assert first.heads == {"closed": (4, first.heads["closed"][1]), "running": (4, first.heads["running"][1])}
+    save_anchor(tmp_path / "anchor.json", first)
+    anchor = load_anchor(tmp_path / "anchor.json", keys)
+    sink.write(chain_records(keys, "later", 2))  # writers and records added since the anchor are fine
+    assert verify(sink.records(), keys, anchor).intact
+    sql(sink, "DELETE FROM audit_records WHERE writer_id = 'running' AND seq = 4")
+    sql(sink, "DELETE FROM audit_records WHERE writer_id = 'closed'")
+    assert verify(sink.records(), keys).intact  # without the anchor, nothing to see
+    problems = {(p.writer_id, p.seq, p.kind) for p in verify(sink.records(), keys, anchor).problems}
+    assert problems == {("closed", 4, "removed"), ("running", 4, "removed")}
+
+
+def test_an_anchor_must_be_of_this_trail_and_intact(tmp_path: Path, keys: AuditKeys, db: SqliteSink) -> None:
+    path = tmp_path / "anchor.json"
+    save_anchor(path, verify(db.records(), keys))
+    with pytest.raises(InvalidInput, match="another audit key"):
+        load_anchor(path, AuditKeys(os.urandom(32)))
+    path.write_text("{}")
+    with pytest.raises(InvalidInput, match="not an audit anchor"):
+        load_anchor(path, keys)
+    sql(db, "UPDATE audit_records SET outcome = 'error' WHERE writer_id = 'w1' AND seq = 4")
+    with pytest.raises(InvalidInput, match="broken"):
+        save_anchor(path, verify(db.records(), keys))
 
 
 def test_forging_needs_the_audit_key(db: SqliteSink, keys: AuditKeys) -> None:

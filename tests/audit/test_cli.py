@@ -47,6 +47,20 @@ def test_verify_intact_then_tampered(audited: Path) -> None:
     assert len(report["audit_key"]) == 16
 
 
+def test_verify_against_an_anchor_catches_a_deleted_writer(audited: Path, tmp_path: Path) -> None:
+    anchor = tmp_path / "anchor.json"
+    code, out = run("audit", "verify", "--save-anchor", str(anchor))
+    assert code == 0 and "anchor saved" in out and "2 chain heads" in out
+    assert run("audit", "verify", "--anchor", str(anchor))[0] == 0
+    with sqlite3.connect(audited / "audit.db") as conn:
+        (bob,) = conn.execute("SELECT writer_id FROM audit_records WHERE principal = 'bob'").fetchone()
+        conn.execute("DELETE FROM audit_records WHERE writer_id = ?", (bob,))
+    assert run("audit", "verify")[0] == 0
+    code, out = run("audit", "verify", "--anchor", str(anchor), "--save-anchor", str(anchor))
+    assert code == 1 and f"TAMPERED: writer {bob} record 2: removed" in out and "no anchor saved" in out
+    assert json.loads(anchor.read_text())["writers"][bob]["seq"] == 2  # the anchor is kept as it was
+
+
 def test_tail_json_lines(audited: Path) -> None:
     code, out = run("audit", "tail", "-n", "2", "--json")
     rows = [json.loads(line) for line in out.splitlines()]

@@ -10,15 +10,30 @@ record, or a chain missing its first records, is reported the same way.
 A chain without a ``writer-closed`` record is *open*: its writer is running, or died
 (its spool is delivered by the next writer on that host). That is reported, not an
 error: the tail of an open chain is the one thing a hash chain cannot vouch for.
+
+Nor can a chain vouch for its own existence: whoever may delete rows can delete a
+writer's every record, or cut an open chain's tail. An **anchor** closes that gap: the
+chain heads (last sequence number and hash per writer) of an earlier intact verify,
+kept where the database's administrators cannot change them (``kmsguard audit verify
+--save-anchor``). Verified against it (``--anchor``), every anchored writer must still
+hold its anchored record, byte for byte; a chain that lost it, or is gone, is reported
+*removed*. The heads are keyed hashes, so nobody without the audit key can forge a
+chain that matches them.
 """
 
 from __future__ import annotations
 
+import hmac
+import json
+import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import groupby
+from pathlib import Path
 
-from kmsguard.audit.record import CLOSE_OPERATION, GENESIS, AuditKeys, AuditRecord
+from kmsguard.audit.record import CLOSE_OPERATION, GENESIS, AuditKeys, AuditRecord, format_time
+from kmsguard.errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,10 @@ class Problem:
         return f"writer {self.writer_id} record {self.seq}: {self.kind}: {self.detail}"
 
 
+#: Writer id -> (sequence number, hash) of its last record when anchored.
+Heads = dict[str, tuple[int, str]]
+
+
 @dataclass
 class Report:
     key_fingerprint: str = ""
@@ -39,30 +58,71 @@ class Report:
     records: int = 0
     open_writers: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    #: Every writer's last record: what ``--save-anchor`` keeps.
+    heads: Heads = field(default_factory=dict)
 
     @property
     def intact(self) -> bool:
         return not self.problems
 
 
-def verify(records: Iterable[AuditRecord], keys: AuditKeys) -> Report:
+def verify(records: Iterable[AuditRecord], keys: AuditKeys, anchor: Heads | None = None) -> Report:
     """Check records ordered by (writer_id, seq); report the first problem of each writer.
 
     Streams: one record at a time, so a chain of millions is checked in constant memory.
+    With an ``anchor`` (see the module docstring), each anchored record must still be there.
     """
+    anchor = anchor or {}
     report = Report(key_fingerprint=keys.fingerprint)
     for writer_id, group in groupby(records, key=lambda r: r.writer_id):
         report.writers += 1
-        state = _ChainCheck(writer_id, keys)
+        state = _ChainCheck(writer_id, keys, anchor.get(writer_id))
         for record in group:
             report.records += 1
             if state.problem is None:
                 state.check(record)
-        if state.problem is not None:
-            report.problems.append(state.problem)
+        problem = state.problem or state.anchor_problem()
+        if problem is not None:
+            report.problems.append(problem)
         elif not state.closed:
             report.open_writers.append(writer_id)
+        report.heads[writer_id] = (state.expected_seq - 1, state.prev_hash)
+    for writer_id in sorted(anchor.keys() - report.heads.keys()):
+        seq = anchor[writer_id][0]
+        report.problems.append(Problem(writer_id, seq, "removed", f"its {seq} anchored records are all gone"))
     return report
+
+
+def save_anchor(path: Path, report: Report) -> None:
+    """Write an intact report's chain heads to ``path`` (replaced atomically)."""
+    if not report.intact:
+        raise InvalidInput("a broken trail cannot be an anchor")
+    doc = {
+        "kmsguard_audit_anchor": 1,
+        "audit_key": report.key_fingerprint,
+        "time": format_time(time.time()),
+        "writers": {w: {"seq": seq, "hash": h} for w, (seq, h) in sorted(report.heads.items())},
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def load_anchor(path: Path, keys: AuditKeys) -> Heads:
+    """The chain heads saved in ``path``; it must have been saved under the same audit key."""
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("kmsguard_audit_anchor") != 1:
+            raise ValueError
+        heads = {str(w): (int(h["seq"]), str(h["hash"])) for w, h in doc["writers"].items()}
+        fingerprint = str(doc["audit_key"])
+    except OSError as exc:
+        raise InvalidInput(f"cannot read the anchor {path}: {exc.strerror}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InvalidInput(f"{path} is not an audit anchor (kmsguard audit verify --save-anchor)") from None
+    if fingerprint != keys.fingerprint:
+        raise InvalidInput(f"the anchor {path} was saved under another audit key ({fingerprint})")
+    return heads
 
 
 class _ChainCheck:
@@ -71,18 +131,29 @@ class _ChainCheck:
     #: How far beyond its position a moved record's true sequence number is searched.
     MOVE_WINDOW = 10_000
 
-    def __init__(self, writer_id: str, keys: AuditKeys) -> None:
+    def __init__(self, writer_id: str, keys: AuditKeys, anchored: tuple[int, str] | None = None) -> None:
         self.writer_id = writer_id
         self.keys = keys
         self.expected_seq = 1
         self.prev_hash = GENESIS
         self.closed = False
         self.problem: Problem | None = None
+        self.anchored = anchored
+        self.anchor_seen = False  # the anchored record, unchanged
 
     def check(self, r: AuditRecord) -> None:
         self.problem = self._problem(r)
         self.expected_seq, self.prev_hash = r.seq + 1, r.hash
         self.closed = r.operation == CLOSE_OPERATION
+        if self.anchored is not None and r.seq == self.anchored[0]:
+            self.anchor_seen = hmac.compare_digest(r.hash, self.anchored[1])
+
+    def anchor_problem(self) -> Problem | None:
+        """An intact chain that no longer holds its anchored record was cut short (or replaced)."""
+        if self.anchored is None or self.anchor_seen:
+            return None
+        seq = self.anchored[0]
+        return Problem(self.writer_id, seq, "removed", f"the chain no longer holds anchored record {seq}")
 
     def _problem(self, r: AuditRecord) -> Problem | None:
         if self.keys.chain_hash(r.canonical()) != r.hash:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -22,19 +23,33 @@ def audit() -> None:
 
 @audit.command()
 @click.option("--json", "as_json", is_flag=True, help="A JSON summary instead of text.")
+@click.option(
+    "--anchor",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also require the chain heads saved by an earlier --save-anchor (catches deleted chains and tails).",
+)
+@click.option(
+    "--save-anchor",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="If intact, save every writer's chain head here; keep it where the database's admins cannot write.",
+)
 @click.pass_context
-def verify(ctx: click.Context, as_json: bool) -> None:
+def verify(ctx: click.Context, as_json: bool, anchor: Path | None, save_anchor: Path | None) -> None:
     """Check every writer's hash chain; exit 1 naming the first altered, removed or moved record."""
     from kmsguard.audit import AuditSettings, keys_for, open_sink
-    from kmsguard.audit.verify import verify as run_verify
+    from kmsguard.audit import verify as chains
     from kmsguard.stack import build_keyring
 
     s = settings()
     sink = open_sink(AuditSettings.of(s))
     try:
-        report = run_verify(sink.records(), keys_for(s, build_keyring(s), sink))
+        keys = keys_for(s, build_keyring(s), sink)
+        heads = chains.load_anchor(anchor, keys) if anchor is not None else None
+        report = chains.verify(sink.records(), keys, heads)
     finally:
         sink.close()
+    if save_anchor is not None and report.intact:
+        chains.save_anchor(save_anchor, report)
     if as_json:
         click.echo(
             json.dumps(
@@ -52,13 +67,16 @@ def verify(ctx: click.Context, as_json: bool) -> None:
         click.echo(
             f"intact: {report.records} records from {report.writers} writers"
             f" ({len(report.open_writers)} chains still open; audit key {report.key_fingerprint})"
+            + (f"; every record anchored in {anchor} is there" if anchor is not None else "")
         )
+        if save_anchor is not None:
+            click.echo(f"anchor saved: {save_anchor} ({len(report.heads)} chain heads)")
     else:
         for problem in report.problems:
             click.echo(f"TAMPERED: {problem}")
         click.echo(
             f"{len(report.problems)} of {report.writers} chains broken ({report.records} records;"
-            f" audit key {report.key_fingerprint})"
+            f" audit key {report.key_fingerprint})" + ("; no anchor saved" if save_anchor is not None else "")
         )
     if not report.intact:
         ctx.exit(1)
