@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from kmsguard.audit import AuditSettings, keys_for, open_sink
-from kmsguard.audit.verify import Report, verify
+from kmsguard.audit.verify import Heads, Report, verify
 from kmsguard.config import load_settings
 from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.stack import build_keyring
@@ -68,11 +68,11 @@ def start_worker(home: Path, count: int, mode: str) -> subprocess.Popen[str]:
     )
 
 
-def verify_home(home: Path, env: dict[str, str] | None = None) -> Report:
+def verify_home(home: Path, env: dict[str, str] | None = None, anchor: Heads | None = None) -> Report:
     settings = load_settings({**(env or {}), "KMSGUARD_HOME": str(home)})
     sink = open_sink(AuditSettings.of(settings))
     try:
-        return verify(sink.records(), keys_for(settings, build_keyring(settings), sink))
+        return verify(sink.records(), keys_for(settings, build_keyring(settings), sink), anchor)
     finally:
         sink.close()
 

@@ -78,6 +78,15 @@ def test_reordered_rows_are_detected(filled: Path, pg_schema: str) -> None:
     assert (problem.seq, problem.kind) == (2, "moved")
 
 
+def test_a_deleted_writer_is_detected_against_an_anchor(filled: Path, pg_schema: str) -> None:
+    heads = verify_home(filled).heads
+    [(writer, (last, _hash))] = heads.items()
+    pg(pg_schema, "DELETE FROM T.audit_records")
+    assert verify_home(filled).intact  # nothing left to contradict itself
+    [problem] = verify_home(filled, anchor=heads).problems
+    assert (problem.writer_id, problem.seq, problem.kind) == (writer, last, "removed")
+
+
 def _run_through_outage(guard: Guard, cut: object, restore: object, before: int, during: int, after: int) -> None:
     obs = observer_of(guard)
     for i in range(before):
