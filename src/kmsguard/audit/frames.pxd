@@ -4,6 +4,7 @@ import cython
 from kmsguard.fastpath cimport HitSink
 
 cdef unsigned long long _M64
+cdef unsigned long long _M32  # a C constant: a literal this large would be a Python int
 cdef unsigned long long _FNV_OFFSET
 cdef unsigned long long _FNV_PRIME
 cdef Py_ssize_t _FRAME
@@ -13,8 +14,8 @@ cdef unsigned long long _HEADER_WORD
 cpdef unsigned int hit_check(unsigned long long seq, unsigned long long template, unsigned long long started,
                              unsigned long long duration, unsigned long long size, unsigned long long request)
 
-@cython.locals(k=int)
-cdef void _put(unsigned char[::1] view, Py_ssize_t at, unsigned long long value, int width) noexcept
+cdef inline void _put64(unsigned char[::1] view, Py_ssize_t at, unsigned long long value) noexcept
+cdef inline void _put32(unsigned char[::1] view, Py_ssize_t at, unsigned long long value) noexcept
 
 cdef class Frames:
     cdef public object lock
