@@ -60,14 +60,16 @@ cdef class Lanes:
     cdef double _synced_at
     cdef double _wall_offset
     cdef object _acting_get
-    @cython.locals(t0=double)
+    @cython.locals(t0=double, t1=double)
     cpdef object seal(self, object plaintext, object classification, object context)
-    @cython.locals(t0=double)
+    @cython.locals(t0=double, t1=double)
     cpdef object open(self, object raw, object context)
     cdef object _principal(self)
     cdef EncryptLane _encrypt_lane(self, object plaintext, object classification, object context)
     cdef object _seal(self, EncryptLane lane, object plaintext)
+    @cython.locals(lane=DecryptLane, n=Py_ssize_t)
     cdef DecryptLane _decrypt_lane(self, object raw, object context)
+    @cython.locals(start=Py_ssize_t)
     cdef object _open(self, DecryptLane lane, object raw)
     @cython.locals(sink=HitSink)
     cdef void _record(self, object kind, double t0, double duration, Py_ssize_t size) except *

@@ -229,7 +229,8 @@ class Lanes:
         t0 = _perf()
         out = self._seal(lane, plaintext)
         if out is not None:
-            self._record(kind, t0, _perf() - t0, len(plaintext))
+            t1 = _perf()
+            self._record(kind, t0, t1 - t0, len(plaintext))
         return out
 
     def open(self, raw: bytes, context: Any) -> bytes | None:
@@ -249,7 +250,8 @@ class Lanes:
         t0 = _perf()
         out = self._open(lane, raw)
         if out is not None:
-            self._record(kind, t0, _perf() - t0, len(out))
+            t1 = _perf()
+            self._record(kind, t0, t1 - t0, len(out))
         return out
 
     def bind_encrypt(self, key: object, lane: EncryptLane) -> None:
