@@ -35,6 +35,15 @@ def request_id_of(number: int) -> str:
     return f"{REQUEST_PREFIX}{number:010x}"
 
 
+def _new_prefix_in_child() -> None:
+    """A forked child continues its parent's counter: a prefix of its own keeps its ids apart."""
+    global REQUEST_PREFIX
+    REQUEST_PREFIX = os.urandom(6).hex()
+
+
+os.register_at_fork(after_in_child=_new_prefix_in_child)
+
+
 class Operation:
     """One operation's record. Mutable while it runs; observers get it once, finished.
 

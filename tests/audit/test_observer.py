@@ -13,6 +13,7 @@ from kmsguard.audit import AuditObserver
 from kmsguard.errors import AuditUnavailable, UnknownClassification
 from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.metrics import Metrics, of
+from kmsguard.operation import request_id_of
 
 from .conftest import records_of, start_worker, verify_home, write_config
 
@@ -218,3 +219,19 @@ def test_a_forked_child_never_writes_into_its_parents_spool(keyring: LocalKeyrin
         guard.encrypt(b"x", "general")
     records = records_of(home)
     assert [r.seq for r in records] == [1, 2, 3, 4, 5] and verify_home(home).intact
+
+
+def test_a_forked_child_numbers_its_requests_apart_from_its_parent() -> None:
+    """Both continue the same counter; the child's own prefix keeps their request ids distinct."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, request_id_of(7).encode())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.close(write)
+    assert child.endswith("0000000007") and child != request_id_of(7)
