@@ -26,7 +26,7 @@ from kmsguard.audit import AuditObserver, build_observer
 from kmsguard.audit.record import AuditKeys, Chain
 from kmsguard.audit.spool import SegmentReader, Spool
 from kmsguard.audit.sqlite import SqliteSink
-from kmsguard.config import load_settings
+from kmsguard.config import Settings, load_settings
 from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.metrics import Metrics
@@ -178,9 +178,23 @@ def deliverer() -> list[tuple[str, float]]:
     return [*rows, ("in all", sum(us for _, us in rows))]
 
 
-class _Nop:
+class Nop:
+    """An observer that does nothing: what the operation record itself costs (the full path)."""
+
     def operation_finished(self, op: object) -> None:
         pass
+
+
+def quiet_home(home: Path, reuse: bool) -> tuple[Policy, LocalKeyring, Settings]:
+    """A home with a local keyring, the default policy (general's data-key cache ``reuse`` as
+    given) and an audit writer that never delivers during a run: only the caller's part counts."""
+    names = ("general", "pii", "payment")
+    keyring = LocalKeyring.create(home / KEY_FILE_NAME, names)
+    base = Policy.defaults({n: f"local:{n}" for n in names})
+    general = base.get("general")
+    policy = base.with_class(replace(general, cache=replace(general.cache, reuse=reuse)))
+    (home / "kmsguard.toml").write_text('[audit]\ndelivery = "thread"\nflush_interval = 60\n')
+    return policy, keyring, load_settings({"KMSGUARD_HOME": str(home)})
 
 
 def breakdown(reuse: bool) -> list[tuple[str, float]]:
@@ -192,19 +206,12 @@ def breakdown(reuse: bool) -> list[tuple[str, float]]:
     does not land on one configuration only.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        names = ("general", "pii", "payment")
-        keyring = LocalKeyring.create(home / KEY_FILE_NAME, names)
-        base = Policy.defaults({n: f"local:{n}" for n in names})
-        general = base.get("general")
-        policy = base.with_class(replace(general, cache=replace(general.cache, reuse=reuse)))
+        policy, keyring, settings = quiet_home(Path(tmp), reuse)
         ring = CachingKeyring(keyring, policy)
-        (home / "kmsguard.toml").write_text('[audit]\ndelivery = "thread"\nflush_interval = 60\n')
-        settings = load_settings({"KMSGUARD_HOME": str(home)})
         data, context = os.urandom(SIZE), {"tenant": "t-42"}
         configs: list[tuple[str, list[Observer]]] = [
             ("no observers (Guard's fast path)", []),
-            ("+ an observer that does nothing (full path)", [_Nop()]),
+            ("+ an observer that does nothing (full path)", [Nop()]),
             ("+ metrics", [Metrics()]),
             ("+ audit append (spool write)", [build_observer(settings, keyring)]),
             ("+ audit append + metrics", [build_observer(settings, keyring), Metrics()]),

@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 from bench.common import table
@@ -32,31 +31,22 @@ _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
 
 def workload(cache: str, config: str, count: int) -> None:
     """``count`` 1 KiB encrypts after a warm-up, with the observers ``config`` names."""
+    from bench.audit import Nop, quiet_home
     from kmsguard import Guard
     from kmsguard.audit import build_observer
-    from kmsguard.config import load_settings
     from kmsguard.keyrings.caching import CachingKeyring
-    from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
     from kmsguard.metrics import Metrics
     from kmsguard.operation import Observer
-    from kmsguard.policy import Policy
 
     with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        names = ("general", "pii", "payment")
-        keyring = LocalKeyring.create(home / KEY_FILE_NAME, names)
-        base = Policy.defaults({n: f"local:{n}" for n in names})
-        general = base.get("general")
-        policy = base.with_class(replace(general, cache=replace(general.cache, reuse=cache == "on")))
-        (home / "kmsguard.toml").write_text('[audit]\ndelivery = "thread"\nflush_interval = 60\n')
-        settings = load_settings({"KMSGUARD_HOME": str(home)})
+        policy, keyring, settings = quiet_home(Path(tmp), reuse=cache == "on")
         observers: list[Observer] = []
         if config in ("audit", "both"):
             observers.append(build_observer(settings, keyring))
         if config in ("metrics", "both"):
             observers.append(Metrics())
         if config == "nop":
-            observers.append(_Nop())
+            observers.append(Nop())
         guard = Guard(policy, CachingKeyring(keyring, policy), observers=observers)
         data, context = os.urandom(1024), {"tenant": "t-42"}
         for _ in range(300):
@@ -64,13 +54,6 @@ def workload(cache: str, config: str, count: int) -> None:
         for _ in range(count):
             guard.encrypt(data, "general", context)
         os._exit(0)  # no close(): its delivery would be counted too
-
-
-class _Nop:
-    """An observer that does nothing: what the operation record itself costs (the full path)."""
-
-    def operation_finished(self, op: object) -> None:
-        pass
 
 
 def instructions(cache: str, config: str, count: int) -> int:
