@@ -14,8 +14,8 @@ cdef unsigned long long _HEADER_WORD
 cpdef unsigned int hit_check(unsigned long long seq, unsigned long long template, unsigned long long started,
                              unsigned long long duration, unsigned long long size, unsigned long long request)
 
-cdef inline void _put64(unsigned char[::1] view, Py_ssize_t at, unsigned long long value) noexcept
-cdef inline void _put32(unsigned char[::1] view, Py_ssize_t at, unsigned long long value) noexcept
+@cython.locals(k=int)
+cdef void _put(unsigned char[::1] view, Py_ssize_t at, unsigned long long value, int width) noexcept
 
 cdef class Frames:
     cdef public object lock

@@ -60,25 +60,9 @@ def hit_check(seq: int, template: int, started: int, duration: int, size: int, r
     return h & _M32
 
 
-def _put64(view: Any, at: int, value: int) -> None:
-    """``value`` big-endian at ``at``. Unrolled byte by byte so that, compiled, the C
-    compiler merges the stores into one byte swap and one 8-byte store."""
-    view[at] = (value >> 56) & 0xFF
-    view[at + 1] = (value >> 48) & 0xFF
-    view[at + 2] = (value >> 40) & 0xFF
-    view[at + 3] = (value >> 32) & 0xFF
-    view[at + 4] = (value >> 24) & 0xFF
-    view[at + 5] = (value >> 16) & 0xFF
-    view[at + 6] = (value >> 8) & 0xFF
-    view[at + 7] = value & 0xFF
-
-
-def _put32(view: Any, at: int, value: int) -> None:
-    """:func:`_put64` of four bytes."""
-    view[at] = (value >> 24) & 0xFF
-    view[at + 1] = (value >> 16) & 0xFF
-    view[at + 2] = (value >> 8) & 0xFF
-    view[at + 3] = value & 0xFF
+def _put(view: Any, at: int, value: int, width: int) -> None:
+    for k in range(width):
+        view[at + k] = (value >> (8 * (width - 1 - k))) & 0xFF
 
 
 class Frames:
@@ -157,14 +141,14 @@ class Frames:
             return -2
         seq = self.seq + 1
         view = self.view
-        _put64(view, pos + 8, seq)
-        _put64(view, pos + 16, template)
-        _put64(view, pos + 24, started)
-        _put64(view, pos + 32, duration)
-        _put64(view, pos + 40, size)
-        _put64(view, pos + 48, request)
-        _put32(view, pos + 4, hit_check(seq, template, started, duration, size, request))
-        _put32(view, pos, _HEADER_WORD)  # the header last: now the frame exists
+        _put(view, pos + 8, seq, 8)
+        _put(view, pos + 16, template, 8)
+        _put(view, pos + 24, started, 8)
+        _put(view, pos + 32, duration, 8)
+        _put(view, pos + 40, size, 8)
+        _put(view, pos + 48, request, 8)
+        _put(view, pos + 4, hit_check(seq, template, started, duration, size, request), 4)
+        _put(view, pos, _HEADER_WORD, 4)  # the header last: now the frame exists
         self.pos = pos + _FRAME
         self.seq = seq
         self.written += _FRAME

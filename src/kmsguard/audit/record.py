@@ -264,10 +264,20 @@ class Compact:
 
     def fields(self) -> tuple[Any, ...]:
         """The same record as the spooled tuple that :meth:`Chain.link` also takes."""
-        name, cls, key_refs, regions, principal, outcome, error_code, kms_calls, cache_hit, ctx = self.template.shape
-        return (self.started_us / 1e6, name, cls, key_refs, regions, principal, outcome, error_code,
-                self.duration_ns / 1e9, kms_calls, cache_hit, self.size, f"{self.template.prefix}{self.request:010x}",
-                ctx)
+        t = self.template
+        return record_fields(
+            t.shape, self.started_us / 1e6, self.duration_ns / 1e9, self.size, f"{t.prefix}{self.request:010x}"
+        )
+
+
+def record_fields(
+    shape: tuple[Any, ...], started: float, duration: float, size: int, request_id: str
+) -> tuple[Any, ...]:
+    """A record's fields in the order the audit writer spools them, from its shape
+    (kmsguard.operation.Operation.shape) and what differs from one operation to the next."""
+    name, classification, key_refs, regions, principal, outcome, error_code, kms_calls, cache_hit, context = shape
+    return (started, name, classification, key_refs, regions, principal, outcome, error_code, duration, kms_calls,
+            cache_hit, size, request_id, context)
 
 
 _HEX_HASH = re.compile(r"[0-9a-f]{64}")

@@ -3,9 +3,10 @@
 The caller's thread appends the operation's facts (a frame, copied into a shared memory
 map of the segment file) before the operation returns, so a killed process loses
 nothing: the bytes are in the kernel's page cache, and a deliverer takes them to the
-sink. While the sink is down the segments simply accumulate (up to ``max_bytes``) and drain in order when it
-returns. The writer only ever appends to its newest segment; the deliverer deletes a
-segment once it is delivered and a newer one exists, so the two never race on a file.
+sink. While the sink is down the segments simply accumulate (up to ``max_bytes``) and
+drain in order when it returns. The writer only ever appends to its newest segment; the
+deliverer deletes a segment once it is delivered and a newer one exists, so the two
+never race on a file.
 
 Durability against a power loss needs ``fdatasync``. Strict operations wait for it
 (group commit: one sync covers every record written before it started, so concurrent
@@ -104,15 +105,6 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
             out.append((item[0], item[1:]))
         pos = end
     return out, pos
-
-
-def templated_record(
-    shape: tuple[Any, ...], started: float, duration: float, size: int, request_id: str
-) -> tuple[Any, ...]:
-    """A record's fields (AuditObserver's order) from its template's (kmsguard.operation.Operation.shape)."""
-    name, classification, key_refs, regions, principal, outcome, error_code, kms_calls, cache_hit, context = shape
-    return (started, name, classification, key_refs, regions, principal, outcome, error_code, duration, kms_calls,
-            cache_hit, size, request_id, context)
 
 
 def segment_path(directory: Path, writer_id: str, number: int) -> Path:

@@ -43,9 +43,9 @@ from typing import Any
 from kmsguard import operation
 from kmsguard.audit.deliver import MAX_BACKOFF, Deliverer
 from kmsguard.audit.frames import HitWriter
-from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys
+from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys, record_fields
 from kmsguard.audit.sink import Sink
-from kmsguard.audit.spool import NotDurable, Spool, templated_record
+from kmsguard.audit.spool import NotDurable, Spool
 from kmsguard.errors import AuditUnavailable
 from kmsguard.operation import HitKind, Operation
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
@@ -130,7 +130,7 @@ class AuditObserver:
             return
         # Strict, in full: the record is synced before the operation returns, and a
         # refusal must be able to follow it.
-        fields = templated_record(op.shape(), op.started_at, op.duration, op.size, op.request_id)
+        fields = record_fields(op.shape(), op.started_at, op.duration, op.size, op.request_id)
         try:
             self._spool.append(fields, durable=True)
         except NotDurable:
@@ -170,7 +170,7 @@ class AuditObserver:
             if len(self._seen) >= _MAX_TEMPLATES:
                 self._seen.clear()
             self._seen.add(shape)
-            self._append_quietly(templated_record(shape, started_at, duration, size, operation.request_id_of(request)))
+            self._append_quietly(record_fields(shape, started_at, duration, size, operation.request_id_of(request)))
             return
         self._hit_slow(shape, at, took, size, request)
 
