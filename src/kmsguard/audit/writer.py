@@ -3,10 +3,11 @@
 The caller's thread does the least that keeps the record safe: it appends the
 operation's facts to this process's spool (a copy into a shared memory map of the spool
 file, see spool.py) — for an operation of a kind seen before, a 56-byte frame naming a
-template of what that kind shares (frames.py). Everything expensive — HMAC of context values, the chain
-hash, serialization, the sink's transaction — is the deliverer's (deliver.py), in a
-child process (``delivery = "process"``, the default) or a thread (``"thread"``), which
-wakes every ``flush_interval`` and delivers what accumulated as one batch.
+template of what that kind shares (frames.py). Everything expensive — HMAC of context
+values, the chain hash, serialization, the sink's transaction — is the deliverer's
+(deliver.py), in a child process (``delivery = "process"``, the default) or a thread
+(``"thread"``), which wakes every ``flush_interval`` and delivers what accumulated as
+one batch.
 
 Guarantees (documented in the README):
 
