@@ -271,8 +271,8 @@ class Lanes:
     # ------------------------------------------------------------------ internals
 
     def _encrypt_lane(self, plaintext: Any, classification: Any, context: Any) -> EncryptLane | None:
-        if type(plaintext) is not bytes or len(plaintext) > MAX_PLAINTEXT:
-            return None
+        if not self.encrypt or type(plaintext) is not bytes or len(plaintext) > MAX_PLAINTEXT:
+            return None  # no lane yet (a cache that is off never binds one): skip making the key
         try:
             return self.encrypt.get((classification, tuple(context.items()) if context else ()))
         except (AttributeError, TypeError):
