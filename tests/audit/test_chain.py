@@ -154,6 +154,8 @@ def test_an_anchor_must_be_of_this_trail_and_intact(tmp_path: Path, keys: AuditK
     path.write_text("{}")
     with pytest.raises(InvalidInput, match="not an audit anchor"):
         load_anchor(path, keys)
+    with pytest.raises(InvalidInput, match="cannot write the anchor"):
+        save_anchor(tmp_path / "no-such-dir" / "anchor.json", verify(db.records(), keys))
     sql(db, "UPDATE audit_records SET outcome = 'error' WHERE writer_id = 'w1' AND seq = 4")
     with pytest.raises(InvalidInput, match="broken"):
         save_anchor(path, verify(db.records(), keys))

@@ -450,7 +450,7 @@ class Spool:
             spare, self._spare = self._spare, None
         self._spare_wanted.set()
         if os.getpid() == self._pid:  # not in a forked child: the spare file is its parent's
-            self._spare_maker.join()
+            self._spare_maker.join(10.0)  # a spare being made; if the disk hangs, remove_writer cleans up
             spare_path(self.directory, self.writer_id).unlink(missing_ok=True)
         if spare is not None:
             os.close(spare[0])

@@ -104,8 +104,12 @@ def save_anchor(path: Path, report: Report) -> None:
         "writers": {w: {"seq": seq, "hash": h} for w, (seq, h) in sorted(report.heads.items())},
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InvalidInput(f"cannot write the anchor {path}: {exc.strerror}") from None
 
 
 def load_anchor(path: Path, keys: AuditKeys) -> Heads:
