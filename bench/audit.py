@@ -36,7 +36,7 @@ from kmsguard.stack import build_observers
 
 SIZE = 1024
 SECONDS = 1.0
-ROUNDS = 3
+ROUNDS = 5
 BREAKDOWN_ROUNDS = 15
 PG_DSN = os.environ.get("KMSGUARD_BENCH_PG_DSN") or os.environ.get(
     "KMSGUARD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test"
