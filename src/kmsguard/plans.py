@@ -46,7 +46,7 @@ def check_context(context: Any) -> Mapping[str, str]:
     """
     if context is None:
         return {}
-    if not isinstance(context, Mapping):
+    if type(context) is not dict and not isinstance(context, Mapping):  # the ABC check costs ~0.1 us
         raise InvalidInput("context must be a mapping of str to str")
     for key, value in context.items():
         if not isinstance(key, str) or not isinstance(value, str):
