@@ -163,7 +163,7 @@ class Guard:
         ctx = plans.check_context(context)
         # The classification is recorded once the policy accepts it (_note_class): an
         # arbitrary string a caller passed must not reach audit records or metric labels.
-        return self._observe("encrypt", None, ctx, lambda: self._encrypt(plaintext, classification, ctx))
+        return self._observe("encrypt", ctx, self._encrypt, plaintext, classification, ctx)
 
     def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
         """Open an envelope (binary or ``kg1:`` text).
@@ -179,7 +179,7 @@ class Guard:
         if not self.observers:  # the caller's context is checked against the header (_check_context)
             return self._decrypt(data, _mapping(context), self._unwrap)
         ctx = plans.check_context(context)
-        return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx, self._unwrap))
+        return self._observe("decrypt", ctx, self._decrypt, data, ctx, self._unwrap)
 
     def encrypt_many(
         self,
@@ -223,7 +223,7 @@ class Guard:
         def one(data: EnvelopeInput) -> bytes:
             if not self.observers:
                 return self._decrypt(data, ctx, unwrap)
-            return self._observe("decrypt", None, ctx, lambda: self._decrypt(data, ctx, unwrap))
+            return self._observe("decrypt", ctx, self._decrypt, data, ctx, unwrap)
 
         return batch.settle(one, envelopes, max_concurrency)
 
@@ -253,7 +253,7 @@ class Guard:
         ``kg1:`` str for a str, binary otherwise.
         """
         ctx = plans.check_context(context)
-        out = self._observe("rewrap", None, ctx, lambda: self._rewrap(data, ctx))
+        out = self._observe("rewrap", ctx, self._rewrap, data, ctx)
         return envelope.to_text(out) if isinstance(data, str) else out
 
     def rewrap_text(self, token: str, context: Context = None) -> str:
@@ -366,14 +366,16 @@ class Guard:
                     f"classification {cls.name!r} requires context keys at decrypt: {', '.join(missing)}"
                 )
 
-    def _observe(self, name: str, classification: str | None, ctx: Mapping[str, str], run: Callable[[], T]) -> T:
-        """Run one operation; with observers, record it and let strict audit veto it."""
+    def _observe(self, name: str, ctx: Mapping[str, str], run: Callable[..., T], *args: Any) -> T:
+        """Run ``run(*args)`` as one operation; with observers, record it and let strict audit veto it.
+
+        The classification is recorded once the policy accepts it (see _note_class)."""
         if not self.observers:
-            return run()
-        op = Operation(name, classification, ctx, operation.principal.get() or self.principal)
+            return run(*args)
+        op = Operation(name, None, ctx, operation.principal.get() or self.principal)
         token = operation.current.set(op)
         try:
-            result = run()
+            result = run(*args)
         except BaseException as exc:
             op.finish(exc)
             self._notify(op)
