@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,3 +30,14 @@ def keyring(home: Path) -> LocalKeyring:
 def guard(keyring: LocalKeyring, home: Path) -> Iterator[Guard]:
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as g:
         yield g
+
+
+@pytest.fixture
+def racy() -> Iterator[None]:
+    """Switch threads as often as the interpreter can, so that unguarded steps would race."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)

@@ -7,7 +7,6 @@ result or steps aside (None), and the cache's limits hold across both paths.
 from __future__ import annotations
 
 import importlib.util
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -80,17 +79,6 @@ def test_a_retired_budget_gives_nothing_and_holds_no_key(fp: ModuleType) -> None
     budget.retire()
     assert budget.claim(0) is None
     assert budget.aead is None and not budget.live
-
-
-@pytest.fixture
-def racy() -> Iterator[None]:
-    """Switch threads as often as the interpreter can, so that unguarded claims would race."""
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(interval)
 
 
 def test_sixteen_threads_never_claim_past_the_limit(fp: ModuleType, racy: None) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -13,15 +11,9 @@ from kmsguard import envelope, nonces
 
 
 @pytest.fixture
-def small_draws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def small_draws(monkeypatch: pytest.MonkeyPatch, racy: None) -> None:
     """Refill every few nonces and switch threads often, so refills race."""
     monkeypatch.setattr(nonces, "NONCES_PER_DRAW", 5)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(interval)
 
 
 def test_nonces_are_12_random_bytes_and_distinct() -> None:
