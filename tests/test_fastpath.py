@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -190,3 +191,37 @@ def test_a_forged_body_under_a_bound_prefix_is_invalid(sealed: tuple[Guard, byte
         guard._lanes.open(forged, {"purpose": "refund"})
     with pytest.raises(InvalidCiphertext):
         guard.decrypt(data[:-17], {"purpose": "refund"})  # too short for a tag: the full path says so
+
+
+def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(fp: ModuleType) -> None:
+    """The lanes' clock and context-variable read are C when compiled, stand-ins when not: both must agree."""
+    from contextvars import ContextVar
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    hits: list[tuple[object, float, float, int]] = []
+
+    class Sink(fp.HitSink):  # type: ignore[misc,name-defined]
+        def record(self, kind: Any, started: float, duration: float, size: int) -> None:
+            hits.append((kind, started, duration, size))
+
+    acting: ContextVar[str | None] = ContextVar("acting", default=None)
+    lanes = fp.Lanes(observed=True, sinks=(Sink(),), principal="svc", acting=acting)
+    lane = fp.EncryptLane(fp.Budget(AESGCM(bytes(32)), Clock(), expires=2000.0), b"prefix", b"aad")
+    lanes.bind_encrypt(("general", ()), lane)
+    fp.bind_kind(lane, "svc", "svc-kind")
+    fp.bind_kind(lane, "agent", "agent-kind")
+
+    before = time.time()
+    assert lanes.seal(b"x" * 10, "general", None) is not None
+    token = acting.set("agent")
+    assert lanes.seal(b"y" * 20, "general", None) is not None
+    acting.set("stranger")
+    assert lanes.seal(b"z", "general", None) is None  # no kind for this principal: the full path
+    acting.reset(token)
+    after = time.time()
+
+    assert [(kind, size) for kind, _, _, size in hits] == [("svc-kind", 10), ("agent-kind", 20)]
+    for _, started, duration, _ in hits:
+        assert before - 0.01 <= started <= after + 0.01  # wall-clock start, from the lane's own clock
+        assert 0 <= duration < after - before + 0.01

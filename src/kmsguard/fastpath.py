@@ -70,7 +70,11 @@ _COPY_BELOW = 16384
 _tick = 0  # a use counter shared by every Budget: its value at a Budget's last use orders the LRU
 _nonce = nonces.nonce
 _wall = time.time
-_perf = time.perf_counter
+# Compiled, the lanes' clock (CLOCK_MONOTONIC, which perf_counter reads on Linux) and
+# their read of a context variable are C functions from fastpath.pxd; interpreted, these
+# stand-ins. Set through globals() because Cython would compile a def of the same name.
+globals()["_clock"] = time.perf_counter
+globals()["_value_of"] = ContextVar.get
 _join = b"".join
 #: What a header lacks a key as; equal to nothing a caller can pass.
 _ABSENT = object()
@@ -212,8 +216,8 @@ class Lanes:
         self.observed = observed
         self.sinks = sinks
         self.principal = principal
-        self._acting_get = acting.get if acting is not None else None
-        self._synced_at = -2.0  # perf_counter time of the last wall-clock reading (see _record)
+        self._acting = acting
+        self._synced_at = -2.0  # _clock() time of the last wall-clock reading (see _record)
         self._wall_offset = 0.0
 
     def seal(self, plaintext: Any, classification: Any, context: Any) -> bytes | None:
@@ -226,10 +230,10 @@ class Lanes:
         kind = lane.kinds.get(self._principal())
         if kind is None:
             return None
-        t0 = _perf()
+        t0 = _clock()  # type: ignore[name-defined]  # noqa: F821
         out = self._seal(lane, plaintext)
         if out is not None:
-            t1 = _perf()
+            t1 = _clock()  # type: ignore[name-defined]  # noqa: F821
             self._record(kind, t0, t1 - t0, len(plaintext))
         return out
 
@@ -247,10 +251,10 @@ class Lanes:
         kind = lane.kinds.get((self._principal(), tuple(context.items()) if context else ()))
         if kind is None:
             return None
-        t0 = _perf()
+        t0 = _clock()  # type: ignore[name-defined]  # noqa: F821
         out = self._open(lane, raw)
         if out is not None:
-            t1 = _perf()
+            t1 = _clock()  # type: ignore[name-defined]  # noqa: F821
             self._record(kind, t0, t1 - t0, len(out))
         return out
 
@@ -321,14 +325,14 @@ class Lanes:
             raise InvalidCiphertext() from None
 
     def _principal(self) -> Any:
-        get = self._acting_get
-        return (get() if get is not None else None) or self.principal
+        acting = self._acting
+        return (_value_of(acting) if acting is not None else None) or self.principal  # type: ignore[name-defined]  # noqa: F821
 
     def _record(self, kind: object, t0: float, duration: float, size: int) -> None:
-        """Report a hit that started at ``t0`` (perf_counter) to every sink, with its wall-clock start.
+        """Report a hit that started at ``t0`` (the lanes' monotonic clock) to every sink, with its wall-clock start.
 
         The wall clock is read once a second, not per hit: between readings a start time
-        is the last reading plus the perf_counter time since, off by the clocks' drift
+        is the last reading plus the monotonic time since, off by the clocks' drift
         over at most a second (microseconds), which an audit timestamp can afford.
         """
         if t0 - self._synced_at > 1.0:
