@@ -29,6 +29,10 @@ cdef inline object _value_of(object var):
 
 cdef object _join
 cdef object _ABSENT
+cdef unsigned long long _requests
+cdef object _request_lock
+
+cpdef unsigned long long next_request() noexcept
 
 cdef class Budget:
     cdef public object aead

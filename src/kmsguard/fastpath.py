@@ -78,6 +78,20 @@ globals()["_value_of"] = ContextVar.get
 _join = b"".join
 #: What a header lacks a key as; equal to nothing a caller can pass.
 _ABSENT = object()
+_requests = 0
+_request_lock = threading.Lock()
+
+
+def next_request() -> int:
+    """The process' next request number (kmsguard.operation.request_id_of), for the full
+    path and the hit frames alike. Compiled, a C counter that needs no lock (as Budget._take)."""
+    global _requests
+    if COMPILED:
+        _requests += 1
+        return _requests
+    with _request_lock:
+        _requests += 1
+        return _requests
 
 
 class Budget:

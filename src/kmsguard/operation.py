@@ -13,22 +13,19 @@ DESIGN.md); never plaintext, ciphertext bodies or keys.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from kmsguard.fastpath import HitSink
+from kmsguard.fastpath import HitSink, next_request
 
 #: Request ids are ``<process prefix><counter>``: unique, and cheap enough to make for
-#: every operation (uuid4 costs several microseconds, which the hot path cannot spare).
+#: every operation (uuid4 costs several microseconds, which the hot path cannot spare);
+#: the numbers come from kmsguard.fastpath.next_request.
 REQUEST_PREFIX = os.urandom(6).hex()
-#: The process' request numbers; a hit's record carries one (see kmsguard.audit.frames).
-request_numbers = itertools.count(1)
 
 
 def request_id_of(number: int) -> str:
@@ -107,7 +104,7 @@ class Operation:
         """The process' request number in this operation's id; the audit writer spools the number."""
         number = self._request_number
         if number == 0:
-            number = self._request_number = next(request_numbers)
+            number = self._request_number = next_request()
         return number
 
     def shape(self) -> tuple[Any, ...]:

@@ -1,21 +1,33 @@
 # C types for frames.py when Cython compiles it (see that module's docstring and
 # kmsguard/fastpath.pxd): Frames.hit becomes C stores into the memory map.
 import cython
-from kmsguard.fastpath cimport HitSink
+from kmsguard.fastpath cimport HitSink, next_request
+from libc.string cimport memcpy
+
+cdef extern from *:
+    unsigned long long _bswap64 "__builtin_bswap64"(unsigned long long) noexcept nogil
+    unsigned int _bswap32 "__builtin_bswap32"(unsigned int) noexcept nogil
+
+# Big-endian stores of whole words (frames.py gives their interpreted stand-ins).
+cdef inline void _put64(unsigned char[::1] view, Py_ssize_t at, unsigned long long value) noexcept:
+    cdef unsigned long long word = _bswap64(value)
+    memcpy(&view[at], &word, 8)
+
+cdef inline void _put32(unsigned char[::1] view, Py_ssize_t at, unsigned int value) noexcept:
+    cdef unsigned int word = _bswap32(value)
+    memcpy(&view[at], &word, 4)
 
 cdef unsigned long long _M64
 cdef unsigned long long _M32  # a C constant: a literal this large would be a Python int
 cdef unsigned long long _FNV_OFFSET
 cdef unsigned long long _FNV_PRIME
 cdef Py_ssize_t _FRAME
-cdef unsigned long long _HEADER_WORD
+cdef unsigned int _HEADER_WORD
 
 @cython.locals(h="unsigned long long")
 cpdef unsigned int hit_check(unsigned long long seq, unsigned long long template, unsigned long long started,
                              unsigned long long duration, unsigned long long size, unsigned long long request)
 
-@cython.locals(k=int)
-cdef void _put(unsigned char[::1] view, Py_ssize_t at, unsigned long long value, int width) noexcept
 
 cdef class Frames:
     cdef public object lock
@@ -39,7 +51,6 @@ cdef class Frames:
 cdef class HitWriter(HitSink):
     cdef public Frames frames
     cdef public dict templates
-    cdef public object requests
     cdef public object slow
     @cython.locals(at="unsigned long long", took="unsigned long long", request="unsigned long long")
     cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *

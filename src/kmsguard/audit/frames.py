@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kmsguard.fastpath import HitSink
+from kmsguard.fastpath import HitSink, next_request
 
 #: True when this module runs compiled (Frames.hit is then atomic under the GIL).
 COMPILED = not __file__.endswith(".py")
@@ -61,8 +61,13 @@ def hit_check(seq: int, template: int, started: int, duration: int, size: int, r
 
 
 def _put(view: Any, at: int, value: int, width: int) -> None:
-    for k in range(width):
-        view[at + k] = (value >> (8 * (width - 1 - k))) & 0xFF
+    view[at : at + width] = value.to_bytes(width, "big")
+
+
+# Compiled, _put64 and _put32 are single big-endian word stores (frames.pxd); interpreted,
+# these stand-ins. Set through globals() because Cython would compile a def of the same name.
+globals()["_put64"] = lambda view, at, value: _put(view, at, value, 8)
+globals()["_put32"] = lambda view, at, value: _put(view, at, value, 4)
 
 
 class Frames:
@@ -141,14 +146,15 @@ class Frames:
             return -2
         seq = self.seq + 1
         view = self.view
-        _put(view, pos + 8, seq, 8)
-        _put(view, pos + 16, template, 8)
-        _put(view, pos + 24, started, 8)
-        _put(view, pos + 32, duration, 8)
-        _put(view, pos + 40, size, 8)
-        _put(view, pos + 48, request, 8)
-        _put(view, pos + 4, hit_check(seq, template, started, duration, size, request), 4)
-        _put(view, pos, _HEADER_WORD, 4)  # the header last: now the frame exists
+        _put64(view, pos + 8, seq)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + 16, template)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + 24, started)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + 32, duration)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + 40, size)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + 48, request)  # type: ignore[name-defined]  # noqa: F821
+        check = hit_check(seq, template, started, duration, size, request)
+        _put32(view, pos + 4, check)  # type: ignore[name-defined]  # noqa: F821
+        _put32(view, pos, _HEADER_WORD)  # type: ignore[name-defined]  # noqa: F821  # last: now the frame exists
         self.pos = pos + _FRAME
         self.seq = seq
         self.written += _FRAME
@@ -161,23 +167,21 @@ class HitWriter(HitSink):
     ``templates`` maps a HitKind (or a shape) to its template id once the spool has one for it;
     ``slow(kind, started, duration, size, request)`` handles everything else (a new
     kind, a template to write into a new segment, a segment to start, a full spool).
-    Request numbers come from ``requests``, the process' request-id counter.
+    Request numbers come from kmsguard.fastpath.next_request, the process' counter.
     """
 
     def __init__(
         self,
         frames: Frames,
         templates: dict[object, int],
-        requests: Iterator[int],
         slow: Callable[[object, int, int, int, int], None],
     ) -> None:
         self.frames = frames
         self.templates = templates
-        self.requests = requests
         self.slow = slow
 
     def record(self, kind: Any, started: float, duration: float, size: int) -> None:
-        request = next(self.requests)
+        request = next_request()
         at = int(started * 1e6)
         took = int(duration * 1e9)
         template = self.templates.get(kind)

@@ -154,7 +154,7 @@ class AuditObserver:
         Hits are never strict (Guard reports only non-strict operations this way), so a
         hit that cannot be spooled is dropped and counted, as a non-strict record is.
         """
-        return HitWriter(self._spool.frames, self._templates, operation.request_numbers, self._hit_slow)
+        return HitWriter(self._spool.frames, self._templates, self._hit_slow)
 
     def _compact(self, shape: tuple[Any, ...], started_at: float, duration: float, size: int, request: int) -> None:
         """A non-strict operation as a hit frame, once its shape has been seen before.
