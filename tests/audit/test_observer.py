@@ -17,6 +17,9 @@ from kmsguard.operation import request_id_of
 
 from .conftest import records_of, start_worker, verify_home, write_config
 
+#: A sink that is down: connections to it are refused at once.
+SINK_DOWN = "postgresql://postgres@127.0.0.1:1/nowhere"
+
 
 def observer_of(guard: Guard) -> AuditObserver:
     return next(o for o in guard.observers if isinstance(o, AuditObserver))
@@ -78,12 +81,15 @@ def test_strict_refuses_when_the_record_cannot_be_made_durable(keyring: LocalKey
 
 
 def test_strict_override_makes_every_class_strict(keyring: LocalKeyring, home: Path) -> None:
-    write_config(home, {"strict": True})
+    write_config(home, {"strict": True, "sink": "postgres", "dsn": SINK_DOWN})
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
         obs = observer_of(guard)
-        obs._spool.frames.limit = 0  # a full spool
+        guard.encrypt(b"x", "general")  # strict: durable in the spool, though the sink is down
+        assert not obs.flush(timeout=1) and not obs.sink_healthy
+        obs._spool.frames.limit = 0  # a full spool, and a sink that is down: no room will come
         with pytest.raises(AuditUnavailable):
             guard.encrypt(b"x", "general")
+        obs.close(timeout=0.5)
 
 
 def test_disabled_audit_refuses_strict_classes_only(keyring: LocalKeyring, home: Path) -> None:
@@ -161,7 +167,8 @@ def test_a_killed_deliverer_is_replaced_and_loses_nothing(keyring: LocalKeyring,
 
 
 def test_a_full_spool_drops_non_strict_records_and_refuses_strict_ones(keyring: LocalKeyring, home: Path) -> None:
-    write_config(home, {"flush_interval": 60, "max_spool_mb": 1})
+    """When the sink is down: nothing to wait for (see the next test for a sink that is up)."""
+    write_config(home, {"flush_interval": 60, "max_spool_mb": 1, "sink": "postgres", "dsn": SINK_DOWN})
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
         obs = observer_of(guard)
         big = {"note": "n" * 7_000}  # ~7 KB of context per record: the 1 MiB spool fills fast
@@ -175,7 +182,31 @@ def test_a_full_spool_drops_non_strict_records_and_refuses_strict_ones(keyring: 
         assert obs.dropped == dropped + 5
         with pytest.raises(AuditUnavailable):
             guard.encrypt(b"x", "payment", {"purpose": "p", **big})
-        assert obs.spool_bytes <= 1 << 20
+        # Measured in whole segments: each one's unused tail (less than a record) counts too.
+        assert obs.spool_bytes <= (1 << 20) + 4 * 8_000
+        assert not obs.sink_healthy
+        obs.close(timeout=0.5)  # the sink stays down: what is spooled stays there
+
+
+@pytest.mark.parametrize("delivery", ["process", "thread"])
+def test_a_caller_that_outruns_a_working_sink_waits_for_room_and_loses_nothing(
+    keyring: LocalKeyring, home: Path, delivery: str
+) -> None:
+    """A 1 MiB spool and ~40x that in records: the callers slow to the sink's pace instead of dropping."""
+    write_config(home, {"flush_interval": 60, "max_spool_mb": 1, "delivery": delivery})
+    big = {"note": "n" * 7_000}
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        obs = observer_of(guard)
+        for i in range(3_000):  # full records (a new context each), then strict ones, then cache hits
+            guard.encrypt(b"x", "general", {**big, "i": str(i)})
+        for i in range(300):
+            guard.encrypt(b"x", "payment", {**big, "purpose": str(i)})
+        for _ in range(60_000):
+            guard.encrypt(b"x", "general", {"tenant": "t"})
+        assert obs.dropped == 0
+    records = records_of(home)
+    assert len(records) == 3_000 + 300 + 60_000 + 1 and [r.seq for r in records] == list(range(1, len(records) + 1))
+    assert verify_home(home).intact
 
 
 def test_audit_files_are_private(keyring: LocalKeyring, home: Path) -> None:

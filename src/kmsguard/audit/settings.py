@@ -11,7 +11,7 @@
     spool_dir = "audit-spool"  # relative to $KMSGUARD_HOME
     delivery = "process"       # deliver from a child process (default) or "thread" (one-shot commands)
     flush_interval = 0.2       # seconds between background deliveries (and spool fsyncs)
-    max_spool_mb = 256         # past this, non-strict records are dropped (counted), strict refused
+    max_spool_mb = 256         # full: wait for a working sink; sink down: drop non-strict (counted), refuse strict
 
 ``KMSGUARD_AUDIT_SINK``, ``KMSGUARD_AUDIT_DSN`` and ``KMSGUARD_AUDIT_DELIVERY`` override
 ``sink``, ``dsn`` and ``delivery``.

@@ -55,7 +55,7 @@ Templates = dict[int, Template]
 
 
 class SpoolFull(AuditUnavailable):
-    """The spool reached its size limit (the sink has been down too long)."""
+    """The spool reached its size limit: the sink is down, or slower than the writer (see AuditObserver._with_room)."""
 
     default_message = "the audit spool is full; the audit sink has been unavailable too long"
 

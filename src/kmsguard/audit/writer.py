@@ -22,6 +22,9 @@ Guarantees (documented in the README):
   outage — the operation fails with AUDIT_UNAVAILABLE.
 - **delivery**: records reach the sink in order, per writer, exactly once (idempotent
   inserts keyed by writer and sequence); a sink outage only delays them.
+- **a full spool** (``max_spool_mb``): while the sink takes records, callers wait for
+  the deliverer to make room, slowing to the sink's pace; only with the sink down are
+  non-strict records dropped (counted) and strict operations refused.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from kmsguard.audit.deliver import MAX_BACKOFF, Deliverer
 from kmsguard.audit.frames import HitWriter
 from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys, record_fields
 from kmsguard.audit.sink import Sink
-from kmsguard.audit.spool import NotDurable, Spool
+from kmsguard.audit.spool import NotDurable, Spool, SpoolFull
 from kmsguard.errors import AuditUnavailable
 from kmsguard.operation import HitKind, Operation
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
@@ -54,6 +57,8 @@ from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 log = logging.getLogger("kmsguard.audit")
 _HOST_RE = re.compile(r"[^A-Za-z0-9.-]+")
 _MAX_TEMPLATES = 10_000
+#: Seconds a full spool waits on a sink that reports healthy but delivers nothing.
+_STALL = 10.0
 
 
 def new_writer_id() -> str:
@@ -133,7 +138,7 @@ class AuditObserver:
         # refusal must be able to follow it.
         fields = record_fields(op.shape(), op.started_at, op.duration, op.size, op.request_id)
         try:
-            self._spool.append(fields, durable=True)
+            self._with_room(self._spool.append, fields, True)
         except NotDurable:
             # The record is in the spool and may yet be delivered, but Guard refuses the
             # operation: follow it with the refusal (same request id), so the trail never
@@ -144,9 +149,40 @@ class AuditObserver:
 
     def _append_quietly(self, fields: tuple[Any, ...]) -> None:
         try:
-            self._spool.append(fields, durable=False)
+            self._with_room(self._spool.append, fields, False)
         except AuditUnavailable:
             self._drop()
+
+    def _with_room(self, write: Callable[..., int], *args: Any) -> int:
+        """``write(*args)`` to the spool; while it is full but the sink is taking records,
+        wait for the deliverer to make room instead of losing the record.
+
+        A caller that outruns a working sink is slowed to the sink's pace; only a sink that
+        is down (or delivery that makes no progress for ``_STALL`` seconds) lets SpoolFull
+        through: the record is then dropped, or a strict operation refused.
+        """
+        while True:
+            try:
+                return write(*args)
+            except SpoolFull:
+                if not self._await_room():
+                    raise
+
+    def _await_room(self) -> bool:
+        """Wait until the deliverer frees some of the spool; False if the sink is down or stalled."""
+        written, delivered, progress_at = self._spool.written, self.delivered_seq, time.monotonic()
+        while self.sink_healthy and not self._stopping.is_set():
+            self._kick()
+            with self._done:
+                self._done.wait(0.01)  # woken by delivery progress
+            self._spool.measure()
+            if self._spool.frames.limit > written:
+                return True
+            if self.delivered_seq != delivered:
+                delivered, progress_at = self.delivered_seq, time.monotonic()
+            elif time.monotonic() - progress_at > _STALL:
+                return False
+        return False
 
     def hit_recorder(self) -> HitWriter:
         """Cache hits (kmsguard.operation.HitKind) as compact hit frames: see frames.py.
@@ -183,7 +219,8 @@ class AuditObserver:
         shape = kind.shape if isinstance(kind, HitKind) else kind
         assert isinstance(shape, tuple)
         try:
-            self._spool.hit(template, shape, operation.REQUEST_PREFIX, started, duration, size, request)
+            prefix = operation.REQUEST_PREFIX
+            self._with_room(self._spool.hit, template, shape, prefix, started, duration, size, request)
         except AuditUnavailable:
             self._drop()
             return
