@@ -28,7 +28,6 @@ cdef unsigned int _HEADER_WORD
 cpdef unsigned int hit_check(unsigned long long seq, unsigned long long template, unsigned long long started,
                              unsigned long long duration, unsigned long long size, unsigned long long request)
 
-
 cdef class Frames:
     cdef public object lock
     cdef public Py_ssize_t size
