@@ -351,7 +351,9 @@ class Lanes:
         """
         if t0 - self._synced_at > 1.0:
             self._synced_at = t0
-            self._wall_offset = _wall() - t0
+            # Both clocks read now: against t0, the offset would carry this hit's duration
+            # (and any time the thread was descheduled) into every start for a second.
+            self._wall_offset = _wall() - _clock()  # type: ignore[name-defined]  # noqa: F821
         started = t0 + self._wall_offset
         for sink in self.sinks:
             sink.record(kind, started, duration, size)
