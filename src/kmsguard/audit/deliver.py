@@ -23,13 +23,16 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from kmsguard.audit.record import AuditKeys, Chain
+from kmsguard.audit.record import AuditKeys, Chain, Compact, Template
 from kmsguard.audit.sink import Sink
 from kmsguard.audit.spool import Entry, SegmentReader, remove_writer, try_lock, writers
 
 log = logging.getLogger("kmsguard.audit")
 MAX_BACKOFF = 5.0
+#: Records per stored run at most (4,096 x 32 bytes of items: a 128 KiB row).
+MAX_RUN = 4096
 Progress = Callable[[int], None]
 
 
@@ -136,14 +139,40 @@ class Deliverer:
     def _deliver(self, chain: Chain, entries: list[Entry]) -> None:
         """Link and store one batch; the chain advances only if the sink took it."""
         saved = (chain.last_seq, chain.last_hash)
-        records = []
         try:
-            for seq, fields in entries:
-                if seq <= chain.last_seq:
-                    continue  # already stored (a retry after a lost acknowledgement)
-                records.append(chain.link(seq, fields))
-            if records:
-                self.sink.write(records)
+            rows = link_batch(chain, entries)
+            if rows:
+                self.sink.write(rows)
         except BaseException:
             chain.last_seq, chain.last_hash = saved
             raise
+
+
+def link_batch(chain: Chain, entries: list[Entry]) -> list[list[Any]]:
+    """The sink rows of a batch of spooled entries, linked onto ``chain``.
+
+    Entries the chain already holds are skipped (a retry after a lost acknowledgement).
+    Consecutive hit frames of one template become one run (record.AuditRun): one row and
+    one chain link, where a row per operation is more than a sink can take at the rate a
+    cache-hit loop produces them.
+    """
+    fresh = [(seq, fields) for seq, fields in entries if seq > chain.last_seq]
+    rows = []
+    i = 0
+    while i < len(fresh):
+        seq, fields = fresh[i]
+        end = i + 1
+        if type(fields) is Compact:
+            template, limit = fields.template, min(len(fresh), i + MAX_RUN)
+            while end < limit and _same_template(fresh[end][1], template):
+                end += 1
+        if end - i > 1:
+            rows.append(chain.link_run(seq, [c for _, c in fresh[i:end] if type(c) is Compact]))
+        else:
+            rows.append(chain.link(seq, fields))
+        i = end
+    return rows
+
+
+def _same_template(fields: object, template: Template) -> bool:
+    return type(fields) is Compact and fields.template is template

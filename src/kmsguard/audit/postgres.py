@@ -20,18 +20,24 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from kmsguard.audit.record import FIELDS, AuditRecord
-from kmsguard.audit.sink import Query, from_row, to_row
+from kmsguard.audit.record import COLUMNS, AuditRecord
+from kmsguard.audit.sink import Query, from_row, newest, to_row
 from kmsguard.errors import ConfigurationError
 
 SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+#: For a table from before runs were stored. Run only when the columns are missing: an
+#: ALTER TABLE waits for every reader of the table (a long verify) to finish.
+_MIGRATE = (
+    "ALTER TABLE {schema}.audit_records ADD COLUMN IF NOT EXISTS last_seq bigint",
+    "ALTER TABLE {schema}.audit_records ADD COLUMN IF NOT EXISTS items bytea",
+)
 _DDL = """
 CREATE TABLE IF NOT EXISTS {schema}.audit_records (
     writer_id text NOT NULL, seq bigint NOT NULL, prev_hash text NOT NULL, time text NOT NULL,
     operation text NOT NULL, classification text, key_refs text NOT NULL, regions text NOT NULL,
     principal text NOT NULL, outcome text NOT NULL, error_code text, duration_us bigint NOT NULL,
     kms_calls integer NOT NULL, cache_hit boolean, size bigint NOT NULL, request_id text,
-    context text NOT NULL, hash text NOT NULL,
+    context text NOT NULL, hash text NOT NULL, last_seq bigint, items bytea,
     PRIMARY KEY (writer_id, seq)
 );
 CREATE INDEX IF NOT EXISTS audit_records_time ON {schema}.audit_records (time);
@@ -54,7 +60,7 @@ class PostgresSink:
         ident = sql.Identifier(schema)
         self._table = sql.SQL("{}.audit_records").format(ident)
         self._keys = sql.SQL("{}.audit_keys").format(ident)
-        self._columns = sql.SQL(", ").join(sql.Identifier(f) for f in FIELDS)
+        self._columns = sql.SQL(", ").join(sql.Identifier(f) for f in COLUMNS)
 
     # ------------------------------------------------------------------ connection
 
@@ -73,9 +79,17 @@ class PostgresSink:
         return self._conn
 
     def _exists(self) -> bool:
+        """The table exists, with the columns of runs (a table from before them is migrated)."""
         assert self._conn is not None
-        row = self._conn.execute("SELECT to_regclass(%s)", (f"{self.schema}.audit_records",)).fetchone()
-        return row is not None and row[0] is not None
+        return self._has_run_columns(self._conn)
+
+    def _has_run_columns(self, conn: psycopg.Connection[Any]) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = 'audit_records' AND column_name = 'items'",
+            (self.schema,),
+        ).fetchone()
+        return row is not None
 
     def _create_schema(self, conn: psycopg.Connection[Any]) -> None:
         ident = sql.Identifier(self.schema)
@@ -85,6 +99,9 @@ class PostgresSink:
             for statement in _DDL.split(";"):
                 if statement.strip():
                     conn.execute(sql.SQL(statement.strip()).format(schema=ident))
+            if not self._has_run_columns(conn):
+                for statement in _MIGRATE:
+                    conn.execute(sql.SQL(statement).format(schema=ident))
 
     def _run(self, fn: Any) -> Any:
         """Run ``fn(conn)``; on any failure drop the connection so the next call reconnects."""
@@ -125,7 +142,8 @@ class PostgresSink:
         self._run(insert_batch)
 
     def head(self, writer_id: str) -> tuple[int, str] | None:
-        stmt = sql.SQL("SELECT seq, hash FROM {} WHERE writer_id = %s ORDER BY seq DESC LIMIT 1").format(self._table)
+        last = "SELECT COALESCE(last_seq, seq), hash FROM {} WHERE writer_id = %s ORDER BY seq DESC LIMIT 1"
+        stmt = sql.SQL(last).format(self._table)
         row = self._run(lambda conn: conn.execute(stmt, (writer_id,)).fetchone())
         return (int(row[0]), str(row[1])) if row else None
 
@@ -139,7 +157,7 @@ class PostgresSink:
             cur.itersize = 5000
             cur.execute(stmt)
             for row in cur:
-                yield from_row(row)
+                yield from from_row(row)
 
     def query(self, query: Query) -> list[AuditRecord]:
         where, params = query.sql_where("%s")
@@ -149,7 +167,7 @@ class PostgresSink:
             text += f" LIMIT {int(query.limit)}"
         stmt = sql.SQL(text).format(self._columns, self._table)
         rows = self._run(lambda conn: conn.execute(stmt, params).fetchall())
-        return [from_row(row) for row in reversed(rows)]
+        return newest((r for row in rows for r in from_row(row)), query)  # exact: see SqliteSink.query
 
     def load_key(self) -> str | None:
         stmt = sql.SQL("SELECT blob FROM {} WHERE name = 'audit'").format(self._keys)

@@ -21,8 +21,9 @@ import hashlib
 import hmac
 import json
 import re
+import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -57,6 +58,12 @@ FIELDS = (
     "context",
     "hash",
 )
+#: The version of a run's canonical encoding (see AuditRun).
+RUN_VERSION = 2
+#: What the sinks store per row: a record's FIELDS, then, for a run, its last sequence number and items.
+COLUMNS = (*FIELDS, "last_seq", "items")
+#: One record of a run: start (microseconds since the epoch), duration (ns), size, request number.
+RUN_ITEM = struct.Struct(">4Q")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +88,16 @@ class AuditRecord:
     request_id: str | None
     context: Mapping[str, str]
     hash: str
+    #: The stored run this record was expanded from (its hash and prev_hash are the run's), if any.
+    run: AuditRun | None = None
 
     def canonical(self) -> bytes:
         """The bytes the chain hash covers: every field but ``hash``, in FIELDS order, as compact JSON."""
         return canonical_bytes(self.as_values()[:-1])
+
+    def renumbered(self, seq: int) -> AuditRecord:
+        """The same record claiming another sequence number (verify's search for a moved record)."""
+        return replace(self, seq=seq)
 
     def as_values(self) -> tuple[Any, ...]:
         return (
@@ -133,6 +146,71 @@ class AuditRecord:
             context=dict(row["context"]),
             hash=str(row["hash"]),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRun:
+    """Records ``head.seq`` to ``last_seq`` of one writer, all of one shape, stored as one row.
+
+    The deliverer stores a stretch of consecutive hit frames of one template (operations
+    that differ only in start, duration, size and request number) this way: one row,
+    one chain link, instead of a row and a MAC per operation. ``head`` holds the row's
+    columns: the shape's fields, the first record's duration, size and request id, and as
+    ``time`` the latest start in the run (so that ordering rows by time finds the newest
+    records). ``items`` is ``RUN_ITEM`` per record, in sequence order. The chain hash
+    covers :meth:`canonical`::
+
+        canonical JSON of [RUN_VERSION, <FIELDS but hash, as in a record>, last_seq] | LF | items
+    """
+
+    head: AuditRecord
+    last_seq: int
+    items: bytes
+
+    @property
+    def seq(self) -> int:
+        return self.head.seq
+
+    @property
+    def hash(self) -> str:
+        return self.head.hash
+
+    @property
+    def prev_hash(self) -> str:
+        return self.head.prev_hash
+
+    def canonical(self) -> bytes:
+        return run_canonical(self.head.as_values()[:-1], self.last_seq, self.items)
+
+    def renumbered(self, seq: int) -> AuditRun:
+        return replace(self, head=replace(self.head, seq=seq), last_seq=seq + self.last_seq - self.head.seq)
+
+    def records(self) -> list[AuditRecord]:
+        """One AuditRecord per operation. Items that do not fit the run's numbers (the row
+        was tampered with) give the head alone, which verify then reports as altered."""
+        head, items = self.head, self.items
+        count = self.last_seq - head.seq + 1
+        if count < 1 or len(items) != count * RUN_ITEM.size:
+            return [replace(head, run=self)]
+        first_number = f"{RUN_ITEM.unpack_from(items)[3]:010x}"
+        prefix = (head.request_id or "").removesuffix(first_number)  # the head's id is the first record's
+        return [
+            replace(
+                head,
+                seq=head.seq + i,
+                time=format_time_us(started),
+                duration_us=round(duration / 1e9 * 1e6),
+                size=size,
+                request_id=f"{prefix}{request:010x}",
+                run=self,
+            )
+            for i, (started, duration, size, request) in enumerate(RUN_ITEM.iter_unpack(items))
+        ]
+
+
+def run_canonical(values: Sequence[Any], last_seq: int, items: bytes) -> bytes:
+    """The bytes a run's chain hash covers (see AuditRun); ``values`` are its row's FIELDS but hash."""
+    return _ENCODER.encode([RUN_VERSION, *values, last_seq]).encode("ascii") + b"\n" + items
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=True, allow_nan=False)
@@ -353,3 +431,33 @@ class Chain:
                   c.template.prefix + number, context, digest]
         self.last_seq, self.last_hash = seq, digest
         return record
+
+    def link_run(self, seq: int, run: Sequence[Compact]) -> list[Any]:
+        """Records ``seq`` onwards, Compact records of one Template, as one stored run (see AuditRun).
+
+        Returns the row's values in COLUMNS order; advances the chain past the whole run.
+        """
+        if seq != self.last_seq + 1:
+            raise ValueError(f"audit chain {self.writer_id}: expected record {self.last_seq + 1}, got {seq}")
+        template, first = run[0].template, run[0]
+        values, context = template.pieces(self.keys)[4:]
+        kms_calls, cache_hit = template.shape[7:9]
+        pack = RUN_ITEM.pack
+        items = b"".join([pack(c.started_us, c.duration_ns, c.size, c.request) for c in run])
+        row = [
+            self.writer_id,
+            seq,
+            self.last_hash,
+            format_time_us(max(c.started_us for c in run)),
+            *values,
+            round(first.duration_ns / 1e9 * 1e6),
+            kms_calls,
+            cache_hit,
+            first.size,
+            f"{template.prefix}{first.request:010x}",
+            context,
+        ]
+        last_seq = seq + len(run) - 1
+        digest = self.keys.chain_hash(run_canonical(row, last_seq, items))
+        self.last_seq, self.last_hash, self._hex_head = last_seq, digest, True
+        return [*row, digest, last_seq, items]

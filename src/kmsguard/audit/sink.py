@@ -2,12 +2,15 @@
 
 Every sink stores the record's fields as they are (lists and the hashed context as
 compact JSON text), so ``verify`` can rebuild the exact canonical bytes the chain hash
-covers. ``write`` is idempotent on (writer_id, seq): a batch delivered twice, after a
-lost acknowledgement or a crash, is stored once.
+covers. A run of records (record.AuditRun) is one row with two more columns,
+``last_seq`` and ``items``; reading gives its records one by one, each pointing at the
+run. ``write`` is idempotent on (writer_id, seq): a batch delivered twice, after a lost
+acknowledgement or a crash, is stored once.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kmsguard.audit.record import FIELDS, AuditRecord, to_json
+from kmsguard.audit.record import COLUMNS, FIELDS, AuditRecord, AuditRun, to_json
 
 _JSON_FIELDS = frozenset({"key_refs", "regions", "context"})
 assert [FIELDS.index(f) for f in sorted(_JSON_FIELDS)] == [16, 6, 7] and len(FIELDS) == 18  # to_row's positions
@@ -64,13 +67,15 @@ class Sink(Protocol):
     name: str
 
     def write(self, records: Sequence[Sequence[Any]]) -> None:
-        """Store a batch (values in FIELDS order) atomically; records already stored are skipped."""
+        """Store a batch atomically; rows already stored are skipped.
+
+        Each row is a record's values in FIELDS order, or a run's in COLUMNS order."""
 
     def head(self, writer_id: str) -> tuple[int, str] | None:
-        """The last stored (seq, hash) of a writer, or None."""
+        """The last stored (seq, hash) of a writer (a run's last seq), or None."""
 
     def records(self) -> Iterator[AuditRecord]:
-        """Every record, ordered by writer and sequence (for verify)."""
+        """Every record, ordered by writer and sequence (for verify); runs one record at a time."""
 
     def query(self, query: Query) -> list[AuditRecord]:
         """Matching records, oldest first (the newest ``limit`` of them)."""
@@ -85,10 +90,11 @@ class Sink(Protocol):
 
 
 def to_row(values: Sequence[Any]) -> tuple[Any, ...]:
-    """Column values for the SQL sinks: lists and context as canonical JSON text."""
+    """Column values (COLUMNS) for the SQL sinks: lists and context as canonical JSON text."""
     v = values
+    run = (v[18], v[19]) if len(v) > 18 else (None, None)
     return (*v[:6], _json_of(tuple(v[6]), list), _json_of(tuple(v[7]), list), *v[8:16],
-            _json_of(tuple(v[16].items()), dict), v[17])
+            _json_of(tuple(v[16].items()), dict), v[17], *run)
 
 
 _JSON: dict[tuple[Any, ...], str] = {}
@@ -105,11 +111,19 @@ def _json_of(items: tuple[Any, ...], kind: type[list[Any]] | type[dict[str, str]
     return text
 
 
-def from_row(row: Sequence[Any]) -> AuditRecord:
-    d = dict(zip(FIELDS, row, strict=True))
+def from_row(row: Sequence[Any]) -> list[AuditRecord]:
+    """The record a row holds, or the records of a run (COLUMNS order, lists and context as JSON text)."""
+    d = dict(zip(COLUMNS, row, strict=True))
     for f in _JSON_FIELDS:
         d[f] = json.loads(d[f])
-    return AuditRecord.from_dict(d)
+    return _records_of(d)
+
+
+def _records_of(d: dict[str, Any]) -> list[AuditRecord]:
+    record = AuditRecord.from_dict(d)
+    if d.get("last_seq") is None:
+        return [record]
+    return AuditRun(record, int(d["last_seq"]), bytes(d["items"])).records()
 
 
 def newest(records: Iterable[AuditRecord], query: Query) -> list[AuditRecord]:
@@ -138,7 +152,7 @@ class JsonLinesSink:
             fresh = [r for r in records if r[1] > self._heads.get(r[0], 0)]
             if not fresh:
                 return
-            data = "".join(to_json(dict(zip(FIELDS, r, strict=True))) + "\n" for r in fresh).encode()
+            data = "".join(to_json(_line_of(r)) + "\n" for r in fresh).encode()
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, data)
@@ -146,7 +160,7 @@ class JsonLinesSink:
             finally:
                 os.close(fd)
             for r in fresh:
-                self._heads[r[0]] = r[1]
+                self._heads[r[0]] = r[18] if len(r) > 18 else r[1]
 
     def head(self, writer_id: str) -> tuple[int, str] | None:
         last = None
@@ -166,7 +180,7 @@ class JsonLinesSink:
     def _read(self) -> list[AuditRecord]:
         try:
             with open(self.path, encoding="utf-8") as fh:
-                return [AuditRecord.from_dict(json.loads(line)) for line in fh if line.strip()]
+                return [r for line in fh if line.strip() for r in _records_of(_from_line(json.loads(line)))]
         except FileNotFoundError:
             return []
 
@@ -190,3 +204,21 @@ class JsonLinesSink:
 
     def close(self) -> None:
         """Nothing to release: every write opens and closes the file itself."""
+
+
+def _line_of(values: Sequence[Any]) -> dict[str, Any]:
+    """A JSON lines object: a record's FIELDS, and for a run ``last_seq`` and ``items`` (base64)."""
+    if len(values) == len(FIELDS):
+        return dict(zip(FIELDS, values, strict=True))
+    line = dict(zip(COLUMNS, values, strict=True))
+    line["items"] = base64.b64encode(line["items"]).decode("ascii")
+    return line
+
+
+def _from_line(line: dict[str, Any]) -> dict[str, Any]:
+    if line.get("last_seq") is not None:
+        try:
+            line["items"] = base64.b64decode(line["items"], validate=True)
+        except (ValueError, TypeError):
+            line["items"] = b""  # not base64: the run's records cannot be read back, and verify says altered
+    return line

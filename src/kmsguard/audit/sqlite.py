@@ -15,17 +15,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from kmsguard.audit.record import FIELDS, AuditRecord
-from kmsguard.audit.sink import Query, from_row, to_row
+from kmsguard.audit.record import COLUMNS, AuditRecord
+from kmsguard.audit.sink import Query, from_row, newest, to_row
 
-_COLUMNS = ", ".join(FIELDS)
+_COLUMNS = ", ".join(COLUMNS)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit_records (
     writer_id TEXT NOT NULL, seq INTEGER NOT NULL, prev_hash TEXT NOT NULL, time TEXT NOT NULL,
     operation TEXT NOT NULL, classification TEXT, key_refs TEXT NOT NULL, regions TEXT NOT NULL,
     principal TEXT NOT NULL, outcome TEXT NOT NULL, error_code TEXT, duration_us INTEGER NOT NULL,
     kms_calls INTEGER NOT NULL, cache_hit INTEGER, size INTEGER NOT NULL, request_id TEXT,
-    context TEXT NOT NULL, hash TEXT NOT NULL,
+    context TEXT NOT NULL, hash TEXT NOT NULL, last_seq INTEGER, items BLOB,
     PRIMARY KEY (writer_id, seq)
 );
 CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (time);
@@ -46,10 +46,14 @@ class SqliteSink:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit_records)")}
+        for column, kind in (("last_seq", "INTEGER"), ("items", "BLOB")):
+            if column not in columns:  # a database from before runs were stored
+                self._db.execute(f"ALTER TABLE audit_records ADD COLUMN {column} {kind}")
 
     def write(self, records: Sequence[Sequence[Any]]) -> None:
         rows = [to_row(r) for r in records]
-        marks = ", ".join("?" * len(FIELDS))
+        marks = ", ".join("?" * len(COLUMNS))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -62,7 +66,8 @@ class SqliteSink:
     def head(self, writer_id: str) -> tuple[int, str] | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT seq, hash FROM audit_records WHERE writer_id = ? ORDER BY seq DESC LIMIT 1", (writer_id,)
+                "SELECT COALESCE(last_seq, seq), hash FROM audit_records WHERE writer_id = ? ORDER BY seq DESC LIMIT 1",
+                (writer_id,),
             ).fetchone()
         return (int(row[0]), str(row[1])) if row else None
 
@@ -71,19 +76,22 @@ class SqliteSink:
         db = sqlite3.connect(self.path, timeout=30)
         try:
             for row in db.execute(f"SELECT {_COLUMNS} FROM audit_records ORDER BY writer_id, seq"):  # noqa: S608
-                yield from_row(row)
+                yield from from_row(row)
         finally:
             db.close()
 
     def query(self, query: Query) -> list[AuditRecord]:
         where, params = query.sql_where("?")
-        # Constant columns; the filter values are bound parameters.
+        # A run's row has its latest record's time, so the newest ``limit`` rows hold the
+        # newest ``limit`` records (each row holds at least one at its time): expanded and
+        # filtered again per record, they give exactly those. Constant columns; the
+        # filter values are bound parameters.
         sql = f"SELECT {_COLUMNS} FROM audit_records{where} ORDER BY time DESC, writer_id DESC, seq DESC"  # noqa: S608
         if query.limit:
             sql += f" LIMIT {int(query.limit)}"
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
-        return [from_row(row) for row in reversed(rows)]
+        return newest((r for row in rows for r in from_row(row)), query)
 
     def load_key(self) -> str | None:
         with self._lock:

@@ -28,11 +28,11 @@ import json
 import os
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
-from kmsguard.audit.record import CLOSE_OPERATION, GENESIS, AuditKeys, AuditRecord, format_time
+from kmsguard.audit.record import CLOSE_OPERATION, GENESIS, AuditKeys, AuditRecord, AuditRun, format_time
 from kmsguard.errors import InvalidInput
 
 
@@ -146,7 +146,10 @@ class _ChainCheck:
         self.anchor_seen = False  # the anchored record, unchanged
 
     def check(self, r: AuditRecord) -> None:
-        self.problem = self._problem(r)
+        # A stored run is one chain link: checked as a whole at its first record. Its
+        # other records are read out of that row, so they follow it by construction.
+        if r.run is None or r.seq == r.run.seq:
+            self.problem = self._problem(r.run or r)
         self.expected_seq, self.prev_hash = r.seq + 1, r.hash
         self.closed = r.operation == CLOSE_OPERATION
         if self.anchored is not None and r.seq == self.anchored[0]:
@@ -159,7 +162,7 @@ class _ChainCheck:
         seq = self.anchored[0]
         return Problem(self.writer_id, seq, "removed", f"the chain no longer holds anchored record {seq}")
 
-    def _problem(self, r: AuditRecord) -> Problem | None:
+    def _problem(self, r: AuditRecord | AuditRun) -> Problem | None:
         if self.keys.chain_hash(r.canonical()) != r.hash:
             upper = max(r.seq, self.expected_seq) + self.MOVE_WINDOW
             true_seq = next(_seqs_that_verify(r, upper, self.keys), None)
@@ -177,8 +180,8 @@ class _ChainCheck:
         return None
 
 
-def _seqs_that_verify(r: AuditRecord, upper: int, keys: AuditKeys) -> Iterator[int]:
-    """Sequence numbers at which this record's content would verify (a moved record has one)."""
+def _seqs_that_verify(r: AuditRecord | AuditRun, upper: int, keys: AuditKeys) -> Iterator[int]:
+    """Sequence numbers at which this record's (or run's) content would verify (a moved one has one)."""
     for seq in range(1, upper + 1):
-        if keys.chain_hash(replace(r, seq=seq).canonical()) == r.hash:
+        if keys.chain_hash(r.renumbered(seq).canonical()) == r.hash:
             yield seq
