@@ -21,7 +21,7 @@ import pytest
 from kmsguard import Guard
 from kmsguard.audit import AuditObserver, frames
 from kmsguard.audit.frames import HIT_FLAG, HIT_PAYLOAD, TEMPLATE, hit_check
-from kmsguard.audit.record import Compact
+from kmsguard.audit.record import RUN_ITEM, Compact, Hits
 from kmsguard.audit.spool import decode
 from kmsguard.errors import InvalidCiphertext
 from kmsguard.keyrings.local import LocalKeyring
@@ -144,11 +144,10 @@ def _hit(seq: int, tid: int, check: int | None = None) -> bytes:
 
 
 def test_a_hit_frame_expands_to_its_record() -> None:
-    entries, used = decode(_template(3) + _hit(1, 3) + _hit(2, 3), {})
-    assert used == len(_template(3)) + 2 * 56
-    assert [seq for seq, _ in entries] == [1, 2]
-    compact = entries[0][1]
-    assert isinstance(compact, Compact)
+    entries, used = decode(_template(3) + _hit(1, 3), {})
+    assert used == len(_template(3)) + 56
+    [(seq, compact)] = entries
+    assert seq == 1 and isinstance(compact, Compact)
     started, name, cls, refs, regions, principal, outcome, error, duration, kms, hit, size, rid, ctx = compact.fields()
     assert (name, cls, refs, regions, principal, outcome, error, kms, hit, ctx) == SHAPE
     assert (size, rid) == (1024, "abc0000000007")
@@ -203,9 +202,9 @@ def test_frames_write_what_decode_reads(module: ModuleType) -> None:
     f.limit = f.written
     assert f.hit(3, 1, 2, 3, 4) == -2  # full
     entries, _used = decode(_template(3) + bytes(mapped[: f.pos]), {})
-    assert [(seq, c.fields()[12]) for seq, c in entries if isinstance(c, Compact)] == [
-        (1, "abc0000000007"), (2, "abc0000000008")
-    ]
+    [(seq, hits)] = entries  # consecutive hits of one template: read as one run
+    assert seq == 1 and isinstance(hits, Hits) and hits.template.prefix == "abc"
+    assert list(RUN_ITEM.iter_unpack(hits.items)) == [(1_700_000_000_000_000, 2_500, 1024, n) for n in (7, 8)]
     f.limit = 1 << 20
     f.pos = 4096 - 55
     assert f.hit(3, 1, 2, 3, 4) == -1  # no room left in the segment

@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmsguard.audit.deliver import MAX_RUN, link_batch
+from kmsguard.audit.deliver import link_batch
 from kmsguard.audit.postgres import PostgresSink
-from kmsguard.audit.record import FIELDS, AuditKeys, AuditRecord, Chain, Compact, Template
+from kmsguard.audit.record import FIELDS, MAX_RUN, AuditKeys, AuditRecord, Chain, Compact, Hits, Template
 from kmsguard.audit.sink import JsonLinesSink, Query, Sink
 from kmsguard.audit.sqlite import SqliteSink
 from kmsguard.audit.verify import verify
@@ -36,21 +36,32 @@ def full(n: int) -> tuple[Any, ...]:
     return (START / 1e6 + n, "encrypt", "pii", ("local:pii:v1",), (), "svc", "ok", None, 0.002, 1, False, n, "r", ())
 
 
-def entries(*, templates: dict[tuple[Any, ...], Template] | None = None) -> list[tuple[int, Any]]:
-    """Record 1 in full, 2-6 hits of SHAPE (a run), 7 one hit of OTHER, 8-9 hits of SHAPE (a run)."""
-    t = templates if templates is not None else {s: Template(s, "abcdef012345") for s in (SHAPE, OTHER)}
+TEMPLATES = {shape: Template(shape, "abcdef012345") for shape in (SHAPE, OTHER)}
 
-    def hit(seq: int, shape: tuple[Any, ...]) -> Compact:
-        # Start times out of sequence order, as from several threads.
-        return Compact(t[shape], START + (seq * 7919) % 1000, 1_500 + seq, 100 + seq, 40 + seq)
 
-    shapes = {7: OTHER}
-    return [(1, full(1))] + [(seq, hit(seq, shapes.get(seq, SHAPE))) for seq in range(2, 10)]
+def hit(seq: int, shape: tuple[Any, ...] = SHAPE) -> Compact:
+    # Start times out of sequence order, as from several threads.
+    return Compact(TEMPLATES[shape], START + (seq * 7919) % 1000, 1_500 + seq, 100 + seq, 40 + seq)
+
+
+def singles() -> list[tuple[int, Any]]:
+    """Record 1 in full, then hits: 2-6 and 8-9 of SHAPE, 7 of OTHER."""
+    return [(1, full(1))] + [(seq, hit(seq, OTHER if seq == 7 else SHAPE)) for seq in range(2, 10)]
+
+
+def entries() -> list[tuple[int, Any]]:
+    """singles() as the spool reader gives them: consecutive hits of one template as one Hits."""
+    return [
+        (1, full(1)),
+        (2, Hits.of([hit(seq) for seq in range(2, 7)])),
+        (7, hit(7, OTHER)),
+        (8, Hits.of([hit(8), hit(9)])),
+    ]
 
 
 def one_by_one(keys: AuditKeys, writer: str) -> list[list[Any]]:
     chain = Chain(keys, writer)
-    return [chain.link(seq, fields) for seq, fields in entries()]
+    return [chain.link(seq, fields) for seq, fields in singles()]
 
 
 def without_hashes(r: AuditRecord) -> tuple[Any, ...]:
@@ -233,11 +244,54 @@ def test_a_postgres_table_from_before_runs_is_migrated(pg_schema: str, keys: Aud
     sink.close()
 
 
-def test_a_run_never_exceeds_its_limit(keys: AuditKeys) -> None:
-    template = Template(SHAPE, "abcdef012345")
-    hits = [(seq, Compact(template, START + seq, 1_000, 1, seq)) for seq in range(1, MAX_RUN + 3)]
-    rows = link_batch(Chain(keys, "w"), hits)
-    assert [(r[1], r[18]) for r in rows] == [(1, MAX_RUN), (MAX_RUN + 1, MAX_RUN + 2)]
+def test_a_run_the_sink_partly_holds_is_linked_from_where_it_stopped(keys: AuditKeys) -> None:
+    """A restarted deliverer may read a segment again in other pieces than before."""
+    chain = Chain(keys, "w")
+    first = link_batch(chain, [(1, full(1)), (2, Hits.of([hit(2), hit(3)]))])
+    again = link_batch(chain, [(1, full(1)), (2, Hits.of([hit(seq) for seq in range(2, 7)])), (7, hit(7, OTHER))])
+    assert [(r[1], len(r)) for r in first + again] == [(1, 18), (2, 20), (4, 20), (7, 18)]
+    assert again[0][18] == 6 and len(again[0][19]) == 3 * 32
+    assert link_batch(chain, [(2, Hits.of([hit(seq) for seq in range(2, 7)]))]) == []
+
+
+def _frames(template: int, seqs: range) -> bytes:
+    from kmsguard.audit.frames import HIT_FLAG, HIT_PAYLOAD, hit_check
+
+    out = b""
+    for seq in seqs:
+        fields = (seq, template, START + seq, 1_000 + seq, seq, 900 + seq)
+        header = (HIT_FLAG | HIT_PAYLOAD).to_bytes(4, "big") + hit_check(*fields).to_bytes(4, "big")
+        out += header + b"".join(v.to_bytes(8, "big") for v in fields)
+    return out
+
+
+@pytest.mark.parametrize("module", ["compiled", "source"])
+def test_the_reader_takes_a_run_of_frames_up_to_the_first_that_does_not_belong(module: str) -> None:
+    import importlib.util
+
+    from kmsguard.audit import frames
+
+    if module == "source":
+        spec = importlib.util.spec_from_file_location("frames_source", Path(frames.__file__).with_name("frames.py"))
+        assert spec is not None and spec.loader is not None
+        frames = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(frames)
+    take = frames.take_hits
+    data = _frames(3, range(1, 6))
+    count, items, latest = take(data, 0, 1, 3, MAX_RUN)
+    assert (count, latest) == (5, START + 5)
+    assert Hits(TEMPLATES[SHAPE], items, latest).items == Hits.of(
+        [Compact(TEMPLATES[SHAPE], START + seq, 1_000 + seq, seq, 900 + seq) for seq in range(1, 6)]
+    ).items
+    assert take(data, 0, 1, 3, 2)[0] == 2  # the limit
+    assert take(data, 56, 2, 3, MAX_RUN)[0] == 4  # from a later frame
+    assert take(data + _frames(4, range(6, 8)), 0, 1, 3, MAX_RUN)[0] == 5  # another template ends it
+    assert take(data + _frames(3, range(7, 9)), 0, 1, 3, MAX_RUN)[0] == 5  # so does a gap in the numbers
+    torn = bytearray(data)
+    torn[3 * 56 + 30] ^= 1  # frame 4's start time: its check fails
+    assert take(bytes(torn), 0, 1, 3, MAX_RUN)[0] == 3
+    assert take(data[: 2 * 56 + 20], 0, 1, 3, MAX_RUN)[0] == 2  # a frame cut short
+    assert take(b"", 0, 1, 3, MAX_RUN) == (0, b"", 0)
 
 
 @settings(max_examples=200, deadline=None)
@@ -258,7 +312,7 @@ def test_a_run_is_its_records_and_any_changed_byte_breaks_it(
     keys = AuditKeys(bytes(32))
     template = Template(SHAPE, "abcdef012345")
     compacts = [Compact(template, *item) for item in items]
-    row = Chain(keys, "w", first - 1, "0" * 64).link_run(first, compacts)
+    row = Chain(keys, "w", first - 1, "0" * 64).link_run(first, Hits.of(compacts))
     run = AuditRun(AuditRecord.from_dict(dict(zip(FIELDS, row[:18], strict=True))), row[18], row[19])
     singles = Chain(keys, "w", first - 1, "0" * 64)
     expected = [singles.link(first + i, c) for i, c in enumerate(compacts)]

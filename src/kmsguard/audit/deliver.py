@@ -25,14 +25,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kmsguard.audit.record import AuditKeys, Chain, Compact, Template
+from kmsguard.audit.record import AuditKeys, Chain, Hits
 from kmsguard.audit.sink import Sink
 from kmsguard.audit.spool import Entry, SegmentReader, remove_writer, try_lock, writers
 
 log = logging.getLogger("kmsguard.audit")
 MAX_BACKOFF = 5.0
-#: Records per stored run at most (4,096 x 32 bytes of items: a 128 KiB row).
-MAX_RUN = 4096
 Progress = Callable[[int], None]
 
 
@@ -151,28 +149,19 @@ class Deliverer:
 def link_batch(chain: Chain, entries: list[Entry]) -> list[list[Any]]:
     """The sink rows of a batch of spooled entries, linked onto ``chain``.
 
-    Entries the chain already holds are skipped (a retry after a lost acknowledgement).
-    Consecutive hit frames of one template become one run (record.AuditRun): one row and
-    one chain link, where a row per operation is more than a sink can take at the rate a
-    cache-hit loop produces them.
+    Entries the chain already holds are skipped (a retry after a lost acknowledgement,
+    or a restarted deliverer that reads a segment again). A run of hit frames (Hits, as
+    the reader takes them) is one row and one chain link (record.AuditRun).
     """
-    fresh = [(seq, fields) for seq, fields in entries if seq > chain.last_seq]
     rows = []
-    i = 0
-    while i < len(fresh):
-        seq, fields = fresh[i]
-        end = i + 1
-        if type(fields) is Compact:
-            template, limit = fields.template, min(len(fresh), i + MAX_RUN)
-            while end < limit and _same_template(fresh[end][1], template):
-                end += 1
-        if end - i > 1:
-            rows.append(chain.link_run(seq, [c for _, c in fresh[i:end] if type(c) is Compact]))
-        else:
+    for seq, fields in entries:
+        held = chain.last_seq + 1 - seq
+        if isinstance(fields, Hits):
+            if held >= len(fields):
+                continue
+            if held > 0:
+                fields, seq = fields.after(held), seq + held
+            rows.append(chain.link_run(seq, fields))
+        elif held <= 0:
             rows.append(chain.link(seq, fields))
-        i = end
     return rows
-
-
-def _same_template(fields: object, template: Template) -> bool:
-    return type(fields) is Compact and fields.template is template

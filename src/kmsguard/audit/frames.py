@@ -64,10 +64,50 @@ def _put(view: Any, at: int, value: int, width: int) -> None:
     view[at : at + width] = value.to_bytes(width, "big")
 
 
-# Compiled, _put64 and _put32 are single big-endian word stores (frames.pxd); interpreted,
+# Compiled, _put64/_put32 and _get64/_get32 are single big-endian word stores and loads, and
+# _copy a memcpy (frames.pxd); interpreted,
 # these stand-ins. Set through globals() because Cython would compile a def of the same name.
 globals()["_put64"] = lambda view, at, value: _put(view, at, value, 8)
 globals()["_put32"] = lambda view, at, value: _put(view, at, value, 4)
+globals()["_get64"] = lambda view, at: int.from_bytes(view[at : at + 8], "big")
+globals()["_get32"] = lambda view, at: int.from_bytes(view[at : at + 4], "big")
+globals()["_copy"] = lambda out, to, view, at, n: out.__setitem__(slice(to, to + n), view[at : at + n])
+
+
+def take_hits(data: bytes, pos: int, seq: int, template: int, limit: int) -> tuple[int, bytes, int]:
+    """The intact hit frames at ``pos`` in ``data`` that are numbered ``seq``, ``seq + 1``...
+    and name ``template``, at most ``limit``: (how many, their items, the latest start).
+
+    The items are what a stored run keeps per record (kmsguard.audit.record.RUN_ITEM):
+    each frame's start, duration, size and request number, as the frame has them. The
+    deliverer's reader takes a cache-hit loop's frames thousands at a time this way.
+    """
+    view = data
+    size = len(data)
+    room = min(limit, (size - pos) // _FRAME) if size > pos else 0
+    out = bytearray(room * 32)
+    count = 0
+    latest = 0
+    at = pos
+    while count < room:
+        if _get32(view, at) != _HEADER_WORD:  # type: ignore[name-defined]  # noqa: F821
+            break
+        number = _get64(view, at + 8)  # type: ignore[name-defined]  # noqa: F821
+        named = _get64(view, at + 16)  # type: ignore[name-defined]  # noqa: F821
+        if number != seq + count or named != template:
+            break
+        started = _get64(view, at + 24)  # type: ignore[name-defined]  # noqa: F821
+        duration = _get64(view, at + 32)  # type: ignore[name-defined]  # noqa: F821
+        nbytes = _get64(view, at + 40)  # type: ignore[name-defined]  # noqa: F821
+        request = _get64(view, at + 48)  # type: ignore[name-defined]  # noqa: F821
+        if hit_check(number, named, started, duration, nbytes, request) != _get32(view, at + 4):  # type: ignore[name-defined]  # noqa: F821
+            break
+        _copy(out, count * 32, view, at + 24, 32)  # type: ignore[name-defined]  # noqa: F821
+        if started > latest:
+            latest = started
+        count += 1
+        at += _FRAME
+    return count, bytes(out[: count * 32]), latest
 
 
 class Frames:

@@ -64,6 +64,8 @@ RUN_VERSION = 2
 COLUMNS = (*FIELDS, "last_seq", "items")
 #: One record of a run: start (microseconds since the epoch), duration (ns), size, request number.
 RUN_ITEM = struct.Struct(">4Q")
+#: Records per stored run at most (4,096 x 32 bytes of items: a 128 KiB row).
+MAX_RUN = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +350,34 @@ class Compact:
         )
 
 
+class Hits:
+    """Consecutive hit frames of one Template, as a run's items (RUN_ITEM each) and their latest start.
+
+    What the spool reader takes in one piece (kmsguard.audit.frames.take_hits) and the
+    chain links as one run (:meth:`Chain.link_run`).
+    """
+
+    __slots__ = ("items", "latest", "template")
+
+    def __init__(self, template: Template, items: bytes, latest: int) -> None:
+        self.template = template
+        self.items = items
+        self.latest = latest
+
+    @classmethod
+    def of(cls, run: Sequence[Compact]) -> Hits:
+        items = b"".join([RUN_ITEM.pack(c.started_us, c.duration_ns, c.size, c.request) for c in run])
+        return cls(run[0].template, items, max(c.started_us for c in run))
+
+    def __len__(self) -> int:
+        return len(self.items) // RUN_ITEM.size
+
+    def after(self, skipped: int) -> Hits:
+        """The same run without its first ``skipped`` records (the sink holds them already)."""
+        items = self.items[skipped * RUN_ITEM.size :]
+        return Hits(self.template, items, max(item[0] for item in RUN_ITEM.iter_unpack(items)))
+
+
 def record_fields(
     shape: tuple[Any, ...], started: float, duration: float, size: int, request_id: str
 ) -> tuple[Any, ...]:
@@ -432,32 +462,31 @@ class Chain:
         self.last_seq, self.last_hash = seq, digest
         return record
 
-    def link_run(self, seq: int, run: Sequence[Compact]) -> list[Any]:
-        """Records ``seq`` onwards, Compact records of one Template, as one stored run (see AuditRun).
+    def link_run(self, seq: int, run: Hits) -> list[Any]:
+        """Records ``seq`` onwards, hits of one Template, as one stored run (see AuditRun).
 
         Returns the row's values in COLUMNS order; advances the chain past the whole run.
         """
         if seq != self.last_seq + 1:
             raise ValueError(f"audit chain {self.writer_id}: expected record {self.last_seq + 1}, got {seq}")
-        template, first = run[0].template, run[0]
+        template = run.template
         values, context = template.pieces(self.keys)[4:]
         kms_calls, cache_hit = template.shape[7:9]
-        pack = RUN_ITEM.pack
-        items = b"".join([pack(c.started_us, c.duration_ns, c.size, c.request) for c in run])
+        _started, duration, size, request = RUN_ITEM.unpack_from(run.items)
         row = [
             self.writer_id,
             seq,
             self.last_hash,
-            format_time_us(max(c.started_us for c in run)),
+            format_time_us(run.latest),
             *values,
-            round(first.duration_ns / 1e9 * 1e6),
+            round(duration / 1e9 * 1e6),
             kms_calls,
             cache_hit,
-            first.size,
-            f"{template.prefix}{first.request:010x}",
+            size,
+            f"{template.prefix}{request:010x}",
             context,
         ]
         last_seq = seq + len(run) - 1
-        digest = self.keys.chain_hash(run_canonical(row, last_seq, items))
+        digest = self.keys.chain_hash(run_canonical(row, last_seq, run.items))
         self.last_seq, self.last_hash, self._hex_head = last_seq, digest, True
-        return [*row, digest, last_seq, items]
+        return [*row, digest, last_seq, run.items]

@@ -40,8 +40,8 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kmsguard.audit.frames import HIT_FLAG, HIT_FRAME, HIT_PAYLOAD, TEMPLATE, Frames, hit_check
-from kmsguard.audit.record import Compact, Template
+from kmsguard.audit.frames import HIT_FLAG, HIT_FRAME, HIT_PAYLOAD, TEMPLATE, Frames, hit_check, take_hits
+from kmsguard.audit.record import MAX_RUN, Compact, Hits, Template
 from kmsguard.errors import AuditUnavailable
 
 _HEADER = struct.Struct(">II")
@@ -49,7 +49,7 @@ _SEGMENT_RE = re.compile(r"(.+)\.(\d{8})\.spool")
 LOCK_SUFFIX = ".lock"
 _HIT = struct.Struct(">6Q")
 #: (seq, the record's fields as AuditObserver spools them, or a Compact record).
-Entry = tuple[int, tuple[Any, ...] | Compact]
+Entry = tuple[int, tuple[Any, ...] | Compact | Hits]
 #: The templates of a segment by id (see frames.py).
 Templates = dict[int, Template]
 
@@ -70,7 +70,8 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
     """Every whole, intact record at the start of ``data`` and the number of bytes they take.
 
     Template frames go into ``templates`` (the reader's, per segment); hit frames come
-    out as Compact records naming their template.
+    out as Compact records naming their template, consecutive ones of one template as
+    one Hits (up to MAX_RUN), taken in compiled code.
     """
     out: list[Entry] = []
     pos, size = 0, len(data)
@@ -86,6 +87,11 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
             known = templates.get(template)
             if hit_check(seq, template, started, duration, nbytes, request) != check or known is None:
                 break
+            count, items, latest = take_hits(data, pos, seq, template, MAX_RUN)
+            if count > 1:
+                out.append((seq, Hits(known, items, latest)))
+                pos += count * HIT_FRAME
+                continue
             out.append((seq, Compact(known, started, duration, nbytes, request)))
             pos = end
             continue
