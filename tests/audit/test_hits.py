@@ -212,3 +212,15 @@ def test_frames_write_what_decode_reads(module: ModuleType) -> None:
     assert f.hit(3, 1, 2, 3, 4) == 0  # closed for good: the slow path refuses
     assert f.write_hit(3, 1, 2, 3, 4) == 0  # even for spool.py: there is no map any more
     mapped.close()
+
+
+@pytest.mark.parametrize("delivery", ["process", "thread"])
+def test_flush_sees_a_run_of_hits_delivered(keyring: LocalKeyring, home: Path, delivery: str) -> None:
+    """Progress is the last record a run holds, not its first: else flush waits for ever on a delivered run."""
+    write_config(home, {"delivery": delivery, "flush_interval": 60})
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        for _ in range(1_000):
+            guard.encrypt(b"x", "general", {"tenant": "t"})
+        observer = observer_of(guard)
+        assert observer.flush(timeout=10)
+        assert observer.delivered_seq == 1_000

@@ -116,7 +116,7 @@ class Deliverer:
             self._deliver(chain, entries)
             reader.advance(used)
             if report:
-                self.on_progress(entries[-1][0])
+                self.on_progress(chain.last_seq)  # a run's last record, not the first
 
     def _deliver_orphans(self) -> None:
         for writer_id in sorted(writers(self.directory) - {self.writer_id}):

@@ -5,7 +5,9 @@ For each writer, in sequence order, a record must (1) carry the next sequence nu
 hash. A record whose MAC fails is *altered* — unless it verifies at another sequence
 number, in which case it was *moved* (reordered, or renumbered to hide a deletion). A
 gap in the numbers means records were *removed*. Anything after a ``writer-closed``
-record, or a chain missing its first records, is reported the same way.
+record, or a chain missing its first records, is reported the same way. A stored run
+(record.AuditRun) is one link: its MAC covers all its records, and a problem anywhere in
+it is reported at its first record.
 
 A chain without a ``writer-closed`` record is *open*: its writer is running, or died
 (its spool is delivered by the next writer on that host). That is reported, not an
