@@ -17,19 +17,19 @@ cdef inline void _put32(unsigned char[::1] view, Py_ssize_t at, unsigned int val
     cdef unsigned int word = _bswap32(value)
     memcpy(&view[at], &word, 4)
 
-cdef inline unsigned long long _get64(const unsigned char[::1] view, Py_ssize_t at) noexcept:
+cdef inline unsigned long long _get64(const unsigned char* view, Py_ssize_t at) noexcept:
     cdef unsigned long long word
-    memcpy(&word, &view[at], 8)
+    memcpy(&word, view + at, 8)
     return _bswap64(word)
 
-cdef inline unsigned int _get32(const unsigned char[::1] view, Py_ssize_t at) noexcept:
+cdef inline unsigned int _get32(const unsigned char* view, Py_ssize_t at) noexcept:
     cdef unsigned int word
-    memcpy(&word, &view[at], 4)
+    memcpy(&word, view + at, 4)
     return _bswap32(word)
 
-cdef inline void _copy(unsigned char[::1] out, Py_ssize_t to, const unsigned char[::1] view, Py_ssize_t at,
+cdef inline void _copy(unsigned char[::1] out, Py_ssize_t to, const unsigned char* view, Py_ssize_t at,
                        Py_ssize_t n) noexcept:
-    memcpy(&out[to], &view[at], n)
+    memcpy(&out[to], view + at, n)
 
 cdef unsigned long long _M64
 cdef unsigned long long _M32  # a C constant: a literal this large would be a Python int
@@ -42,8 +42,8 @@ cdef unsigned int _HEADER_WORD
 cpdef unsigned int hit_check(unsigned long long seq, unsigned long long template, unsigned long long started,
                              unsigned long long duration, unsigned long long size, unsigned long long request)
 
-@cython.locals(view="const unsigned char[::1]", out="unsigned char[::1]", size=Py_ssize_t, room=Py_ssize_t,
-               count=Py_ssize_t, at=Py_ssize_t, latest="unsigned long long", number="unsigned long long",
+@cython.locals(view="const unsigned char*", out="unsigned char[::1]", size=Py_ssize_t, room=Py_ssize_t,
+               count=Py_ssize_t, k=Py_ssize_t, at=Py_ssize_t, latest="unsigned long long", number="unsigned long long",
                named="unsigned long long", started="unsigned long long", duration="unsigned long long",
                nbytes="unsigned long long", request="unsigned long long")
 cpdef tuple take_hits(bytes data, Py_ssize_t pos, unsigned long long seq, unsigned long long template,

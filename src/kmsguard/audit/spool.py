@@ -40,14 +40,14 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kmsguard.audit.frames import HIT_FLAG, HIT_FRAME, HIT_PAYLOAD, TEMPLATE, Frames, hit_check, take_hits
-from kmsguard.audit.record import MAX_RUN, Compact, Hits, Template
+from kmsguard.audit.frames import HIT_FLAG, HIT_FRAME, HIT_PAYLOAD, TEMPLATE, Frames, take_hits
+from kmsguard.audit.record import MAX_RUN, RUN_ITEM, Compact, Hits, Template
 from kmsguard.errors import AuditUnavailable
 
 _HEADER = struct.Struct(">II")
 _SEGMENT_RE = re.compile(r"(.+)\.(\d{8})\.spool")
 LOCK_SUFFIX = ".lock"
-_HIT = struct.Struct(">6Q")
+_HIT_NAMES = struct.Struct(">QQ")  # a hit frame's seq and template id
 #: (seq, the record's fields as AuditObserver spools them, or a Compact record).
 Entry = tuple[int, tuple[Any, ...] | Compact | Hits]
 #: The templates of a segment by id (see frames.py).
@@ -80,20 +80,21 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
         if length == 0:
             break  # the unwritten (zeroed) rest of a segment
         if length & HIT_FLAG:
-            end = pos + _HEADER.size + HIT_PAYLOAD
-            if length != HIT_FLAG | HIT_PAYLOAD or end > size:
+            if length != HIT_FLAG | HIT_PAYLOAD or pos + HIT_FRAME > size:
                 break
-            seq, template, started, duration, nbytes, request = _HIT.unpack_from(data, pos + _HEADER.size)
+            seq, template = _HIT_NAMES.unpack_from(data, pos + _HEADER.size)
             known = templates.get(template)
-            if hit_check(seq, template, started, duration, nbytes, request) != check or known is None:
+            if known is None:
                 break
+            # The frames' checks are take_hits' (compiled): this one and any that follow it.
             count, items, latest = take_hits(data, pos, seq, template, MAX_RUN)
-            if count > 1:
+            if count == 0:
+                break
+            if count == 1:
+                out.append((seq, Compact(known, *RUN_ITEM.unpack(items))))
+            else:
                 out.append((seq, Hits(known, items, latest)))
-                pos += count * HIT_FRAME
-                continue
-            out.append((seq, Compact(known, started, duration, nbytes, request)))
-            pos = end
+            pos += count * HIT_FRAME
             continue
         end = pos + _HEADER.size + length
         if end > size:
