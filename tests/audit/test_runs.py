@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from kmsguard.audit.deliver import link_batch
 from kmsguard.audit.postgres import PostgresSink
 from kmsguard.audit.record import FIELDS, MAX_RUN, AuditKeys, AuditRecord, Chain, Compact, Hits, Template
-from kmsguard.audit.sink import JsonLinesSink, Query, Sink
+from kmsguard.audit.sink import JsonLinesSink, Query, Sink, to_row
 from kmsguard.audit.sqlite import SqliteSink
 from kmsguard.audit.verify import verify
 
@@ -194,24 +194,12 @@ def test_a_jsonl_run_that_is_not_base64_is_altered(tmp_path: Path, keys: AuditKe
     assert (problem.seq, problem.kind) == (2, "altered")
 
 
-_OLD_SQLITE_SCHEMA = """
-CREATE TABLE audit_records (
-    writer_id TEXT NOT NULL, seq INTEGER NOT NULL, prev_hash TEXT NOT NULL, time TEXT NOT NULL,
-    operation TEXT NOT NULL, classification TEXT, key_refs TEXT NOT NULL, regions TEXT NOT NULL,
-    principal TEXT NOT NULL, outcome TEXT NOT NULL, error_code TEXT, duration_us INTEGER NOT NULL,
-    kms_calls INTEGER NOT NULL, cache_hit INTEGER, size INTEGER NOT NULL, request_id TEXT,
-    context TEXT NOT NULL, hash TEXT NOT NULL,
-    PRIMARY KEY (writer_id, seq)
-);
-"""
-
-
 def test_a_database_from_before_runs_is_migrated(tmp_path: Path, keys: AuditKeys) -> None:
-    from kmsguard.audit.sink import to_row
+    from kmsguard.audit.sqlite import _SCHEMA  # the table as it was before runs
 
     path = tmp_path / "audit.db"
     with sqlite3.connect(path) as conn:
-        conn.executescript(_OLD_SQLITE_SCHEMA)
+        conn.executescript(_SCHEMA)
         old = [to_row(v)[:18] for v in one_by_one(keys, "old")]
         conn.executemany(f"INSERT INTO audit_records VALUES ({', '.join('?' * 18)})", old)
     sink = SqliteSink(path)
@@ -221,24 +209,26 @@ def test_a_database_from_before_runs_is_migrated(tmp_path: Path, keys: AuditKeys
     sink.close()
 
 
-_OLD_PG_SCHEMA = """
-CREATE TABLE {schema}.audit_records (
-    writer_id text NOT NULL, seq bigint NOT NULL, prev_hash text NOT NULL, time text NOT NULL,
-    operation text NOT NULL, classification text, key_refs text NOT NULL, regions text NOT NULL,
-    principal text NOT NULL, outcome text NOT NULL, error_code text, duration_us bigint NOT NULL,
-    kms_calls integer NOT NULL, cache_hit boolean, size bigint NOT NULL, request_id text,
-    context text NOT NULL, hash text NOT NULL,
-    PRIMARY KEY (writer_id, seq)
-)
-"""
-
-
 def test_a_postgres_table_from_before_runs_is_migrated(pg_schema: str, keys: AuditKeys) -> None:
+    from psycopg import sql
+
+    from kmsguard.audit.postgres import _DDL  # the tables as they were before runs
+
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{pg_schema}"')
-        conn.execute(_OLD_PG_SCHEMA.format(schema=f'"{pg_schema}"'))
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(pg_schema)))
+        for statement in filter(str.strip, _DDL.split(";")):
+            conn.execute(sql.SQL(statement).format(schema=sql.Identifier(pg_schema)))
+        columns = conn.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s AND table_name = 'audit_records'",
+            (pg_schema,),
+        ).fetchone()
+        assert columns == (18,)
+        insert = sql.SQL("INSERT INTO {}.audit_records VALUES ({})").format(
+            sql.Identifier(pg_schema), sql.SQL(", ").join(sql.Placeholder() * 18)
+        )
+        conn.execute(insert, to_row(one_by_one(keys, "old")[0])[:18])  # a record from before
     sink = PostgresSink(PG_DSN, pg_schema)
-    sink.write(one_by_one(keys, "old"))
+    sink.write(one_by_one(keys, "old")[1:])
     stored(sink, keys, "new")
     assert verify(sink.records(), keys).intact
     sink.close()

@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS audit_records (
     operation TEXT NOT NULL, classification TEXT, key_refs TEXT NOT NULL, regions TEXT NOT NULL,
     principal TEXT NOT NULL, outcome TEXT NOT NULL, error_code TEXT, duration_us INTEGER NOT NULL,
     kms_calls INTEGER NOT NULL, cache_hit INTEGER, size INTEGER NOT NULL, request_id TEXT,
-    context TEXT NOT NULL, hash TEXT NOT NULL, last_seq INTEGER, items BLOB,
+    context TEXT NOT NULL, hash TEXT NOT NULL,
     PRIMARY KEY (writer_id, seq)
 );
 CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (time);
@@ -46,9 +46,10 @@ class SqliteSink:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        # The columns of runs: added to a new table as to one from before runs were stored.
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit_records)")}
         for column, kind in (("last_seq", "INTEGER"), ("items", "BLOB")):
-            if column not in columns:  # a database from before runs were stored
+            if column not in columns:
                 self._db.execute(f"ALTER TABLE audit_records ADD COLUMN {column} {kind}")
 
     def write(self, records: Sequence[Sequence[Any]]) -> None:
