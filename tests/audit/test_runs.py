@@ -145,6 +145,7 @@ def _sql_sinks(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sink]
 TAMPERING = {
     # statement, the record verify names, and what it says
     "an item": ("UPDATE audit_records SET items = %s WHERE seq = 2", 2, "altered"),
+    "a start no calendar holds": ("UPDATE audit_records SET items = %s WHERE seq = 8", 8, "altered"),
     "the time column": ("UPDATE audit_records SET time = '2020-01-01T00:00:00.000000Z' WHERE seq = 2", 2, "altered"),
     "a shape column": ("UPDATE audit_records SET principal = 'mallory' WHERE seq = 8", 8, "altered"),
     "the run's end": ("UPDATE audit_records SET last_seq = 5 WHERE seq = 2", 2, "altered"),
@@ -158,7 +159,8 @@ def test_tampering_with_a_run_is_named(sql_sink: Sink, keys: AuditKeys, what: st
     rows = stored(sql_sink, keys)
     statement, seq, kind = TAMPERING[what]
     flipped = bytes([rows[1][19][0] ^ 1]) + rows[1][19][1:]
-    _sql(sql_sink, statement, *([flipped] if "%s" in statement else []))
+    far = b"\xff" * 8 + rows[3][19][8:]  # the run 8-9's first start, ~5.8e5 years on
+    _sql(sql_sink, statement, *([far if seq == 8 else flipped] if "%s" in statement else []))
     [problem] = verify(sql_sink.records(), keys).problems
     assert (problem.seq, problem.kind) == (seq, kind)
 

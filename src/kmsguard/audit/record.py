@@ -196,18 +196,21 @@ class AuditRun:
             return [replace(head, run=self)]
         first_number = f"{RUN_ITEM.unpack_from(items)[3]:010x}"
         prefix = (head.request_id or "").removesuffix(first_number)  # the head's id is the first record's
-        return [
-            replace(
-                head,
-                seq=head.seq + i,
-                time=format_time_us(started),
-                duration_us=round(duration / 1e9 * 1e6),
-                size=size,
-                request_id=f"{prefix}{request:010x}",
-                run=self,
-            )
-            for i, (started, duration, size, request) in enumerate(RUN_ITEM.iter_unpack(items))
-        ]
+        try:
+            return [
+                replace(
+                    head,
+                    seq=head.seq + i,
+                    time=format_time_us(started),
+                    duration_us=round(duration / 1e9 * 1e6),
+                    size=size,
+                    request_id=f"{prefix}{request:010x}",
+                    run=self,
+                )
+                for i, (started, duration, size, request) in enumerate(RUN_ITEM.iter_unpack(items))
+            ]
+        except (ValueError, OverflowError, OSError):  # a start no calendar holds: tampered with
+            return [replace(head, run=self)]
 
 
 def run_canonical(values: Sequence[Any], last_seq: int, items: bytes) -> bytes:
