@@ -64,9 +64,9 @@ def _put(view: Any, at: int, value: int, width: int) -> None:
     view[at : at + width] = value.to_bytes(width, "big")
 
 
-# Compiled, _put64/_put32 and _get64/_get32 are single big-endian word stores and loads, and
-# _copy a memcpy (frames.pxd); interpreted,
-# these stand-ins. Set through globals() because Cython would compile a def of the same name.
+# Compiled, _put64/_put32 and _get64/_get32 are single big-endian word stores and loads,
+# and _copy a memcpy (frames.pxd); interpreted, these stand-ins. Set through globals()
+# because Cython would compile a def of the same name.
 globals()["_put64"] = lambda view, at, value: _put(view, at, value, 8)
 globals()["_put32"] = lambda view, at, value: _put(view, at, value, 4)
 globals()["_get64"] = lambda view, at: int.from_bytes(view[at : at + 8], "big")

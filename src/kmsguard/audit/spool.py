@@ -48,7 +48,7 @@ _HEADER = struct.Struct(">II")
 _SEGMENT_RE = re.compile(r"(.+)\.(\d{8})\.spool")
 LOCK_SUFFIX = ".lock"
 _HIT_NAMES = struct.Struct(">QQ")  # a hit frame's seq and template id
-#: (seq, the record's fields as AuditObserver spools them, or a Compact record).
+#: (seq, the record's fields as AuditObserver spools them, a Compact record, or a run of them as Hits).
 Entry = tuple[int, tuple[Any, ...] | Compact | Hits]
 #: The templates of a segment by id (see frames.py).
 Templates = dict[int, Template]
