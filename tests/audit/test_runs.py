@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from kmsguard.audit.deliver import link_batch
 from kmsguard.audit.postgres import PostgresSink
-from kmsguard.audit.record import FIELDS, MAX_RUN, AuditKeys, AuditRecord, Chain, Compact, Hits, Template
+from kmsguard.audit.record import FIELDS, MAX_RUN, RUN_ITEM, AuditKeys, AuditRecord, Chain, Compact, Hits, Template
 from kmsguard.audit.sink import JsonLinesSink, Query, Sink, to_row
 from kmsguard.audit.sqlite import SqliteSink
 from kmsguard.audit.verify import verify
@@ -44,6 +44,12 @@ def hit(seq: int, shape: tuple[Any, ...] = SHAPE) -> Compact:
     return Compact(TEMPLATES[shape], START + (seq * 7919) % 1000, 1_500 + seq, 100 + seq, 40 + seq)
 
 
+def hits_of(run: list[Compact]) -> Hits:
+    """Compact records packed as the spool reader would take their frames (frames.take_hits)."""
+    items = b"".join(RUN_ITEM.pack(c.started_us, c.duration_ns, c.size, c.request) for c in run)
+    return Hits(run[0].template, items, max(c.started_us for c in run))
+
+
 def singles() -> list[tuple[int, Any]]:
     """Record 1 in full, then hits: 2-6 and 8-9 of SHAPE, 7 of OTHER."""
     return [(1, full(1))] + [(seq, hit(seq, OTHER if seq == 7 else SHAPE)) for seq in range(2, 10)]
@@ -53,9 +59,9 @@ def entries() -> list[tuple[int, Any]]:
     """singles() as the spool reader gives them: consecutive hits of one template as one Hits."""
     return [
         (1, full(1)),
-        (2, Hits.of([hit(seq) for seq in range(2, 7)])),
+        (2, hits_of([hit(seq) for seq in range(2, 7)])),
         (7, hit(7, OTHER)),
-        (8, Hits.of([hit(8), hit(9)])),
+        (8, hits_of([hit(8), hit(9)])),
     ]
 
 
@@ -239,11 +245,11 @@ def test_a_postgres_table_from_before_runs_is_migrated(pg_schema: str, keys: Aud
 def test_a_run_the_sink_partly_holds_is_linked_from_where_it_stopped(keys: AuditKeys) -> None:
     """A restarted deliverer may read a segment again in other pieces than before."""
     chain = Chain(keys, "w")
-    first = link_batch(chain, [(1, full(1)), (2, Hits.of([hit(2), hit(3)]))])
-    again = link_batch(chain, [(1, full(1)), (2, Hits.of([hit(seq) for seq in range(2, 7)])), (7, hit(7, OTHER))])
+    first = link_batch(chain, [(1, full(1)), (2, hits_of([hit(2), hit(3)]))])
+    again = link_batch(chain, [(1, full(1)), (2, hits_of([hit(seq) for seq in range(2, 7)])), (7, hit(7, OTHER))])
     assert [(r[1], len(r)) for r in first + again] == [(1, 18), (2, 20), (4, 20), (7, 18)]
     assert again[0][18] == 6 and len(again[0][19]) == 3 * 32
-    assert link_batch(chain, [(2, Hits.of([hit(seq) for seq in range(2, 7)]))]) == []
+    assert link_batch(chain, [(2, hits_of([hit(seq) for seq in range(2, 7)]))]) == []
 
 
 def _frames(template: int, seqs: range) -> bytes:
@@ -272,7 +278,7 @@ def test_the_reader_takes_a_run_of_frames_up_to_the_first_that_does_not_belong(m
     data = _frames(3, range(1, 6))
     count, items, latest = take(data, 0, 1, 3, MAX_RUN)
     assert (count, latest) == (5, START + 5)
-    assert Hits(TEMPLATES[SHAPE], items, latest).items == Hits.of(
+    assert Hits(TEMPLATES[SHAPE], items, latest).items == hits_of(
         [Compact(TEMPLATES[SHAPE], START + seq, 1_000 + seq, seq, 900 + seq) for seq in range(1, 6)]
     ).items
     assert take(data, 0, 1, 3, 2)[0] == 2  # the limit
@@ -304,7 +310,7 @@ def test_a_run_is_its_records_and_any_changed_byte_breaks_it(
     keys = AuditKeys(bytes(32))
     template = Template(SHAPE, "abcdef012345")
     compacts = [Compact(template, *item) for item in items]
-    row = Chain(keys, "w", first - 1, "0" * 64).link_run(first, Hits.of(compacts))
+    row = Chain(keys, "w", first - 1, "0" * 64).link_run(first, hits_of(compacts))
     run = AuditRun(AuditRecord.from_dict(dict(zip(FIELDS, row[:18], strict=True))), row[18], row[19])
     singles = Chain(keys, "w", first - 1, "0" * 64)
     expected = [singles.link(first + i, c) for i, c in enumerate(compacts)]

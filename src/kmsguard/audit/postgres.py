@@ -75,18 +75,14 @@ class PostgresSink:
                 connect_timeout=max(1, round(self.connect_timeout)),
                 application_name=f"kmsguard audit {self.schema}"[:63],
             )
-            self._schema_ready = self._schema_ready and self._exists()
+            self._schema_ready = self._schema_ready and self._has_run_columns(self._conn)
         if not self._schema_ready:
             self._create_schema(self._conn)
             self._schema_ready = True
         return self._conn
 
-    def _exists(self) -> bool:
-        """The table exists, with the columns of runs (a table from before them is migrated)."""
-        assert self._conn is not None
-        return self._has_run_columns(self._conn)
-
     def _has_run_columns(self, conn: psycopg.Connection[Any]) -> bool:
+        """The table exists, with the columns of runs (a table from before them is migrated)."""
         row = conn.execute(
             "SELECT 1 FROM information_schema.columns"
             " WHERE table_schema = %s AND table_name = 'audit_records' AND column_name = 'items'",

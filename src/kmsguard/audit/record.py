@@ -367,11 +367,6 @@ class Hits:
         self.items = items
         self.latest = latest
 
-    @classmethod
-    def of(cls, run: Sequence[Compact]) -> Hits:
-        items = b"".join([RUN_ITEM.pack(c.started_us, c.duration_ns, c.size, c.request) for c in run])
-        return cls(run[0].template, items, max(c.started_us for c in run))
-
     def __len__(self) -> int:
         return len(self.items) // RUN_ITEM.size
 
