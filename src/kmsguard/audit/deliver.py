@@ -109,6 +109,13 @@ class Deliverer:
         self._drain(self._reader, self._chain, writer_alive, report=True)
 
     def _drain(self, reader: SegmentReader, chain: Chain, writer_alive: bool, report: bool) -> None:
+        """Deliver what is spooled, a batch at a time; for a live writer, only up to where it was.
+
+        A pass that chased a live writer's tail would deliver a few records at a time, each
+        batch a transaction of its own and a progress report that wakes a thread of the
+        application (which then competes with it for the GIL): what arrives during a pass
+        waits for the next one, one ``flush_interval`` later.
+        """
         while True:
             entries, used = reader.read(self.batch_bytes, writer_alive)
             if not entries:
@@ -117,6 +124,8 @@ class Deliverer:
             reader.advance(used)
             if report:
                 self.on_progress(chain.last_seq)  # a run's last record, not the first
+            if writer_alive and reader.caught_up:
+                return
 
     def _deliver_orphans(self) -> None:
         for writer_id in sorted(writers(self.directory) - {self.writer_id}):

@@ -486,9 +486,12 @@ class SegmentReader:
         self.segment = 0
         self.offset = 0
         self.templates: Templates = {}  # of the current segment
+        #: The last read reached what the writer had written so far (its newest segment's end).
+        self.caught_up = False
 
     def read(self, max_bytes: int, writer_alive: bool) -> tuple[list[Entry], int]:
         """The next entries (about ``max_bytes``) and the position token to pass to ``advance``."""
+        self.caught_up = True
         while True:
             numbers = [n for n in segments(self.directory, self.writer_id) if n >= self.segment]
             if not numbers:
@@ -506,6 +509,9 @@ class SegmentReader:
                 continue
             entries, used = decode(data, self.templates)
             if entries:
+                # A read ends on a whole frame (see _rest_of_frame), so decoding stops short
+                # of its end only at the unwritten rest of the segment, or a frame being written.
+                self.caught_up = used < len(data) and len(numbers) == 1
                 return entries, used
             newer = len(numbers) > 1
             if newer or not writer_alive:
