@@ -24,6 +24,7 @@ from kmsguard import (
 )
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
+from kmsguard.operation import Operation
 from kmsguard.policy import ClassPolicy, Policy
 
 KEYS = {"general": "local:general", "pii": "local:pii", "payment": "local:payment"}
@@ -146,6 +147,30 @@ def test_bad_context_and_classification_are_refused_before_any_key_is_made(guard
     for name in ("unknown", "PII", ""):
         with pytest.raises(UnknownClassification):
             guard.encrypt(b"x", name)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"kmsguard:classification": "general"}, {"k": "\ud800"}, {"k": 1}, {"k": ["unhashable"]}, ["k"]]
+)
+def test_an_invalid_context_is_refused_alike_with_observers_and_unobserved(keyring: LocalKeyring, bad: object) -> None:
+    # With observers, encrypt leaves a dict context to the plan lookup to check: the
+    # refusal must still be check_context's own, and no observer may see the context.
+    seen: list[Operation] = []
+
+    class Observer:
+        def operation_finished(self, op: Operation) -> None:
+            seen.append(op)
+
+    policy = Policy.defaults(KEYS)
+    plain, observed = Guard(policy, keyring), Guard(policy, keyring, observers=[Observer()])
+    messages = []
+    for guard in (plain, observed):
+        with pytest.raises(InvalidInput) as info:
+            guard.encrypt(b"x", "general", bad)  # type: ignore[arg-type]
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and seen == []
+    observed.encrypt(b"x", "general", {"k": "v"})
+    assert [op.context for op in seen] == [{"k": "v"}]
 
 
 def test_an_envelope_of_an_unconfigured_classification_is_invalid(guard: Guard, tmp_path: Path) -> None:

@@ -160,7 +160,9 @@ class Guard:
                 return out
         if not self.observers:
             return self._encrypt(plaintext, classification, context)
-        ctx = plans.check_context(context)
+        # A dict is checked by the plan lookup (a known plan's key is a checked context's
+        # items), or if the operation fails, by _observe: an invalid one is refused unrecorded.
+        ctx = context if type(context) is dict else plans.check_context(context)
         # The classification is recorded once the policy accepts it (_note_class): an
         # arbitrary string a caller passed must not reach audit records or metric labels.
         return self._observe("encrypt", ctx, self._encrypt, plaintext, classification, ctx)
@@ -377,6 +379,8 @@ class Guard:
         try:
             result = run(*args)
         except BaseException as exc:
+            if isinstance(exc, InvalidInput):
+                _refuse_if_invalid(ctx)
             op.finish(exc)
             self._notify(op)
             raise
@@ -430,6 +434,15 @@ _TEXT_PREFIX = envelope.TEXT_PREFIX.encode("ascii")
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 #: What a header lacks a key as; equal to nothing a caller can pass (None included).
 _ABSENT = object()
+
+
+def _refuse_if_invalid(ctx: Mapping[str, str]) -> None:
+    """Raise check_context's error for a context the caller passed unchecked (see encrypt):
+    what is not a valid context must reach no audit record or metric, as before it was checked."""
+    try:
+        plans.check_context(ctx)
+    except InvalidInput as bad:
+        raise bad from None
 
 
 def _mapping(context: Context) -> Mapping[str, str]:

@@ -94,15 +94,16 @@ class EncryptPlans:
 
     def get(self, classification: str, context: Mapping[str, str] | None) -> EncryptPlan:
         try:
-            key = (classification, tuple(context.items()) if context else ())
+            key: tuple[Any, ...] | None = (classification, tuple(context.items()) if context else ())
             plan = self._plans.get(key)
-        except (AttributeError, TypeError):  # not a mapping, or unhashable values
-            raise InvalidInput("context must be a mapping of str to str") from None
+        except (AttributeError, TypeError):  # not a mapping, or unhashable values: check_context says which
+            key, plan = None, None
         if plan is None:
             plan = self._build(classification, check_context(context))
-            if len(self._plans) >= MAX_PLANS:
-                self._plans.clear()
-            self._plans[key] = plan
+            if key is not None:
+                if len(self._plans) >= MAX_PLANS:
+                    self._plans.clear()
+                self._plans[key] = plan
         return plan
 
     def _build(self, classification: str, context: Mapping[str, str]) -> EncryptPlan:
