@@ -59,6 +59,8 @@ _HOST_RE = re.compile(r"[^A-Za-z0-9.-]+")
 _MAX_TEMPLATES = 10_000
 #: Seconds a full spool waits on a sink that reports healthy but delivers nothing.
 _STALL = 10.0
+#: Seconds between counts of the spool's files (see AuditObserver._tick).
+_MEASURE_EVERY = 1.0
 
 
 def new_writer_id() -> str:
@@ -322,13 +324,24 @@ class AuditObserver:
             self._wake.set()
 
     def _tick(self) -> None:
-        """Sync the spool every interval (the non-strict durability bound) and report levels."""
+        """Sync the spool every interval (the non-strict durability bound) and report levels.
+
+        The spool is measured (a listing of its directory) once a second, not every
+        interval: the level serves only the gauges and the full-spool check, and this
+        thread's Python competes with the application's for the GIL. Between measures
+        the level is an estimate that can only be high, and a spool that seems full is
+        measured at once (_await_room).
+        """
+        ticks = 0
+        every = max(1, round(_MEASURE_EVERY / self.flush_interval))
         while not self._stopping.wait(self.flush_interval):
             try:
                 self._spool.sync()
             except AuditUnavailable:
                 log.error("audit: the spool cannot be synced to disk")
-            self._spool.measure()
+            ticks += 1
+            if ticks % every == 0:
+                self._spool.measure()
             self.telemetry.gauge("audit_queue_depth", self.queue_depth)
             self.telemetry.gauge("audit_spool_bytes", self.spool_bytes)
 
