@@ -48,7 +48,6 @@ _HEADER = struct.Struct(">II")
 _SEGMENT_RE = re.compile(r"(.+)\.(\d{8})\.spool")
 LOCK_SUFFIX = ".lock"
 _HIT_NAMES = struct.Struct(">QQ")  # a hit frame's seq and template id
-_ZERO_CHUNK = 16 << 10  # the writes that fill a new segment (see Spool._create)
 #: (seq, the record's fields as AuditObserver spools them, a Compact record, or a run of them as Hits).
 Entry = tuple[int, tuple[Any, ...] | Compact | Hits]
 #: The templates of a segment by id (see frames.py).
@@ -286,17 +285,10 @@ class Spool:
         reserve the disk space, but a page of an allocated-but-unwritten extent costs a
         filesystem extent conversion the first time a record lands in it (about three
         times the page fault of a written page, measured), and that is on the caller's path.
-
-        The zeros go in 16 KiB writes (_ZERO_CHUNK), because the size of a write sets
-        the size of the page-cache folios that hold it (Linux 6), and a folio
-        is what the periodic sync write-protects: after each sync every page of it still
-        to be written faults, and each fault does the whole folio's filesystem work. With
-        1 MiB folios that cost an uncached encrypt loop ~10 points of throughput, with
-        16 KiB ~3, and 4 KiB pages fault once each even without a sync (measured).
         """
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            zeros, remaining = bytes(_ZERO_CHUNK), self.segment_bytes
+            zeros, remaining = bytes(1 << 20), self.segment_bytes
             while remaining:
                 remaining -= os.write(fd, zeros[:remaining])
             os.fsync(fd)
