@@ -161,7 +161,8 @@ class Guard:
         if not self.observers:
             return self._encrypt(plaintext, classification, context)
         # A dict is checked by the plan lookup (a known plan's key is a checked context's
-        # items), or if the operation fails, by _observe: an invalid one is refused unrecorded.
+        # items; _encrypt records the plan's copy), or if the operation fails, by _observe:
+        # an invalid one is refused unrecorded.
         ctx = context if type(context) is dict else plans.check_context(context)
         # The classification is recorded once the policy accepts it (_note_class): an
         # arbitrary string a caller passed must not reach audit records or metric labels.
@@ -280,6 +281,7 @@ class Guard:
         op = operation.current.get()
         if op is not None:
             self._note_class(op, plan.policy, len(plaintext))
+            op.context = plan.context  # checked, in plain str (the caller's may hold subclasses)
         data_key = self._generate(plan.request, len(plaintext))
         if op is not None:
             self._note_keys(op, data_key.wrapped)
@@ -379,8 +381,7 @@ class Guard:
         try:
             result = run(*args)
         except BaseException as exc:
-            if isinstance(exc, InvalidInput):
-                _refuse_if_invalid(ctx)
+            op.context = _checked(ctx)
             op.finish(exc)
             self._notify(op)
             raise
@@ -436,11 +437,12 @@ _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 _ABSENT = object()
 
 
-def _refuse_if_invalid(ctx: Mapping[str, str]) -> None:
-    """Raise check_context's error for a context the caller passed unchecked (see encrypt):
-    what is not a valid context must reach no audit record or metric, as before it was checked."""
+def _checked(ctx: Mapping[str, str]) -> Mapping[str, str]:
+    """A failed operation's context as its record holds it (see check_context), or check_context's
+    error for one the caller passed unchecked (see encrypt): an invalid context reaches no
+    audit record or metric, as when it was checked before the operation."""
     try:
-        plans.check_context(ctx)
+        return plans.check_context(ctx)
     except InvalidInput as bad:
         raise bad from None
 

@@ -42,15 +42,19 @@ def check_context(context: Any) -> Mapping[str, str]:
 
     Keys under ``kmsguard:`` are reserved (the classification is bound under one), and
     text that is not encodable as UTF-8 (lone surrogates) is refused here rather than
-    deep inside a keyring.
+    deep inside a keyring. Returns the context, or a copy in plain ``str`` if any key or
+    value is an instance of a subclass.
     """
     if context is None:
         return {}
     if type(context) is not dict and not isinstance(context, Mapping):  # the ABC check costs ~0.1 us
         raise InvalidInput("context must be a mapping of str to str")
+    exact = True
     for key, value in context.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidInput("context keys and values must be strings")
+        if type(key) is not str or type(value) is not str:
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise InvalidInput("context keys and values must be strings")
+            exact = False
         if key.startswith(RESERVED_CONTEXT_PREFIX):
             raise InvalidInput(f"context keys starting with {RESERVED_CONTEXT_PREFIX!r} are reserved")
         if not (key.isascii() and value.isascii()):
@@ -59,6 +63,8 @@ def check_context(context: Any) -> Mapping[str, str]:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise InvalidInput("encryption context must be valid Unicode text") from None
+    if not exact:  # str subclasses (an enum member): their text, all an audit record can hold
+        return {str.__str__(key): str.__str__(value) for key, value in context.items()}
     return context
 
 

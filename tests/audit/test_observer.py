@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+from enum import StrEnum
 from pathlib import Path
 
 import pytest
 
 from kmsguard import Guard
 from kmsguard.audit import AuditObserver
-from kmsguard.errors import AuditUnavailable, UnknownClassification
+from kmsguard.errors import AuditUnavailable, ContextRequired, UnknownClassification
 from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.metrics import Metrics, of
 from kmsguard.operation import request_id_of
@@ -42,6 +43,30 @@ def test_every_operation_is_recorded_with_its_facts(keyring: LocalKeyring, home:
     assert dec.classification == "payment" and dec.outcome == "ok"
     assert bad.outcome == "error" and bad.error_code == "UNKNOWN_CLASSIFICATION"
     assert bad.classification is None  # the caller's string is not recorded
+    assert verify_home(home).intact
+
+
+class Purpose(StrEnum):
+    REFUND = "refund"
+
+
+def test_a_context_of_str_subclasses_is_recorded_as_its_text(keyring: LocalKeyring, home: Path) -> None:
+    # An enum member as a context value: the spool stores only plain str (marshal), and
+    # an operation must neither fail for it nor go unrecorded, on any path.
+    plain = {"purpose": "refund", "order": "o-1"}
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        for _ in range(3):  # in full, then as hit frames
+            sealed = guard.encrypt(b"card data", "general", {"purpose": Purpose.REFUND, "order": "o-1"})
+            assert guard.decrypt(sealed, {"purpose": Purpose.REFUND}) == b"card data"
+        with pytest.raises(ContextRequired):
+            guard.encrypt(b"x", "payment", {"order": Purpose.REFUND})
+        assert guard.inspect(sealed).context == plain
+        guard.encrypt(b"card data", "general", plain)
+    records = records_of(home)
+    ops = [(r.operation, r.outcome) for r in records]
+    rest = [("encrypt", "error"), ("encrypt", "ok"), ("writer-closed", "ok")]
+    assert ops == [("encrypt", "ok"), ("decrypt", "ok")] * 3 + rest
+    assert all(r.context == records[-2].context for r in records[:6:2])  # the same hashes as for plain text
     assert verify_home(home).intact
 
 
