@@ -225,3 +225,9 @@ def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(fp: Modu
     for _, started, duration, _ in hits:
         assert before - 0.01 <= started <= after + 0.01  # wall-clock start, from the lane's own clock
         assert 0 <= duration < after - before + 0.01
+
+    # The lane remembers the last principal's kind; binding another kind for it replaces that.
+    assert lanes.seal(b"x", "general", None) is not None
+    fp.bind_kind(lane, "svc", "svc-kind-2")
+    assert lanes.seal(b"x", "general", None) is not None
+    assert [kind for kind, _, _, _ in hits[2:]] == ["svc-kind", "svc-kind-2"]

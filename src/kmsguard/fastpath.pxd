@@ -53,6 +53,7 @@ cdef class EncryptLane:
     cdef public bytes out_prefix
     cdef public bytes aad_prefix
     cdef public dict kinds
+    cdef public tuple last
 
 cdef class DecryptLane:
     cdef public Budget budget
@@ -76,7 +77,7 @@ cdef class Lanes:
     cdef double _synced_at
     cdef double _wall_offset
     cdef object _acting
-    @cython.locals(t0=double, t1=double)
+    @cython.locals(t0=double, t1=double, last=tuple)
     cpdef object seal(self, object plaintext, object classification, object context)
     @cython.locals(t0=double, t1=double)
     cpdef object open(self, object raw, object context)

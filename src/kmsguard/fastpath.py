@@ -154,7 +154,8 @@ class Budget:
 class EncryptLane:
     """Sealing under one cached data key for one (classification, context).
 
-    ``kinds``: the HitKind per principal, for recording hits (see :meth:`Lanes.seal_recorded`).
+    ``kinds``: the HitKind per principal, for recording hits (see :meth:`Lanes.seal`);
+    ``last``: the last (principal, HitKind) found, one tuple so that it is read whole.
     """
 
     def __init__(self, budget: Budget, out_prefix: bytes, aad_prefix: bytes) -> None:
@@ -162,6 +163,7 @@ class EncryptLane:
         self.out_prefix = out_prefix
         self.aad_prefix = aad_prefix
         self.kinds: dict[object, object] = {}
+        self.last: tuple[object, object] = (_ABSENT, None)
 
 
 class DecryptLane:
@@ -192,6 +194,8 @@ def bind_kind(lane: EncryptLane | DecryptLane, key: object, kind: object) -> Non
     """Remember ``kind`` for later hits on ``lane`` (a bounded number per lane)."""
     if len(lane.kinds) < MAX_KINDS_PER_LANE:
         lane.kinds[key] = kind
+        if isinstance(lane, EncryptLane):
+            lane.last = (_ABSENT, None)
 
 
 class HitSink:
@@ -241,9 +245,15 @@ class Lanes:
             return None
         if not self.observed:
             return self._seal(lane, plaintext)
-        kind = lane.kinds.get(self._principal())
-        if kind is None:
-            return None
+        principal = self._principal()
+        last = lane.last
+        if last[0] is principal:
+            kind = last[1]
+        else:
+            kind = lane.kinds.get(principal)
+            if kind is None:
+                return None
+            lane.last = (principal, kind)
         t0 = _clock()  # type: ignore[name-defined]  # noqa: F821
         out = self._seal(lane, plaintext)
         if out is not None:

@@ -15,5 +15,6 @@ cdef class Histogram:
 cdef class HitTally(HitSink):
     cdef public object lookup
     cdef public dict by_kind
-    @cython.locals(series=Histogram)
+    cdef public tuple last
+    @cython.locals(series=Histogram, last=tuple)
     cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *

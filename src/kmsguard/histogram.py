@@ -56,14 +56,23 @@ class Histogram:
 
 
 class HitTally(HitSink):
-    """Counts cache hits into their operation's series; ``lookup`` finds the series of a kind once."""
+    """Counts cache hits into their operation's series; ``lookup`` finds the series of a kind once.
+
+    ``last`` is the last (kind, series), one tuple so that it is read whole: a loop of one
+    kind skips the dictionary.
+    """
 
     def __init__(self, lookup: Callable[[Any], Histogram]) -> None:
         self.lookup = lookup
         self.by_kind: dict[object, Histogram] = {}
+        self.last: tuple[Any, Histogram | None] = (None, None)
 
     def record(self, kind: Any, started: float, duration: float, size: int) -> None:
-        series = self.by_kind.get(kind)
-        if series is None:
-            series = self.by_kind[kind] = self.lookup(kind)
+        last = self.last
+        series = last[1]
+        if last[0] is not kind or series is None:
+            series = self.by_kind.get(kind)
+            if series is None:
+                series = self.by_kind[kind] = self.lookup(kind)
+            self.last = (kind, series)
         series.add(duration)

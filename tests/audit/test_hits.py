@@ -73,6 +73,20 @@ def test_hits_across_segments_and_deliverer_restarts(keyring: LocalKeyring, home
     assert verify_home(home).intact
 
 
+def test_one_kind_across_segments_then_another(keyring: LocalKeyring, home: Path) -> None:
+    """Each kind in turn over segment boundaries (the hit path remembers the last kind): every record arrives."""
+    write_config(home, {"delivery": "thread", "flush_interval": 60, "max_spool_mb": 1})  # 256 KiB segments
+    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
+        for context in ({"n": "a"}, {"n": "b"}, {"n": "a"}):
+            start = observer_of(guard)._spool.segment
+            while observer_of(guard)._spool.segment < start + 2:
+                guard.encrypt(b"x", "general", context)
+        seq = observer_of(guard)._spool.seq
+    records = records_of(home)
+    assert [r.seq for r in records] == list(range(1, seq + 2))  # and the writer-closed record
+    assert verify_home(home).intact
+
+
 NO_REUSE = "[classifications.general.cache]\nreuse = false\n"
 
 
@@ -208,7 +222,11 @@ def test_frames_write_what_decode_reads(module: ModuleType) -> None:
     f.limit = 1 << 20
     f.pos = 4096 - 55
     assert f.hit(3, 1, 2, 3, 4) == -1  # no room left in the segment
+    following = mmap.mmap(-1, 4096)
+    f.attach(following)
+    assert f.hit(3, 1, 2, 3, 4) == 0  # a new segment: the template first, however recent its last hit
     f.close()
+    following.close()
     assert f.hit(3, 1, 2, 3, 4) == 0  # closed for good: the slow path refuses
     assert f.write_hit(3, 1, 2, 3, 4) == 0  # even for spool.py: there is no map any more
     mapped.close()

@@ -37,6 +37,7 @@ cdef unsigned long long _FNV_OFFSET
 cdef unsigned long long _FNV_PRIME
 cdef Py_ssize_t _FRAME
 cdef unsigned int _HEADER_WORD
+cdef tuple _NO_KIND
 
 @cython.locals(h="unsigned long long")
 cpdef unsigned int hit_check(unsigned long long seq, unsigned long long template, unsigned long long started,
@@ -60,6 +61,7 @@ cdef class Frames:
     cdef public bint closed
     cdef object __weakref__
     cdef public set emitted
+    cdef public unsigned long long last_emitted
     cdef unsigned char[::1] view
 
     cpdef long long hit(self, unsigned long long template, unsigned long long started, unsigned long long duration,
@@ -72,5 +74,7 @@ cdef class HitWriter(HitSink):
     cdef public Frames frames
     cdef public dict templates
     cdef public object slow
-    @cython.locals(at="unsigned long long", took="unsigned long long", request="unsigned long long")
+    cdef public tuple last
+    @cython.locals(at="unsigned long long", took="unsigned long long", request="unsigned long long",
+                   last=tuple, template="unsigned long long")
     cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *

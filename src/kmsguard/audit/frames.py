@@ -46,6 +46,8 @@ _FNV_PRIME = 0x100000001B3
 # C copies of the constants for hit() (frames.pxd), which must not box a number to compare it.
 _FRAME = HIT_FRAME
 _HEADER_WORD = HIT_FLAG | HIT_PAYLOAD
+#: HitWriter.last before any kind (an object no caller's kind is).
+_NO_KIND = (object(), 0)
 
 
 def hit_check(seq: int, template: int, started: int, duration: int, size: int, request: int) -> int:
@@ -136,6 +138,8 @@ class Frames:
         self.busy = False
         self.closed = False
         self.emitted: set[int] = set()
+        #: A template id known to be in ``emitted`` (0: none, ids start at 1), so a loop of one kind skips the set.
+        self.last_emitted = 0
         self.view: Any = None
 
     @contextlib.contextmanager
@@ -155,6 +159,7 @@ class Frames:
         self.view = mapped if COMPILED else memoryview(mapped).cast("B")
         self.pos = 0
         self.emitted = set()
+        self.last_emitted = 0
 
     def detach(self) -> None:
         """Let go of the map (it cannot be closed while a view of it exists). Exclusive."""
@@ -180,8 +185,12 @@ class Frames:
         return self._hit(template, started, duration, size, request)
 
     def _hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
-        if self.closed or template not in self.emitted:  # closed: no map to write into
+        if self.closed:  # no map to write into
             return 0
+        if template != self.last_emitted:
+            if template not in self.emitted:
+                return 0
+            self.last_emitted = template
         pos = self.pos
         if pos + _FRAME > self.size:
             return -1
@@ -211,6 +220,10 @@ class HitWriter(HitSink):
     ``slow(kind, started, duration, size, request)`` handles everything else (a new
     kind, a template to write into a new segment, a segment to start, a full spool).
     Request numbers come from kmsguard.fastpath.next_request, the process' counter.
+
+    ``last`` is the last (kind, template id) found, read and replaced as one tuple (so
+    atomically, threads or not): a loop of one kind skips the dictionary. The slow path
+    may give a kind another id, so it forgets it.
     """
 
     def __init__(
@@ -222,11 +235,22 @@ class HitWriter(HitSink):
         self.frames = frames
         self.templates = templates
         self.slow = slow
+        self.last: tuple[Any, int] = _NO_KIND
 
     def record(self, kind: Any, started: float, duration: float, size: int) -> None:
         request = next_request()
         at = int(started * 1e6)
         took = int(duration * 1e9)
-        template = self.templates.get(kind)
-        if template is None or self.frames.hit(template, at, took, size, request) <= 0:
+        last = self.last
+        if last[0] is kind:
+            template = last[1]
+        else:
+            found = self.templates.get(kind)
+            if found is None:
+                self.slow(kind, at, took, size, request)
+                return
+            template = found
+            self.last = (kind, template)
+        if self.frames.hit(template, at, took, size, request) <= 0:
+            self.last = _NO_KIND
             self.slow(kind, at, took, size, request)
