@@ -18,6 +18,8 @@ from typing import Any
 from kmsguard.fastpath import HitSink
 
 COMPILED = not __file__.endswith(".py")
+#: HitTally.last before any kind (an object no caller's kind is).
+_NO_KIND = (object(), None)
 
 
 class Histogram:
@@ -65,12 +67,13 @@ class HitTally(HitSink):
     def __init__(self, lookup: Callable[[Any], Histogram]) -> None:
         self.lookup = lookup
         self.by_kind: dict[object, Histogram] = {}
-        self.last: tuple[Any, Histogram | None] = (None, None)
+        self.last: tuple[Any, Any] = _NO_KIND
 
     def record(self, kind: Any, started: float, duration: float, size: int) -> None:
         last = self.last
-        series = last[1]
-        if last[0] is not kind or series is None:
+        if last[0] is kind:
+            series = last[1]
+        else:
             series = self.by_kind.get(kind)
             if series is None:
                 series = self.by_kind[kind] = self.lookup(kind)
