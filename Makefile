@@ -15,11 +15,11 @@ COMPILED_SOURCES := setup.py $(wildcard src/kmsguard/*.pxd src/kmsguard/*/*.pxd)
 $(VENV)/.installed: pyproject.toml $(COMPILED_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[server]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,server]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -34,7 +34,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kmsguard.cli import audit, data, keys, setup
+    from kmsguard.cli import audit, data, keys, server, setup
 
     cli.add_command(setup.init)
     for command in (data.encrypt, data.decrypt, data.inspect):
@@ -42,6 +42,8 @@ def _register() -> None:
     cli.add_command(keys.keys)
     cli.add_command(audit.audit)
     cli.add_command(audit.metrics)
+    cli.add_command(server.serve)
+    cli.add_command(server.apikey)
 
 
 def main(argv: list[str] | None = None) -> None:
