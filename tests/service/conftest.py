@@ -1,0 +1,134 @@
+"""Fixtures for the service tests: ``kmsguard serve`` processes with their own homes and API keys.
+
+Servers are module-scoped (starting one costs about a second); each test module that
+needs special settings starts its own.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kmsguard.audit import AuditRecord, AuditSettings, open_sink
+from kmsguard.config import load_settings
+from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
+from kmsguard.server.apikeys import FileKeyStore, create_key
+from kmsguard.testing.moto_server import MotoServer
+from kmsguard.testing.region import TEST_ACCESS_KEY, TEST_SECRET_KEY, KmsRegion
+from kmsguard.testing.service import ServiceProcess
+
+#: The API keys every test home gets: name -> scopes.
+KEYS = {
+    "admin": ["admin:*"],
+    "app": ["encrypt:*", "decrypt:*", "rewrap:*", "inspect:*"],
+    "general-only": ["encrypt:general", "decrypt:general", "rewrap:general", "inspect:general"],
+    "encrypt-only": ["encrypt:*"],
+    "revoked": ["admin:*"],
+}
+
+
+@dataclass
+class Service:
+    """A running service: its URL, home, environment and a token per name of KEYS."""
+
+    process: ServiceProcess
+    home: Path
+    env: dict[str, str]
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def client(self, name: str | None = "app") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.tokens[name]}"} if name else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def audit_records(self) -> list[AuditRecord]:
+        settings = load_settings(self.env)
+        sink = open_sink(AuditSettings.of(settings))
+        try:
+            return list(sink.records())
+        finally:
+            sink.close()
+
+
+def base_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSGUARD_", "AWS_"))}
+    env["KMSGUARD_HOME"] = str(home)
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+def make_home(home: Path, server: str = "", audit: str = 'sink = "jsonl"\nflush_interval = 0.05') -> dict[str, str]:
+    """A home with a config file, API keys (KEYS, "revoked" revoked) and, for the local backend, a key file."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "kmsguard.toml").write_text(f"[server]\n{server}\n[audit]\n{audit}\n")
+    store = FileKeyStore(home / "apikeys.json")
+    tokens = {name: create_key(store, name, scopes) for name, scopes in KEYS.items()}
+    store.revoke("revoked")
+    return tokens
+
+
+def start_local(home: Path, server: str = "", workers: int = 1) -> Service:
+    tokens = make_home(home, server)
+    LocalKeyring.create(home / KEY_FILE_NAME, ["general", "pii", "payment"])
+    env = base_env(home)
+    return Service(ServiceProcess(env, workers=workers).start(), home, env, tokens)
+
+
+def start_aws(home: Path, region: KmsRegion, server: str = "") -> Service:
+    tokens = make_home(home, server)
+    app = f"s{uuid.uuid4().hex[:12]}"
+    for c in ("general", "pii", "payment"):
+        region.create_key(f"alias/{app}-{c}-development")
+    env = base_env(home)
+    env.update(
+        {
+            "KMSGUARD_BACKEND": "aws",
+            "KMSGUARD_APP": app,
+            "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": str(home / "aws-config-absent"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials-absent"),
+            "AWS_REGION": region.name,
+            "AWS_DEFAULT_REGION": region.name,
+            "AWS_ENDPOINT_URL_KMS": region.endpoint,
+        }
+    )
+    return Service(ServiceProcess(env).start(), home, env, tokens)
+
+
+@pytest.fixture(scope="module")
+def local_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    service = start_local(tmp_path_factory.mktemp("svc-local"))
+    yield service
+    service.process.stop()
+
+
+@pytest.fixture(scope="module")
+def service_region(kms_server: MotoServer) -> Iterator[KmsRegion]:
+    region = KmsRegion.start("us-east-1", kms_server)
+    yield region
+    region.close()
+
+
+@pytest.fixture(scope="module")
+def aws_service(tmp_path_factory: pytest.TempPathFactory, service_region: KmsRegion) -> Iterator[Service]:
+    service = start_aws(tmp_path_factory.mktemp("svc-aws"), service_region)
+    yield service
+    service.process.stop()
+
+
+@pytest.fixture(scope="module", params=["local", "aws"])
+def service(request: pytest.FixtureRequest) -> Service:
+    """Each test taking it runs against both backends."""
+    fixture: Service = request.getfixturevalue(f"{request.param}_service")
+    return fixture
