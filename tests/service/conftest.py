@@ -29,6 +29,7 @@ KEYS = {
     "app": ["encrypt:*", "decrypt:*", "rewrap:*", "inspect:*"],
     "general-only": ["encrypt:general", "decrypt:general", "rewrap:general", "inspect:general"],
     "encrypt-only": ["encrypt:*"],
+    "inspect-only": ["inspect:*"],
     "revoked": ["admin:*"],
 }
 
