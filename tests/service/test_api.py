@@ -28,19 +28,20 @@ def test_encrypt_decrypt_round_trip_text_and_binary(service: Service) -> None:
         assert token.startswith("kg1:")
         assert c.post("/v1/decrypt", json={"token": token, "context": {"user": "42"}}).json() == {"plaintext": "Zoë"}
         binary = bytes(range(256))
-        r = c.post("/v1/encrypt", json={"classification": "general", "plaintext_b64": base64.b64encode(binary).decode()})
+        b64 = base64.b64encode(binary).decode()
+        r = c.post("/v1/encrypt", json={"classification": "general", "plaintext_b64": b64})
         opened = c.post("/v1/decrypt", json={"token": r.json()["token"]}).json()
         assert set(opened) == {"plaintext_b64"} and base64.b64decode(opened["plaintext_b64"]) == binary
 
 
 def test_kmsguard_errors_answer_their_status(service: Service) -> None:
     with service.client() as c:
-        token = c.post("/v1/encrypt", json={"classification": "pii", "context": {"user": "1"}, "plaintext": "x"}).json()[
-            "token"
-        ]
+        body = {"classification": "pii", "context": {"user": "1"}, "plaintext": "x"}
+        token = c.post("/v1/encrypt", json=body).json()["token"]
         _error(c.post("/v1/decrypt", json={"token": token, "context": {"user": "2"}}), 400, "CONTEXT_MISMATCH")
         tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
-        assert _error(c.post("/v1/decrypt", json={"token": tampered}), 400, "INVALID_CIPHERTEXT") == "invalid ciphertext"
+        message = _error(c.post("/v1/decrypt", json={"token": tampered}), 400, "INVALID_CIPHERTEXT")
+        assert message == "invalid ciphertext"
         _error(c.post("/v1/decrypt", json={"token": "kg1:nonsense"}), 400, "INVALID_CIPHERTEXT")
         _error(c.post("/v1/encrypt", json={"classification": "payment", "plaintext": "4111"}), 400, "CONTEXT_REQUIRED")
         _error(c.post("/v1/encrypt", json={"classification": "nope", "plaintext": "x"}), 400, "UNKNOWN_CLASSIFICATION")
@@ -68,7 +69,8 @@ def test_not_json_wrong_type_404_405(local_service: Service) -> None:
     with local_service.client() as c:
         bad = c.post("/v1/encrypt", content=b'{"classification": ', headers={"content-type": "application/json"})
         assert _error(bad, 400, "INVALID_INPUT") == "body: not valid JSON"
-        _error(c.post("/v1/encrypt", content=b"plaintext=x", headers={"content-type": "text/plain"}), 400, "INVALID_INPUT")
+        text = c.post("/v1/encrypt", content=b"plaintext=x", headers={"content-type": "text/plain"})
+        _error(text, 400, "INVALID_INPUT")
         deep = b'{"token": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
         _error(c.post("/v1/decrypt", content=deep, headers={"content-type": "application/json"}), 400, "INVALID_INPUT")
         _error(c.get("/v2/encrypt"), 404, "NOT_FOUND")
@@ -78,7 +80,8 @@ def test_not_json_wrong_type_404_405(local_service: Service) -> None:
 def test_body_over_the_limit_is_413_before_it_is_read(local_service: Service) -> None:
     big = b'{"classification": "general", "plaintext": "' + b"a" * (2 << 20) + b'"}'
     with local_service.client() as c:
-        _error(c.post("/v1/encrypt", content=big, headers={"content-type": "application/json"}), 413, "REQUEST_TOO_LARGE")
+        whole = c.post("/v1/encrypt", content=big, headers={"content-type": "application/json"})
+        _error(whole, 413, "REQUEST_TOO_LARGE")
 
         def chunks():  # type: ignore[no-untyped-def]
             yield b'{"classification": "general", "plaintext": "'
@@ -108,7 +111,8 @@ def test_batches_answer_in_order_with_item_errors(service: Service) -> None:
         assert results[3]["error"]["code"] == "INVALID_INPUT"
         tokens = [results[0]["token"], results[2]["token"], "kg1:broken", results[4]["token"]]
         contexts = [None, {"purpose": "refund"}, None, {"u": "1"}]
-        decrypt_items = [{"token": t, "context": ctx} if ctx else {"token": t} for t, ctx in zip(tokens, contexts)]
+        pairs = zip(tokens, contexts, strict=True)
+        decrypt_items = [{"token": t, "context": ctx} if ctx else {"token": t} for t, ctx in pairs]
         opened = c.post("/v1/decrypt/batch", json={"items": decrypt_items}).json()["results"]
         assert opened[0] == {"plaintext": "a"} and opened[1] == {"plaintext": "c"}
         assert opened[2]["error"]["code"] == "INVALID_CIPHERTEXT"
@@ -153,9 +157,8 @@ def test_request_ids_are_echoed_and_audited(local_service: Service) -> None:
         made = c.post("/v1/encrypt", json={"classification": "general", "plaintext": "id-test"})
         audit_id = made.headers["x-request-id"]
         assert made.headers["x-audit-request-id"] == audit_id
-        given = c.post(
-            "/v1/encrypt", json={"classification": "general", "plaintext": "id-test"}, headers={"X-Request-Id": "trace-7"}
-        )
+        body = {"classification": "general", "plaintext": "id-test"}
+        given = c.post("/v1/encrypt", json=body, headers={"X-Request-Id": "trace-7"})
         assert given.headers["x-request-id"] == "trace-7"
         evil = c.post("/healthz", headers={"X-Request-Id": "bad\tid"})
         assert evil.headers["x-request-id"] != "bad\tid"

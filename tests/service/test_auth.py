@@ -142,7 +142,7 @@ def test_auth_none_is_refused_off_loopback(tmp_path: Path) -> None:
     home.mkdir()
     (home / "kmsguard.toml").write_text('[server]\nauth = "none"\n')
     r = subprocess.run(
-        [sys.executable, "-m", "kmsguard", "serve", "--host", "0.0.0.0", "--port", "1"],  # noqa: S104
+        [sys.executable, "-m", "kmsguard", "serve", "--host", "0.0.0.0", "--port", "1"],
         env=base_env(home), capture_output=True, text=True, timeout=60, check=False,
     )
     assert r.returncode == 1
@@ -238,7 +238,7 @@ def test_server_settings_validation() -> None:
         ({"port": True}, {}, "server.port"),
         ({"workers": 0}, {}, "server.workers"),
         ({"auth": "basic"}, {}, "server.auth: must be one of"),
-        ({"auth": "none", "host": "0.0.0.0"}, {}, "loopback"),  # noqa: S104
+        ({"auth": "none", "host": "0.0.0.0"}, {}, "loopback"),
         ({"api_keys": "postgres"}, {}, "server.api_keys_dsn"),
         ({"rate_limit": float("nan")}, {}, "server.rate_limit"),
         ({"metrics_auth": "yes"}, {}, "server.metrics_auth"),
