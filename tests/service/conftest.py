@@ -67,10 +67,14 @@ def base_env(home: Path) -> dict[str, str]:
     return env
 
 
-def make_home(home: Path, server: str = "", audit: str = 'sink = "jsonl"\nflush_interval = 0.05') -> dict[str, str]:
-    """A home with a config file, API keys (KEYS, "revoked" revoked) and, for the local backend, a key file."""
+AUDIT = 'sink = "jsonl"\nflush_interval = 0.05'
+
+
+def make_home(home: Path, server: str = "", extra: str = "") -> dict[str, str]:
+    """A home with a config file (``[server]`` holding ``server``, a JSON lines audit trail, then
+    ``extra``) and API keys (KEYS, "revoked" revoked); returns their tokens."""
     home.mkdir(parents=True, exist_ok=True)
-    (home / "kmsguard.toml").write_text(f"[server]\n{server}\n[audit]\n{audit}\n")
+    (home / "kmsguard.toml").write_text(f"[server]\n{server}\n[audit]\n{AUDIT}\n{extra}\n")
     store = FileKeyStore(home / "apikeys.json")
     tokens = {name: create_key(store, name, scopes) for name, scopes in KEYS.items()}
     store.revoke("revoked")
@@ -84,8 +88,8 @@ def start_local(home: Path, server: str = "", workers: int = 1) -> Service:
     return Service(ServiceProcess(env, workers=workers).start(), home, env, tokens)
 
 
-def start_aws(home: Path, region: KmsRegion, server: str = "") -> Service:
-    tokens = make_home(home, server)
+def start_aws(home: Path, region: KmsRegion, server: str = "", extra: str = "") -> Service:
+    tokens = make_home(home, server, extra)
     app = f"s{uuid.uuid4().hex[:12]}"
     for c in ("general", "pii", "payment"):
         region.create_key(f"alias/{app}-{c}-development")
