@@ -32,7 +32,9 @@ lint: $(VENV)/.installed-test
 test: lint
 	$(BIN)/pytest
 
+# wrk (a compiled HTTP load generator) drives `python -m bench server`.
 bench: $(VENV)/.installed-test
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench
 
 clean:

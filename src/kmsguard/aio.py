@@ -7,7 +7,9 @@ AsyncGuard runs the first kind on the event loop and the second in a thread pool
 * an encrypt of a (classification, context), or a decrypt of an envelope under given
   wrapped keys and context, is *warm* once an operation of that kind finished without
   a key-service call (kmsguard.operation.kms_tally counts them); warm kinds run inline;
-* everything else, and every rewrap and batch, runs in the pool;
+* everything else, and every rewrap and batch, runs in the pool (a batch whose kinds are
+  all warm in one thread, item after item; any other batch as Guard runs it, on several
+  threads, so that its KMS calls overlap);
 * an inline operation that did call the key service (its cached key expired or was used
   up) turns its kind cold again, so a kind costs the loop at most one such call per
   refresh of its cached key, never one per operation.
@@ -27,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kmsguard import batch, envelope, operation
-from kmsguard.errors import KmsGuardError
+from kmsguard.errors import InvalidInput, KmsGuardError
 from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput, Guard
 
 T = TypeVar("T")
@@ -70,7 +72,23 @@ class AsyncGuard:
         contexts: Sequence[Context] | None = None,
         max_concurrency: int = batch.DEFAULT_CONCURRENCY,
     ) -> list[batch.Result[bytes]]:
-        return await self._in_pool(self.guard.encrypt_many, items, classification, context, contexts, max_concurrency)
+        """In the pool: one thread taking the items in turn when every kind in the batch is warm
+        (no thread hand-off per item), else Guard's own batch, which overlaps the KMS calls."""
+        if contexts is not None and len(contexts) != len(items):
+            raise InvalidInput("contexts must have one entry per item")
+        each = [context] * len(items) if contexts is None else list(contexts)
+        kinds = {_kind("encrypt", classification, c) for c in each}
+        results: list[batch.Result[bytes]]
+        if None not in kinds and all(self._warm.get(k) for k in kinds):
+            results, calls = await self._in_pool(_counted, _in_turn, self.guard, items, classification, each)
+        else:
+            many = self.guard.encrypt_many
+            args = (items, classification, context, contexts, max_concurrency)
+            results, calls = await self._in_pool(_counted, many, *args)
+        if None not in kinds:
+            for kind in kinds:
+                self._mark(kind, not calls)
+        return results
 
     async def decrypt_many(
         self,
@@ -119,6 +137,18 @@ class AsyncGuard:
             if warm and len(self._warm) >= MAX_WARM:
                 self._warm.clear()
             self._warm[kind] = warm
+
+
+def _in_turn(
+    guard: Guard, items: Sequence[bytes], classification: str, contexts: Sequence[Context]
+) -> list[batch.Result[bytes]]:
+    out: list[batch.Result[bytes]] = []
+    for item, context in zip(items, contexts, strict=True):
+        try:
+            out.append(batch.Result(value=guard.encrypt(item, classification, context)))
+        except KmsGuardError as exc:
+            out.append(batch.Result(error=exc))
+    return out
 
 
 def _counted(fn: Callable[..., T], *args: Any) -> tuple[T, int]:
