@@ -15,13 +15,29 @@ import httpx
 import psycopg
 import pytest
 
+from audit.pgserver import PostgresUnavailable, ThrowawayPostgres
 from kmsguard.errors import ConfigurationError, InvalidInput
 from kmsguard.server.apikeys import FileKeyStore, KeyIndex, PostgresKeyStore, Scope, create_key, new_token
 from kmsguard.server.settings import ServerSettings
 
 from .conftest import Service, base_env, start_local
 
-PG_DSN = os.environ.get("KMSGUARD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+
+@pytest.fixture(scope="module")
+def pg_dsn() -> Iterator[str]:
+    """$KMSGUARD_TEST_PG_DSN, else a throwaway server of this module's own (see tests/audit/pgserver.py)."""
+    if os.environ.get("KMSGUARD_TEST_PG_DSN"):
+        yield os.environ["KMSGUARD_TEST_PG_DSN"]
+        return
+    server = ThrowawayPostgres()
+    try:
+        server.start()
+    except PostgresUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -207,10 +223,10 @@ def test_key_index_lookup_and_reload(tmp_path: Path) -> None:
     index.flush_last_used()
 
 
-def test_postgres_key_store(tmp_path: Path) -> None:
+def test_postgres_key_store(pg_dsn: str) -> None:
     schema = f"kg_keys_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
-        store = PostgresKeyStore(PG_DSN, schema)
+        store = PostgresKeyStore(pg_dsn, schema)
         token = create_key(store, "replica-app", ["encrypt:general", "decrypt:general"])
         with pytest.raises(InvalidInput):
             create_key(store, "replica-app", ["encrypt:*"])
@@ -223,7 +239,7 @@ def test_postgres_key_store(tmp_path: Path) -> None:
         index.maybe_reload()
         assert index.lookup(token) is None
     finally:
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
