@@ -176,7 +176,8 @@ class KeyIndex:
         key = self._by_digest.get(digest)
         if key is None or not hmac.compare_digest(key.digest.encode("ascii"), digest.encode("ascii")):
             return None
-        self._used[key.name] = time.time()
+        with self._lock:
+            self._used[key.name] = time.time()
         return key
 
     def flush_last_used(self) -> None:

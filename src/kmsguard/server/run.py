@@ -45,7 +45,7 @@ def serve(overrides: Mapping[str, Any], uvicorn_options: Mapping[str, Any] | Non
         host=server.host,
         port=server.port,
         workers=server.workers,
-        timeout_graceful_shutdown=int(server.shutdown_timeout) or None,
+        timeout_graceful_shutdown=max(1, round(server.shutdown_timeout)),
         log_level="info",
         access_log=False,
         server_header=False,

@@ -81,7 +81,7 @@ class ServerSettings:
             metrics_auth=_get(raw, "metrics_auth", bool, cls.metrics_auth),
             rate_limit=_number(raw, "rate_limit", cls.rate_limit, 0, 1e9),
             rate_burst=_int(raw, "rate_burst", cls.rate_burst, 1, 1 << 30),
-            shutdown_timeout=_number(raw, "shutdown_timeout", cls.shutdown_timeout, 0, 3600),
+            shutdown_timeout=_number(raw, "shutdown_timeout", cls.shutdown_timeout, 1, 3600),
             api_keys=_choice(raw, "api_keys", KEY_STORES, cls.api_keys),
             api_keys_dsn=_get(raw, "api_keys_dsn", str, None),
             api_keys_schema=_get(raw, "api_keys_schema", str, cls.api_keys_schema),
