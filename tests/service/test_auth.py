@@ -17,8 +17,10 @@ import pytest
 
 from audit.pgserver import PostgresUnavailable, ThrowawayPostgres
 from kmsguard.errors import ConfigurationError, InvalidInput
+from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.server.apikeys import FileKeyStore, KeyIndex, PostgresKeyStore, Scope, create_key, new_token
 from kmsguard.server.settings import ServerSettings
+from kmsguard.testing.service import ServiceProcess
 
 from .conftest import Service, base_env, start_local
 
@@ -265,3 +267,38 @@ def test_server_settings_validation() -> None:
         with pytest.raises(ConfigurationError, match=message.replace(".", r"\.")):
             ServerSettings.from_section(section, env)
     assert ServerSettings.from_section({"auth": "none", "host": "::1"}, {}).auth == "none"
+
+
+def test_service_with_api_keys_in_postgres(tmp_path: Path, pg_dsn: str) -> None:
+    """Keys made and revoked with the CLI in PostgreSQL, seen by a running service (as by every replica)."""
+    schema = f"kg_keys_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "kmsguard.toml").write_text(
+        f'[server]\napi_keys = "postgres"\napi_keys_dsn = "{pg_dsn}"\napi_keys_schema = "{schema}"\n'
+        '[audit]\nsink = "jsonl"\n'
+    )
+    LocalKeyring.create(home / KEY_FILE_NAME, ["general", "pii", "payment"])
+    env = base_env(home)
+
+    def kg(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kmsguard", *args], env=env, capture_output=True, text=True,
+                              check=False)
+
+    try:
+        made = kg("apikey", "create", "--name", "edge", "--allow", "encrypt:general")
+        assert made.returncode == 0, made.stderr
+        token = made.stdout.strip()
+        assert not (home / "apikeys.json").exists()
+        with ServiceProcess(env) as process:
+            body = {"classification": "general", "plaintext": "x"}
+            headers = {"Authorization": f"Bearer {token}"}
+            assert httpx.post(process.url + "/v1/encrypt", json=body, headers=headers).status_code == 200
+            assert kg("apikey", "revoke", "edge").returncode == 0
+            deadline = time.monotonic() + 5
+            while httpx.post(process.url + "/v1/encrypt", json=body, headers=headers).status_code != 401:
+                assert time.monotonic() < deadline, "the revoked key was still accepted after 5 s"
+                time.sleep(0.1)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
