@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -79,8 +80,22 @@ def error_of(detail: Any, status: int) -> KmsGuardError:
     return cls(message or None)
 
 
-def _raise_for(response: httpx.Response) -> Any:
+def _again(outcome: httpx.Response | httpx.TransportError, retry: int, until: float) -> float | None:
+    """Seconds to wait before attempt ``retry + 1``, or None: the answer stands. ServiceUnreachable
+    when the service has not answered at all and the deadline leaves no room for another try."""
+    if isinstance(outcome, httpx.TransportError):
+        delay = _wait(retry, 0.0, until)
+        if delay is None:
+            raise _unreachable(outcome) from None
+        return delay
+    if outcome.status_code in _RETRY_STATUSES:
+        return _wait(retry, _retry_after(outcome), until)
+    return None
+
+
+def _raise_for(response: httpx.Response | httpx.TransportError) -> Any:
     """The JSON of a 2xx answer; the matching kmsguard error for anything else."""
+    assert isinstance(response, httpx.Response)  # _again raised for a transport error
     try:
         doc = response.json()
     except ValueError:
@@ -97,8 +112,14 @@ def _retry_after(response: httpx.Response) -> float:
         return 0.0
 
 
-def _headers(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}", "Content-Type": "application/json", "User-Agent": "kmsguard-client"}
+def _options(url: str, token: str, timeout: float, max_connections: int) -> dict[str, Any]:
+    """What both clients give httpx: the base URL, the API key, the timeout and the pool's size."""
+    return {
+        "base_url": url.rstrip("/"),
+        "headers": {"Authorization": f"Bearer {token}", "User-Agent": "kmsguard-client"},
+        "timeout": timeout,
+        "limits": httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+    }
 
 
 def _wait(retry: int, at_least: float, until: float) -> float | None:
@@ -196,33 +217,20 @@ class RemoteGuard:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.deadline = deadline
-        self._http = httpx.Client(
-            base_url=url.rstrip("/"),
-            headers=_headers(token),
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
-        )
+        self._http = httpx.Client(transport=transport, **_options(url, token, timeout, max_connections))
 
     def _post(self, path: str, body: Mapping[str, Any]) -> Any:
         until = time.monotonic() + self.deadline
-        retry = 0
-        while True:
-            retry += 1
+        for retry in itertools.count(1):
             try:
-                response = self._http.post(path, json=body)
+                outcome: httpx.Response | httpx.TransportError = self._http.post(path, json=body)
             except httpx.TransportError as exc:
-                delay = _wait(retry, 0.0, until)
-                if delay is None:
-                    raise _unreachable(exc) from None
-                time.sleep(delay)
-                continue
-            if response.status_code in _RETRY_STATUSES:
-                delay = _wait(retry, _retry_after(response), until)
-                if delay is not None:
-                    time.sleep(delay)
-                    continue
-            return _raise_for(response)
+                outcome = exc
+            delay = _again(outcome, retry, until)
+            if delay is None:
+                return _raise_for(outcome)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def encrypt(self, plaintext: bytes, classification: str, context: Context = None) -> bytes:
         return envelope.coerce(self._post("/v1/encrypt", _encrypt_body(plaintext, classification, context))["token"])
@@ -305,33 +313,20 @@ class AsyncRemoteGuard:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.deadline = deadline
-        self._http = httpx.AsyncClient(
-            base_url=url.rstrip("/"),
-            headers=_headers(token),
-            timeout=timeout,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
-        )
+        self._http = httpx.AsyncClient(transport=transport, **_options(url, token, timeout, max_connections))
 
     async def _post(self, path: str, body: Mapping[str, Any]) -> Any:
         until = time.monotonic() + self.deadline
-        retry = 0
-        while True:
-            retry += 1
+        for retry in itertools.count(1):
             try:
-                response = await self._http.post(path, json=body)
+                outcome: httpx.Response | httpx.TransportError = await self._http.post(path, json=body)
             except httpx.TransportError as exc:
-                delay = _wait(retry, 0.0, until)
-                if delay is None:
-                    raise _unreachable(exc) from None
-                await asyncio.sleep(delay)
-                continue
-            if response.status_code in _RETRY_STATUSES:
-                delay = _wait(retry, _retry_after(response), until)
-                if delay is not None:
-                    await asyncio.sleep(delay)
-                    continue
-            return _raise_for(response)
+                outcome = exc
+            delay = _again(outcome, retry, until)
+            if delay is None:
+                return _raise_for(outcome)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def encrypt(self, plaintext: bytes, classification: str, context: Context = None) -> bytes:
         doc = await self._post("/v1/encrypt", _encrypt_body(plaintext, classification, context))

@@ -7,6 +7,8 @@ needs special settings starts its own.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +22,8 @@ from kmsguard.config import load_settings
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.server.apikeys import FileKeyStore, create_key
 from kmsguard.testing.moto_server import MotoServer
-from kmsguard.testing.region import TEST_ACCESS_KEY, TEST_SECRET_KEY, KmsRegion
+from kmsguard.testing.plugin import offline_aws_env
+from kmsguard.testing.region import KmsRegion
 from kmsguard.testing.service import ServiceProcess
 
 #: The API keys every test home gets: name -> scopes.
@@ -94,20 +97,8 @@ def start_aws(home: Path, region: KmsRegion, server: str = "", extra: str = "") 
     for c in ("general", "pii", "payment"):
         region.create_key(f"alias/{app}-{c}-development")
     env = base_env(home)
-    env.update(
-        {
-            "KMSGUARD_BACKEND": "aws",
-            "KMSGUARD_APP": app,
-            "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
-            "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_CONFIG_FILE": str(home / "aws-config-absent"),
-            "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials-absent"),
-            "AWS_REGION": region.name,
-            "AWS_DEFAULT_REGION": region.name,
-            "AWS_ENDPOINT_URL_KMS": region.endpoint,
-        }
-    )
+    env.update(offline_aws_env(region, home))
+    env.update({"KMSGUARD_BACKEND": "aws", "KMSGUARD_APP": app})
     return Service(ServiceProcess(env).start(), home, env, tokens)
 
 
@@ -130,6 +121,20 @@ def aws_service(tmp_path_factory: pytest.TempPathFactory, service_region: KmsReg
     service = start_aws(tmp_path_factory.mktemp("svc-aws"), service_region)
     yield service
     service.process.stop()
+
+
+@pytest.fixture(scope="module")
+def limited_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service whose API keys may make 2 requests at once, then 1 a second."""
+    service = start_local(tmp_path_factory.mktemp("svc-limited"), server="rate_limit = 1\nrate_burst = 2")
+    yield service
+    service.process.stop()
+
+
+def kmsguard_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``kmsguard ARGS`` in a child process with ``env``."""
+    return subprocess.run([sys.executable, "-m", "kmsguard", *args], env=env, capture_output=True, text=True,
+                          check=False)
 
 
 @pytest.fixture(scope="module", params=["local", "aws"])

@@ -29,7 +29,7 @@ from kmsguard.client import AsyncRemoteGuard, RemoteGuard, ServiceUnreachable
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.testing.moto_server import free_port
 
-from .conftest import Service, start_local
+from .conftest import Service
 
 
 class Blocking:
@@ -136,26 +136,20 @@ def test_rewrap_and_inspect(any_guard: Any) -> None:
 # ---------------------------------------------------------------------- the clients' retries
 
 
-@pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = start_local(tmp_path_factory.mktemp("svc-retry"), server="rate_limit = 1\nrate_burst = 2")
-    yield service
-    service.process.stop()
-
-
-def test_remote_guard_waits_out_429_within_its_deadline(limited: Service) -> None:
-    with RemoteGuard(limited.url, limited.tokens["app"], deadline=0.3) as impatient, pytest.raises(RateLimited):
+def test_remote_guard_waits_out_429_within_its_deadline(limited_service: Service) -> None:
+    url, token = limited_service.url, limited_service.tokens["app"]
+    with RemoteGuard(url, token, deadline=0.3) as impatient, pytest.raises(RateLimited):
         for _ in range(4):
             impatient.encrypt(b"x", "general")
     time.sleep(2.1)  # the bucket refills
-    with RemoteGuard(limited.url, limited.tokens["app"], deadline=10) as patient:
+    with RemoteGuard(url, token, deadline=10) as patient:
         for _ in range(4):  # two over the burst: answered 429 with Retry-After, waited out
             assert patient.decrypt(patient.encrypt(b"x", "general")) == b"x"
 
 
-def test_async_remote_guard_retries_too(limited: Service) -> None:
+def test_async_remote_guard_retries_too(limited_service: Service) -> None:
     async def run() -> None:
-        async with AsyncRemoteGuard(limited.url, limited.tokens["admin"], deadline=10) as remote:
+        async with AsyncRemoteGuard(limited_service.url, limited_service.tokens["admin"], deadline=10) as remote:
             for _ in range(4):
                 assert await remote.decrypt(await remote.encrypt(b"x", "general")) == b"x"
 
