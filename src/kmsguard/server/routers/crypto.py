@@ -1,10 +1,11 @@
 """API v1: encrypt, decrypt, their batches, rewrap and inspect; and the echo baseline.
 
-Batches answer a JSONResponse built here: the results are already in the documented shape,
-and validating a thousand of them again through the response model costs more than the
-encryption. Each endpoint checks the caller's scope for the operation first, then (for an envelope)
+Each endpoint checks the caller's scope for the operation first, then (for an envelope)
 for the envelope's classification, then runs the operation on the worker's AsyncGuard
 as the API key's name (``operation.acting_as``), so the audit record names the key.
+Batches answer a JSONResponse built here: their results are already in the documented
+shape, and passing a thousand of them through the response model again costs more than
+encrypting them.
 """
 
 from __future__ import annotations
