@@ -350,7 +350,6 @@ class CloudWatchExport:
         self.flush_interval = flush_interval
         self.max_buffer = max_buffer
         self.dropped = 0
-        self.published_calls = 0
         self.on_drop: Callable[[float], None] = lambda n: None
         self._buffer: deque[Sample] = deque()
         self._client: Any = None
@@ -386,7 +385,6 @@ class CloudWatchExport:
                 if self._client is None:
                     self._client = self.client_factory() if self.client_factory else None
                 self._client.put_metric_data(Namespace=self.namespace, MetricData=batch)
-                self.published_calls += 1
             except Exception as exc:
                 lost = sum(int(sum(d.get("Counts", ()))) for d in batch)
                 self._drop(lost)
