@@ -142,7 +142,7 @@ class Metrics(Telemetry):
     # ------------------------------------------------------------------ export
 
     def exposition(self) -> bytes:
-        """The Prometheus text format (what ``/metrics`` and ``kmsguard metrics`` serve)."""
+        """The Prometheus text format: what ``kmsguard metrics`` prints and a scrape endpoint serves."""
         return generate_latest(self.registry)
 
     def close(self) -> None:
