@@ -6,13 +6,15 @@ message that starts with the setting's dotted name (or the variable that set it)
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kmsguard import ConfigurationError
@@ -235,3 +237,69 @@ def test_valid_sections_still_read_as_before(tmp_path: Path) -> None:
     options = MultiRegionOptions.from_section(s.section("aws"))
     assert options.breaker_failures == 5 and not options.wrap_in_all_regions
     assert options.region_keys == {"payment": {"eu-west-1": "arn:aws:kms:eu-west-1:111122223333:key/k"}}
+
+
+# ---------------------------------------------------------------------- whole files
+
+WORDS = st.text("abcdefgh-_ 019", max_size=12)  # no path separators: [metrics] emf names a file
+SCALARS = st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats() | WORDS
+
+
+def toml_of(value: object) -> str:
+    """A TOML value (inline tables and arrays): enough to write any document the tests draw."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, int | str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_of(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"{json.dumps(k)} = {toml_of(v)}" for k, v in value.items()) + "}"
+
+
+def tables(names: list[str], values: st.SearchStrategy[object]) -> st.SearchStrategy[dict[str, object]]:
+    """Tables of known names and one unknown, with values that are sometimes of the right type."""
+    return st.dictionaries(st.sampled_from([*names, "colour"]), values, max_size=4)
+
+
+VALUES = SCALARS | st.lists(SCALARS, max_size=2)
+CLASS = tables(
+    ["key", "required_context", "kms_context_keys", "strict_audit", "regions"], VALUES
+) | st.fixed_dictionaries({"cache": tables(["reuse", "max_age", "max_messages", "max_bytes", "decrypt_ttl"], VALUES)})
+DOCUMENTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "backend": st.sampled_from(["local", "aws"]) | SCALARS,
+        "environment": st.sampled_from(["development", "production"]) | SCALARS,
+        "app": VALUES,
+        "classifications": st.dictionaries(
+            st.sampled_from(["general", "payment", "loyalty", "Bad"]), CLASS, max_size=2
+        ),
+        "aws": tables(["regions", "max_attempts", "read_timeout", "profile", "breaker_failures", "keys"], VALUES),
+        "audit": tables(["sink", "strict", "flush_interval", "max_spool_mb", "delivery", "path"], VALUES),
+        "metrics": tables(["enabled", "namespace", "emf", "cloudwatch", "flush_interval", "max_buffer"], VALUES),
+        "colour": VALUES,
+    },
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc=DOCUMENTS)
+def test_any_document_loads_or_fails_with_one_configuration_error(doc: dict[str, object]) -> None:
+    """Whatever the file holds, every section either reads it or names what is wrong: never a traceback."""
+    with tempfile.TemporaryDirectory() as home:
+        text = "".join(f"{json.dumps(k)} = {toml_of(v)}\n" for k, v in doc.items())
+        (Path(home) / "kmsguard.toml").write_text(text)
+        try:
+            s = load_settings({"KMSGUARD_HOME": home})
+            for _, read in SECTIONS[3:]:
+                built = read(s)
+                if hasattr(built, "close"):
+                    built.close()
+        except ConfigurationError as exc:
+            name = exc.message.partition(":")[0]
+            assert name and " " not in name.removeprefix("classifications.Bad")
+            if "colour" in exc.message:
+                assert exc.message.endswith("colour: unknown setting")
