@@ -1,9 +1,9 @@
 """Typed reads of one settings table, every failure a ConfigurationError naming the setting.
 
-Every section of ``kmsguard.toml`` is read through :class:`ConfigTable`: the top level
-and ``[classifications.*]`` (:mod:`kmsguard.config`), ``[aws]`` (:mod:`kmsguard.aws.settings`
-and the multi-region keyring's part of it), ``[audit]`` and ``[metrics]``. So a setting a
-section does not know is an error, and every message has one shape,
+Every section of ``kmsguard.toml`` that kmsguard reads goes through :class:`ConfigTable`:
+the top level and ``[classifications.*]`` (:mod:`kmsguard.config`), ``[aws]``
+(:mod:`kmsguard.aws.settings` and the multi-region keyring's part of it), ``[audit]`` and
+``[metrics]``. So a setting a section does not know is an error, and every message has one shape,
 ``<dotted.name>: <what it must be>`` (or ``<VARIABLE>: ...`` when the value came from the
 environment), short enough to fix from one line of a service's log.
 
