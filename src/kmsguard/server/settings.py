@@ -18,18 +18,20 @@
     api_keys_schema = "kmsguard"
     ready_interval = 5          # seconds a readiness answer is reused
 
-Every field has a ``KMSGUARD_SERVER_<FIELD>`` variable that overrides the file.
+Every field has a ``KMSGUARD_SERVER_<FIELD>`` variable that overrides the file, and
+``kmsguard serve``'s options override both. Values are checked by
+:class:`kmsguard.config_table.ConfigTable`, as every other section's.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kmsguard.config import Settings
+from kmsguard.config_table import ConfigTable
 from kmsguard.errors import ConfigurationError
 
 AUTH_MODES = ("api_keys", "none")
@@ -62,37 +64,34 @@ class ServerSettings:
     @classmethod
     def from_section(cls, section: Mapping[str, Any], env: Mapping[str, str], **overrides: Any) -> ServerSettings:
         fields = cls.__dataclass_fields__
-        unknown = set(section) - set(fields)
-        if unknown:
-            raise ConfigurationError(f"server.{sorted(unknown)[0]}: unknown setting")
+        ConfigTable(section, "server", fields)  # an unknown setting in the file is an error
         raw: dict[str, Any] = dict(section)
         for name in fields:
             var = _ENV_PREFIX + name.upper()
             if env.get(var):
-                raw[name] = _from_env(var, env[var], type(getattr(cls, name, "")) if name != "api_keys_dsn" else str)
+                raw[name] = _from_env(var, env[var], type(getattr(cls, name)) if name != "api_keys_dsn" else str)
         raw.update({k: v for k, v in overrides.items() if v is not None})
+        t = ConfigTable(raw, "server", fields)
         s = cls(
-            host=_get(raw, "host", str, cls.host),
-            port=_int(raw, "port", cls.port, 0, 65535),
-            workers=_int(raw, "workers", cls.workers, 1, 256),
-            max_request_bytes=_int(raw, "max_request_bytes", cls.max_request_bytes, 1024, 1 << 30),
-            max_batch_items=_int(raw, "max_batch_items", cls.max_batch_items, 1, 100_000),
-            auth=_choice(raw, "auth", AUTH_MODES, cls.auth),
-            metrics_auth=_get(raw, "metrics_auth", bool, cls.metrics_auth),
-            rate_limit=_number(raw, "rate_limit", cls.rate_limit, 0, 1e9),
-            rate_burst=_int(raw, "rate_burst", cls.rate_burst, 1, 1 << 30),
-            shutdown_timeout=_number(raw, "shutdown_timeout", cls.shutdown_timeout, 1, 3600),
-            api_keys=_choice(raw, "api_keys", KEY_STORES, cls.api_keys),
-            api_keys_dsn=_get(raw, "api_keys_dsn", str, None),
-            api_keys_schema=_get(raw, "api_keys_schema", str, cls.api_keys_schema),
-            ready_interval=_number(raw, "ready_interval", cls.ready_interval, 0.1, 3600),
+            host=t.string("host", cls.host),
+            port=t.integer("port", cls.port, minimum=0, maximum=65535),
+            workers=t.integer("workers", cls.workers, minimum=1, maximum=256),
+            max_request_bytes=t.integer("max_request_bytes", cls.max_request_bytes, minimum=1024, maximum=1 << 30),
+            max_batch_items=t.integer("max_batch_items", cls.max_batch_items, minimum=1, maximum=100_000),
+            auth=t.choice("auth", AUTH_MODES, cls.auth),
+            metrics_auth=t.boolean("metrics_auth", cls.metrics_auth),
+            rate_limit=t.number("rate_limit", cls.rate_limit, minimum=0, maximum=1e9),
+            rate_burst=t.integer("rate_burst", cls.rate_burst, minimum=1, maximum=1 << 30),
+            shutdown_timeout=t.number("shutdown_timeout", cls.shutdown_timeout, minimum=1, maximum=3600),
+            api_keys=t.choice("api_keys", KEY_STORES, cls.api_keys),
+            api_keys_dsn=t.optional_string("api_keys_dsn"),
+            api_keys_schema=t.string("api_keys_schema", cls.api_keys_schema),
+            ready_interval=t.number("ready_interval", cls.ready_interval, minimum=0.1, maximum=3600),
         )
         if s.api_keys == "postgres" and not s.api_keys_dsn:
-            raise ConfigurationError("server.api_keys_dsn: the postgres key store needs a dsn")
+            raise t.error("api_keys_dsn", "the postgres key store needs a dsn")
         if s.auth == "none" and not is_loopback(s.host):
-            raise ConfigurationError(
-                f'server.auth: "none" is allowed only on a loopback address, not on {s.host!r}'
-            )
+            raise t.error("auth", f'"none" is allowed only on a loopback address, not on {s.host!r}')
         return s
 
 
@@ -119,36 +118,3 @@ def _from_env(var: str, text: str, kind: type) -> Any:
     except ValueError:
         raise ConfigurationError(f"{var}: must be {'true or false' if kind is bool else 'a number'}") from None
     return text
-
-
-def _get(raw: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
-    value = raw.get(name, default)
-    if value is default:
-        return value
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind) or value == "":
-        what = {str: "a non-empty string", bool: "true or false"}.get(kind, kind.__name__)
-        raise ConfigurationError(f"server.{name}: must be {what}")
-    return value
-
-
-def _int(raw: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = raw.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigurationError(f"server.{name}: must be a whole number from {low} to {high}")
-    return value
-
-
-def _number(raw: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
-    value = raw.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(f"server.{name}: must be a number")
-    if not low <= value <= high:
-        raise ConfigurationError(f"server.{name}: must be from {low:g} to {high:g}")
-    return float(value)
-
-
-def _choice(raw: Mapping[str, Any], name: str, choices: tuple[str, ...], default: str) -> str:
-    value = raw.get(name, default)
-    if value not in choices:
-        raise ConfigurationError(f"server.{name}: must be one of {', '.join(choices)}, not {value!r}")
-    return str(value)
