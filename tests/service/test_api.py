@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import httpx
 import pytest
@@ -167,9 +168,7 @@ def test_request_ids_are_echoed_and_audited(local_service: Service) -> None:
         records = {r.request_id: r for r in local_service.audit_records() if r.request_id in ids}
         if len(records) == 2:
             break
-        import time
-
-        time.sleep(0.1)
+        time.sleep(0.1)  # the deliverer takes the records to the sink in the background
     assert set(records) == ids
     assert all(r.principal == "app" and r.operation == "encrypt" and r.outcome == "ok" for r in records.values())
 
