@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from kmsguard.errors import AuditUnavailable
 from kmsguard.fastpath import HitSink, next_request
 
 #: True when this module runs compiled (Frames.hit is then atomic under the GIL).
@@ -38,6 +39,8 @@ COMPILED = not __file__.endswith(".py")
 HIT_FLAG = 0x80000000
 HIT_PAYLOAD = 48
 HIT_FRAME = 8 + HIT_PAYLOAD
+#: What Frames.hit returns when it wrote nothing (sequence numbers start at 1).
+NOT_WRITTEN = 0
 TEMPLATE = "T"
 _M64 = 0xFFFFFFFFFFFFFFFF
 _M32 = 0xFFFFFFFF
@@ -46,6 +49,7 @@ _FNV_PRIME = 0x100000001B3
 # C copies of the constants for hit() (frames.pxd), which must not box a number to compare it.
 _FRAME = HIT_FRAME
 _HEADER_WORD = HIT_FLAG | HIT_PAYLOAD
+_NOT_WRITTEN = NOT_WRITTEN
 #: HitWriter.last before any kind (an object no caller's kind is).
 _NO_KIND = (object(), 0)
 
@@ -155,7 +159,7 @@ class Frames:
     def attach(self, mapped: Any) -> None:
         """Write into ``mapped`` (a new segment) from its start. Exclusive."""
         if len(mapped) < self.size:  # hits write anywhere below size, unchecked when compiled
-            raise ValueError("a segment map is smaller than the segment size")
+            raise AuditUnavailable("a spool segment's map is smaller than the segment size")
         self.view = mapped if COMPILED else memoryview(mapped).cast("B")
         self.pos = 0
         self.emitted = set()
@@ -171,10 +175,12 @@ class Frames:
         self.view = None
 
     def hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
-        """Append a hit frame; its seq, or 0: not now (spool.py is busy, or the template is
-        not in this segment yet), -1: no room left in the segment, -2: the spool is full."""
+        """Append a hit frame and return its seq; or return NOT_WRITTEN, and the caller takes
+        spool.py's slow path (Spool.hit), which finds out why: spool.py is busy, the
+        template is not in this segment yet, the segment has no room left, or the spool
+        is full (which Spool.hit raises as SpoolFull)."""
         if self.busy:
-            return 0
+            return _NOT_WRITTEN
         if COMPILED:
             return self._hit(template, started, duration, size, request)
         with self.lock:
@@ -186,16 +192,14 @@ class Frames:
 
     def _hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
         if self.closed:  # no map to write into
-            return 0
+            return _NOT_WRITTEN
         if template != self.last_emitted:
             if template not in self.emitted:
-                return 0
+                return _NOT_WRITTEN
             self.last_emitted = template
         pos = self.pos
-        if pos + _FRAME > self.size:
-            return -1
-        if self.written + _FRAME > self.limit:
-            return -2
+        if pos + _FRAME > self.size or self.written + _FRAME > self.limit:
+            return _NOT_WRITTEN
         seq = self.seq + 1
         view = self.view
         _put64(view, pos + 8, seq)  # type: ignore[name-defined]  # noqa: F821
@@ -251,6 +255,6 @@ class HitWriter(HitSink):
                 return
             template = found
             self.last = (kind, template)
-        if self.frames.hit(template, at, took, size, request) <= 0:
+        if self.frames.hit(template, at, took, size, request) == _NOT_WRITTEN:
             self.last = _NO_KIND
             self.slow(kind, at, took, size, request)
