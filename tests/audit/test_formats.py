@@ -32,14 +32,15 @@ from kmsguard.audit.record import (
     AuditRecord,
     AuditRun,
     canonical,
+    records_from_row,
     row_values,
-    rows_of,
     signed_json,
 )
 from kmsguard.audit.sink import JsonLinesSink
 from kmsguard.audit.spool import SegmentReader, Spool, decode
 from kmsguard.audit.sqlite import SqliteSink
 from kmsguard.audit.verify import verify
+from kmsguard.operation import Operation
 
 DATA = Path(__file__).with_name("data")
 KEYS = AuditKeys(bytes(range(32)))
@@ -213,7 +214,7 @@ def _rows(draw: st.DrawFn) -> AuditRun:
 def test_a_row_reads_back_as_it_was_stored(row: AuditRun) -> None:
     values = row_values(row)
     assert len(values) == len(COLUMNS)
-    records = rows_of(values)
+    records = records_from_row(values)
     assert all(r.run == row for r in records) and records[0].run is not None
     assert records[0].run.canonical() == row.canonical()
 
@@ -323,3 +324,35 @@ def test_a_template_of_the_first_0_1_0_spools_still_reads() -> None:
     assert isinstance(hits, Hits) and isinstance(hits.template, Template)
     assert hits.template.shape == Shape("encrypt", "general", ("local:general:v1",), (), "svc", "ok", None, 0, True,
                                         (("tenant", "t"),))
+
+
+def test_the_worked_example_of_format_md() -> None:
+    """FORMAT.md's worked example, pinned: the document and the code must not drift apart."""
+    chain = Chain(KEYS, WRITER)
+    facts = Spooled(1764300000.25, "encrypt", "pii", ("local:pii:v1",), (), "svc", "ok", None, 0.0125, 1, False, 1024,
+                    "0123456789ab0000000001", (("tenant", "t-42"),))
+    lone = chain.link(1, facts)
+    assert lone.canonical().endswith(b',1]\n') and lone.hash == (
+        "7cb1b1a0c06dbf68cef9a8813c39bf7aa4d7ce2fd6bbeb5ccaa421d1f102b2e0"
+    )
+    shape = ("encrypt", "pii", ("local:pii:v1",), (), "svc", "ok", None, 0, True, (("tenant", "t-42"),))
+    items = RUN_ITEM.pack(1764300001000000, 2500, 1024, 2) + RUN_ITEM.pack(1764300001000500, 3100, 2048, 3)
+    run = chain.link(2, Hits(Template(shape, "0123456789ab"), items, 1764300001000500))
+    assert run.hash == "aa008bd5e1e122c5bd2ce523a4df71f810b263c3dd0a9d59e0e28a5695ae4872"
+    assert [(r.seq, r.duration_us, r.request_id) for r in run.records()] == [
+        (2, 2, "0123456789ab0000000002"), (3, 3, "0123456789ab0000000003")
+    ]
+    assert KEYS.fingerprint == "cdbcc23085da09db"
+
+
+def test_a_shape_names_the_fields_of_operation_shape() -> None:
+    """Template frames store Operation.shape() as it is: Shape must name its fields in its order."""
+    op = Operation("encrypt", "pii", {"tenant": "t"}, "svc")
+    op.key_refs.append("local:pii:v1")
+    op.regions.append("eu-west-1")
+    op.kms_calls, op.cache_hit = 2, False
+    op.finish(None)
+    assert Shape._make(op.shape()) == Shape(
+        operation="encrypt", classification="pii", key_refs=("local:pii:v1",), regions=("eu-west-1",),
+        principal="svc", outcome="ok", error_code=None, kms_calls=2, cache_hit=False, context=(("tenant", "t"),),
+    )

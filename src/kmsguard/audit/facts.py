@@ -63,23 +63,7 @@ class Spooled(NamedTuple):
     def of(cls, shape: tuple[object, ...], started: float, duration: float, size: int,
            request_id: str | None) -> Spooled:
         """The facts of one operation of ``shape`` (an Operation.shape() tuple)."""
-        s = Shape._make(shape)
-        return cls(
-            time=started,
-            operation=s.operation,
-            classification=s.classification,
-            key_refs=s.key_refs,
-            regions=s.regions,
-            principal=s.principal,
-            outcome=s.outcome,
-            error_code=s.error_code,
-            duration=duration,
-            kms_calls=s.kms_calls,
-            cache_hit=s.cache_hit,
-            size=size,
-            request_id=request_id,
-            context=s.context,
-        )
+        return cls(time=started, duration=duration, size=size, request_id=request_id, **Shape._make(shape)._asdict())
 
 
 class Template:

@@ -38,6 +38,7 @@ cdef unsigned long long _FNV_PRIME
 cdef Py_ssize_t _FRAME
 cdef unsigned int _HEADER_WORD
 cdef long long _NOT_WRITTEN
+cdef Py_ssize_t _AT_CHECK, _AT_SEQ, _AT_TEMPLATE, _AT_STARTED, _AT_ITEM, _AT_DURATION, _AT_SIZE, _AT_REQUEST, _ITEM
 cdef tuple _NO_KIND
 
 @cython.locals(h="unsigned long long")

@@ -4,8 +4,8 @@ Every frame is ``u32 length | u32 check | payload`` (big-endian), written payloa
 first and header last, so a reader, or a process killed mid-write, sees a whole frame
 or none (see spool.py). Three kinds:
 
-* a **record**: payload ``marshal((seq, *fields))``, check its CRC-32 (spool.py): a
-  strict operation, or the first of its kind;
+* a **record**: payload ``marshal((seq, *facts))`` (kmsguard.audit.facts.Spooled),
+  check its CRC-32 (spool.py): a strict operation, or the first of its kind;
 * a **template**: payload ``marshal(("T", template_id, shape, request_prefix))``,
   check its CRC-32, no sequence number. ``shape`` is what every operation of one kind
   shares (kmsguard.operation.Operation.shape: operation, classification, keys,
@@ -14,7 +14,8 @@ or none (see spool.py). Three kinds:
   its own;
 * a **hit** (a compact record): ``length`` is ``HIT_FLAG | 48`` and the payload six
   u64: seq, template id, start time (microseconds since the epoch), duration
-  (nanoseconds), size, request number; the check is :func:`hit_check` of the six.
+  (nanoseconds), size, request number (the ``_AT_*`` offsets below); the check is
+  :func:`hit_check` of the six. The last four are one run item (record.RUN_ITEM).
   Guard's lanes (kmsguard.fastpath) record cache hits this way, and the audit writer
   every other non-strict operation whose kind it has seen before.
 
@@ -39,6 +40,16 @@ COMPILED = not __file__.endswith(".py")
 HIT_FLAG = 0x80000000
 HIT_PAYLOAD = 48
 HIT_FRAME = 8 + HIT_PAYLOAD
+# Byte offsets of a hit frame's fields (FORMAT.md, "Hit frame"); _AT_ITEM starts the
+# _ITEM bytes that are one run item (record.RUN_ITEM), as a stored run keeps them.
+_AT_CHECK = 4
+_AT_SEQ = 8
+_AT_TEMPLATE = 16
+_AT_STARTED = _AT_ITEM = 24
+_AT_DURATION = 32
+_AT_SIZE = 40
+_AT_REQUEST = 48
+_ITEM = 32
 #: What Frames.hit returns when it wrote nothing (sequence numbers start at 1).
 NOT_WRITTEN = 0
 TEMPLATE = "T"
@@ -97,25 +108,25 @@ def take_hits(data: bytes, pos: int, seq: int, template: int, limit: int) -> tup
     while count < room:
         if _get32(view, at) != _HEADER_WORD:  # type: ignore[name-defined]  # noqa: F821
             break
-        number = _get64(view, at + 8)  # type: ignore[name-defined]  # noqa: F821
-        named = _get64(view, at + 16)  # type: ignore[name-defined]  # noqa: F821
+        number = _get64(view, at + _AT_SEQ)  # type: ignore[name-defined]  # noqa: F821
+        named = _get64(view, at + _AT_TEMPLATE)  # type: ignore[name-defined]  # noqa: F821
         if number != seq + count or named != template:
             break
-        started = _get64(view, at + 24)  # type: ignore[name-defined]  # noqa: F821
-        duration = _get64(view, at + 32)  # type: ignore[name-defined]  # noqa: F821
-        nbytes = _get64(view, at + 40)  # type: ignore[name-defined]  # noqa: F821
-        request = _get64(view, at + 48)  # type: ignore[name-defined]  # noqa: F821
-        if hit_check(number, named, started, duration, nbytes, request) != _get32(view, at + 4):  # type: ignore[name-defined]  # noqa: F821
+        started = _get64(view, at + _AT_STARTED)  # type: ignore[name-defined]  # noqa: F821
+        duration = _get64(view, at + _AT_DURATION)  # type: ignore[name-defined]  # noqa: F821
+        nbytes = _get64(view, at + _AT_SIZE)  # type: ignore[name-defined]  # noqa: F821
+        request = _get64(view, at + _AT_REQUEST)  # type: ignore[name-defined]  # noqa: F821
+        if hit_check(number, named, started, duration, nbytes, request) != _get32(view, at + _AT_CHECK):  # type: ignore[name-defined]  # noqa: F821
             break
         if started > latest:
             latest = started
         count += 1
         at += _FRAME
     if count < 2:  # a lone hit (kinds taking turns): no buffer to build
-        return count, data[pos + 24 : pos + 24 + 32 * count], latest
-    out = bytearray(count * 32)
+        return count, data[pos + _AT_ITEM : pos + _AT_ITEM + _ITEM * count], latest
+    out = bytearray(count * _ITEM)
     for k in range(count):
-        _copy(out, k * 32, view, pos + k * _FRAME + 24, 32)  # type: ignore[name-defined]  # noqa: F821
+        _copy(out, k * _ITEM, view, pos + k * _FRAME + _AT_ITEM, _ITEM)  # type: ignore[name-defined]  # noqa: F821
     return count, bytes(out), latest
 
 
@@ -202,14 +213,14 @@ class Frames:
             return _NOT_WRITTEN
         seq = self.seq + 1
         view = self.view
-        _put64(view, pos + 8, seq)  # type: ignore[name-defined]  # noqa: F821
-        _put64(view, pos + 16, template)  # type: ignore[name-defined]  # noqa: F821
-        _put64(view, pos + 24, started)  # type: ignore[name-defined]  # noqa: F821
-        _put64(view, pos + 32, duration)  # type: ignore[name-defined]  # noqa: F821
-        _put64(view, pos + 40, size)  # type: ignore[name-defined]  # noqa: F821
-        _put64(view, pos + 48, request)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_SEQ, seq)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_TEMPLATE, template)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_STARTED, started)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_DURATION, duration)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_SIZE, size)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_REQUEST, request)  # type: ignore[name-defined]  # noqa: F821
         check = hit_check(seq, template, started, duration, size, request)
-        _put32(view, pos + 4, check)  # type: ignore[name-defined]  # noqa: F821
+        _put32(view, pos + _AT_CHECK, check)  # type: ignore[name-defined]  # noqa: F821
         _put32(view, pos, _HEADER_WORD)  # type: ignore[name-defined]  # noqa: F821  # last: now the frame exists
         self.pos = pos + _FRAME
         self.seq = seq

@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from kmsguard.audit.record import COLUMNS, AuditRecord, AuditRun, row_values, rows_of
+from kmsguard.audit.record import COLUMNS, AuditRecord, AuditRun, records_from_row, row_values
 from kmsguard.audit.schema import added_columns, create_statements
 from kmsguard.audit.sink import Query, newest
 from kmsguard.errors import ConfigurationError
@@ -152,7 +152,7 @@ class PostgresSink:
             cur.itersize = 5000
             cur.execute(stmt)
             for row in cur:
-                yield from rows_of(row)
+                yield from records_from_row(row)
 
     def query(self, query: Query) -> list[AuditRecord]:
         where, params = query.sql_where("%s")
@@ -162,7 +162,7 @@ class PostgresSink:
             text += f" LIMIT {int(query.limit)}"
         stmt = sql.SQL(text).format(self._columns, self._table)
         rows = self._run(lambda conn: conn.execute(stmt, params).fetchall())
-        return newest((r for row in rows for r in rows_of(row)), query)  # exact: see SqliteSink.query
+        return newest((r for row in rows for r in records_from_row(row)), query)  # exact: see SqliteSink.query
 
     def load_key(self) -> str | None:
         stmt = sql.SQL("SELECT blob FROM {} WHERE name = 'audit'").format(self._keys)

@@ -251,8 +251,8 @@ def duration_us(duration_ns: int) -> int:
     return round(duration_ns / 1e9 * 1e6)
 
 
-_second = -1
-_second_text = ""
+#: The last second formatted and its text, replaced as one tuple (so threads never see a mix).
+_last_second: tuple[int, str] = (-1, "")
 
 
 def format_time(epoch: float) -> str:
@@ -265,12 +265,13 @@ def format_time_us(epoch_us: int) -> str:
 
     The date-and-second prefix is cached: the deliverer formats many thousands a second.
     """
-    global _second, _second_text
+    global _last_second
     whole, micros = divmod(epoch_us, 1_000_000)
-    if whole != _second:
-        _second_text = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _second = whole
-    return f"{_second_text}.{micros:06d}Z"
+    second, text = _last_second
+    if whole != second:
+        text = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (whole, text)
+    return f"{text}.{micros:06d}Z"
 
 
 def row_values(run: AuditRun) -> tuple[Any, ...]:
@@ -299,16 +300,16 @@ def _json_text(value: Any) -> str:
     return text
 
 
-def rows_of(values: Sequence[Any]) -> list[AuditRecord]:
+def records_from_row(values: Sequence[Any]) -> list[AuditRecord]:
     """The records a stored row holds (COLUMNS order, JSON fields as text), run or lone record."""
     d = dict(zip(COLUMNS, values, strict=True))
     for c in SCHEMA:
         if c.json:
             d[c.name] = json.loads(d[c.name])
-    return records_of(d)
+    return records_from_columns(d)
 
 
-def records_of(d: Mapping[str, Any]) -> list[AuditRecord]:
+def records_from_columns(d: Mapping[str, Any]) -> list[AuditRecord]:
     """The records of a row given by column name (a format-1 row has no ``last_seq``)."""
     record = AuditRecord.from_dict(d)
     if d.get("last_seq") is None:

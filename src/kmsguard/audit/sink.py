@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kmsguard.audit.record import AuditRecord, AuditRun, records_of, to_json
+from kmsguard.audit.record import AuditRecord, AuditRun, records_from_columns, to_json
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class JsonLinesSink:
     def _read(self) -> list[AuditRecord]:
         try:
             with open(self.path, encoding="utf-8") as fh:
-                return [r for line in fh if line.strip() for r in records_of(_from_line(json.loads(line)))]
+                return [r for line in fh if line.strip() for r in records_from_columns(_from_line(json.loads(line)))]
         except FileNotFoundError:
             return []
 

@@ -19,8 +19,8 @@ deliver them (``claim_orphans``).
 
 Files: ``<writer>.lock``, ``<writer>.<segment:08d>.spool`` (preallocated) and
 ``.<writer>.spare`` (the next segment, prepared ahead). Frame:
-``u32 length | u32 check | payload``: a record (``marshal((seq, *fields))``), a
-template, or a compact hit frame naming a template (frames.py documents all three). A
+``u32 length | u32 check | payload``: a record (``marshal((seq, *facts))``), a
+template, or a compact hit frame naming a template (FORMAT.md and frames.py document all three). A
 torn tail (a crash mid-write) fails its check and ends the readable part of a segment,
 as a zero length does (the unwritten rest of a preallocated segment).
 """

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kmsguard.audit.record import COLUMNS, AuditRecord, AuditRun, row_values, rows_of
+from kmsguard.audit.record import COLUMNS, AuditRecord, AuditRun, records_from_row, row_values
 from kmsguard.audit.schema import RECORDS, added_columns, create_statements
 from kmsguard.audit.sink import Query, newest
 
@@ -66,7 +66,7 @@ class SqliteSink:
         db = sqlite3.connect(self.path, timeout=30)
         try:
             for row in db.execute(f"SELECT {_COLUMNS} FROM audit_records ORDER BY writer_id, seq"):  # noqa: S608
-                yield from rows_of(row)
+                yield from records_from_row(row)
         finally:
             db.close()
 
@@ -81,7 +81,7 @@ class SqliteSink:
             sql += f" LIMIT {int(query.limit)}"
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
-        return newest((r for row in rows for r in rows_of(row)), query)
+        return newest((r for row in rows for r in records_from_row(row)), query)
 
     def load_key(self) -> str | None:
         with self._lock:
