@@ -41,7 +41,9 @@ class Spooled(NamedTuple):
     """One record's facts as a record frame holds them (after its sequence number).
 
     ``time`` is the start (seconds since the epoch), ``duration`` seconds, ``context``
-    the operation's context pairs in clear (the deliverer hashes them).
+    the operation's context pairs in clear (the deliverer hashes them). The order is the
+    record frame's on disk (FORMAT.md), which is why it repeats Shape's fields in among
+    its own instead of holding a Shape.
     """
 
     time: float
