@@ -44,5 +44,10 @@ test: lint docs-build
 bench: $(VENV)/.installed-test
 	$(PY) -m bench
 
+# Every build output: the venv, setuptools' build/dist/egg-info, and the Cython output
+# (.c and the extension next to each compiled module, in every subpackage; .gitignore
+# holds that no .c under src/ is hand-written).
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) $(SITE) build .pytest_cache .mypy_cache .ruff_cache src/kmsguard/*.so src/kmsguard/*.c
+	rm -rf $(VENV) $(DEMO_HOME) $(SITE) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find src \( -name '*.c' -o -name '*.so' -o -name '*.pyd' \) -type f -delete
+	find src tests bench scripts -name __pycache__ -type d -prune -exec rm -rf {} +
