@@ -1,0 +1,156 @@
+"""The detectors: where each kind of sensitive value occurs in a piece of text.
+
+Each detector is a regular expression that finds candidates cheaply over a whole buffer
+(a file chunk or one JSON string), followed by a validator that rejects what merely looks
+right: card numbers need a valid Luhn checksum and an issuer range (see cards), IBANs and
+US social security numbers python-stdnum's validators, passport machine-readable zones
+their ICAO check digits. Precision matters as much as recall: a scanner that cries wolf
+on every order number is switched off.
+
+Detectors return ``(kind, start, end)`` spans; nothing here keeps or returns a value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+
+from stdnum import iban
+from stdnum.us import ssn
+
+from kmsguard.detect.cards import grouped_like_a_card, is_card
+
+Span = tuple[str, int, int]
+
+_CARD = re.compile(r"(?<![\w+.\-])\d(?:[ -]?\d){12,18}+(?![\w\-])")
+_SEPARATORS = re.compile(r"[ -]")
+_IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}+(?![A-Za-z0-9])")
+_EMAIL_DOMAIN = re.compile(r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24})(?![A-Za-z0-9-])")
+_EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.!#$%&'*+/=?^_`{|}~-")
+_PHONE = re.compile(r"(?<![\w+])\+[1-9](?:[ .-]?\(?\d\)?){6,14}+(?![\w])")
+_SSN = re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])")
+_MRZ_LINE2 = re.compile(r"(?<![A-Z0-9<])[A-Z0-9<]{9}\d[A-Z<]{3}\d{7}[MFX<]\d{7}[A-Z0-9<]{14}[0-9<]\d(?![A-Z0-9<])")
+_MRZ_LINE1 = re.compile(r"(?<![A-Z0-9<])P[A-Z<][A-Z<]{3}[A-Z]+<<[A-Z<]+(?![A-Z0-9<])")
+_AWS_KEY_ID = re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[A-Z2-7]{16}(?![A-Z0-9])")
+_AWS_SECRET = re.compile(
+    r"(?i:secret(?:_?access)?(?:_?key)?)[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"
+)
+_TOKEN = re.compile(r"kg1:[A-Za-z0-9_-]{40,}")
+
+
+def cards(text: str) -> Iterator[Span]:
+    for m in _CARD.finditer(text):
+        raw = m.group()
+        digits = _SEPARATORS.sub("", raw)
+        if is_card(digits) and grouped_like_a_card([len(g) for g in _SEPARATORS.split(raw)]):
+            yield "card", m.start(), m.end()
+
+
+def ibans(text: str) -> Iterator[Span]:
+    for m in _IBAN.finditer(text):
+        if iban.is_valid(m.group()):
+            yield "iban", m.start(), m.end()
+
+
+def emails(text: str) -> Iterator[Span]:
+    for m in _EMAIL_DOMAIN.finditer(text):
+        at = m.start()
+        start = at
+        while start > 0 and at - start < 64 and text[start - 1] in _EMAIL_LOCAL:
+            start -= 1
+        while start < at and text[start] == ".":
+            start += 1
+        if start < at:
+            yield "email", start, m.end()
+
+
+def phones(text: str) -> Iterator[Span]:
+    for m in _PHONE.finditer(text):
+        digits = sum(c.isdigit() for c in m.group())
+        if 8 <= digits <= 15:
+            yield "phone", m.start(), m.end()
+
+
+def ssns(text: str) -> Iterator[Span]:
+    for m in _SSN.finditer(text):
+        if ssn.is_valid(m.group()):
+            yield "ssn", m.start(), m.end()
+
+
+def passports(text: str) -> Iterator[Span]:
+    """Lines of a passport's machine-readable zone (ICAO 9303 TD3): the name line and the data line."""
+    for m in _MRZ_LINE2.finditer(text):
+        if _mrz_line2_valid(m.group()):
+            yield "passport", m.start(), m.end()
+    for m in _MRZ_LINE1.finditer(text):
+        if m.end() - m.start() == 44:
+            yield "passport", m.start(), m.end()
+
+
+def credentials(text: str) -> Iterator[Span]:
+    for m in _AWS_KEY_ID.finditer(text):
+        yield "aws_access_key_id", m.start(), m.end()
+    for m in _AWS_SECRET.finditer(text):
+        secret = m.group(1)
+        if _looks_random(secret):
+            yield "aws_secret_access_key", m.start(1), m.end(1)
+
+
+def tokens(text: str) -> Iterator[Span]:
+    for m in _TOKEN.finditer(text):
+        yield "token", m.start(), m.end()
+
+
+#: Every detector, each with the cheapest test that a buffer could hold its kind at all.
+DETECTORS: tuple[tuple[Callable[[str], Iterator[Span]], Callable[[str], bool]], ...] = (
+    (cards, lambda t: True),
+    (ibans, lambda t: True),
+    (emails, lambda t: "@" in t),
+    (phones, lambda t: "+" in t),
+    (ssns, lambda t: "-" in t),
+    (passports, lambda t: "<" in t),
+    (credentials, lambda t: True),
+    (tokens, lambda t: "kg1:" in t),
+)
+
+
+def spans(text: str) -> list[Span]:
+    """Every sensitive span in ``text``, ordered by position; overlapping spans keep the first found."""
+    found: list[Span] = []
+    for detector, may_hold in DETECTORS:
+        if may_hold(text):
+            found.extend(detector(text))
+    if len(found) < 2:
+        return found
+    found.sort(key=lambda s: (s[1], -s[2]))
+    out = [found[0]]
+    for span in found[1:]:
+        if span[1] >= out[-1][2]:
+            out.append(span)
+    return out
+
+
+_MRZ_WEIGHTS = (7, 3, 1)
+
+
+def _mrz_digit(field: str) -> int:
+    total = 0
+    for i, c in enumerate(field):
+        value = int(c) if c.isdigit() else (ord(c) - 55 if c.isalpha() else 0)
+        total += value * _MRZ_WEIGHTS[i % 3]
+    return total % 10
+
+
+def _mrz_line2_valid(line: str) -> bool:
+    """ICAO 9303 check digits: document number, birth date, expiry and the composite."""
+    if _mrz_digit(line[0:9]) != int(line[9]):
+        return False
+    if _mrz_digit(line[13:19]) != int(line[19]) or _mrz_digit(line[21:27]) != int(line[27]):
+        return False
+    composite = line[0:10] + line[13:20] + line[21:43]
+    return _mrz_digit(composite) == int(line[43])
+
+
+def _looks_random(secret: str) -> bool:
+    """Mixed case and digits, as generated keys are; words and hex digests are not."""
+    return any(c.islower() for c in secret) and any(c.isupper() for c in secret) and any(c.isdigit() for c in secret)
