@@ -22,6 +22,11 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# Benchmarks compare against other libraries (Powertools' DataMasking), installed only here.
+$(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
 demo: $(VENV)/.installed
 	KMSGUARD_HOME=$(DEMO_HOME) $(PY) scripts/demo.py
 
@@ -32,7 +37,7 @@ lint: $(VENV)/.installed-test
 test: lint
 	$(BIN)/pytest
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-bench
 	$(PY) -m bench
 
 clean:

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kmsguard import blindindex, envelope, masking
 from kmsguard.detect import detect_json
 from kmsguard.detect.cards import is_card
 from kmsguard.detect.finders import spans
 from kmsguard.errors import ContextMismatch, InvalidCiphertext, InvalidInput
-from kmsguard.jsonpaths import Location, compile_path, format_path, get, put
+from kmsguard.jsonpaths import CompiledPath, Location, Match, compile_path, format_path, get
 from kmsguard.plans import FIELD_KEY
 from kmsguard.policy import FIELD_CONTEXT_KEY
 
@@ -85,49 +86,45 @@ def protect(
     that already is a token is left as it is, so protecting twice changes nothing. With
     ``detect=True`` every value detection finds is protected under its suggested
     classification too, except under the paths in ``keep``. Errors name paths, never values.
+    The copy shares unchanged members with ``record``; neither is ever modified in place.
     """
     if missing not in ("error", "ignore"):
         raise InvalidInput('missing must be "error" or "ignore"')
     if context is not None and not isinstance(context, Mapping):
         raise InvalidInput("context must be a mapping of str to str")
-    out = _copy(record)
-    chosen: dict[Location, tuple[str, Field]] = {}
-    for path, spec in (fields or {}).items():
-        rule = Field.of(path, spec)
-        matches = compile_path(path).find(out)
+    chosen: dict[Location, tuple[Field, Any, str, bool]] = {}  # rule, value, path, detected
+    for compiled, path, rule in _rules(fields or {}):
+        matches = compiled.find(record)
         if not matches and missing == "error":
             raise InvalidInput(f"field path {path} matches nothing in the record")
-        for location, _ in matches:
-            chosen[location] = (path, rule)
+        for location, value, concrete in matches:
+            chosen[location] = (rule, value, concrete, False)
     if detect:
-        kept = {loc for path in keep for loc, _ in compile_path(path).find(out)}
-        for item in detect_json(out):
+        kept = {match[0] for path in keep for match in compile_path(path).find(record)}
+        for item in detect_json(record):
             if item.classification is None or item.steps is None or _under(item.steps, kept):
                 continue
             previous = chosen.get(item.steps)
-            if previous is None or (
-                previous[0] == "detected" and _rank(item.classification) > _rank(previous[1].classification)
-            ):
-                chosen[item.steps] = ("detected", Field(item.classification))
+            if previous is None or (previous[3] and _rank(item.classification) > _rank(previous[0].classification)):
+                value = get(record, item.steps)
+                chosen[item.steps] = (Field(item.classification), value, format_path(item.steps), True)
+    if () in chosen:
+        raise InvalidInput("field path $ selects the whole record; select its members")
+    out = _CopyOnWrite(record)
     base = dict(context) if context else {}
     for location in _outermost(chosen):
-        _, rule = chosen[location]
-        path = format_path(location)
-        if not location:
-            raise InvalidInput("field path $ selects the whole record; select its members")
-        value = get(out, location)
-        if isinstance(value, str) and _is_token(value):
+        rule, value, path, _ = chosen[location]
+        if type(value) is str and value.startswith(envelope.TEXT_PREFIX) and _is_token(value):
             continue
-        plaintext = _encode(value, path)
-        token = guard.encrypt_text(plaintext, rule.classification, {**base, FIELD_KEY: path})
+        token = guard.encrypt_text(_encode(value, path), rule.classification, {**base, FIELD_KEY: path})
         if rule.index is not None:
-            parent = get(out, location[:-1])
+            parent = out.container(location[:-1])
             if not isinstance(parent, dict):
                 raise InvalidInput(f"field {path}: a blind index needs the field to be an object member")
             term = value if isinstance(value, str) else _canonical(value)
             parent[rule.index] = blindindex.compute(guard, term, rule.classification, rule.index, rule.normalize)
-        put(out, location, token)
-    return out
+        out.put(location, token)
+    return out.result()
 
 
 def unprotect(
@@ -140,36 +137,31 @@ def unprotect(
     against each token's as in ``decrypt``. Tokens not made by ``protect`` are left alone
     when found by prefix, and refused at an explicit path.
     """
-    out = _copy(record)
     if paths is None:
-        found = list(_tokens(out, ()))
+        found = list(_tokens(record, ()))
     else:
         found = [
-            loc
+            match
             for path in paths
-            for loc, value in compile_path(path).find(out)
-            if isinstance(value, str) and value.startswith(envelope.TEXT_PREFIX)
+            for match in compile_path(path).find(record)
+            if isinstance(match[1], str) and match[1].startswith(envelope.TEXT_PREFIX)
         ]
-    for location in found:
-        token = get(out, location)
-        path = format_path(location)
-        bound = guard.inspect(token).context.get(FIELD_CONTEXT_KEY)
+    out = _CopyOnWrite(record)
+    for location, token, path in found:
+        raw = envelope.coerce(token)
+        bound = _bound_paths.get(raw, path)
         if bound is None:
             if paths is None:
                 continue
             raise InvalidInput(f"the token at {path} was not made by protect")
         if bound != path:
             raise ContextMismatch(f"the token at {path} was protected for another field")
-        text = guard.decrypt_text(token, context)
         try:
-            value = json.loads(text)
+            value = json.loads(guard.decrypt(raw, context).decode("utf-8"))
         except ValueError:
             raise InvalidInput(f"the token at {path} does not hold a JSON value") from None
-        if location:
-            put(out, location, value)
-        else:
-            out = value
-    return out
+        out.put(location, value)
+    return out.result()
 
 
 def mask(record: Any, fields: Iterable[str], rules: Mapping[str, masking.MaskRule] | None = None) -> Any:
@@ -182,17 +174,117 @@ def mask(record: Any, fields: Iterable[str], rules: Mapping[str, masking.MaskRul
     for logs, which must not fail for a missing field.
     """
     rules = rules or {}
-    out = _copy(record)
+    out = _CopyOnWrite(record)
     for path in fields:
         rule = rules.get(path)
-        function = masking.rule_function(rule) if rule is not None else None
-        for location, value in compile_path(path).find(out):
-            masked = function(value) if function is not None else _by_kind(value)
+        function = masking.rule_function(rule) if rule is not None else _by_kind
+        for location, value, _ in compile_path(path).find(record):
+            out.put(location, function(value))
+    return out.result()
+
+
+class _CopyOnWrite:
+    """The output record: the containers on the way to a changed value are copied, the rest shared."""
+
+    __slots__ = ("_copies", "_source")
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self._copies: dict[Location, Any] = {}
+
+    def container(self, location: Location) -> Any:
+        found = self._copies.get(location)
+        if found is None:
             if location:
-                put(out, location, masked)
+                parent = self.container(location[:-1])
+                found = parent[location[-1]] = _shallow(parent[location[-1]])
             else:
-                out = masked
+                found = _shallow(self._source)
+            self._copies[location] = found
+        return found
+
+    def put(self, location: Location, value: Any) -> None:
+        if location:
+            self.container(location[:-1])[location[-1]] = value
+        else:
+            self._copies[()] = value
+
+    def result(self) -> Any:
+        return self.container(())
+
+
+def _shallow(value: Any) -> Any:
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, list):
+        return list(value)
+    return value
+
+
+class _BoundPaths:
+    """The field path a token's header binds, memoized per envelope prefix.
+
+    Tokens sealed for one field under one data key share everything before the nonce
+    (header, wrapped keys, commitment), so a record read again and again costs one header
+    parse per field and data key, not one per token. The memo remembers, per location,
+    the prefix length last seen there, so a lookup is one slice and one probe; a hit means
+    the prefix bytes, hence the header, are identical. The decrypt that follows
+    authenticates the header either way.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._bound: dict[bytes, str | None] = {}
+        self._length: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def get(self, raw: bytes, path: str) -> str | None:
+        with self._lock:
+            n = self._length.get(path)
+            if n is not None and len(raw) > n + envelope.NONCE_SIZE:
+                found = self._bound.get(raw[:n], _ABSENT)
+                if found is not _ABSENT:
+                    return cast("str | None", found)
+        env = envelope.parse(raw)
+        bound = env.context.get(FIELD_CONTEXT_KEY)
+        prefix = env.body_offset - envelope.NONCE_SIZE
+        with self._lock:
+            if len(self._bound) >= self._capacity or len(self._length) >= self._capacity:
+                self._bound.clear()
+                self._length.clear()
+            self._length[path] = prefix
+            self._bound[raw[:prefix]] = bound
+        return bound
+
+
+_ABSENT = object()
+_bound_paths = _BoundPaths()
+_rules_memo: dict[Any, list[tuple[CompiledPath, str, Field]]] = {}
+_rules_lock = threading.Lock()
+
+
+def _rules(fields: Mapping[str, FieldSpec]) -> list[tuple[CompiledPath, str, Field]]:
+    """The compiled paths and rules of a ``fields`` mapping; memoized when its specs are plain names."""
+    try:
+        key: Any = tuple(fields.items())
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None:
+        with _rules_lock:
+            found = _rules_memo.get(key)
+        if found is not None:
+            return found
+    out = [(compile_path(path), path, Field.of(path, spec)) for path, spec in fields.items()]
+    if key is not None:
+        with _rules_lock:
+            if len(_rules_memo) >= _MAX_RULE_SETS:
+                _rules_memo.clear()
+            _rules_memo[key] = out
     return out
+
+
+_MAX_RULE_SETS = 256
 
 
 def _by_kind(value: Any) -> Any:
@@ -208,22 +300,24 @@ def _by_kind(value: Any) -> Any:
     return masking.ERASED
 
 
-def _copy(value: Any) -> Any:
-    """The record's containers copied (the caller's record is never changed); leaves shared."""
-    if type(value) is dict:
-        return {k: _copy(v) for k, v in value.items()}
-    if type(value) is list:
-        return [_copy(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
-
-
 def _encode(value: Any, path: str) -> str:
-    _check_json(value, path)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    """The value's JSON text: UTF-8 where possible, escaped where it holds a lone surrogate."""
+    if type(value) is str:
+        text = _encode_str(value)
+    else:
+        _check_json(value, path)
+        text = _ENCODER.encode(value)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = _ASCII_ENCODER.encode(value)
+    return text
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_ASCII_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def _canonical(value: Any) -> str:
@@ -261,13 +355,14 @@ def _is_token(value: str) -> bool:
     return True
 
 
-def _tokens(value: Any, here: Location) -> Iterable[Location]:
+def _tokens(value: Any, here: Location) -> Iterator[Match]:
     if isinstance(value, str):
         if value.startswith(envelope.TEXT_PREFIX):
-            yield here
+            yield here, value, format_path(here)
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from _tokens(item, (*here, key))
+            if isinstance(key, str):
+                yield from _tokens(item, (*here, key))
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _tokens(item, (*here, index))
@@ -281,20 +376,22 @@ def _rank(classification: str) -> int:
     return _STRICTER.get(classification, 0)
 
 
-def _outermost(chosen: Mapping[Location, tuple[str, Field]]) -> list[Location]:
+def _outermost(chosen: Mapping[Location, tuple[Field, Any, str, bool]]) -> list[Location]:
     """The selected locations, less those inside another selected value of the same classification.
 
     A value inside another is protected with it; if their classifications differ, the
     inner one's rule would be lost, so that is refused.
     """
     out = []
-    for location in sorted(chosen, key=len):
-        outer = next((location[:i] for i in range(len(location)) if location[:i] in chosen), None)
-        if outer is None:
+    for location in chosen:
+        for i in range(1, len(location)):
+            outer = chosen.get(location[:i])
+            if outer is not None:
+                if outer[0].classification != chosen[location][0].classification:
+                    raise InvalidInput(
+                        f"fields {outer[2]} and {chosen[location][2]} overlap under different classifications"
+                    )
+                break
+        else:
             out.append(location)
-            continue
-        if chosen[outer][1].classification != chosen[location][1].classification:
-            raise InvalidInput(
-                f"fields {format_path(outer)} and {format_path(location)} overlap under different classifications"
-            )
     return out

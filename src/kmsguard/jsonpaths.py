@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from jsonpath_ng import Child, Fields, Index, Root, Wildcard
@@ -26,6 +26,8 @@ from kmsguard.errors import InvalidInput
 
 Step = str | int
 Location = tuple[Step, ...]
+#: One selected value: its location, the value, and the location's canonical path.
+Match = tuple[Location, Any, str]
 
 #: Parsed expressions kept per process before starting over.
 MAX_COMPILED = 1024
@@ -48,10 +50,10 @@ class CompiledPath:
             raise InvalidInput(f"invalid JSONPath {text!r}") from None
         self._program = _program(self._expr)
 
-    def find(self, doc: Any) -> list[tuple[Location, Any]]:
-        """Every (location, value) the expression selects in ``doc``, in document order."""
+    def find(self, doc: Any) -> list[Match]:
+        """Every (location, value, path) the expression selects in ``doc``, in document order."""
         if self._program is not None:
-            return list(_walk(doc, self._program, 0, ()))
+            return _walk(doc, self._program)
         out = []
         for match in self._expr.find(doc):
             steps: list[Step] = []
@@ -59,7 +61,8 @@ class CompiledPath:
             while datum is not None and not isinstance(datum.path, Root):
                 steps.append(_step_of(datum.path, datum.context.value if datum.context is not None else None))
                 datum = datum.context
-            out.append((tuple(reversed(steps)), match.value))
+            location = tuple(reversed(steps))
+            out.append((location, match.value, format_path(location)))
         return out
 
 
@@ -83,16 +86,17 @@ def compile_path(text: str) -> CompiledPath:
 
 def format_path(location: Sequence[Step]) -> str:
     """The canonical JSONPath of a concrete location: ``$.a.b[2]``, ``$['a b']``."""
-    parts = ["$"]
-    for step in location:
-        if isinstance(step, int):
-            parts.append(f"[{step}]")
-        elif _IDENT.fullmatch(step):
-            parts.append(f".{step}")
-        else:
-            escaped = step.replace("\\", "\\\\").replace("'", "\\'")
-            parts.append(f"['{escaped}']")
-    return "".join(parts)
+    return "$" + "".join(step_text(step) for step in location)
+
+
+def step_text(step: Step) -> str:
+    """One step of a canonical path: ``.name``, ``['other name']`` or ``[3]``."""
+    if isinstance(step, int):
+        return f"[{step}]"
+    if _IDENT.fullmatch(step):
+        return f".{step}"
+    escaped = step.replace("\\", "\\\\").replace("'", "\\'")
+    return f"['{escaped}']"
 
 
 def get(doc: Any, location: Location) -> Any:
@@ -101,18 +105,13 @@ def get(doc: Any, location: Location) -> Any:
     return doc
 
 
-def put(doc: Any, location: Location, value: Any) -> None:
-    """Replace the value at ``location`` (which must exist, and not be the root)."""
-    get(doc, location[:-1])[location[-1]] = value
-
-
 def _program(expr: Any) -> tuple[Any, ...] | None:
     """Steps for an expression of names, indexes and wildcards only; None for anything else."""
     steps: list[Any] = []
     while isinstance(expr, Child):
         right = expr.right
         if isinstance(right, Fields) and "*" not in right.fields:
-            steps.append(tuple(right.fields))
+            steps.append(tuple((str(name), step_text(str(name))) for name in right.fields))
         elif isinstance(right, Index) and len(right.indices) == 1:
             steps.append(int(right.indices[0]))
         elif isinstance(right, Wildcard):
@@ -125,27 +124,36 @@ def _program(expr: Any) -> tuple[Any, ...] | None:
     return tuple(reversed(steps))
 
 
-def _walk(doc: Any, program: tuple[Any, ...], at: int, here: Location) -> Iterator[tuple[Location, Any]]:
-    if at == len(program):
-        yield here, doc
-        return
-    step = program[at]
-    if type(step) is tuple:
-        if type(doc) is dict:
-            for name in step:
-                if name in doc:
-                    yield from _walk(doc[name], program, at + 1, (*here, name))
-    elif type(step) is int:
-        if type(doc) is list:
-            index = step + len(doc) if step < 0 else step
-            if 0 <= index < len(doc):
-                yield from _walk(doc[index], program, at + 1, (*here, index))
-    elif type(doc) is dict:
-        for name, value in doc.items():
-            yield from _walk(value, program, at + 1, (*here, name))
-    elif type(doc) is list:
-        for index, value in enumerate(doc):
-            yield from _walk(value, program, at + 1, (*here, index))
+def _walk(doc: Any, program: tuple[Any, ...]) -> list[Match]:
+    """Run a step program: one pass per step over the matches so far, so document order is kept."""
+    frontier: list[Match] = [((), doc, "$")]
+    for step in program:
+        found: list[Match] = []
+        if type(step) is tuple:
+            for here, value, text in frontier:
+                if type(value) is dict:
+                    for name, name_text in step:
+                        if name in value:
+                            found.append(((*here, name), value[name], text + name_text))
+        elif type(step) is int:
+            for here, value, text in frontier:
+                if type(value) is list:
+                    index = step + len(value) if step < 0 else step
+                    if 0 <= index < len(value):
+                        found.append(((*here, index), value[index], f"{text}[{index}]"))
+        else:
+            for here, value, text in frontier:
+                if type(value) is dict:
+                    for name, item in value.items():
+                        if isinstance(name, str):
+                            found.append(((*here, name), item, text + step_text(name)))
+                elif type(value) is list:
+                    for index, item in enumerate(value):
+                        found.append(((*here, index), item, f"{text}[{index}]"))
+        frontier = found
+        if not frontier:
+            break
+    return frontier
 
 
 def _step_of(path: Any, parent: Any) -> Step:
