@@ -36,10 +36,15 @@ ISSUER_RANGES: tuple[tuple[int, int, int, str, frozenset[int]], ...] = (
 )
 
 
+#: The first digits any issuer range starts with: a number starting otherwise is no card.
+FIRST_DIGITS = frozenset(str(low)[0] for low, *_ in ISSUER_RANGES)
+_BY_FIRST_DIGIT = {d: tuple(r for r in ISSUER_RANGES if str(r[0])[0] == d) for d in FIRST_DIGITS}
+
+
 def brand_of(digits: str) -> str | None:
     """The network whose range and length ``digits`` fit, or None."""
     size = len(digits)
-    for low, high, width, brand, lengths in ISSUER_RANGES:
+    for low, high, width, brand, lengths in _BY_FIRST_DIGIT.get(digits[:1], ()):
         if size in lengths and low <= int(digits[:width]) <= high:
             return brand
     return None

@@ -20,6 +20,7 @@ from typing import Any
 
 from kmsguard.detect import Finding, detect_json, detect_text, finding
 from kmsguard.detect.finders import spans
+from kmsguard.jsonpaths import Location, format_path
 
 #: Bytes read per block of lines.
 BLOCK = 4 << 20
@@ -133,25 +134,50 @@ def _scan_blocks(stream: io.BufferedIOBase, report: ScanReport, *, json_lines: b
 
 
 def _json_lines(text: str, first_line: int) -> list[Finding]:
-    """Findings in a block of JSON lines: each line holding a span is parsed and searched by path."""
+    """Findings in a block of JSON lines, each located by line and by the path of the member holding it.
+
+    Only lines holding a span are parsed; each span is matched to the string (or number)
+    member that contains its text. A span found in no member (the line escapes it, or
+    is not JSON) is reported by ``line:column``.
+    """
     out: list[Finding] = []
-    done_until = -1
-    line, line_start = first_line, 0
-    for _kind, start, _end in spans(text):
-        if start < done_until:
-            continue
-        newlines = text.count("\n", line_start, start)
-        line += newlines
+    found = spans(text)
+    line, line_start, i = first_line, 0, 0
+    while i < len(found):
+        start = found[i][1]
+        line += text.count("\n", line_start, start)
         line_start = text.rfind("\n", 0, start) + 1
         line_end = text.find("\n", start)
         line_end = len(text) if line_end < 0 else line_end
-        done_until = line_end
-        record = text[line_start:line_end]
+        on_line = []
+        while i < len(found) and found[i][1] < line_end:
+            on_line.append(found[i])
+            i += 1
+        record_text = text[line_start:line_end]
         try:
-            out.extend(detect_json(json.loads(record), prefix=f"line {line} "))
+            members = list(_members(json.loads(record_text), ()))
         except ValueError:
-            out.extend(detect_text(record, first_line=line))
+            members = []
+        for kind, s, e in on_line:
+            value = text[s:e]
+            where = next((loc for loc, member in members if value in member), None)
+            location = f"{line}:{s - line_start + 1}" if where is None else f"line {line} {format_path(where)}"
+            out.append(finding(kind, location, value, where))
     return out
+
+
+def _members(value: Any, here: Location) -> Iterator[tuple[Location, str]]:
+    """Each string member's location and text (numbers as their digits), in document order."""
+    if isinstance(value, str):
+        yield here, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _members(item, (*here, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _members(item, (*here, index))
+    elif isinstance(value, int) and not isinstance(value, bool):
+        yield here, str(value)
 
 
 def _is_binary(head: bytes) -> bool:
