@@ -38,7 +38,7 @@ _EACH = object()
 class CompiledPath:
     """One JSONPath expression, ready to select from any number of records."""
 
-    __slots__ = ("_expr", "_program", "text")
+    __slots__ = ("_expr", "_fixed", "_fixed_text", "_program", "text")
 
     def __init__(self, text: str) -> None:
         if not isinstance(text, str) or not text.strip():
@@ -49,9 +49,26 @@ class CompiledPath:
         except Exception:  # jsonpath-ng raises bare Exception subclasses of its own
             raise InvalidInput(f"invalid JSONPath {text!r}") from None
         self._program = _program(self._expr)
+        #: For a path naming one location (member names, indexes from the start): that location.
+        self._fixed: Location | None = None
+        if self._program is not None and all(
+            (type(step) is tuple and len(step) == 1) or (type(step) is int and step >= 0) for step in self._program
+        ):
+            self._fixed = tuple(step if type(step) is int else step[0][0] for step in self._program)
+        self._fixed_text = format_path(self._fixed) if self._fixed is not None else ""
 
     def find(self, doc: Any) -> list[Match]:
         """Every (location, value, path) the expression selects in ``doc``, in document order."""
+        fixed = self._fixed
+        if fixed is not None:
+            for step in fixed:
+                if type(step) is str:
+                    if type(doc) is not dict or step not in doc:
+                        return []
+                elif type(doc) is not list or step >= len(doc):
+                    return []
+                doc = doc[step]
+            return [(fixed, doc, self._fixed_text)]
         if self._program is not None:
             return _walk(doc, self._program)
         out = []
