@@ -62,10 +62,10 @@ class CompiledPath:
         fixed = self._fixed
         if fixed is not None:
             for step in fixed:
-                if type(step) is str:
-                    if type(doc) is not dict or step not in doc:
+                if isinstance(step, str):
+                    if not isinstance(doc, dict) or step not in doc:
                         return []
-                elif type(doc) is not list or step >= len(doc):
+                elif not isinstance(doc, list) or step >= len(doc):
                     return []
                 doc = doc[step]
             return [(fixed, doc, self._fixed_text)]
@@ -148,23 +148,23 @@ def _walk(doc: Any, program: tuple[Any, ...]) -> list[Match]:
         found: list[Match] = []
         if type(step) is tuple:
             for here, value, text in frontier:
-                if type(value) is dict:
+                if isinstance(value, dict):
                     for name, name_text in step:
                         if name in value:
                             found.append(((*here, name), value[name], text + name_text))
         elif type(step) is int:
             for here, value, text in frontier:
-                if type(value) is list:
+                if isinstance(value, list):
                     index = step + len(value) if step < 0 else step
                     if 0 <= index < len(value):
                         found.append(((*here, index), value[index], f"{text}[{index}]"))
         else:
             for here, value, text in frontier:
-                if type(value) is dict:
+                if isinstance(value, dict):
                     for name, item in value.items():
                         if isinstance(name, str):
                             found.append(((*here, name), item, text + step_text(name)))
-                elif type(value) is list:
+                elif isinstance(value, list):
                     for index, item in enumerate(value):
                         found.append(((*here, index), item, f"{text}[{index}]"))
         frontier = found
