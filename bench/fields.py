@@ -19,6 +19,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,6 @@ PII = [f"$.passenger.{k}" for k in RECORD["passenger"]]
 PAYMENT = ["$.card.number", "$.card.holder"]
 FIELDS = {**dict.fromkeys(PII, "pii"), **dict.fromkeys(PAYMENT, "payment")}
 CONTEXT = {"purpose": "checkout"}
-TARGETS = {"mask": 50, "protect": 10, "unprotect": 10}
 
 
 def main() -> None:
@@ -82,40 +82,49 @@ def main() -> None:
         guard = Guard(policy, CachingKeyring(AwsKmsKeyring(factory([region]), region.name), policy))
         protected = guard.protect(RECORD, FIELDS, CONTEXT)
         assert guard.unprotect(protected, CONTEXT) == RECORD
-        ours = {
-            "protect": ops_per_second(lambda: guard.protect(RECORD, FIELDS, CONTEXT), 2.0),
-            "unprotect": ops_per_second(lambda: guard.unprotect(protected, CONTEXT), 2.0),
-            "mask": ops_per_second(lambda: guard.mask(RECORD, list(FIELDS)), 2.0),
-        }
         plain = DataMasking()
         rules = {p: {"custom_mask": "*****"} for p in FIELDS}
         masker = DataMasking(provider=AWSEncryptionSDKProvider(keys=[keys["pii"]]))
         sealed = masker.encrypt(RECORD)
         assert masker.decrypt(sealed) == RECORD
-        theirs = {
-            "erase": ops_per_second(lambda: plain.erase(RECORD, fields=list(FIELDS)), 2.0),
-            "erase (masking rules)": ops_per_second(lambda: plain.erase(RECORD, masking_rules=rules), 2.0),
-            "encrypt (whole record)": ops_per_second(lambda: masker.encrypt(RECORD), 2.0),
-            "decrypt (whole record)": ops_per_second(lambda: masker.decrypt(sealed), 2.0),
-        }
-    pairs = [("mask", "erase"), ("protect", "encrypt (whole record)"), ("unprotect", "decrypt (whole record)")]
-    rows = [
-        [
-            ours_name,
-            f"{ours[ours_name]:,.0f}",
-            theirs_name,
-            f"{theirs[theirs_name]:,.0f}",
-            f"{ours[ours_name] / theirs[theirs_name]:,.1f}x",
-            f">= {TARGETS[ours_name]}x",
-        ]
-        for ours_name, theirs_name in pairs
+        rates = best_rates(
+            {
+                "protect": lambda: guard.protect(RECORD, FIELDS, CONTEXT),
+                "unprotect": lambda: guard.unprotect(protected, CONTEXT),
+                "mask": lambda: guard.mask(RECORD, list(FIELDS)),
+                "erase": lambda: plain.erase(RECORD, fields=list(FIELDS)),
+                "erase (masking rules)": lambda: plain.erase(RECORD, masking_rules=rules),
+                "encrypt (whole record)": lambda: masker.encrypt(RECORD),
+                "decrypt (whole record)": lambda: masker.decrypt(sealed),
+            }
+        )
+    pairs = [
+        ("mask", "erase", ">= 50x"),
+        ("protect", "encrypt (whole record)", ">= 10x"),
+        ("unprotect", "decrypt (whole record)", ">= 10x"),
+        ("mask", "erase (masking rules)", "-"),
     ]
-    rows.append(["mask", f"{ours['mask']:,.0f}", "erase (masking rules)", f"{theirs['erase (masking rules)']:,.0f}",
-                 f"{ours['mask'] / theirs['erase (masking rules)']:,.1f}x", "-"])  # fmt: skip
+    rows = [
+        [ours, f"{rates[ours]:,.0f}", theirs, f"{rates[theirs]:,.0f}", f"{rates[ours] / rates[theirs]:,.1f}x", target]
+        for ours, theirs, target in pairs
+    ]
     print("20-field booking record, 12 sensitive fields (10 pii, 2 payment), records/s, cache warm")
     print(table(["kmsguard", "records/s", "Powertools DataMasking", "records/s", "ratio", "target"], rows))
     print()
     scan_benchmark(int(os.environ.get("BENCH_SCAN_MB", "100")))
+
+
+def best_rates(runs: dict[str, Callable[[], object]], rounds: int = 5, seconds: float = 0.4) -> dict[str, float]:
+    """Each function's best calls/s over ``rounds`` interleaved rounds.
+
+    Interleaving puts every contender under the same background load, and the best round
+    is the one least disturbed by it, so the ratios hold on a shared machine.
+    """
+    best = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            best[name] = max(best[name], ops_per_second(fn, seconds))
+    return best
 
 
 def scan_benchmark(megabytes: int) -> None:
@@ -126,12 +135,9 @@ def scan_benchmark(megabytes: int) -> None:
         report = scan_paths([path])
         cpu = time.process_time() - start
     mb = size / 1e6
-    print(
-        table(
-            ["file", "MB", "findings", "CPU s", "MB/s (one core)", "target"],
-            [["JSON lines", f"{mb:,.0f}", f"{sum(report.counts().values()):,}", f"{cpu:.1f}", f"{mb / cpu:.1f}", ">= 20"]],
-        )
-    )
+    found = sum(report.counts().values())
+    row = ["JSON lines", f"{mb:,.0f}", f"{found:,}", f"{cpu:.1f}", f"{mb / cpu:.1f}", ">= 20"]
+    print(table(["file", "MB", "findings", "CPU s", "MB/s (one core)", "target"], [row]))
 
 
 def write_log(path: Path, size: int) -> int:
