@@ -32,7 +32,7 @@ from kmsguard.detect import detect_json
 from kmsguard.detect.cards import is_card
 from kmsguard.detect.finders import spans
 from kmsguard.errors import ContextMismatch, InvalidCiphertext, InvalidInput
-from kmsguard.jsonpaths import CompiledPath, Location, Match, compile_path, format_path, get
+from kmsguard.jsonpaths import Location, Match, compile_path, format_path, get
 from kmsguard.plans import FIELD_KEY
 from kmsguard.policy import FIELD_CONTEXT_KEY
 
@@ -92,8 +92,33 @@ def protect(
         raise InvalidInput('missing must be "error" or "ignore"')
     if context is not None and not isinstance(context, Mapping):
         raise InvalidInput("context must be a mapping of str to str")
+    field_set = _field_set(fields or {})
+    if field_set.disjoint and not detect:
+        selected = field_set.select(record, missing)
+    else:
+        selected = _select(record, field_set, missing, detect, keep)
+    out = _CopyOnWrite(record)
+    base = dict(context) if context else {}
+    for location, rule, value, path in selected:
+        if type(value) is str and value.startswith(envelope.TEXT_PREFIX) and _is_token(value):
+            continue
+        token = guard.encrypt_text(_encode(value, path), rule.classification, {**base, FIELD_KEY: path})
+        if rule.index is not None:
+            parent = out.container(location[:-1])
+            if not isinstance(parent, dict):
+                raise InvalidInput(f"field {path}: a blind index needs the field to be an object member")
+            term = value if isinstance(value, str) else _canonical(value)
+            parent[rule.index] = blindindex.compute(guard, term, rule.classification, rule.index, rule.normalize)
+        out.put(location, token)
+    return out.result()
+
+
+def _select(
+    record: Any, field_set: _FieldSet, missing: str, detect: bool, keep: Iterable[str]
+) -> list[tuple[Location, Field, Any, str]]:
+    """(location, rule, value, path) of every value to protect: by path, by detection, outermost only."""
     chosen: dict[Location, tuple[Field, Any, str, bool]] = {}  # rule, value, path, detected
-    for compiled, path, rule in _rules(fields or {}):
+    for compiled, path, rule in field_set.rules:
         matches = compiled.find(record)
         if not matches and missing == "error":
             raise InvalidInput(f"field path {path} matches nothing in the record")
@@ -110,21 +135,7 @@ def protect(
                 chosen[item.steps] = (Field(item.classification), value, format_path(item.steps), True)
     if () in chosen:
         raise InvalidInput("field path $ selects the whole record; select its members")
-    out = _CopyOnWrite(record)
-    base = dict(context) if context else {}
-    for location in _outermost(chosen):
-        rule, value, path, _ = chosen[location]
-        if type(value) is str and value.startswith(envelope.TEXT_PREFIX) and _is_token(value):
-            continue
-        token = guard.encrypt_text(_encode(value, path), rule.classification, {**base, FIELD_KEY: path})
-        if rule.index is not None:
-            parent = out.container(location[:-1])
-            if not isinstance(parent, dict):
-                raise InvalidInput(f"field {path}: a blind index needs the field to be an object member")
-            term = value if isinstance(value, str) else _canonical(value)
-            parent[rule.index] = blindindex.compute(guard, term, rule.classification, rule.index, rule.normalize)
-        out.put(location, token)
-    return out.result()
+    return [(location, *chosen[location][:3]) for location in _outermost(chosen)]
 
 
 def unprotect(
@@ -259,32 +270,60 @@ class _BoundPaths:
 
 _ABSENT = object()
 _bound_paths = _BoundPaths()
-_rules_memo: dict[Any, list[tuple[CompiledPath, str, Field]]] = {}
-_rules_lock = threading.Lock()
 
 
-def _rules(fields: Mapping[str, FieldSpec]) -> list[tuple[CompiledPath, str, Field]]:
-    """The compiled paths and rules of a ``fields`` mapping; memoized when its specs are plain names."""
+class _FieldSet:
+    """A ``fields`` mapping compiled: its paths and rules, and whether it can be selected directly.
+
+    ``disjoint``: every path names one location (members and indexes only), none inside
+    another's, none the root; such a set selects with one lookup per path, in its own order.
+    """
+
+    def __init__(self, fields: Mapping[str, FieldSpec]) -> None:
+        self.rules = [(compile_path(path), path, Field.of(path, spec)) for path, spec in fields.items()]
+        fixed = [compiled.location for compiled, _, _ in self.rules]
+        locations = {loc for loc in fixed if loc is not None}
+        self.disjoint = (
+            len(locations) == len(fixed)
+            and () not in locations
+            and not any(loc[:i] in locations for loc in locations for i in range(1, len(loc)))
+        )
+
+    def select(self, record: Any, missing: str) -> list[tuple[Location, Field, Any, str]]:
+        out = []
+        for compiled, path, rule in self.rules:
+            found = compiled.find(record)
+            if found:
+                location, value, concrete = found[0]
+                out.append((location, rule, value, concrete))
+            elif missing == "error":
+                raise InvalidInput(f"field path {path} matches nothing in the record")
+        return out
+
+
+_field_sets: dict[Any, _FieldSet] = {}
+_field_sets_lock = threading.Lock()
+
+
+def _field_set(fields: Mapping[str, FieldSpec]) -> _FieldSet:
+    """``fields`` compiled; memoized when its specs are plain classification names."""
     try:
         key: Any = tuple(fields.items())
         hash(key)
     except TypeError:
-        key = None
-    if key is not None:
-        with _rules_lock:
-            found = _rules_memo.get(key)
-        if found is not None:
-            return found
-    out = [(compile_path(path), path, Field.of(path, spec)) for path, spec in fields.items()]
-    if key is not None:
-        with _rules_lock:
-            if len(_rules_memo) >= _MAX_RULE_SETS:
-                _rules_memo.clear()
-            _rules_memo[key] = out
-    return out
+        return _FieldSet(fields)
+    with _field_sets_lock:
+        found = _field_sets.get(key)
+    if found is None:
+        found = _FieldSet(fields)
+        with _field_sets_lock:
+            if len(_field_sets) >= _MAX_FIELD_SETS:
+                _field_sets.clear()
+            _field_sets[key] = found
+    return found
 
 
-_MAX_RULE_SETS = 256
+_MAX_FIELD_SETS = 256
 
 
 def _by_kind(value: Any) -> Any:

@@ -57,6 +57,11 @@ class CompiledPath:
             self._fixed = tuple(step if type(step) is int else step[0][0] for step in self._program)
         self._fixed_text = format_path(self._fixed) if self._fixed is not None else ""
 
+    @property
+    def location(self) -> Location | None:
+        """The one location this path names, if it names one (members and indexes from the start)."""
+        return self._fixed
+
     def find(self, doc: Any) -> list[Match]:
         """Every (location, value, path) the expression selects in ``doc``, in document order."""
         fixed = self._fixed

@@ -200,4 +200,4 @@ def _files(root: Path) -> Iterator[Path]:
         yield root
 
 
-__all__ = ["FileFindings", "ScanReport", "finding", "scan_file", "scan_paths"]
+__all__ = ["FileFindings", "ScanReport", "scan_file", "scan_paths"]
