@@ -167,6 +167,8 @@ def test_report_carries_no_value() -> None:
 @given(st.text(alphabet="0123456789 -", min_size=13, max_size=24))
 def test_property_no_card_without_valid_checksum_and_issuer(text: str) -> None:
     for item in detect_text(text):
-        assert item.kind == "card"
+        assert item.kind in ("card", "ssn")  # an SSN is digits and dashes too
+        if item.kind == "ssn":
+            continue
         digits = "".join(c for c in text if c.isdigit())
         assert any(luhn.is_valid(digits[i:j]) for i in range(len(digits)) for j in range(i + 13, len(digits) + 1))
