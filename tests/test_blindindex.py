@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kmsguard import Guard
-from kmsguard.errors import InvalidInput
+from kmsguard.errors import ConfigurationError, InvalidInput
 from kmsguard.keyrings.local import LocalKeyring
 
 COMPUTE = (
@@ -84,3 +84,11 @@ def test_bits_truncate_and_bad_arguments_are_refused(guard: Guard) -> None:
     ):
         with pytest.raises(InvalidInput):
             call()
+
+
+def test_a_kms_keyring_needs_a_home_for_its_wrapped_index_key(guard: Guard) -> None:
+    class KmsLike:  # a keyring with no index_key of its own, as AwsKmsKeyring
+        generate = wrap = unwrap = rewrap = guard.keyring.generate
+
+    with pytest.raises(ConfigurationError):
+        Guard(guard.policy, KmsLike()).blind_index("v", "pii", "n")  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kmsguard import Guard, fields, plans
-from kmsguard.errors import ContextMismatch, InvalidInput
+from kmsguard.errors import ContextMismatch, InvalidCiphertext, InvalidInput
 from kmsguard.jsonpaths import Location, compile_path, format_path
 from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.masking import ERASED, Regex
@@ -109,6 +109,15 @@ def test_text_that_is_not_utf8_encodable_round_trips(guard: Guard) -> None:
     record = {"a": "lone \ud800 surrogate", "b": ["Straße", {"c": "\udfff"}], "d": "東京"}
     protected = guard.protect(record, {"$.a": "pii", "$.b": "pii", "$.d": "pii"})
     assert guard.unprotect(protected) == record
+
+
+def test_unprotect_refuses_text_that_only_looks_like_a_token(guard: Guard) -> None:
+    with pytest.raises(InvalidCiphertext):
+        guard.unprotect({"a": "kg1:garbled"})
+    protected = guard.protect({"a": "secret value"}, {"$.a": "pii"})
+    tampered = {"a": protected["a"][:-6] + ("AAAAAA" if not protected["a"].endswith("AAAAAA") else "BBBBBB")}
+    with pytest.raises(InvalidCiphertext):
+        guard.unprotect(tampered)
 
 
 def test_missing_path_names_the_path_and_can_be_ignored(guard: Guard) -> None:

@@ -14,8 +14,11 @@ identity (``context={"booking": "ABC123"}``) keeps them from moving between reco
 The path is not sent to the key service (kmsguard.policy.FIELD_CONTEXT_KEY), so all the
 fields of one classification in a record share one cached data key.
 
-Everything here goes through Guard's public operations (encrypt_text, decrypt_text,
-inspect), so policy, audit and metrics see each field as one operation.
+Every field goes through Guard's public operations (``encrypt_text`` to protect,
+``decrypt`` to unprotect), so policy, audit and metrics see each field as one operation;
+the bound path is read from the token's public header (kmsguard.envelope) before
+anything is decrypted. A string that starts with ``kg1:`` but is no envelope is data to
+``protect``, and INVALID_CIPHERTEXT to ``unprotect``.
 """
 
 from __future__ import annotations

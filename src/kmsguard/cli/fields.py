@@ -1,7 +1,8 @@
 """``kmsguard protect``, ``unprotect`` and ``mask``: JSON fields of a document or of JSON lines.
 
 A document is read whole from ``--in`` (or stdin) and written as one JSON document. With
-``--jsonl`` each line is one record and each output line one result, in order; a record
+``--jsonl`` each line is one record and each output line one result, in order, streamed
+(memory stays flat on any input size); a record
 that fails becomes ``{"line": N, "error": {...}}`` and the stream goes on (exit 1 at the
 end). Error messages name paths and lines, never values. ``mask`` uses no key, so it
 works without ``kmsguard init``.
@@ -10,6 +11,7 @@ works without ``kmsguard init``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -36,32 +38,45 @@ def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def _run(in_path: str, out_path: str, jsonl: bool, transform: Callable[[Any], Any]) -> None:
-    data = read_input(in_path)
     if not jsonl:
         try:
-            record = json.loads(data)
+            record = json.loads(read_input(in_path))
         except (UnicodeDecodeError, ValueError):
             raise InvalidInput("the input is not a JSON document") from None
         write_output(out_path, (json.dumps(transform(record), ensure_ascii=False) + "\n").encode("utf-8"))
         return
-    lines, failures = [], 0
-    for n, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
+    try:
+        source = sys.stdin.buffer if in_path == "-" else open(in_path, "rb")  # noqa: SIM115
+        sink = sys.stdout if out_path == "-" else os.fdopen(_create(out_path), "w", encoding="utf-8")
+    except OSError as exc:
+        raise click.FileError(exc.filename or in_path, exc.strerror) from None
+    failures = 0
+    try:
+        for n, raw in enumerate(source, start=1):
+            if not raw.strip():
+                continue
             try:
-                record = json.loads(raw)
-            except (UnicodeDecodeError, ValueError):
-                raise InvalidInput("not a JSON value") from None
-            result = transform(record)
-        except KmsGuardError as exc:
-            failures += 1
-            result = {"line": n, "error": exc.to_dict()}
-        lines.append(json.dumps(result, ensure_ascii=False))
-    write_output(out_path, "".join(line + "\n" for line in lines).encode("utf-8"))
+                try:
+                    record = json.loads(raw)
+                except (UnicodeDecodeError, ValueError):
+                    raise InvalidInput("not a JSON value") from None
+                result = transform(record)
+            except KmsGuardError as exc:
+                failures += 1
+                result = {"line": n, "error": exc.to_dict()}
+            sink.write(json.dumps(result, ensure_ascii=False) + "\n")
+    finally:
+        for stream in (source, sink):
+            if stream not in (sys.stdin.buffer, sys.stdout):
+                stream.close()
     if failures:
         click.echo(f"{failures} record(s) failed; see their error records", err=True)
         sys.exit(1)
+
+
+def _create(path: str) -> int:
+    """A new or truncated output file with mode 0600: it may hold plaintext."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
 
 
 @click.command()
