@@ -53,17 +53,24 @@ def keep_head(value: Any, head: int = 4) -> str:
 def tail(value: Any, keep: int = 2, head: int = 0) -> str:
     """Letters and digits starred but the first ``head`` and last ``keep``, separators kept: ``+*********71``."""
     text = value if isinstance(value, str) else str(value)
-    shown = sum(c.isalnum() for c in text)
-    if shown < 2 * (head + keep):  # too short: what is shown would narrow it down too much
+    if sum(c.isalnum() for c in text) < 2 * (head + keep):  # too short: what is shown would narrow it too much
         return ERASED
-    out, seen = [], 0
-    for c in text:
-        if c.isalnum():
-            out.append(c if seen < head or seen >= shown - keep else "*")
-            seen += 1
-        else:
-            out.append(c)
-    return "".join(out)
+    start = _after_alnums(text, head)
+    end = len(text) - _after_alnums(text[::-1], keep)
+    return text[:start] + _ALNUM.sub("*", text[start:end]) + text[end:]
+
+
+def _after_alnums(text: str, count: int) -> int:
+    """The index just after the first ``count`` letters or digits of ``text``."""
+    seen = 0
+    for i, c in enumerate(text):
+        if seen == count:
+            return i
+        seen += c.isalnum()
+    return len(text)
+
+
+_ALNUM = re.compile(r"[^\W_]")
 
 
 @dataclass(frozen=True)
