@@ -215,6 +215,14 @@ def test_mask_rules(path: str, rule: Any, expected: str) -> None:
     assert compile_path(path).find(out)[0][1] == expected
 
 
+def test_mask_of_nested_paths_keeps_the_outer_mask() -> None:
+    original = copy.deepcopy(BOOKING)
+    for paths in (["$.card", "$.card.number"], ["$.card.number", "$.card"]):
+        out = fields.mask(BOOKING, paths)
+        assert out["card"] == ERASED and out["seat"] == "14C"
+    assert original == BOOKING
+
+
 def test_mask_uses_no_key_and_skips_missing_paths() -> None:
     class NoKeys:
         def _used(self, *args: Any) -> Any:

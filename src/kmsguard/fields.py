@@ -200,17 +200,21 @@ def mask(record: Any, fields: Iterable[str], rules: Mapping[str, masking.MaskRul
 class _CopyOnWrite:
     """The output record: the containers on the way to a changed value are copied, the rest shared."""
 
-    __slots__ = ("_copies", "_source")
+    __slots__ = ("_copies", "_last", "_source")
 
     def __init__(self, source: Any) -> None:
         self._source = source
         self._copies: dict[Location, Any] = {}
+        self._last: tuple[Location, Any] = ((), None)  # the container written last: fields come in groups
 
     def container(self, location: Location) -> Any:
+        """The copied container at ``location``; None if a value written earlier replaced it (or one above it)."""
         found = self._copies.get(location)
         if found is None:
             if location:
                 parent = self.container(location[:-1])
+                if parent is None or not isinstance(parent[location[-1]], dict | list):
+                    return None
                 found = parent[location[-1]] = _shallow(parent[location[-1]])
             else:
                 found = _shallow(self._source)
@@ -219,7 +223,14 @@ class _CopyOnWrite:
 
     def put(self, location: Location, value: Any) -> None:
         if location:
-            self.container(location[:-1])[location[-1]] = value
+            parent = location[:-1]
+            last, container = self._last
+            if container is None or last != parent:
+                container = self.container(parent)
+                if container is None:  # inside a value already replaced: the outer write wins
+                    return
+                self._last = (parent, container)
+            container[location[-1]] = value
         else:
             self._copies[()] = value
 
