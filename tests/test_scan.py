@@ -63,6 +63,7 @@ def tree(tmp_path: Path) -> Path:
     (root / "logs" / "old" / "app.log.gz").write_bytes(gzip.compress(f"INFO paid with {CARD}\n".encode()))
     (root / "logs" / "clean.txt").write_text("nothing to see: 2024-05-01 order 7000000000000006\n")
     (root / "photo.bin").write_bytes(bytes(range(256)) * 8 + CARD.encode())
+    os.mkfifo(root / "logs" / "pipe")  # would block a scan that opened it
     return root
 
 

@@ -191,12 +191,15 @@ def _is_binary(head: bytes) -> bool:
 
 
 def _files(root: Path) -> Iterator[Path]:
+    """Regular files only: a FIFO or a device would block the scan or never end."""
     if root.is_dir():
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             for name in sorted(filenames):
-                yield Path(dirpath) / name
-    else:
+                path = Path(dirpath) / name
+                if path.is_file():
+                    yield path
+    elif root.is_file():
         yield root
 
 
