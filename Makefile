@@ -24,6 +24,11 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,docs,server]'
 	touch $@
 
+# Benchmarks compare against other libraries (Powertools' DataMasking), installed only here.
+$(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
 demo: $(VENV)/.installed
 	KMSGUARD_HOME=$(DEMO_HOME) $(PY) scripts/demo.py
 
@@ -42,7 +47,7 @@ test: lint docs-build
 	$(BIN)/pytest
 
 # wrk (a compiled HTTP load generator) drives `python -m bench server`.
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-bench
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench
 

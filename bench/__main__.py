@@ -21,6 +21,7 @@ TOPICS: dict[str, str] = {
     "failover": "bench.failover",
     "throttling": "bench.throttling",
     "server": "bench.server",
+    "fields": "bench.fields",
 }
 
 

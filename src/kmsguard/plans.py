@@ -26,7 +26,7 @@ from kmsguard import envelope
 from kmsguard.datakey import WrappedKey
 from kmsguard.errors import InvalidCiphertext, InvalidInput, UnknownClassification
 from kmsguard.keyrings.base import KeyRequest
-from kmsguard.policy import ClassPolicy, Policy
+from kmsguard.policy import FIELD_CONTEXT_KEY, ClassPolicy, Policy
 
 #: Plans each memo keeps before starting over.
 MAX_PLANS = 4096
@@ -35,6 +35,29 @@ MAX_PREFIX_LENGTHS = 8
 _MIN_TAIL = envelope.NONCE_SIZE + envelope.TAG_SIZE
 #: Context keys under this prefix are kmsguard's own (see KeyRequest.bound_context).
 RESERVED_CONTEXT_PREFIX = "kmsguard:"
+
+
+class _ReservedKey(str):
+    """A reserved context key that only kmsguard's own code holds (see FIELD_KEY).
+
+    It equals only itself, never the plain string a caller could pass, so a plan or lane
+    memoized for a context holding it can never be found with a caller's context.
+    """
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __ne__(self, other: object) -> bool:
+        return other is not self
+
+    __hash__ = str.__hash__  # the C slot: memo lookups hash it without a Python call
+
+
+#: What kmsguard.fields passes to bind a field's path under ``kmsguard:field``; the header
+#: holds the plain key. check_context accepts this object and refuses the plain string.
+FIELD_KEY: str = _ReservedKey(FIELD_CONTEXT_KEY)
 
 
 def check_context(context: Any) -> Mapping[str, str]:
@@ -55,7 +78,7 @@ def check_context(context: Any) -> Mapping[str, str]:
             if not isinstance(key, str) or not isinstance(value, str):
                 raise InvalidInput("context keys and values must be strings")
             exact = False
-        if key.startswith(RESERVED_CONTEXT_PREFIX):
+        if key.startswith(RESERVED_CONTEXT_PREFIX) and key is not FIELD_KEY:
             raise InvalidInput(f"context keys starting with {RESERVED_CONTEXT_PREFIX!r} are reserved")
         if not (key.isascii() and value.isascii()):
             try:
