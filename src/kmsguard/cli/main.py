@@ -34,12 +34,14 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kmsguard.cli import audit, data, keys, setup
+    from kmsguard.cli import audit, data, keys, rotation, setup
 
     cli.add_command(setup.init)
     for command in (data.encrypt, data.decrypt, data.inspect):
         cli.add_command(command)
     cli.add_command(keys.keys)
+    for command in (rotation.census, rotation.rewrap, rotation.migrate):
+        cli.add_command(command)
     cli.add_command(audit.audit)
     cli.add_command(audit.metrics)
 
