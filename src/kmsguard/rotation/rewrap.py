@@ -177,7 +177,7 @@ class Rewrap:
                 if not wanted:
                     result.current += 1
                     continue
-                changes.append((key, value, _rewrap(self.guard, value)))
+                changes.append((key, value, self._rewrap(value)))
             except KmsGuardError as exc:
                 result.failed += 1
                 assert result.failures is not None
@@ -186,14 +186,20 @@ class Rewrap:
         return changes, result
 
 
-def _rewrap(guard: Guard, value: Value) -> Value:
-    """The rewrapped value in the form it was stored: text, binary, or text kept in a binary column."""
-    if isinstance(value, str):
-        return guard.rewrap(value)
-    raw = bytes(value)
-    if raw.startswith(_TEXT_BYTES):
-        return guard.rewrap(raw.decode("ascii")).encode("ascii")
-    return guard.rewrap(raw)
+    def _rewrap(self, value: Value) -> Value:
+        """The rewrapped value in the form it was stored: text, binary, or text kept in a binary column.
+
+        A classification that requires context at decrypt (payment's ``purpose``) gets the
+        header's own: rewrap reveals nothing, and the bound context stays as it was.
+        """
+        raw = value if isinstance(value, str) else bytes(value)
+        text = isinstance(raw, bytes) and raw.startswith(_TEXT_BYTES)
+        if text:
+            raw = raw.decode("ascii")  # type: ignore[union-attr]
+        info = self.guard.inspect(raw)
+        context = info.context if self.guard.policy.get(info.classification).required_context else None
+        out = self.guard.rewrap(raw, context)
+        return out.encode("ascii") if text and isinstance(out, str) else out
 
 
 _TEXT_BYTES = envelope.TEXT_PREFIX.encode("ascii")

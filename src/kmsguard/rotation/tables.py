@@ -149,7 +149,7 @@ class PgTable:
 
     def _keys(self, batch: int) -> Iterator[list[str]]:
         sql = self._sql
-        query = sql.SQL("SELECT {k}::text FROM {t} WHERE {c} IS NOT NULL{w} ORDER BY {k}").format(
+        query = sql.SQL("SELECT {k}::text AS _kmsguard_key FROM {t} WHERE {c} IS NOT NULL{w} ORDER BY {k}").format(
             k=self.key, c=self.col, t=self.table, w=self.where
         )
         with self.conn.cursor(name="kmsguard_plan") as cur:
