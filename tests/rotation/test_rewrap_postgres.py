@@ -65,7 +65,7 @@ def test_three_workers_one_killed_and_an_application_writing(
     workers[0] = start(local_home, *args)
     outs = [w.communicate(timeout=300) for w in workers]
     app_out, _ = app.communicate(timeout=60)
-    for w, (out, err) in zip(workers, outs, strict=True):
+    for w, (_out, err) in zip(workers, outs, strict=True):
         assert w.returncode == 0, err
     written = {int(k): v for k, v in json.loads(app_out).items()}
     assert written, "the application wrote nothing during the run"

@@ -304,11 +304,12 @@ def retire(
     region = region_of(key_arn)
     evidence(s.home, key_arn, sources).check(force)
     admin = _aws(s)
-    admin.clients.call(region, "DisableKey", key_ref=key_arn, KeyId=key_arn)
+    key_id = key_arn.rsplit("/", 1)[1]  # DisableKey works in the caller's account only: the id suffices
+    admin.clients.call(region, "DisableKey", key_ref=key_arn, KeyId=key_id)
     click.echo(f"disabled {key_arn}")
     if deletion_days is not None:
         out = admin.clients.call(
-            region, "ScheduleKeyDeletion", key_ref=key_arn, KeyId=key_arn, PendingWindowInDays=deletion_days
+            region, "ScheduleKeyDeletion", key_ref=key_arn, KeyId=key_id, PendingWindowInDays=deletion_days
         )
         click.echo(f"deletion scheduled for {out.get('DeletionDate')}")
 

@@ -64,6 +64,8 @@ def run(source: Source, transform: Transform, batch: int, max_rate: float | None
     if transform.columns() and not isinstance(source, RecordsSource):
         raise InvalidInput("--context-from needs a table or a records file (a directory's files have no columns)")
     with _exclusive(_journal_dir(source)):
+        for stale in _journal_dir(source).glob(".*.kmsguard-tmp"):  # a killed run's, never renamed into place
+            stale.unlink()
         if isinstance(source, DirSource):
             return _run_dir(source, transform, batch, max_rate, progress)
         assert isinstance(source, RecordsSource)
