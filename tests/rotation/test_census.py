@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from kmsguard import Guard, envelope
 from kmsguard.errors import InvalidCiphertext
-from kmsguard.rotation.census import skim
+from kmsguard.rotation.census import _Skimmer, skim
 
 from .conftest import cli, fill, pg_url, rotate, sealed
 
@@ -117,4 +117,9 @@ def test_skim_agrees_with_parse(guard: Guard, context: dict[str, str], plaintext
     except InvalidCiphertext:
         parses = False
     assert (skim(truncated) is not None) == parses
+    # The census's memory of headers answers as skim does, for values sharing a header and not.
+    skimmer = _Skimmer()
+    text = envelope.to_text(data)
+    for value in (data, truncated, data, text, text[: len(text) - cut // 3], text, plaintext, truncated):
+        assert skimmer(value) == skim(value)
     assert skim(plaintext) is None or plaintext.startswith(b"KG")

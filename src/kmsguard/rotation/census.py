@@ -51,8 +51,14 @@ def skim(value: Value) -> Group | None:
 
     Walks the header's length fields with bounds checks (a truncated or garbled value is
     None); the names it returns are checked once per distinct group by :func:`take`.
-    Values are usually many and groups few, so the per-value work stays small.
     """
+    found = _skim(value)
+    return None if found is None else found[0]
+
+
+def _skim(value: Value) -> tuple[Group, int, int] | None:
+    """:func:`skim`, the header's length in bytes through the wrapped keys, and the length
+    of the prefix of ``value`` (text or binary) that holds those bytes."""
     if type(value) is str:
         if not value.startswith(_TEXT):
             return None
@@ -60,13 +66,21 @@ def skim(value: Value) -> Group | None:
             buf = base64.urlsafe_b64decode(value[4:] + "=" * (-len(value) % 4))
         except (binascii.Error, ValueError):
             return None
-    else:
-        buf = value if type(value) is bytes else bytes(value)  # type: ignore[arg-type]
-        if buf[:4] == _TEXT_BYTES:
-            try:
-                return skim(buf.decode("ascii"))
-            except UnicodeDecodeError:
-                return None
+        found = _walk(buf)
+        if found is None:
+            return None
+        return found[0], found[1], 4 + 4 * -(-found[1] // 3)  # the characters that decode to those bytes
+    buf = value if type(value) is bytes else bytes(value)  # type: ignore[arg-type]
+    if buf[:4] == _TEXT_BYTES:
+        try:
+            return _skim(buf.decode("ascii"))
+        except UnicodeDecodeError:
+            return None
+    walked = _walk(buf)
+    return None if walked is None else (walked[0], walked[1], walked[1])
+
+
+def _walk(buf: bytes) -> tuple[Group, int] | None:
     if buf[:4] != _FIXED:
         return None
     try:
@@ -91,7 +105,47 @@ def skim(value: Value) -> Group | None:
         return None
     if len(buf) - pos < _MIN_TAIL:
         return None
-    return cls, tuple(refs)
+    return (cls, tuple(refs)), pos
+
+
+class _Skimmer:
+    """:func:`skim` with a memory of headers seen: values that share a data key share their
+    header through the wrapped keys byte for byte, so after the first such value the others
+    cost a prefix lookup (and a length check for the rest) instead of a walk.
+    """
+
+    #: Remembered prefixes before the memory starts over (values under distinct data keys).
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        #: prefix length -> prefix -> (group, header bytes through the wrapped keys)
+        self._seen: dict[int, dict[Value, tuple[Group, int]]] = {}
+        self._size = 0
+
+    def __call__(self, value: Value) -> Group | None:
+        for length, known in self._seen.items():
+            hit = known.get(value[:length])
+            if hit is not None and _size(value) - hit[1] >= _MIN_TAIL:
+                return hit[0]
+        found = _skim(value)
+        if found is None:
+            return None
+        group, header, length = found
+        if self._size >= self.LIMIT:
+            self._seen.clear()
+            self._size = 0
+        self._seen.setdefault(length, {})[value[:length]] = (group, header)
+        self._size += 1
+        return group
+
+
+def _size(value: Value) -> int:
+    """The envelope's size in bytes, from a text token's length or a binary value's (-1: no
+    base64 text is that long)."""
+    if type(value) is str or value[:4] == _TEXT_BYTES:
+        chars = len(value) - 4
+        return -1 if chars % 4 == 1 else chars * 3 // 4
+    return len(value)
 
 
 @dataclass
@@ -138,8 +192,9 @@ def regions_of(refs: Iterable[str]) -> list[str]:
 def take(source: Source, batch: int = SCAN_BATCH) -> Census:
     """Count every value of ``source`` by its header."""
     counts: Counter[Group | None] = Counter()
+    skimmer = _Skimmer()
     for chunk in source.values(batch):
-        counts.update(map(skim, chunk))
+        counts.update(map(skimmer, chunk))
     census = Census(source.label)
     for group, n in counts.items():
         if group is None or not _CLASS_RE.fullmatch(group[0]) or not all(_REF_RE.fullmatch(r) for r in group[1]):

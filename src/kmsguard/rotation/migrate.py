@@ -75,7 +75,7 @@ class Migrate:
                 result.failed += 1
                 assert result.failures is not None
                 result.failures.append((str(key), exc.code))
-        result.key_calls = self.keys.calls
+        result.key_calls = self.keys.counter.take()
         return changes, result
 
 

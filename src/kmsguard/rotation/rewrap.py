@@ -34,25 +34,23 @@ Change = tuple[Any, Value, Value]
 PROBE_CONTEXT_VALUE = "kmsguard-probe"
 
 
-class BatchKeys:
-    """A keyring in front of another that serves each distinct unwrap/rewrap once per batch.
+class KeyCalls:
+    """A keyring that counts the requests reaching the one behind it (the backend: local or KMS).
 
-    ``new_batch()`` forgets what the previous batch got and resets ``calls``, the number of
-    requests that reached the keyring behind it. A non-retryable failure is remembered
-    too, so a group of values under a refused key costs one call.
+    Sits under the data-key cache, so ``calls`` is what the key service was asked, not
+    what the cache answered. Read and reset by the batch that owns it.
     """
 
     def __init__(self, inner: Keyring) -> None:
         self.inner = inner
-        self._generate = sized_generate(inner)
         self._lock = threading.Lock()
-        self._memo: dict[Hashable, Any] = {}
         self.calls = 0
 
-    def new_batch(self) -> None:
+    def take(self) -> int:
+        """The calls since the last ``take()``."""
         with self._lock:
-            self._memo.clear()
-            self.calls = 0
+            calls, self.calls = self.calls, 0
+            return calls
 
     def _count(self) -> None:
         with self._lock:
@@ -62,12 +60,50 @@ class BatchKeys:
         self._count()
         return self.inner.generate(request)
 
-    def generate_for(self, request: KeyRequest, size: int) -> DataKey:
+    def wrap(self, data_key: DataKey, request: KeyRequest) -> DataKey:
         self._count()
+        return self.inner.wrap(data_key, request)
+
+    def unwrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> DataKey:
+        self._count()
+        return self.inner.unwrap(wrapped, request)
+
+    def rewrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> tuple[WrappedKey, ...]:
+        self._count()
+        return self.inner.rewrap(wrapped, request)
+
+    def close(self) -> None:
+        closer = getattr(self.inner, "close", None)
+        if callable(closer):
+            closer()
+
+
+class BatchKeys:
+    """A keyring in front of another that serves each distinct unwrap/rewrap once per batch.
+
+    ``new_batch()`` forgets what the previous batch got, and returns the key-service
+    calls made since the previous one (see :class:`KeyCalls`). A non-retryable failure is
+    remembered too, so a group of values under a refused key costs one call.
+    """
+
+    def __init__(self, inner: Keyring, counter: KeyCalls) -> None:
+        self.inner = inner
+        self.counter = counter
+        self._generate = sized_generate(inner)
+        self._lock = threading.Lock()
+        self._memo: dict[Hashable, Any] = {}
+
+    def new_batch(self) -> None:
+        with self._lock:
+            self._memo.clear()
+
+    def generate(self, request: KeyRequest) -> DataKey:
+        return self.inner.generate(request)
+
+    def generate_for(self, request: KeyRequest, size: int) -> DataKey:
         return self._generate(request, size)
 
     def wrap(self, data_key: DataKey, request: KeyRequest) -> DataKey:
-        self._count()
         return self.inner.wrap(data_key, request)
 
     def unwrap(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> DataKey:
@@ -87,7 +123,6 @@ class BatchKeys:
                 raise known
             operation.note_cache(True)
             return known
-        self._count()
         try:
             result = call(wrapped, request)
         except KmsGuardError as exc:
@@ -106,12 +141,15 @@ class BatchKeys:
 
 
 def batch_guard(settings: Settings) -> tuple[Guard, BatchKeys]:
-    """A Guard over the configured stack with :class:`BatchKeys` in front, and that BatchKeys."""
-    from kmsguard.stack import build_keyring, build_observers, build_telemetry
+    """A Guard over the configured stack with :class:`BatchKeys` on top and :class:`KeyCalls`
+    under the data-key cache, and that BatchKeys."""
+    from kmsguard.keyrings.caching import CachingKeyring
+    from kmsguard.stack import backend_keyring, build_observers, build_telemetry
 
     telemetry = build_telemetry(settings)
-    keyring = build_keyring(settings, telemetry)
-    keys = BatchKeys(keyring)
+    counter = KeyCalls(backend_keyring(settings, telemetry))
+    keyring = CachingKeyring(counter, settings.policy, telemetry=telemetry)
+    keys = BatchKeys(keyring, counter)
     observers = build_observers(settings, keyring, telemetry)
     return Guard(settings.policy, keys, observers=observers, principal=settings.principal, settings=settings), keys
 
@@ -182,9 +220,8 @@ class Rewrap:
                 result.failed += 1
                 assert result.failures is not None
                 result.failures.append((str(key), exc.code))
-        result.key_calls = self.keys.calls
+        result.key_calls = self.keys.counter.take()
         return changes, result
-
 
     def _rewrap(self, value: Value) -> Value:
         """The rewrapped value in the form it was stored: text, binary, or text kept in a binary column.
