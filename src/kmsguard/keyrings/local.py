@@ -172,10 +172,7 @@ class LocalKeyring:
         """Disable (or re-enable) one version. The primary cannot be disabled: rotate first."""
         name = key_name_of(key_id)
         with self._mutate() as keys:
-            entry = _entry(keys, name)
-            info = entry["versions"].get(str(version))
-            if info is None:
-                raise KeyNotFound(f"local key {name!r} has no version {version}")
+            entry, info = _version(keys, name, version)
             if info["state"] == "retired":
                 raise InvalidInput(f"version {version} of {name!r} is retired: its key material is gone")
             if not enabled and version == entry["primary"]:
@@ -192,10 +189,7 @@ class LocalKeyring:
         """
         name = key_name_of(key_id)
         with self._mutate() as keys:
-            entry = _entry(keys, name)
-            info = entry["versions"].get(str(version))
-            if info is None:
-                raise KeyNotFound(f"local key {name!r} has no version {version}")
+            entry, info = _version(keys, name, version)
             if version == entry["primary"]:
                 raise InvalidInput(f"version {version} is the primary version of {name!r}; rotate before retiring it")
             info["state"] = "retired"
@@ -349,6 +343,15 @@ def _entry(keys: Mapping[str, dict[str, Any]], name: str) -> dict[str, Any]:
     if entry is None:
         raise KeyNotFound(f"local key {name!r} does not exist")
     return entry
+
+
+def _version(keys: Mapping[str, dict[str, Any]], name: str, version: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The key entry of ``name`` and its version ``version``'s entry."""
+    entry = _entry(keys, name)
+    info = entry["versions"].get(str(version))
+    if info is None:
+        raise KeyNotFound(f"local key {name!r} has no version {version}")
+    return entry, info
 
 
 def _new_version() -> dict[str, str]:

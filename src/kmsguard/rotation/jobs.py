@@ -146,7 +146,7 @@ class Journal:
         for name in ("rows", "changed", "current", "skipped", "failed", "key_calls"):
             counts[name] += getattr(result, name)
         counts["batches"] += 1
-        self.doc["failures"] += [{"key": k, "code": c} for k, c in result.failures or ()]
+        self.doc["failures"] += [{"key": k, "code": c} for k, c in result.failures]
         self.save()
 
     def finish(self) -> dict[str, Any]:

@@ -58,7 +58,7 @@ class Migrate:
 
     def apply(self, rows: Sequence[Row]) -> tuple[list[Change], BatchResult]:
         self.keys.new_batch()
-        result = BatchResult(rows=len(rows), failures=[])
+        result = BatchResult(rows=len(rows))
         changes: list[Change] = []
         for key, value, columns in rows:
             if not self.wants(value):
@@ -72,9 +72,7 @@ class Migrate:
                     new = self.guard.encrypt(bytes(value), self.classification, context)
                 changes.append((key, value, new))
             except KmsGuardError as exc:
-                result.failed += 1
-                assert result.failures is not None
-                result.failures.append((str(key), exc.code))
+                result.fail(key, exc)
         result.key_calls = self.keys.counter.take()
         return changes, result
 

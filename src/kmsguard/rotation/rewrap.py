@@ -81,8 +81,8 @@ class KeyCalls:
 class BatchKeys:
     """A keyring in front of another that serves each distinct unwrap/rewrap once per batch.
 
-    ``new_batch()`` forgets what the previous batch got, and returns the key-service
-    calls made since the previous one (see :class:`KeyCalls`). A non-retryable failure is
+    ``new_batch()`` forgets what the previous batch got; ``counter`` (a :class:`KeyCalls`
+    under the data-key cache) tells what the batch cost. A non-retryable failure is
     remembered too, so a group of values under a refused key costs one call.
     """
 
@@ -205,7 +205,7 @@ class Rewrap:
 
     def apply(self, rows: Sequence[Row]) -> tuple[list[Change], BatchResult]:
         self.keys.new_batch()
-        result = BatchResult(rows=len(rows), failures=[])
+        result = BatchResult(rows=len(rows))
         changes: list[Change] = []
         for key, value, _ in rows:
             try:
@@ -217,9 +217,7 @@ class Rewrap:
                     continue
                 changes.append((key, value, self._rewrap(value)))
             except KmsGuardError as exc:
-                result.failed += 1
-                assert result.failures is not None
-                result.failures.append((str(key), exc.code))
+                result.fail(key, exc)
         result.key_calls = self.keys.counter.take()
         return changes, result
 

@@ -23,7 +23,7 @@ import json
 import sqlite3
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kmsguard.errors import InvalidInput, KmsGuardError
@@ -70,7 +70,12 @@ class BatchResult:
     skipped: int = 0
     failed: int = 0
     key_calls: int = 0
-    failures: list[tuple[str, str]] | None = None
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def fail(self, key: Any, error: KmsGuardError) -> None:
+        """Count a value that failed; it is recorded by its row key and error code only."""
+        self.failed += 1
+        self.failures.append((str(key), error.code))
 
 
 def open_table(source: TableSource) -> contextlib.AbstractContextManager[PgTable | SqliteTable]:
