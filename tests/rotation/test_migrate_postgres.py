@@ -40,8 +40,9 @@ def test_two_workers_one_killed_context_from_row(local_home: Path, pg: psycopg.C
     workers[0].wait()
     workers[0] = start(local_home, *args)
     for w in workers:
-        _, err = w.communicate(timeout=300)
+        out, err = w.communicate(timeout=300)
         assert w.returncode == 0, err
+        assert "X0000" not in out + err  # no plaintext in progress or summary
 
     rows = pg.execute(f'SELECT id, passport FROM "{pg_schema}".bookings ORDER BY id').fetchall()
     with Guard.from_env({"KMSGUARD_HOME": str(local_home)}) as guard:

@@ -22,7 +22,7 @@ from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import InvalidCiphertext, KmsGuardError, UnknownClassification
 from kmsguard.guard import Guard
 from kmsguard.keyrings.base import KeyRequest, Keyring, sized_generate
-from kmsguard.rotation.census import skim
+from kmsguard.rotation.census import Group, skim
 from kmsguard.rotation.sources import Value
 from kmsguard.rotation.tables import BatchResult
 
@@ -193,8 +193,9 @@ class Rewrap:
     def wants(self, value: Value) -> bool | None:
         """True: not current, to rewrap; False: nothing to do; None: not an envelope. Headers only."""
         group = skim(value)
-        if group is None:
-            return None
+        return None if group is None else self._wants(group)
+
+    def _wants(self, group: Group) -> bool:
         cls = group[0].decode("ascii", "replace")
         if self.classification is not None and cls != self.classification:
             return False
@@ -209,19 +210,19 @@ class Rewrap:
         changes: list[Change] = []
         for key, value, _ in rows:
             try:
-                wanted = self.wants(value)
-                if wanted is None:
+                group = skim(value)
+                if group is None:
                     raise InvalidCiphertext()
-                if not wanted:
+                if not self._wants(group):
                     result.current += 1
                     continue
-                changes.append((key, value, self._rewrap(value)))
+                changes.append((key, value, self._rewrap(value, group[0].decode("ascii"))))
             except KmsGuardError as exc:
                 result.fail(key, exc)
         result.key_calls = self.keys.counter.take()
         return changes, result
 
-    def _rewrap(self, value: Value) -> Value:
+    def _rewrap(self, value: Value, classification: str) -> Value:
         """The rewrapped value in the form it was stored: text, binary, or text kept in a binary column.
 
         A classification that requires context at decrypt (payment's ``purpose``) gets the
@@ -231,8 +232,9 @@ class Rewrap:
         text = isinstance(raw, bytes) and raw.startswith(_TEXT_BYTES)
         if text:
             raw = raw.decode("ascii")  # type: ignore[union-attr]
-        info = self.guard.inspect(raw)
-        context = info.context if self.guard.policy.get(info.classification).required_context else None
+        context = None
+        if self.guard.policy.get(classification).required_context:
+            context = self.guard.inspect(raw).context
         out = self.guard.rewrap(raw, context)
         return out.encode("ascii") if text and isinstance(out, str) else out
 
