@@ -78,6 +78,13 @@ class TableSource(Source):
         self.spec = spec
         self.label = f"{_safe(url)}#{spec.table}.{spec.column}" + (f" where {spec.where}" if spec.where else "")
 
+    def job_name(self, kind: str, extra: str) -> str:
+        """Without the connection part: the job table is in the same database, and hosts may
+        name that database differently (another host name, a replica's address, a password)."""
+        spec = self.spec
+        digest = hashlib.sha256(f"{kind}\0{spec.table}\0{spec.column}\0{spec.key}\0{spec.where}\0{extra}".encode())
+        return f"{kind}:{digest.hexdigest()[:16]}"
+
     def values(self, batch: int) -> Iterator[list[Value]]:
         from kmsguard.rotation.tables import open_table
 
