@@ -52,6 +52,8 @@ def start(home: Path, *args: str, extra: dict[str, str] | None = None) -> subpro
 
 @pytest.fixture
 def local_home(home: Path, keyring: LocalKeyring) -> Path:
+    """A home in use: its key file and its audit database exist before any worker starts."""
+    Guard.from_env({"KMSGUARD_HOME": str(home)}).close()
     return home
 
 

@@ -46,11 +46,18 @@ class SqliteSink:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        # The columns of runs: added to a new table as to one from before runs were stored.
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit_records)")}
-        for column, kind in (("last_seq", "INTEGER"), ("items", "BLOB")):
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE audit_records ADD COLUMN {column} {kind}")
+        # The columns of runs: added to a new table as to one from before runs were stored,
+        # under the write lock, so processes opening a new file at once add them once.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit_records)")}
+            for column, kind in (("last_seq", "INTEGER"), ("items", "BLOB")):
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE audit_records ADD COLUMN {column} {kind}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def write(self, records: Sequence[Sequence[Any]]) -> None:
         rows = [to_row(r) for r in records]
