@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kmsguard import Guard
+from kmsguard import Guard, envelope
 from kmsguard.testing import KmsRegion
 
 ROWS = 300
@@ -46,12 +46,19 @@ def test_key_change_census_rewrap_retire(
     assert refused.returncode == 1 and "KEY_IN_USE" in refused.stderr and f"{ROWS} envelope(s)" in refused.stderr
     assert kms_region.admin.describe_key(KeyId=old)["KeyMetadata"]["KeyState"] == "Enabled"
 
-    done = run("rewrap", url, "--json", **moved)
+    with sqlite3.connect(db) as conn:
+        distinct = len({envelope.parse(v).wrapped_keys for (v,) in conn.execute("SELECT passport FROM people")})
+    kms_region.proxy.reset_counts()
+    done = run("rewrap", url, "--batch", "100", "--json", **moved)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["changed"] == ROWS
-    # Shared data keys (the cache was on): far fewer KMS calls than rows.
-    assert summary["key_calls"] < ROWS // 10
+    assert summary["changed"] == ROWS and summary["batches"] == ROWS // 100
+    # Shared data keys (the cache was on): per batch at most one Decrypt and one ReEncrypt
+    # per distinct data key, and one GenerateDataKey (the probe of the current key).
+    calls = kms_region.proxy.counts
+    assert calls["Decrypt"] <= distinct * summary["batches"] and calls["ReEncrypt"] <= distinct * summary["batches"]
+    assert calls["GenerateDataKey"] == 1 and calls["ReEncrypt"] >= 1
+    assert summary["key_calls"] == sum(calls[api] for api in ("Decrypt", "ReEncrypt", "GenerateDataKey"))
 
     census = json.loads(run("census", url, "--json", **moved).stdout)
     assert [(g["keys"], g["count"]) for g in census["groups"]] == [([new], ROWS)]

@@ -213,11 +213,6 @@ class LocalKeyring:
                 entry["min_decrypt_version"] = version
         return version
 
-    def min_decrypt_version(self, key_id: str) -> int:
-        self._refresh()
-        with self._lock:
-            return int(_entry(self._keys, key_name_of(key_id)).get("min_decrypt_version", 1))
-
     def secret(self, purpose: str) -> bytes:
         """A 32-byte secret for another component (the audit log's HMAC key), kept in this file."""
         with self._lock:
