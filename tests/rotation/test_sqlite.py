@@ -57,3 +57,23 @@ def test_payment_requires_context_and_gets_its_own(local_home: Path, tmp_path: P
             assert refs(token) == ("local:payment:v2",)
             assert guard.decrypt_text(token, {"purpose": "refund"}) == f"card {n}"
             assert guard.inspect(token).context == {"purpose": "refund", "n": str(n)}
+
+
+def test_garbled_headers_are_failures_not_crashes(local_home: Path, tmp_path: Path) -> None:
+    good = envelope.from_text(sealed(local_home, ["x"])[0])
+    garbled = good.replace(b"\x03pii", b"\x03p\xffi", 1)  # a non-ASCII classification
+    unknown = good.replace(b"\x03pii", b"\x03zzz", 1)  # a classification nobody configured
+    db = tmp_path / "g.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+        conn.executemany("INSERT INTO t (v) VALUES (?)", [(good,), (garbled,), (unknown,), (b"KG\x01\x01",)])
+    rotate(local_home)
+    out = cli(local_home, "rewrap", f"sqlite://{db}?table=t&column=v&key=id", "--json")
+    assert out.returncode == 1, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["changed"] == 1 and summary["failed"] == 3
+    assert sorted(f["key"] for f in summary["failures"]) == ["2", "3", "4"]
+    assert "Traceback" not in out.stderr
+    with sqlite3.connect(db) as conn:
+        left = [v for (v,) in conn.execute("SELECT v FROM t WHERE id > 1 ORDER BY id")]
+    assert left == [garbled, unknown, b"KG\x01\x01"]

@@ -216,7 +216,7 @@ class Rewrap:
                 if not self._wants(group):
                     result.current += 1
                     continue
-                changes.append((key, value, self._rewrap(value, group[0].decode("ascii"))))
+                changes.append((key, value, self._rewrap(value, group[0].decode("ascii", "replace"))))
             except KmsGuardError as exc:
                 result.fail(key, exc)
         result.key_calls = self.keys.counter.take()
