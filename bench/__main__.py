@@ -22,6 +22,7 @@ TOPICS: dict[str, str] = {
     "throttling": "bench.throttling",
     "server": "bench.server",
     "fields": "bench.fields",
+    "rewrap": "bench.rewrap",
 }
 
 

@@ -32,6 +32,11 @@ def build_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> 
     return CachingKeyring(_backend_keyring(settings, telemetry), settings.policy, telemetry=telemetry)
 
 
+def backend_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
+    """The backend alone, without the cache (for a caller that composes its own stack around it)."""
+    return _backend_keyring(settings, telemetry)
+
+
 def _backend_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
     if settings.backend == "local":
         check_local_key_names(settings)

@@ -97,7 +97,12 @@ class ThrowawayPostgres:
         self._user: pwd.struct_passwd | None = None
 
     def start(self) -> None:
-        """Create the cluster and start the server; PostgresUnavailable (with the server's log) if it fails."""
+        """Create the cluster and start the server; PostgresUnavailable (with the server's log) if it fails.
+
+        Started already (another test directory's fixture shares this server): nothing to do.
+        """
+        if self.dir is not None:
+            return
         self._bindir = find_bindir()
         self._user = _unprivileged_user()
         self.dir = Path(tempfile.mkdtemp(prefix="kmsguard-test-pg-"))

@@ -35,11 +35,18 @@ class SqliteSink:
         self._db.execute("PRAGMA synchronous=FULL")
         for statement in create_statements("sqlite"):
             self._db.execute(statement)
-        # A table from before runs were stored gets their columns.
-        columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({RECORDS})")}
-        for name, definition in added_columns("sqlite"):
-            if name not in columns:
-                self._db.execute(f"ALTER TABLE {RECORDS} ADD COLUMN {definition}")
+        # A table from before runs were stored gets their columns, under the write lock, so
+        # processes opening a new file at once add them once.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({RECORDS})")}
+            for name, definition in added_columns("sqlite"):
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE {RECORDS} ADD COLUMN {definition}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def write(self, rows: Sequence[AuditRun]) -> None:
         values = [row_values(r) for r in rows]

@@ -103,10 +103,30 @@ def status(as_json: bool, strict: bool) -> None:
             ("class", "region", "key ARN", "state", "spec", "usage", "multi-region", "rotation", "period", "next"),
             [_aws_row(r) for r in rows],
         )
+    _census_status(s, as_json)
     unhealthy = [r["classification"] for r in rows if not r["healthy"]]
     if strict and unhealthy:
         click.echo(f"not ready (disabled, missing or not rotating): {', '.join(sorted(set(unhealthy)))}", err=True)
         click.get_current_context().exit(1)
+
+
+def _census_status(s: Settings, as_json: bool) -> None:
+    """The last recorded census of each source, per classification and key (stderr with --json)."""
+    from kmsguard.rotation.census import recorded
+
+    censuses = recorded(s.home)
+    if not censuses:
+        return
+    rows = [
+        (g["classification"], "\n".join(g["keys"]), str(g["count"]), c.source, c.at)
+        for c in censuses
+        for g in c.to_dict()["groups"]
+    ] + [("(not envelopes)", "-", str(c.not_envelopes), c.source, c.at) for c in censuses if c.not_envelopes]
+    if as_json:
+        click.echo(json.dumps({"census": [c.to_dict() for c in censuses]}, indent=2), err=True)
+        return
+    click.echo("last census per source:")
+    _table(("class", "keys", "count", "source", "at"), sorted(rows))
 
 
 def _local_status(s: Settings) -> list[dict[str, Any]]:
@@ -226,3 +246,81 @@ def enable(classification: str, version: int) -> None:
         info = _local(s).set_state(_key_of(s, classification), version, enabled=True)
         op.key_refs.append(info.key_ref)
     click.echo(f"enabled {info.key_ref}")
+
+
+source_option = click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    metavar="SOURCE",
+    help="Take (and record) a census of this source first; repeat for more. Default: the recorded censuses.",
+)
+
+
+@keys.command()
+@click.option("--class", "classification", default=None, help="Local: the classification whose key version to retire.")
+@click.option("--version", "version", type=click.IntRange(min=1), default=None, help="Local: the version to retire.")
+@click.option("--key", "key_arn", default=None, help="AWS: the old key's ARN, as the census shows it.")
+@source_option
+@click.option("--force", is_flag=True, help="Retire although a census counts envelopes under the key (or none exists).")
+@click.option(
+    "--schedule-deletion",
+    "deletion_days",
+    type=click.IntRange(7, 30),
+    default=None,
+    help="AWS: also schedule the key's deletion after DAYS (7-30).",
+)
+def retire(
+    classification: str | None,
+    version: int | None,
+    key_arn: str | None,
+    sources: tuple[str, ...],
+    force: bool,
+    deletion_days: int | None,
+) -> None:
+    """Retire an old key once a census shows nothing stored under it.
+
+    Local (--class, --version): the version's key material is erased for good; it stays
+    listed as retired. AWS (--key ARN): DisableKey, and with --schedule-deletion
+    ScheduleKeyDeletion. Refused while a census counts envelopes under the key.
+    """
+    from kmsguard.rotation.retire import evidence, region_of
+
+    s = settings()
+    if s.backend == "local":
+        if classification is None or version is None or key_arn or deletion_days:
+            raise InvalidInput(
+                "the local backend retires with --class and --version (--key and --schedule-deletion are AWS)"
+            )
+        ref = f"local:{key_name_of(_key_of(s, classification))}:v{version}"
+        evidence(s.home, ref, sources).check(force)
+        with _audited(s, "keys.retire", classification) as op:
+            info = _local(s).retire(_key_of(s, classification), version)
+            op.key_refs.append(info.key_ref)
+        click.echo(f"retired {info.key_ref}: its key material is erased")
+        return
+    if key_arn is None or classification or version:
+        raise InvalidInput("the aws backend retires with --key ARN (--class and --version are local)")
+    region = region_of(key_arn)
+    evidence(s.home, key_arn, sources).check(force)
+    admin = _aws(s)
+    key_id = key_arn.rsplit("/", 1)[1]  # DisableKey works in the caller's account only: the id suffices
+    admin.clients.call(region, "DisableKey", key_ref=key_arn, KeyId=key_id)
+    click.echo(f"disabled {key_arn}")
+    if deletion_days is not None:
+        out = admin.clients.call(
+            region, "ScheduleKeyDeletion", key_ref=key_arn, KeyId=key_id, PendingWindowInDays=deletion_days
+        )
+        click.echo(f"deletion scheduled for {out.get('DeletionDate')}")
+
+
+@keys.command("min-decrypt-version")
+@class_option
+@click.option("--version", "version", type=click.IntRange(min=1), required=True)
+def min_decrypt_version(classification: str, version: int) -> None:
+    """Refuse to decrypt under versions older than VERSION (local); nothing is erased, 1 undoes it."""
+    s = settings()
+    with _audited(s, "keys.min-decrypt-version", classification) as op:
+        _local(s).set_min_decrypt_version(_key_of(s, classification), version)
+        op.key_refs.append(f"local:{key_name_of(_key_of(s, classification))}:v{version}")
+    click.echo(f"{classification}: versions below {version} no longer decrypt")

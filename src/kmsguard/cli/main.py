@@ -34,13 +34,15 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kmsguard.cli import audit, data, keys, scan, server, setup
+    from kmsguard.cli import audit, data, keys, rotation, scan, server, setup
     from kmsguard.cli import fields as field_commands
 
     cli.add_command(setup.init)
     for command in (data.encrypt, data.decrypt, data.inspect):
         cli.add_command(command)
     cli.add_command(keys.keys)
+    for command in (rotation.census, rotation.rewrap, rotation.migrate):
+        cli.add_command(command)
     cli.add_command(audit.audit)
     cli.add_command(audit.metrics)
     cli.add_command(server.serve)

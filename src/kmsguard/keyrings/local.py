@@ -14,7 +14,11 @@ A wrapped data key is ``nonce(12) || AES-256-GCM(master, nonce, DEK, aad)`` (60 
 where ``aad`` binds the key reference and the request's bound context, exactly as KMS
 binds EncryptionContext: unwrapping under another classification or context fails.
 Rotation adds a version and makes it primary; old versions keep unwrapping until they
-are disabled, after which they fail with KEY_DISABLED.
+are disabled, after which they fail with KEY_DISABLED. Two more ways end a version for
+decrypt, both explicit key-file changes: a key's ``min_decrypt_version`` refuses every
+older version without erasing it (reversible, like Vault Transit's
+``min_decryption_version``), and ``retire`` erases a version's material for good (it
+stays listed, state ``retired``). Both fail with KEY_DISABLED saying why.
 """
 
 from __future__ import annotations
@@ -166,14 +170,46 @@ class LocalKeyring:
         """Disable (or re-enable) one version. The primary cannot be disabled: rotate first."""
         name = key_name_of(key_id)
         with self._mutate() as keys:
-            entry = _entry(keys, name)
-            info = entry["versions"].get(str(version))
-            if info is None:
-                raise KeyNotFound(f"local key {name!r} has no version {version}")
+            entry, info = _version(keys, name, version)
+            if info["state"] == "retired":
+                raise InvalidInput(f"version {version} of {name!r} is retired: its key material is gone")
             if not enabled and version == entry["primary"]:
                 raise InvalidInput(f"version {version} is the primary version of {name!r}; rotate before disabling it")
             info["state"] = "enabled" if enabled else "disabled"
         return self._info(name, version)
+
+    def retire(self, key_id: str, version: int) -> KeyVersionInfo:
+        """Erase one version's key material for good; it stays listed with state ``retired``.
+
+        Every envelope still under it becomes undecryptable (KEY_DISABLED naming the
+        retirement), so callers first prove with a census that none is left (see
+        ``kmsguard keys retire``). The primary cannot be retired: rotate first.
+        """
+        name = key_name_of(key_id)
+        with self._mutate() as keys:
+            entry, info = _version(keys, name, version)
+            if version == entry["primary"]:
+                raise InvalidInput(f"version {version} is the primary version of {name!r}; rotate before retiring it")
+            info["state"] = "retired"
+            info.pop("material", None)
+        return self._info(name, version)
+
+    def set_min_decrypt_version(self, key_id: str, version: int) -> int:
+        """Refuse to decrypt under versions of ``key_id`` older than ``version`` (nothing is erased).
+
+        Lowering it again re-admits them. It cannot exceed the primary version.
+        """
+        name = key_name_of(key_id)
+        with self._mutate() as keys:
+            entry = _entry(keys, name)
+            if not 1 <= version <= entry["primary"]:
+                top = entry["primary"]
+                raise InvalidInput(f"the minimum decrypt version of {name!r} must be 1..{top} (the primary)")
+            if version == 1:
+                entry.pop("min_decrypt_version", None)
+            else:
+                entry["min_decrypt_version"] = version
+        return version
 
     def secret(self, purpose: str) -> bytes:
         """A 32-byte secret for another component (the audit log's HMAC key), kept in this file."""
@@ -228,8 +264,8 @@ class LocalKeyring:
                 info = self._keys.get(name, {}).get("versions", {}).get(str(version))
                 if info is None:
                     continue
-                if info["state"] != "enabled":
-                    disabled = entry.key_ref
+                if info["state"] != "enabled" or version < self._keys[name].get("min_decrypt_version", 1):
+                    disabled = disabled or self._refusal(name, version, info["state"])
                     continue
                 cipher = self._cipher(name, version)
             try:
@@ -238,8 +274,18 @@ class LocalKeyring:
             except InvalidTag:
                 continue
         if disabled is not None:
-            raise KeyDisabled(f"key {disabled} is disabled")
+            raise KeyDisabled(disabled)
         raise InvalidCiphertext()
+
+    def _refusal(self, name: str, version: int, state: str) -> str:
+        """Why version ``version`` of ``name`` does not decrypt (caller holds the lock)."""
+        ref = f"local:{name}:v{version}"
+        if state == "retired":
+            return f"key {ref} is retired: its key material was erased"
+        if state != "enabled":
+            return f"key {ref} is disabled"
+        floor = self._keys[name]["min_decrypt_version"]
+        return f"key {ref} is below the minimum decrypt version {floor} of {name!r}"
 
     def _cipher(self, name: str, version: int) -> AESGCM:
         cipher = self._ciphers.get((name, version))
@@ -306,6 +352,15 @@ def _entry(keys: Mapping[str, dict[str, Any]], name: str) -> dict[str, Any]:
     if entry is None:
         raise KeyNotFound(f"local key {name!r} does not exist")
     return entry
+
+
+def _version(keys: Mapping[str, dict[str, Any]], name: str, version: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The key entry of ``name`` and its version ``version``'s entry."""
+    entry = _entry(keys, name)
+    info = entry["versions"].get(str(version))
+    if info is None:
+        raise KeyNotFound(f"local key {name!r} has no version {version}")
+    return entry, info
 
 
 def _new_version() -> dict[str, str]:
@@ -392,6 +447,8 @@ def _checked(keys: Any) -> dict[str, dict[str, Any]]:
         primary = entry["primary"]
         if not _NAME_RE.fullmatch(name) or not isinstance(versions, dict) or not isinstance(primary, int):
             raise ValueError
+        if not isinstance(entry.get("min_decrypt_version", 1), int):
+            raise ValueError
         if str(primary) not in versions:
             raise ValueError
         for number, info in versions.items():
@@ -399,9 +456,10 @@ def _checked(keys: Any) -> dict[str, dict[str, Any]]:
                 not number.isdigit()
                 or number != str(int(number))
                 or int(number) < 1
-                or info["state"] not in ("enabled", "disabled")
+                or info["state"] not in ("enabled", "disabled", "retired")
                 or not isinstance(info["created"], str)
-                or len(base64.b64decode(info["material"], validate=True)) != 32
+                or (info["state"] == "retired") != ("material" not in info)
+                or ("material" in info and len(base64.b64decode(info["material"], validate=True)) != 32)
             ):
                 raise ValueError
     return keys
