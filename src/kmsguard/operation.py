@@ -14,6 +14,7 @@ DESIGN.md); never plaintext, ciphertext bodies or keys.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -210,10 +211,17 @@ def acting_as(who: str) -> Iterator[None]:
 deadline: ContextVar[float | None] = ContextVar("kmsguard_operation_deadline", default=None)
 
 
+#: Serialises notes into one Operation: a multi-region keyring's tries (a hedge, the
+#: copies of wrap_in_all_regions) report from several threads at once.
+_notes = threading.Lock()
+
+
 def note_kms_call(key_ref: str | None = None, region: str | None = None) -> None:
-    """A keyring called its key service once (retries are counted by the AWS layer)."""
+    """A keyring called its key service once (retries are counted by the AWS layer). Thread-safe."""
     op = current.get()
-    if op is not None:
+    if op is None:
+        return
+    with _notes:
         op.kms_calls += 1
         if key_ref and key_ref not in op.key_refs:
             op.key_refs.append(key_ref)
