@@ -20,7 +20,7 @@ Shared by the AWS client factory (retrying one KMS call) and the multi-region ke
 
 No client-side rate limiter: botocore's adaptive mode cuts its send rate to 70% on every
 throttle and, when a fixed share of calls is throttled at any rate, never recovers
-(see the README's throttling benchmark). Jittered backoff per call adapts by itself.
+(the throttling benchmark: docs/benchmarks.md). Jittered backoff per call adapts by itself.
 """
 
 from __future__ import annotations

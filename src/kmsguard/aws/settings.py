@@ -38,7 +38,7 @@ _URL_RE = re.compile(r"https?://[^\s/]+(/\S*)?")
 
 @dataclass(frozen=True)
 class Preset:
-    """Retry and timeout values for one environment (see the README's AWS section)."""
+    """Retry and timeout values for one environment (see docs/aws.md)."""
 
     max_attempts: int
     connect_timeout: float
