@@ -434,6 +434,9 @@ class MultiRegionKeyring:
             if health.in_flight >= self.max_in_flight:
                 errors[region] = "busy"
                 continue
+            if health.in_flight and health.silent():
+                errors[region] = "silent"  # one try at a time learns whether it answers again
+                continue
             if not self.breakers[region].allow():
                 errors[region] = "circuit open"
                 continue

@@ -12,9 +12,10 @@ decides *how long to wait for it* before hedging into the next region:
   with it instead of hedging every call.
 * **Silence** — a region is *silent* once a try has waited more than twice its hedge
   delay with no answer of any kind from the region since that try began (a refused
-  connection or an error is an answer; a timeout is not). Tries into a silent region
-  are hedged at once: the caller waits for the next region only, while the silent
-  region's own tries run out their budgets and teach its breaker. One answer ends it.
+  connection or an error is an answer; a timeout is not). A silent region gets one try
+  at a time, hedged at once: the caller waits for the next region only, while that try
+  runs out its budget and teaches the region's breaker (or answers, which ends the
+  silence). Operations meanwhile skip the region.
 * **Throttling** — the time of the region's last throttling answer. A region that
   throttled within ``THROTTLE_MEMORY`` seconds is *throttling*, and a try held up by
   throttling is not hedged into it.
