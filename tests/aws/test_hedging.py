@@ -9,6 +9,9 @@ the regions and their endpoints, as a new user would.
 
 from __future__ import annotations
 
+import base64
+import logging
+import re
 import statistics
 import time
 from collections import Counter
@@ -16,12 +19,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import boto3
 import pytest
 
 from kmsguard import Guard, KmsGuardError, envelope
 from kmsguard.aws import AwsSettings, ClientFactory
 from kmsguard.config import load_settings
 from kmsguard.keyrings.aws_kms import AwsKmsKeyring
+from kmsguard.keyrings.base import KeyRequest
 from kmsguard.keyrings.multi_region import MultiRegionKeyring, MultiRegionOptions
 from kmsguard.keyrings.region_health import HedgePolicy
 from kmsguard.metrics import Metrics
@@ -369,3 +374,37 @@ def test_bad_hedge_settings_name_the_field(section: dict[str, object], field: st
 
     with pytest.raises(ConfigurationError, match=field):
         MultiRegionOptions.from_section(section)
+
+
+def test_abandoned_tries_log_and_print_no_secret(
+    regions: list[KmsRegion],
+    factory: ClientFactory,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A hedge wins; the try it beat answers later with a data key nobody uses: it appears nowhere."""
+    east, west = regions
+    key = create_multi_region_key(east, [west])
+    keyring = hedged(factory, Hedges())
+    request = KeyRequest("general", key, {"order": "1"})
+    keyring.generate(request)  # warm-up: the east region answers, its delay is still the 1 s cap
+    caplog.set_level(logging.DEBUG)
+    root = logging.getLogger("")
+    handlers = list(root.handlers)
+    boto3.set_stream_logger("", logging.DEBUG)  # botocore's own DEBUG output, bodies included, to stderr
+    try:
+        east.proxy.latency(1.3)  # the hedge (after 1 s) answers first; the east answer comes after
+        data_key = keyring.generate(request)
+        assert data_key.wrapped[0].key_ref.split(":")[3] == WEST
+        wait_until_settled(keyring, EAST)
+    finally:
+        for handler in set(root.handlers) - set(handlers):
+            root.removeHandler(handler)
+    assert east.proxy.counts["GenerateDataKey"] == 2  # the abandoned one did reach KMS and was answered
+    out, err = capfd.readouterr()
+    logged = caplog.text + out + err
+    assert "GenerateDataKey" in logged and "<redacted>" in logged  # botocore did log the bodies, redacted
+    assert base64.b64encode(data_key.plaintext).decode() not in logged
+    assert re.findall(r"Plaintext\\?['\"]?\s*[:=]\s*b?\\?['\"]?([^'\"<]{8,})", logged) == []
+    assert "Traceback" not in logged
+    keyring.close()
