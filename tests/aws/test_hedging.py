@@ -120,7 +120,6 @@ def test_default_presets_a_silent_preferred_region_costs_one_short_wait(
         assert sum(telemetry.hedges.values()) < 0.01 * calls  # a healthy run hardly hedges
     finally:
         healthy.close()
-    healthy_p99 = p99(baseline)
 
     # From the start: the preferred region accepts connections and never answers.
     east.proxy.reset_counts()
@@ -132,8 +131,7 @@ def test_default_presets_a_silent_preferred_region_costs_one_short_wait(
         first = guard.encrypt(b"first", "general")
         assert time.perf_counter() - t0 < 2.0
         assert [w.key_ref.split(":")[3] for w in envelope.parse(first).wrapped_keys] == [WEST]
-        times = round_trips(guard, 200)  # any failure raises
-        assert p99(times[5:]) <= 2 * healthy_p99, (p99(times[5:]), healthy_p99)
+        from_start = round_trips(guard, 200)[5:]  # any failure raises
         assert kms_calls(east) <= 5  # a silent region gets one try at a time, not one per operation
         deadline = time.monotonic() + 20
         while keyring.breakers[EAST].state != "open":  # each try that ran out of its budget counted
@@ -151,11 +149,15 @@ def test_default_presets_a_silent_preferred_region_costs_one_short_wait(
     keyring = default_stack(regions, tmp_path / "mid-run", environment)
     try:
         times = round_trips(guard_for(key, keyring), 200, on=silence_at_100)
-        after = times[:200] + times[205:]  # the first 5 operations after the region fell silent left out
-        assert p99(after[5:]) <= 2 * healthy_p99, (p99(after[5:]), healthy_p99)
     finally:
         keyring.close()
         east.proxy.restore()
+    mid_run = times[205:]  # the first 5 operations after the region fell silent left out
+
+    # The healthy p99 over both healthy stretches, so that the machine's load during the test is in it.
+    healthy_p99 = p99(baseline + times[10:200])
+    assert p99(from_start) <= 2 * healthy_p99, (p99(from_start), healthy_p99)
+    assert p99(mid_run) <= 2 * healthy_p99, (p99(mid_run), healthy_p99)
 
 
 def wait_until_settled(keyring: MultiRegionKeyring, region: str) -> None:
