@@ -20,7 +20,7 @@ class Clock:
 def answer(health: RegionHealth, clock: Clock, seconds: float, *, ok: bool = True) -> None:
     started = health.started()
     clock.now += seconds
-    health.answered(started, ok=ok)
+    health.ended(started, answered=True, ok=ok)
 
 
 def test_the_delay_is_the_cap_until_the_region_is_known_then_its_tail() -> None:
@@ -67,7 +67,7 @@ def test_silence_is_an_overdue_try_with_no_answer_since_and_one_answer_ends_it()
     assert not health.silent()  # twice the delay (the cap: nothing known yet) not reached
     clock.now += 0.2
     assert health.silent() and health.in_flight == 1
-    health.unanswered()  # it timed out: still no answer
+    health.ended(100.0, answered=False)  # it timed out: still no answer
     assert health.silent() and health.in_flight == 0
     answer(health, clock, 0.01, ok=False)  # an error is an answer
     assert not health.silent()

@@ -12,7 +12,10 @@ the keyring and to tell it one, and :class:`Attempt` carries them:
   attempt is retried until the deadline instead of handed back at once;
 * ``throttled`` (factory -> keyring): KMS asked this try to slow down at least once:
   the region is alive, only busy, which is no reason to hedge into a region that is
-  busy too.
+  busy too;
+* ``answered`` (factory -> keyring): some HTTP attempt of this try got an answer (an
+  error response, a refused or reset connection: anything but a timeout), so the
+  region is not silent, even if the try ends abandoned or out of budget.
 
 Outside a multi-region keyring there is no current Attempt and the factory decides alone.
 """
@@ -31,13 +34,14 @@ class Abandoned(Exception):
 class Attempt:
     """The flags of one try, set from one thread and read from another (events: no reliance on the GIL)."""
 
-    __slots__ = ("_abandoned", "_on_throttle", "_throttled", "last")
+    __slots__ = ("_abandoned", "_answered", "_on_throttle", "_throttled", "last")
 
     def __init__(self, *, last: bool, on_throttle: Callable[[], None] | None = None) -> None:
         self.last = last
         self._on_throttle = on_throttle
         self._abandoned = threading.Event()
         self._throttled = threading.Event()
+        self._answered = threading.Event()
 
     @property
     def abandoned(self) -> bool:
@@ -50,8 +54,17 @@ class Attempt:
     def throttled(self) -> bool:
         return self._throttled.is_set()
 
+    @property
+    def answered(self) -> bool:
+        return self._answered.is_set()
+
+    def note_answer(self) -> None:
+        """An HTTP attempt of this try failed with an answer, not a timeout."""
+        self._answered.set()
+
     def note_throttle(self) -> None:
         """KMS answered this try with a throttling error (the factory will back off and may retry)."""
+        self._answered.set()
         self._throttled.set()
         if self._on_throttle is not None:
             self._on_throttle()

@@ -205,6 +205,7 @@ def acting_as(who: str) -> Iterator[None]:
     finally:
         principal.reset(token)
 
+
 #: The monotonic time by which the current keyring operation must end, across every
 #: region and retry. The multi-region keyring sets it; the AWS client factory bounds
 #: each call by it, so failing over never outlives the caller's deadline.

@@ -257,6 +257,43 @@ def test_throttling_in_both_regions_fails_nothing_and_starts_no_hedge_storm(
     keyring.close()
 
 
+@pytest.mark.parametrize("west_throttling", [True, False])
+def test_a_throttled_try_is_not_hedged_into_a_throttling_region(
+    regions: list[KmsRegion], west_throttling: bool
+) -> None:
+    east, west = regions
+    key = create_multi_region_key(east, [west])
+    factory = factory_for(regions, max_attempts=4)
+    telemetry = Hedges()
+    keyring = MultiRegionKeyring(
+        {r: AwsKmsKeyring(factory, r) for r in factory.settings.regions},
+        hedge=HedgePolicy(floor=0.05, cap=0.05),  # any throttling back-off outlasts the hedge delay
+        telemetry=telemetry,
+    )
+    guard = guard_for(key, keyring)
+    if west_throttling:  # one operation served by the west while it throttles once
+        east.proxy.outage("refuse")
+        west.proxy.throttle(count=1)
+        assert [w.key_ref.split(":")[3] for w in envelope.parse(guard.encrypt(b"w", "general")).wrapped_keys] == [WEST]
+        wait_until_settled(keyring, EAST)  # the refused try, beaten by the hedge, ends its attempts
+        east.proxy.restore()
+    else:
+        guard.encrypt(b"warm", "general")
+    for region in regions:
+        wait_until_settled(keyring, region.name)
+    served_by_west, hedges = west.proxy.counts["GenerateDataKey"], telemetry.hedges[(EAST, WEST)]
+    east.proxy.throttle(count=3, api="GenerateDataKey")
+    sealed = guard.encrypt(b"x", "general")
+    if west_throttling:  # waited for the east, which answered on its fourth attempt
+        assert [w.key_ref.split(":")[3] for w in envelope.parse(sealed).wrapped_keys] == [EAST]
+        assert telemetry.hedges[(EAST, WEST)] == hedges and west.proxy.counts["GenerateDataKey"] == served_by_west
+    else:  # the east was backing off: the west, not throttling, was asked meanwhile
+        assert telemetry.hedges[(EAST, WEST)] == hedges + 1
+        assert west.proxy.counts["GenerateDataKey"] == served_by_west + 1
+    keyring.close()
+    factory.close()
+
+
 def test_an_abandoned_try_makes_no_further_attempt(regions: list[KmsRegion], factory: ClientFactory) -> None:
     """The try the hedge beat is stalled, then closed: it would retry (max_attempts = 2) if it were still wanted."""
     east, west = regions

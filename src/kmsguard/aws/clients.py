@@ -50,6 +50,7 @@ from botocore.credentials import (
     Credentials,
     DeferredRefreshableCredentials,
 )
+from botocore.exceptions import ClientError
 
 from kmsguard import __version__, backoff, operation
 from kmsguard.attempt import Abandoned, Attempt
@@ -255,8 +256,11 @@ class ClientFactory:
                 raise  # the deadline passed (KmsTimeout): nothing left to retry in
             except Exception as exc:
                 kind = retry_kind(exc)
-                if kind == "throttle" and attempt is not None:
-                    attempt.note_throttle()
+                if attempt is not None:
+                    if kind == "throttle":
+                        attempt.note_throttle()
+                    elif kind == "transient" or isinstance(exc, ClientError):
+                        attempt.note_answer()  # an error answer or a refused connection: not silence
                 if not self._retries(kind, attempts, until, attempt) or (attempt is not None and attempt.abandoned):
                     raise
                 policy = backoff.THROTTLE if kind == "throttle" else backoff.TRANSIENT

@@ -468,30 +468,30 @@ class MultiRegionKeyring:
             result = call(self.regions[region], request)
         except Abandoned:
             breaker.release()
-            health.unanswered()
+            health.ended(started, answered=attempt.answered)
             raise
         except KmsTimeout:
             breaker.failure()  # silence is a failure, as a refused connection is
-            health.unanswered()
+            health.ended(started, answered=attempt.answered)
             raise
         except UNAVAILABLE:
             breaker.failure()
-            health.answered(started, ok=False)
+            health.ended(started, answered=True)
             raise
         except RateLimited:
             breaker.success()  # it answered: alive, only busy
-            health.answered(started, ok=False)
+            health.ended(started, answered=True)
             raise
         except KmsGuardError:
             breaker.success()
-            health.answered(started, ok=False)
+            health.ended(started, answered=True)
             raise
         except BaseException:
             breaker.failure()
-            health.unanswered()
+            health.ended(started, answered=attempt.answered)
             raise
         breaker.success()
-        health.answered(started, ok=True)
+        health.ended(started, answered=True, ok=True)
         return result
 
     def _wrap_in_others(self, data_key: DataKey, request: KeyRequest, served: str) -> DataKey:

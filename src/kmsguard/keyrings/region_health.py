@@ -86,7 +86,7 @@ class RegionHealth:
             return self._in_flight
 
     def started(self) -> float:
-        """A try begins now; returns its start time (for :meth:`answered`)."""
+        """A try begins now; returns its start time (for :meth:`ended`)."""
         with self._lock:
             now = self._clock()
             self._in_flight += 1
@@ -94,20 +94,20 @@ class RegionHealth:
                 self._silent_since = now
             return now
 
-    def answered(self, started: float, *, ok: bool) -> None:
-        """The try that began at ``started`` got an answer (``ok``: a success, whose latency is remembered)."""
+    def ended(self, started: float, *, answered: bool, ok: bool = False) -> None:
+        """The try that began at ``started`` ended, ``answered`` or not, and ``ok`` (a success) or not.
+
+        Not answered: it ran out of its budget, or was abandoned, with nothing back from
+        the region. A success's latency is remembered for the hedge delay.
+        """
         with self._lock:
-            now = self._clock()
             self._in_flight -= 1
+            if not answered:
+                return
             self._silent_since = None
             if ok:
-                self._latencies.append(now - started)
+                self._latencies.append(self._clock() - started)
                 self._delay = self._compute_delay()
-
-    def unanswered(self) -> None:
-        """A try ended without any answer (it ran out of its budget, or was abandoned before sending)."""
-        with self._lock:
-            self._in_flight -= 1
 
     def throttled(self) -> None:
         """The region answered a try with a throttling error."""
