@@ -186,7 +186,10 @@ class MultiRegionKeyring:
     ``region_keys`` maps classification -> region -> key id (single-region keys);
     without an entry the policy's key id is used in every region (an alias that exists
     in each region, or a multi-region key). ``class_regions`` limits a classification to
-    some regions (data residency), in the keyring's order.
+    some regions (data residency), in the keyring's order. ``hedge`` turns hedging on
+    (None, the default here, leaves it off; the stack passes ``[aws]``'s policy, on
+    unless ``hedge = false``). ``max_in_flight`` bounds the tries running in one region
+    at once (and its worker threads): a region with that many unanswered is skipped.
     """
 
     def __init__(
