@@ -426,10 +426,11 @@ class MultiRegionKeyring:
         """Start a try in the first of ``waiting`` that may take one (popping the ones skipped); None if none may.
 
         The try's budget (its own deadline) is a share of the time left: with ``n``
-        regions not yet tried, ``1/n`` of it (at least ``ATTEMPT_FLOOR``), so that one
-        region's silence leaves time for the others; the last region gets all of it.
-        ``last`` (default: no region left after this one) lets the AWS layer retry a
-        timed-out HTTP attempt until that budget ends instead of handing it back.
+        regions not yet tried (this one included; regions whose breaker is open do not
+        count), ``1/n`` of it (at least ``ATTEMPT_FLOOR``), so that one region's silence
+        leaves time for the others; the last region gets all of it. ``last`` (default:
+        no region left to try after this one) lets the AWS layer retry a timed-out HTTP
+        attempt until that budget ends instead of handing it back.
         """
         while waiting:
             region = waiting.pop(0)
@@ -443,8 +444,9 @@ class MultiRegionKeyring:
             if not self.breakers[region].allow():
                 errors[region] = "circuit open"
                 continue
-            attempt = Attempt(last=not waiting if last is None else last, on_throttle=health.throttled)
-            budget = _budget(until, len(waiting) + 1)
+            viable = [r for r in waiting if self.breakers[r].state != "open"]  # the others left to try
+            attempt = Attempt(last=not viable if last is None else last, on_throttle=health.throttled)
+            budget = _budget(until, len(viable) + 1)
             started = health.started()
             context = contextvars.copy_context()
             req = self._request_in(region, request)
