@@ -53,8 +53,6 @@ from botocore.credentials import (
 from botocore.exceptions import ClientError
 
 from kmsguard import __version__, backoff, operation
-from kmsguard.attempt import Abandoned, Attempt
-from kmsguard.attempt import current as current_attempt
 from kmsguard.aws import middleware, redact
 from kmsguard.aws.errors import map_error
 from kmsguard.aws.middleware import KmsMiddleware, KmsStats
@@ -62,6 +60,8 @@ from kmsguard.aws.retry import Kind, retry_kind
 from kmsguard.aws.settings import AwsSettings
 from kmsguard.aws.workers import DaemonWorkers
 from kmsguard.errors import KmsGuardError, KmsTimeout
+from kmsguard.region_try import Abandoned, RegionTry
+from kmsguard.region_try import current as current_try
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 if TYPE_CHECKING:
@@ -238,16 +238,16 @@ class ClientFactory:
     def _with_retries(self, region: str, api: str, until: float | None, params: dict[str, Any]) -> dict[str, Any]:
         """The retry loop of :mod:`kmsguard.aws.retry`: raises the last attempt's (botocore) error.
 
-        Inside a multi-region try (:data:`kmsguard.attempt.current`) a throttle is
+        Inside a multi-region try (:data:`kmsguard.region_try.current`) a throttle is
         reported to the try, and an abandoned try starts no further attempt.
         """
         method: Callable[..., dict[str, Any]] = getattr(self.client(region), xform_name(api))
-        attempt = current_attempt.get()
+        region_try = current_try.get()
         attempts = 0
         while True:
             attempts += 1
-            if attempt is not None:
-                attempt.check()
+            if region_try is not None:
+                region_try.check()
             try:
                 if until is None:
                     return method(**params)
@@ -256,26 +256,31 @@ class ClientFactory:
                 raise  # the deadline passed (KmsTimeout): nothing left to retry in
             except Exception as exc:
                 kind = retry_kind(exc)
-                if attempt is not None:
+                if region_try is not None:
                     if kind == "throttle":
-                        attempt.note_throttle()
+                        region_try.note_throttle()
                     elif kind == "transient" or isinstance(exc, ClientError):
-                        attempt.note_answer()  # an error answer or a refused connection: not silence
-                if not self._retries(kind, attempts, until, attempt) or (attempt is not None and attempt.abandoned):
+                        region_try.note_answer()  # an error answer or a refused connection: not silence
+                if not self._retries(kind, attempts, until, region_try) or (
+                    region_try is not None and region_try.abandoned
+                ):
                     raise
                 policy = backoff.THROTTLE if kind == "throttle" else backoff.TRANSIENT
                 if not policy.wait(attempts, until):
                     raise
 
-    def _retries(self, kind: Kind | None, attempts: int, until: float | None, attempt: Attempt | None) -> bool:
-        """Whether a failure of ``kind`` after ``attempts`` attempts gets another (see kmsguard.aws.retry)."""
-        if kind is None:
+    def _retries(self, kind: Kind | None, attempts: int, until: float | None, region_try: RegionTry | None) -> bool:
+        """Whether a failure of ``kind`` after ``attempts`` attempts gets another (see kmsguard.aws.retry).
+
+        Never in an abandoned try: another region answered first.
+        """
+        if kind is None or (region_try is not None and region_try.abandoned):
             return False
         if until is not None:
             if kind == "throttle" and backoff.wait_out_throttling.get():
                 return True
             if kind == "timeout":
-                return attempt is None or attempt.last
+                return region_try is None or region_try.last
         return attempts < self.settings.max_attempts
 
     def _bounded(self, region: str, until: float, method: Callable[..., T], params: dict[str, Any]) -> T:
@@ -293,7 +298,7 @@ class ClientFactory:
             return future.result(timeout=remaining)
         except FutureTimeout:
             future.cancel()
-            if current_attempt.get() is not None:
+            if current_try.get() is not None:
                 raise KmsTimeout(f"no answer within this region's budget ({remaining:.2g}s left)") from None
             raise KmsTimeout(
                 f"no answer within the operation deadline ({self.settings.operation_timeout:g}s)"

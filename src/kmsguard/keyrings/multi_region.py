@@ -59,8 +59,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 from kmsguard import backoff, operation
-from kmsguard.attempt import Abandoned, Attempt
-from kmsguard.attempt import current as current_attempt
 from kmsguard.aws.workers import DaemonWorkers
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import (
@@ -75,6 +73,8 @@ from kmsguard.errors import (
 )
 from kmsguard.keyrings.base import KeyRequest, Keyring
 from kmsguard.keyrings.region_health import HedgePolicy, RegionHealth
+from kmsguard.region_try import Abandoned, RegionTry
+from kmsguard.region_try import current as current_try
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 T = TypeVar("T")
@@ -93,21 +93,21 @@ _GRACE = 0.1
 class _Try(Generic[T]):
     """One try running in one region: its future, its shared flags, when it began, what it hedged."""
 
-    __slots__ = ("attempt", "future", "hedged_from", "region", "started")
+    __slots__ = ("flags", "future", "hedged_from", "region", "started")
 
     def __init__(
-        self, region: str, future: Future[T], attempt: Attempt, started: float, hedged_from: str | None
+        self, region: str, future: Future[T], flags: RegionTry, started: float, hedged_from: str | None
     ) -> None:
         self.region = region
         self.future = future
-        self.attempt = attempt
+        self.flags = flags
         self.started = started
         self.hedged_from = hedged_from
 
 
 def _abandon(running: Mapping[Future[T], _Try[T]]) -> None:
     for other in running.values():
-        other.attempt.abandon()
+        other.flags.abandon()
 
 
 def _budget(until: float | None, untried: int) -> float | None:
@@ -404,7 +404,7 @@ class MultiRegionKeyring:
                 raise KmsTimeout(f"the operation deadline passed; tried: {tried}")
             if until is not None and time.monotonic() >= until:
                 continue  # the deadline, not the hedge delay, ended the wait
-            if newest.attempt.throttled and self.health[waiting[0]].throttling():
+            if newest.flags.throttled and self.health[waiting[0]].throttling():
                 hold = True
                 continue
             hedge = self._launch(waiting, request, call, until, errors, hedged_from=newest.region)
@@ -445,21 +445,21 @@ class MultiRegionKeyring:
                 errors[region] = "circuit open"
                 continue
             viable = [r for r in waiting if self.breakers[r].state != "open"]  # the others left to try
-            attempt = Attempt(last=not viable if last is None else last, on_throttle=health.throttled)
+            flags = RegionTry(last=not viable if last is None else last, on_throttle=health.throttled)
             budget = _budget(until, len(viable) + 1)
             started = health.started()
             context = contextvars.copy_context()
             req = self._request_in(region, request)
             future = self._workers[region].submit(
-                functools.partial(context.run, self._try, region, attempt, started, budget, call, req)
+                functools.partial(context.run, self._try, region, flags, started, budget, call, req)
             )
-            return _Try(region, future, attempt, started, hedged_from)
+            return _Try(region, future, flags, started, hedged_from)
         return None
 
     def _try(
         self,
         region: str,
-        attempt: Attempt,
+        flags: RegionTry,
         started: float,
         until: float | None,
         call: Callable[[Keyring, KeyRequest], T],
@@ -467,17 +467,17 @@ class MultiRegionKeyring:
     ) -> T:
         """One region's try, on a worker thread: report its outcome to the region's breaker and health."""
         operation.deadline.set(until)
-        current_attempt.set(attempt)
+        current_try.set(flags)
         breaker, health = self.breakers[region], self.health[region]
         try:
             result = call(self.regions[region], request)
         except Abandoned:
             breaker.release()
-            health.ended(started, answered=attempt.answered)
+            health.ended(started, answered=flags.answered)
             raise
         except KmsTimeout:
             breaker.failure()  # silence is a failure, as a refused connection is
-            health.ended(started, answered=attempt.answered)
+            health.ended(started, answered=flags.answered)
             raise
         except UNAVAILABLE:
             breaker.failure()
@@ -493,7 +493,7 @@ class MultiRegionKeyring:
             raise
         except BaseException:
             breaker.failure()
-            health.ended(started, answered=attempt.answered)
+            health.ended(started, answered=flags.answered)
             raise
         breaker.success()
         health.ended(started, answered=True, ok=True)

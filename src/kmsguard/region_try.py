@@ -3,8 +3,8 @@
 The multi-region keyring runs each region's try on a worker thread under a budget of
 its own (published as :data:`kmsguard.operation.deadline` inside the try), and may
 hedge it with a try in another region or give up on it when another region answered
-first. The AWS client factory, retrying inside the try, needs to hear two things from
-the keyring and to tell it one, and :class:`Attempt` carries them:
+first. The AWS client factory, retrying inside the try, hears two things from the
+keyring and tells it two, through :class:`RegionTry`:
 
 * ``abandoned`` (keyring -> factory): another region answered first; start no further
   HTTP attempt (the one in flight, if any, runs to its end and its answer is ignored);
@@ -17,7 +17,7 @@ the keyring and to tell it one, and :class:`Attempt` carries them:
   error response, a refused or reset connection: anything but a timeout), so the
   region is not silent, even if the try ends abandoned or out of budget.
 
-Outside a multi-region keyring there is no current Attempt and the factory decides alone.
+Outside a multi-region keyring there is no current RegionTry and the factory decides alone.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Abandoned(Exception):
     """Raised inside an abandoned try instead of starting another HTTP attempt; never leaves the keyring."""
 
 
-class Attempt:
+class RegionTry:
     """The flags of one try, set from one thread and read from another (events: no reliance on the GIL)."""
 
     __slots__ = ("_abandoned", "_answered", "_on_throttle", "_throttled", "last")
@@ -76,4 +76,4 @@ class Attempt:
 
 
 #: The try the current code runs in (set by the multi-region keyring on its worker threads).
-current: ContextVar[Attempt | None] = ContextVar("kmsguard_attempt", default=None)
+current: ContextVar[RegionTry | None] = ContextVar("kmsguard_region_try", default=None)
