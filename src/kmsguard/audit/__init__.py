@@ -39,7 +39,9 @@ def open_sink(config: AuditSettings) -> Sink:
         try:
             from kmsguard.audit.postgres import PostgresSink
         except ImportError:
-            raise ConfigurationError('audit.sink: "postgres" needs psycopg; install kmsguard[postgres]') from None
+            raise ConfigurationError(
+                'audit.sink: "postgres" needs psycopg; install kmsguard[postgres]'
+            ) from None
 
         assert config.dsn is not None
         return PostgresSink(config.dsn, config.schema, config.connect_timeout)

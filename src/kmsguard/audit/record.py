@@ -382,22 +382,8 @@ def record_fields(
     """A record's fields in the order the audit writer spools them, from its shape
     (kmsguard.operation.Operation.shape) and what differs from one operation to the next."""
     name, classification, key_refs, regions, principal, outcome, error_code, kms_calls, cache_hit, context = shape
-    return (
-        started,
-        name,
-        classification,
-        key_refs,
-        regions,
-        principal,
-        outcome,
-        error_code,
-        duration,
-        kms_calls,
-        cache_hit,
-        size,
-        request_id,
-        context,
-    )
+    return (started, name, classification, key_refs, regions, principal, outcome, error_code, duration, kms_calls,
+            cache_hit, size, request_id, context)
 
 
 _HEX_HASH = re.compile(r"[0-9a-f]{64}")
@@ -469,20 +455,8 @@ class Chain:
         )
         digest = self.keys.chain_hash(canonical.encode("ascii"))
         kms_calls, cache_hit = c.template.shape[7:9]
-        record = [
-            self.writer_id,
-            seq,
-            self.last_hash,
-            time_text,
-            *values,
-            duration_us,
-            kms_calls,
-            cache_hit,
-            c.size,
-            c.template.prefix + number,
-            context,
-            digest,
-        ]
+        record = [self.writer_id, seq, self.last_hash, time_text, *values, duration_us, kms_calls, cache_hit, c.size,
+                  c.template.prefix + number, context, digest]
         self.last_seq, self.last_hash = seq, digest
         return record
 

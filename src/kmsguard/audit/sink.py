@@ -93,15 +93,8 @@ def to_row(values: Sequence[Any]) -> tuple[Any, ...]:
     """Column values (COLUMNS) for the SQL sinks: lists and context as canonical JSON text."""
     v = values
     run = (v[18], v[19]) if len(v) > 18 else (None, None)
-    return (
-        *v[:6],
-        _json_of(tuple(v[6]), list),
-        _json_of(tuple(v[7]), list),
-        *v[8:16],
-        _json_of(tuple(v[16].items()), dict),
-        v[17],
-        *run,
-    )
+    return (*v[:6], _json_of(tuple(v[6]), list), _json_of(tuple(v[7]), list), *v[8:16],
+            _json_of(tuple(v[16].items()), dict), v[17], *run)
 
 
 _JSON: dict[tuple[Any, ...], str] = {}

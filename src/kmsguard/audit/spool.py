@@ -334,9 +334,8 @@ class Spool:
             self.sync(mark)
         return seq
 
-    def hit(
-        self, template: int, shape: tuple[Any, ...], prefix: str, started: int, duration: int, size: int, request: int
-    ) -> int:
+    def hit(self, template: int, shape: tuple[Any, ...], prefix: str, started: int, duration: int, size: int,
+            request: int) -> int:
         """Write a hit frame (see frames.py) when Frames.hit could not: a template to write
         first, or a segment to start. Returns its seq; raises as :meth:`append` does."""
         with self.frames.exclusive() as frames:

@@ -261,9 +261,7 @@ class ClientFactory:
                         region_try.note_throttle()
                     elif kind == "transient" or isinstance(exc, ClientError):
                         region_try.note_answer()  # an error answer or a refused connection: not silence
-                if not self._retries(kind, attempts, until, region_try) or (
-                    region_try is not None and region_try.abandoned
-                ):
+                if not self._retries(kind, attempts, until, region_try):
                     raise
                 policy = backoff.THROTTLE if kind == "throttle" else backoff.TRANSIENT
                 if not policy.wait(attempts, until):

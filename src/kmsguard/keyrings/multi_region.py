@@ -537,17 +537,17 @@ class MultiRegionKeyring:
 class MultiRegionOptions:
     """The ``[aws]`` settings this keyring adds (validated here, the component that owns them)::
 
-    [aws]
-    regions = ["eu-west-1", "eu-central-1"]   # order of preference
-    wrap_in_all_regions = true                 # single-region keys: wrap each new data key everywhere
-    breaker_failures = 3                       # consecutive outages that open a region's breaker
-    breaker_cooldown = 30                      # seconds a region is skipped before one probe
-    hedge = true                               # repeat a call in the next region when one is slow to answer
-    hedge_delay_min = 0.1                      # the hedge delay's floor and cap, in seconds
-    hedge_delay_max = 1.0                      # (between them: the region's recent p95 latency)
-    [aws.keys.payment]                         # single-region keys: a key id per region
-    eu-west-1 = "arn:aws:kms:eu-west-1:111122223333:key/..."
-    eu-central-1 = "arn:aws:kms:eu-central-1:111122223333:key/..."
+        [aws]
+        regions = ["eu-west-1", "eu-central-1"]   # order of preference
+        wrap_in_all_regions = true                 # single-region keys: wrap each new data key everywhere
+        breaker_failures = 3                       # consecutive outages that open a region's breaker
+        breaker_cooldown = 30                      # seconds a region is skipped before one probe
+        hedge = true                               # repeat a call in the next region when one is slow to answer
+        hedge_delay_min = 0.1                      # the hedge delay's floor and cap, in seconds
+        hedge_delay_max = 1.0                      # (between them: the region's recent p95 latency)
+        [aws.keys.payment]                         # single-region keys: a key id per region
+        eu-west-1 = "arn:aws:kms:eu-west-1:111122223333:key/..."
+        eu-central-1 = "arn:aws:kms:eu-central-1:111122223333:key/..."
     """
 
     wrap_in_all_regions: bool = False
@@ -615,3 +615,4 @@ def _failure(request: KeyRequest, errors: list[tuple[str, Any]], reading: bool) 
         if meaningful or len(specific) == len(errors):
             return (meaningful or specific)[0]
     return AllRegionsFailed(f"every region failed for {request.classification!r}: {_summary(errors)}")
+
