@@ -76,6 +76,12 @@ class Metrics(Telemetry):
         self.cache_events = CacheEvents()
         r.register(self.cache_events)
         self.failovers = Counter("kmsguard_failovers", "Region failovers", ("from_region", "to_region"), registry=r)
+        self.hedges = Counter(
+            "kmsguard_hedges", "KMS calls repeated in another region (hedges)", ("from_region", "to_region"), registry=r
+        )
+        self.hedge_wins = Counter(
+            "kmsguard_hedge_wins", "Hedges answered before their tries", ("from_region", "to_region"), registry=r
+        )
         self.cloudwatch_dropped = Counter(
             "kmsguard_cloudwatch_dropped", "Operation samples CloudWatch export dropped", registry=r
         )
@@ -128,6 +134,12 @@ class Metrics(Telemetry):
 
     def failover(self, from_region: str, to_region: str) -> None:
         self.failovers.labels(from_region, to_region).inc()
+
+    def hedge(self, from_region: str, to_region: str) -> None:
+        self.hedges.labels(from_region, to_region).inc()
+
+    def hedge_won(self, from_region: str, to_region: str) -> None:
+        self.hedge_wins.labels(from_region, to_region).inc()
 
     def gauge(self, name: str, value: float) -> None:
         g = self._gauges.get(name)

@@ -15,6 +15,7 @@ or keys.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -246,14 +247,21 @@ deadline: ContextVar[float | None] = ContextVar("kmsguard_operation_deadline", d
 #: learns from it which operations stay in memory, to run those on the event loop).
 kms_tally: ContextVar[list[int] | None] = ContextVar("kmsguard_kms_tally", default=None)
 
+#: Serialises notes into one Operation (and one tally): a multi-region keyring's tries (a
+#: hedge, the copies of wrap_in_all_regions) report from several threads at once.
+_notes = threading.Lock()
+
 
 def note_kms_call(key_ref: str | None = None, region: str | None = None) -> None:
-    """A keyring called its key service once (retries are counted by the AWS layer)."""
+    """A keyring called its key service once (retries are counted by the AWS layer). Thread-safe."""
     tally = kms_tally.get()
     if tally is not None:
-        tally[0] += 1
+        with _notes:
+            tally[0] += 1
     op = current.get()
-    if op is not None:
+    if op is None:
+        return
+    with _notes:
         op.kms_calls += 1
         if key_ref and key_ref not in op.key_refs:
             op.key_refs.append(key_ref)

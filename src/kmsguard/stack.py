@@ -70,6 +70,8 @@ def build_aws_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY)
         failures=options.breaker_failures,
         cooldown=options.breaker_cooldown,
         operation_timeout=aws.operation_timeout,
+        hedge=options.hedge,
+        max_in_flight=aws.max_pool_connections,
         telemetry=telemetry,
     )
 

@@ -36,6 +36,12 @@ class Telemetry:
     def failover(self, from_region: str, to_region: str) -> None:
         """An operation moved on from a failing region to the next."""
 
+    def hedge(self, from_region: str, to_region: str) -> None:
+        """A try in ``from_region`` had not answered within its hedge delay: the same call went to ``to_region``."""
+
+    def hedge_won(self, from_region: str, to_region: str) -> None:
+        """A hedge's answer came first: the try in ``from_region`` was abandoned."""
+
     def gauge(self, name: str, value: float) -> None:
         """A level (audit queue depth, spool size, cache size) at the time of reporting."""
 

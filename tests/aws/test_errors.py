@@ -62,15 +62,15 @@ def test_refused_connection_is_endpoint_connection_error(kms_region: KmsRegion, 
 def test_blackholed_endpoint_is_connect_timeout(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
     arn = kms_region.create_key()
     kms_region.proxy.outage("blackhole")
-    with pytest.raises(errors.KmsTimeout, match="ConnectTimeoutError"):
-        make_keyring(connect_timeout=0.3).generate(_request(arn))
+    with pytest.raises(errors.KmsTimeout, match="ConnectTimeoutError"):  # no deadline: max_attempts, then this
+        make_keyring(connect_timeout=0.3, operation_timeout=0).generate(_request(arn))
 
 
 def test_stalled_endpoint_is_read_timeout(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:
     arn = kms_region.create_key()
     kms_region.proxy.stall(10)
     with pytest.raises(errors.KmsTimeout, match="ReadTimeoutError"):
-        make_keyring(read_timeout=0.3).generate(_request(arn))
+        make_keyring(read_timeout=0.3, operation_timeout=0).generate(_request(arn))
 
 
 def test_connection_reset_is_connection_closed(kms_region: KmsRegion, make_keyring: MakeKeyring) -> None:

@@ -181,3 +181,15 @@ def test_clients_are_shared_per_region(make_keyring: MakeKeyring) -> None:
     config = factory.client("us-east-1").meta.config
     assert config.retries == {"mode": "standard", "total_max_attempts": 1}  # kmsguard retries, not botocore
     assert config.user_agent_extra.startswith("kmsguard/")
+
+
+def test_one_region_retries_timed_out_reads_on_new_connections_until_the_deadline(
+    kms_region: KmsRegion, make_keyring: MakeKeyring
+) -> None:
+    """With nowhere else to go, a read timeout is retried (max_attempts = 1 notwithstanding) while time is left."""
+    arn = kms_region.create_key()
+    keyring = make_keyring(max_attempts=1, read_timeout=0.3, operation_timeout=10)
+    kms_region.proxy.stall(5, api="GenerateDataKey", count=2)
+    assert keyring.generate(_request(arn)).wrapped[0].key_ref == arn
+    assert kms_region.proxy.counts["GenerateDataKey"] == 3
+    assert keyring.clients.stats.total("attempts", api="GenerateDataKey", outcome="ok") == 3

@@ -36,8 +36,15 @@ def test_presets_per_environment(environment: str) -> None:
 
 def test_the_issue_s_preset_values() -> None:
     dev, prod = settings(), settings(environment="production")
-    assert (dev.max_attempts, dev.connect_timeout, dev.read_timeout, dev.max_pool_connections) == (2, 2, 10, 10)
-    assert (prod.max_attempts, prod.connect_timeout, prod.read_timeout, prod.max_pool_connections) == (3, 5, 30, 50)
+    assert (dev.max_attempts, dev.connect_timeout, dev.read_timeout, dev.max_pool_connections) == (2, 1, 2, 10)
+    assert (prod.max_attempts, prod.connect_timeout, prod.read_timeout, prod.max_pool_connections) == (3, 1, 3, 50)
+
+
+@pytest.mark.parametrize("environment", sorted(PRESETS))
+def test_a_silent_attempt_leaves_time_for_another_region(environment: str) -> None:
+    """Issue 16: read_timeout x max_attempts >= operation_timeout left no time to fail over."""
+    p = PRESETS[environment]
+    assert p.max_attempts * (p.connect_timeout + p.read_timeout) < p.operation_timeout / 2
 
 
 def test_every_value_overridable_and_reaches_botocore() -> None:

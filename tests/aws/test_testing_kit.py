@@ -74,6 +74,21 @@ def test_blackhole_outage_is_a_connect_timeout(kms_region: KmsRegion, aws_env: d
     _client(kms_region).list_keys()  # type: ignore[attr-defined]
 
 
+def test_silent_outage_accepts_and_never_answers_even_on_open_connections(
+    kms_region: KmsRegion, aws_env: dict[str, str]
+) -> None:
+    kms = _client(kms_region, read_timeout=0.3)
+    kms.list_keys()  # type: ignore[attr-defined]  # leaves a pooled keep-alive connection
+    kms_region.proxy.outage("silent")
+    with pytest.raises(ReadTimeoutError):
+        kms.list_keys()  # type: ignore[attr-defined]
+    with pytest.raises(ReadTimeoutError):
+        _client(kms_region, read_timeout=0.3).list_keys()  # type: ignore[attr-defined]  # a new connection too
+    assert kms_region.proxy.counts["ListKeys"] == 3  # each request arrived
+    kms_region.proxy.restore()
+    kms.list_keys()  # type: ignore[attr-defined]
+
+
 def test_separate_regions_are_separate_processes(
     kms_regions: Callable[..., list[KmsRegion]], aws_env: dict[str, str]
 ) -> None:

@@ -17,8 +17,13 @@ a lock and every thread shares it. Each client gets:
 
 botocore has no overall deadline: a call may take ``attempts x (connect + read)`` plus
 back-off. :meth:`ClientFactory.call` therefore runs each attempt on a worker thread and
-waits at most until the operation's deadline; past it the caller gets ``KmsTimeout``
-at once, and the middleware stops the abandoned call from starting another attempt.
+waits at most until the operation's deadline (inside a multi-region try: the try's
+budget, which the keyring publishes as that deadline); past it the caller gets
+``KmsTimeout`` at once, and the middleware stops the abandoned call from starting
+another attempt. botocore's ``connect_timeout`` and ``read_timeout`` stay the ceiling of
+one HTTP attempt, so a worker left behind by an abandoned call is free again within
+them; each region has its own bounded set of workers, so calls stuck in a silent
+region never hold up another region's.
 
 Credentials come only from boto3's chain (environment, shared files, SSO, container
 and instance metadata, web identity), optionally for a named ``profile``; with
@@ -45,15 +50,18 @@ from botocore.credentials import (
     Credentials,
     DeferredRefreshableCredentials,
 )
+from botocore.exceptions import ClientError
 
 from kmsguard import __version__, backoff, operation
 from kmsguard.aws import middleware, redact
 from kmsguard.aws.errors import map_error
 from kmsguard.aws.middleware import KmsMiddleware, KmsStats
-from kmsguard.aws.retry import retry_kind
+from kmsguard.aws.retry import Kind, retry_kind
 from kmsguard.aws.settings import AwsSettings
 from kmsguard.aws.workers import DaemonWorkers
 from kmsguard.errors import KmsGuardError, KmsTimeout
+from kmsguard.region_try import Abandoned, RegionTry
+from kmsguard.region_try import current as current_try
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 if TYPE_CHECKING:
@@ -93,7 +101,7 @@ class ClientFactory:
         self._lock = threading.Lock()
         self._session: boto3.Session | None = None
         self._clients: dict[tuple[str, str | None, str | None, str | None], KMSClient] = {}
-        self._workers: DaemonWorkers | None = None
+        self._workers: dict[str, DaemonWorkers] = {}
         redact.install()
 
     # ------------------------------------------------------------------ clients
@@ -209,6 +217,9 @@ class ClientFactory:
         outcome = "ok"
         try:
             return self._with_retries(region, api, until, params)
+        except Abandoned:
+            outcome = "abandoned"
+            raise
         except KmsTimeout as exc:
             outcome = exc.code
             raise KmsTimeout(f"KMS {api} in {region}: {exc.message}") from None
@@ -225,27 +236,52 @@ class ClientFactory:
                 middleware.record_call(self.stats, self.telemetry, region, state, outcome)
 
     def _with_retries(self, region: str, api: str, until: float | None, params: dict[str, Any]) -> dict[str, Any]:
-        """The retry loop of :mod:`kmsguard.aws.retry`: raises the last attempt's (botocore) error."""
+        """The retry loop of :mod:`kmsguard.aws.retry`: raises the last attempt's (botocore) error.
+
+        Inside a multi-region try (:data:`kmsguard.region_try.current`) a throttle is
+        reported to the try, and an abandoned try starts no further attempt.
+        """
         method: Callable[..., dict[str, Any]] = getattr(self.client(region), xform_name(api))
-        wait_out = until is not None and backoff.wait_out_throttling.get()
+        region_try = current_try.get()
         attempts = 0
         while True:
             attempts += 1
+            if region_try is not None:
+                region_try.check()
             try:
                 if until is None:
                     return method(**params)
-                return self._bounded(until, method, params)
+                return self._bounded(region, until, method, params)
             except KmsGuardError:
                 raise  # the deadline passed (KmsTimeout): nothing left to retry in
             except Exception as exc:
                 kind = retry_kind(exc)
-                if kind is None or (attempts >= self.settings.max_attempts and not (kind == "throttle" and wait_out)):
+                if region_try is not None:
+                    if kind == "throttle":
+                        region_try.note_throttle()
+                    elif kind == "transient" or isinstance(exc, ClientError):
+                        region_try.note_answer()  # an error answer or a refused connection: not silence
+                if not self._retries(kind, attempts, until, region_try):
                     raise
                 policy = backoff.THROTTLE if kind == "throttle" else backoff.TRANSIENT
                 if not policy.wait(attempts, until):
                     raise
 
-    def _bounded(self, until: float, method: Callable[..., T], params: dict[str, Any]) -> T:
+    def _retries(self, kind: Kind | None, attempts: int, until: float | None, region_try: RegionTry | None) -> bool:
+        """Whether a failure of ``kind`` after ``attempts`` attempts gets another (see kmsguard.aws.retry).
+
+        Never in an abandoned try: another region answered first.
+        """
+        if kind is None or (region_try is not None and region_try.abandoned):
+            return False
+        if until is not None:
+            if kind == "throttle" and backoff.wait_out_throttling.get():
+                return True
+            if kind == "timeout":
+                return region_try is None or region_try.last
+        return attempts < self.settings.max_attempts
+
+    def _bounded(self, region: str, until: float, method: Callable[..., T], params: dict[str, Any]) -> T:
         remaining = until - time.monotonic()
         if remaining <= 0:
             raise KmsTimeout("the operation deadline passed before the call")
@@ -255,28 +291,35 @@ class ClientFactory:
             return method(**params)
 
         context = contextvars.copy_context()
-        future = self._pool().submit(lambda: context.run(run))
+        future = self._pool(region).submit(lambda: context.run(run))
         try:
             return future.result(timeout=remaining)
         except FutureTimeout:
             future.cancel()
+            if current_try.get() is not None:
+                raise KmsTimeout(f"no answer within this region's budget ({remaining:.2g}s left)") from None
             raise KmsTimeout(
                 f"no answer within the operation deadline ({self.settings.operation_timeout:g}s)"
             ) from None
 
-    def _pool(self) -> DaemonWorkers:
-        if self._workers is None:
+    def _pool(self, region: str) -> DaemonWorkers:
+        """The region's workers: one per region, so calls stuck in a silent region cannot starve the others."""
+        workers = self._workers.get(region)
+        if workers is None:
             with self._lock:
-                if self._workers is None:
-                    self._workers = DaemonWorkers(self.settings.max_pool_connections)
-        return self._workers
+                workers = self._workers.get(region)
+                if workers is None:
+                    workers = self._workers[region] = DaemonWorkers(
+                        self.settings.max_pool_connections, name=f"kmsguard-kms-{region}"
+                    )
+        return workers
 
     def close(self) -> None:
         """Stop the worker threads and close every client's connections."""
         with self._lock:
-            workers, self._workers = self._workers, None
+            workers, self._workers = list(self._workers.values()), {}
             clients, self._clients = list(self._clients.values()), {}
-        if workers is not None:
-            workers.close()
+        for pool in workers:
+            pool.close()
         for client in clients:
             client.close()

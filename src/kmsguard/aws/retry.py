@@ -12,8 +12,16 @@ mode and ``total_max_attempts = 1`` (each botocore call is one HTTP attempt), an
   share of calls at 30% throttling whatever N is. Without a deadline
   (``operation_timeout = 0``) throttles get ``max_attempts`` like any other failure,
   so a call cannot retry forever.
-* **Transient failures** (5xx answers, ``LimitExceededException``, connection errors,
-  connect and read timeouts) get at most ``max_attempts`` attempts in all, as before,
+* **Timeouts** (a connect or read timeout: the endpoint did not answer) are retried on a
+  new connection until the operation's deadline when there is nowhere else to go (one
+  region, or the last region a multi-region operation can try), so a silent region
+  fails *at* the deadline with ``KMS_TIMEOUT``. Inside a multi-region operation with
+  other regions left, a timed-out attempt is handed back at once: KMS answers in
+  milliseconds, a read that has not answered within ``read_timeout`` will not, and the
+  next region (or a hedge, :mod:`kmsguard.keyrings.multi_region`) is the better bet.
+  Without a deadline they get ``max_attempts`` like other transient failures.
+* **Transient failures** (5xx answers, ``LimitExceededException``, connection errors)
+  get at most ``max_attempts`` attempts in all, as before,
   with botocore's 50 ms full-jitter base (:data:`kmsguard.backoff.TRANSIENT`). Failing
   these over (to another region) or reporting them promptly beats waiting out an
   outage, and the multi-region keyring's breaker counts them. ``LimitExceededException``
@@ -47,7 +55,7 @@ from botocore import exceptions as bx
 
 from kmsguard.aws.errors import DeadlineExceeded
 
-Kind = Literal["throttle", "transient"]
+Kind = Literal["throttle", "timeout", "transient"]
 
 #: Error codes that mean "too many requests, slow down": waited out until the deadline.
 THROTTLING_CODES = frozenset({"ThrottlingException", "Throttling", "TooManyRequestsException"})
@@ -72,7 +80,7 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def retry_kind(exc: BaseException) -> Kind | None:
-    """How a failed KMS attempt may be retried: ``"throttle"``, ``"transient"`` or not at all (None).
+    """How a failed KMS attempt may be retried: ``"throttle"``, ``"timeout"``, ``"transient"`` or not at all (None).
 
     Mirrors botocore's standard-mode retry conditions (``TransientRetryableChecker``,
     ``ThrottledRetryableChecker``), with throttling split out to be waited out.
@@ -87,6 +95,8 @@ def retry_kind(exc: BaseException) -> Kind | None:
         if code in TRANSIENT_CODES or status in TRANSIENT_STATUSES:
             return "transient"
         return None
+    if isinstance(exc, bx.ConnectTimeoutError | bx.ReadTimeoutError):
+        return "timeout"
     if isinstance(exc, bx.ConnectionError | bx.HTTPClientError):
         return "transient"
     return None

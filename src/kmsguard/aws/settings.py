@@ -8,8 +8,8 @@ Values come from presets per ``environment`` and are each overridable in ``[aws]
     role_arn = "arn:aws:iam::123456789012:role/kmsguard"   # assumed with automatic refresh
     max_attempts = 3                          # attempts per call for transient failures, the first included
                                               # (throttling is retried until operation_timeout instead)
-    connect_timeout = 5
-    read_timeout = 30
+    connect_timeout = 1                       # one HTTP attempt's connect ...
+    read_timeout = 3                          # ... and read: KMS answers in milliseconds
     operation_timeout = 30                    # kmsguard's own deadline per keyring operation
     max_pool_connections = 50
     [aws.endpoints]
@@ -48,16 +48,22 @@ class Preset:
     operation_timeout: float
 
 
-#: development fails fast; production waits longer for a slow region before giving up.
+#: Timeouts sized for KMS, whose calls take milliseconds: a connection not made within
+#: 1 s (a lost SYN is resent after 1 s) or a read not answered within a few seconds is
+#: stuck, and a new attempt -- a new connection, or another region -- beats waiting on
+#: it. ``read_timeout`` bounds one HTTP attempt, ``operation_timeout`` the whole
+#: operation; with several regions each region's try gets a share of the latter (see
+#: kmsguard.keyrings.multi_region). development fails fast; production allows a slower
+#: read and has the longest deadline for throttling to be waited out.
 PRESETS: Mapping[str, Preset] = {
     "development": Preset(
-        max_attempts=2, connect_timeout=2.0, read_timeout=10.0, max_pool_connections=10, operation_timeout=15.0
+        max_attempts=2, connect_timeout=1.0, read_timeout=2.0, max_pool_connections=10, operation_timeout=15.0
     ),
     "staging": Preset(
-        max_attempts=3, connect_timeout=3.0, read_timeout=20.0, max_pool_connections=25, operation_timeout=25.0
+        max_attempts=3, connect_timeout=1.0, read_timeout=2.0, max_pool_connections=25, operation_timeout=25.0
     ),
     "production": Preset(
-        max_attempts=3, connect_timeout=5.0, read_timeout=30.0, max_pool_connections=50, operation_timeout=30.0
+        max_attempts=3, connect_timeout=1.0, read_timeout=3.0, max_pool_connections=50, operation_timeout=30.0
     ),
 }
 
@@ -83,6 +89,9 @@ KNOWN_FIELDS: set[str] = {
     "breaker_failures",
     "breaker_cooldown",
     "keys",
+    "hedge",
+    "hedge_delay_min",
+    "hedge_delay_max",
 }
 
 
@@ -99,8 +108,8 @@ class AwsSettings:
     endpoints: Mapping[str, str] = field(default_factory=dict)
     default_endpoint: str | None = None
     max_attempts: int = 3
-    connect_timeout: float = 5.0
-    read_timeout: float = 30.0
+    connect_timeout: float = 1.0
+    read_timeout: float = 3.0
     operation_timeout: float = 30.0
     max_pool_connections: int = 50
     tcp_keepalive: bool = True

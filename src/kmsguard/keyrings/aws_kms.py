@@ -29,6 +29,7 @@ from kmsguard.aws.clients import ClientFactory
 from kmsguard.datakey import DEK_SIZE, DataKey, WrappedKey
 from kmsguard.errors import InvalidCiphertext, InvalidKeyUsage, KmsGuardError, KmsServiceError
 from kmsguard.keyrings.base import KeyRequest
+from kmsguard.region_try import current as current_try
 
 PROVIDER = "aws-kms"
 T = TypeVar("T")
@@ -138,6 +139,9 @@ class AwsKmsKeyring:
     # ------------------------------------------------------------------ internals
 
     def _call(self, api: str, key_ref: str, until: float | None, **params: Any) -> dict[str, Any]:
+        region_try = current_try.get()
+        if region_try is not None:
+            region_try.check()  # a try abandoned between two calls (DescribeKey, then the call) makes no more
         operation.note_kms_call(key_ref if api != "DescribeKey" else None, self.region)
         return self.clients.call(self.region, api, until=until, key_ref=key_ref, **params)
 

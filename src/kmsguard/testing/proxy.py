@@ -14,7 +14,9 @@ timeouts, error mapping and failover are exercised through botocore's own HTTP s
 * ``latency(seconds)`` before every forwarded request;
 * ``outage("refuse")`` closes the port (connection refused), ``outage("blackhole")``
   keeps a full, never-accepting listener so connects hang until the client's connect
-  timeout; ``restore()`` ends either.
+  timeout, ``outage("silent")`` keeps accepting connections and reading requests but
+  never answers one (a network partition behind a load balancer, a stuck service: the
+  client's read timeout is what ends the wait); ``restore()`` ends any of them.
 
 Rules take ``count`` (the next N matching requests) or ``rate`` (a probability, from a
 seeded generator so runs repeat), or neither (every matching request). The proxy
@@ -47,7 +49,7 @@ _AKID_RE = re.compile(r"Credential=([A-Za-z0-9]+)/")
 _KEY_FIELDS = ("KeyId", "SourceKeyId", "DestinationKeyId")
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "date", "server"}
 
-OutageMode = Literal["refuse", "blackhole"]
+OutageMode = Literal["refuse", "blackhole", "silent"]
 
 
 @dataclass
@@ -122,6 +124,7 @@ class FaultProxy:
         self._listener: socket.socket | None = None
         self._blackhole: list[socket.socket] = []
         self._stopping = threading.Event()
+        self._silent = threading.Event()
         self._local = threading.local()
 
     # ------------------------------------------------------------------ lifecycle
@@ -188,14 +191,18 @@ class FaultProxy:
         self._latency = seconds
 
     def outage(self, mode: OutageMode = "refuse") -> None:
-        """Stop serving: refuse connections, or blackhole them (connects hang)."""
+        """Stop serving: refuse connections, blackhole them (connects hang), or go silent (requests hang)."""
+        if mode == "silent":
+            self._silent.set()
+            return
         self._close_listener()
         self._drop_connections()
         if mode == "blackhole":
             self._open_blackhole()
 
     def restore(self) -> None:
-        """End an outage: accept connections on the same port again."""
+        """End an outage: accept connections on the same port again (and answer the requests that come)."""
+        self._silent.clear()
         self._close_blackhole()
         if self._listener is None:
             self._listen()
@@ -331,6 +338,11 @@ class FaultProxy:
             self.requests.append(SeenRequest(api, doc, dict(h.headers.items())))
             if akid:
                 self.access_keys.append(akid[1])
+        if self._silent.is_set():
+            while self._silent.is_set() and not self._stopping.wait(0.05):
+                pass  # requests held during the outage are never answered
+            h.close_connection = True
+            return
         if self._latency:
             self._stopping.wait(self._latency)
         rule = self._pick(api, key_ids)
