@@ -8,7 +8,7 @@ False), slower but identical in behaviour.
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ("kmsguard.fastpath", "kmsguard.nonces", "kmsguard.histogram", "kmsguard.audit.frames")
+MODULES = ("kmsguard.fastpath", "kmsguard.plans", "kmsguard.nonces", "kmsguard.histogram", "kmsguard.audit.frames")
 
 setup(
     ext_modules=cythonize(

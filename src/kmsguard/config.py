@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kmsguard.errors import ConfigurationError, KmsGuardError
+from kmsguard.keyrings.caching import DEFAULT_MAX_ENTRIES
 from kmsguard.policy import (
     CLASSIFICATION_RE,
     DEFAULT_CACHE_LIMITS,
@@ -34,7 +35,7 @@ CONFIG_FILE_NAME = "kmsguard.toml"
 BACKENDS = ("local", "aws")
 ENVIRONMENTS = ("development", "staging", "production")
 COMPONENT_SECTIONS = ("aws", "audit", "metrics", "server")
-_TOP_LEVEL = {"backend", "app", "environment", "principal", "classifications", *COMPONENT_SECTIONS}
+_TOP_LEVEL = {"backend", "app", "environment", "principal", "classifications", "cache", *COMPONENT_SECTIONS}
 _CLASS_FIELDS = {"key", "required_context", "kms_context_keys", "strict_audit", "regions", "cache"}
 _CACHE_FIELDS = {"reuse", "max_age", "max_messages", "max_bytes", "decrypt_ttl"}
 _APP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -53,6 +54,8 @@ class Settings:
     config_path: Path | None = None
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    #: ``[cache] max_entries``: data keys one process caches (encrypt and decrypt entries together).
+    cache_max_entries: int = DEFAULT_MAX_ENTRIES
 
     def section(self, name: str) -> Mapping[str, Any]:
         """A component's raw table (``aws``, ``audit``...), empty when absent."""
@@ -98,6 +101,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     principal = env.get("KMSGUARD_PRINCIPAL") or _str(doc, "principal", "") or _os_principal()
 
     policy = _policy(doc.get("classifications", {}), backend, app, environment, env)
+    cache_max_entries = _cache_max_entries(doc.get("cache", {}), env)
     sections = {}
     for name in COMPONENT_SECTIONS:
         table = doc.get(name, {})
@@ -114,6 +118,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         config_path=path if path.exists() else None,
         sections=sections,
         env=env,
+        cache_max_entries=cache_max_entries,
     )
 
 
@@ -181,6 +186,26 @@ def _cache(spec: Any, default: CacheLimits | None, where: str) -> CacheLimits:
         if isinstance(exc, ConfigurationError):
             raise
         raise ConfigurationError(f"{where}: {exc.message}") from None
+
+
+def _cache_max_entries(table: Any, env: Mapping[str, str]) -> int:
+    """``[cache] max_entries``, or ``KMSGUARD_CACHE_MAX_ENTRIES``: a whole number of at least 1."""
+    if not isinstance(table, dict):
+        raise ConfigurationError("cache: must be a table")
+    unknown = set(table) - {"max_entries"}
+    if unknown:
+        raise ConfigurationError(f"cache: unknown setting {sorted(unknown)[0]!r}")
+    raw = env.get("KMSGUARD_CACHE_MAX_ENTRIES")
+    if raw:
+        where, value = "KMSGUARD_CACHE_MAX_ENTRIES", int(raw) if raw.strip().isdigit() else 0
+    else:
+        where, value = (
+            "cache.max_entries",
+            int(_number(table, "max_entries", DEFAULT_MAX_ENTRIES, "cache", integer=True)),
+        )
+    if value < 1:
+        raise ConfigurationError(f"{where}: must be a whole number of at least 1")
+    return value
 
 
 # ---------------------------------------------------------------------- typed getters
