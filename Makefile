@@ -1,12 +1,14 @@
 # The two commands of the README: `make demo` and `make test`. Everything they
 # need is installed here, into .venv, from the project's own pyproject.
+# `make docs` serves the documentation site (docs/, mkdocs.yml) on 127.0.0.1:8000.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 DEMO_HOME := $(CURDIR)/.kmsguard
+SITE   := site
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint docs docs-build bench clean
 
 # The hot path is compiled in place (setup.py): a changed source must rebuild it, or
 # Python would keep importing the stale extension next to it.
@@ -19,7 +21,7 @@ $(VENV)/.installed: pyproject.toml $(COMPILED_SOURCES)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,docs]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -29,11 +31,23 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy
 
-test: lint
+# A broken link, a missing page or a bad include fails the build (--strict).
+docs-build: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(SITE)
+
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+test: lint docs-build
 	$(BIN)/pytest
 
 bench: $(VENV)/.installed-test
 	$(PY) -m bench
 
+# Every build output: the venv, setuptools' build/dist/egg-info, and the Cython output
+# (.c and the extension next to each compiled module, in every subpackage; .gitignore
+# holds that no .c under src/ is hand-written).
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) build .pytest_cache .mypy_cache .ruff_cache src/kmsguard/*.so src/kmsguard/*.c
+	rm -rf $(VENV) $(DEMO_HOME) $(SITE) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find src \( -name '*.c' -o -name '*.so' -o -name '*.pyd' \) -type f -delete
+	find src tests bench scripts -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -22,7 +22,7 @@ def ops_per_second(fn: Callable[[], object], seconds: float = 0.4) -> float:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table (readable in a terminal, pasteable into README)."""
+    """A Markdown table (readable in a terminal, pasteable into docs/benchmarks.md)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"

@@ -51,7 +51,7 @@ def test_decrypt_many_unwraps_each_distinct_key_once_even_without_a_cache(keyrin
     for i in range(10):
         for sealed in (first, second):
             dk = keyring.unwrap(envelope.parse(sealed).wrapped_keys, request)
-            envelopes.append(envelope.seal(dk, "general", {}, b"m%d" % i))
+            envelopes.append(envelope.Sealer(dk, "general", {}).seal(b"m%d" % i))
     counting.calls["unwrap"] = 0
     results = guard.decrypt_many(envelopes, max_concurrency=4)
     assert [r.get() for r in results] == [b"m%d" % (i // 2) for i in range(20)]
@@ -96,7 +96,7 @@ def test_a_throttled_unwrap_fails_one_item_not_its_group(keyring: LocalKeyring) 
     first = guard.encrypt(b"x", "general")
     request = KeyRequest("general", "local:general", {})
     dk = keyring.unwrap(envelope.parse(first).wrapped_keys, request)
-    group = [envelope.seal(dk, "general", {}, b"m%d" % i) for i in range(5)]
+    group = [envelope.Sealer(dk, "general", {}).seal(b"m%d" % i) for i in range(5)]
     counting.calls["unwrap"] = 0
     counting.fail_next = [RateLimited("KMS throttled the request")]
     results = guard.decrypt_many(group, max_concurrency=1)

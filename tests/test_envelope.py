@@ -86,8 +86,8 @@ def test_round_trip_of_arbitrary_bytes_and_contexts(
 
 def test_context_is_encoded_sorted_by_utf8_bytes_whatever_the_insertion_order() -> None:
     nonce = bytes(12)
-    a = envelope.seal(DK, "pii", {"\U0001f600": "1", "\uff61": "2", "b": "3", "a": "4"}, b"x", nonce)
-    b = envelope.seal(DK, "pii", {"a": "4", "b": "3", "\uff61": "2", "\U0001f600": "1"}, b"x", nonce)
+    a = envelope.Sealer(DK, "pii", {"\U0001f600": "1", "\uff61": "2", "b": "3", "a": "4"}).seal(b"x", nonce)
+    b = envelope.Sealer(DK, "pii", {"a": "4", "b": "3", "\uff61": "2", "\U0001f600": "1"}).seal(b"x", nonce)
     assert a == b
     assert list(envelope.parse(a).context) == ["a", "b", "\uff61", "\U0001f600"]
 
@@ -99,23 +99,23 @@ def test_nonces_are_fresh_per_message() -> None:
 
 
 def test_replace_wrapped_keys_keeps_the_body_and_still_opens() -> None:
-    sealed = envelope.seal(DK, "general", {"a": "b"}, b"payload")
+    sealed = envelope.Sealer(DK, "general", {"a": "b"}).seal(b"payload")
     other = (WrappedKey("aws-kms", "arn:aws:kms:eu-west-1:1:key/k", b"z" * 100), LOCAL)
     replaced = envelope.replace_wrapped_keys(sealed, other)
     env = envelope.parse(replaced)
     assert env.wrapped_keys == other
-    assert env.body == envelope.parse(sealed).body
+    assert replaced[env.body_offset :] == sealed[envelope.parse(sealed).body_offset :]
     assert envelope.unseal(DK, env) == b"payload"
 
 
 def test_the_commitment_is_checked_before_the_body() -> None:
     """Another key whose body tag would verify is still refused: the commitment binds one DEK."""
     other = DataKey(bytes(32), (LOCAL,))
-    env = envelope.parse(envelope.seal(DK, "general", {}, b"payload"))
+    env = envelope.parse(envelope.Sealer(DK, "general", {}).seal(b"payload"))
     # Re-encrypt the body under the other key with the *original* commitment in the aad.
     forged_body = other.aead.encrypt(env.nonce, b"forged", env.aad)
     forged = envelope.parse(env.raw[: env.body_offset] + forged_body)
-    assert other.aead.decrypt(forged.nonce, forged.body, forged.aad) == b"forged"  # the tag alone would pass
+    assert other.aead.decrypt(forged.nonce, forged_body, forged.aad) == b"forged"  # the tag alone would pass
     with pytest.raises(InvalidCiphertext):
         envelope.unseal(other, forged)
 
@@ -126,25 +126,25 @@ def test_the_commitment_is_checked_before_the_body() -> None:
 def test_encode_rejects_bad_classifications() -> None:
     for bad in ["", "A", "gen eral", "é", "x" * 33, "a/b"]:
         with pytest.raises(InvalidInput):
-            envelope.seal(DK, bad, {}, b"")
-    envelope.seal(DK, "x" * 32, {}, b"")
+            envelope.Sealer(DK, bad, {}).seal(b"")
+    envelope.Sealer(DK, "x" * 32, {}).seal(b"")
 
 
 def test_encode_rejects_bad_contexts() -> None:
     for bad in [{"": "v"}, {"k": "\ud800"}, {"\udfff": "v"}]:
         with pytest.raises(InvalidInput):
-            envelope.seal(DK, "general", bad, b"")
+            envelope.Sealer(DK, "general", bad).seal(b"")
     with pytest.raises(InvalidInput):
-        envelope.seal(DK, "general", {"k": 1}, b"")  # type: ignore[dict-item]
+        envelope.Sealer(DK, "general", {"k": 1}).seal(b"")  # type: ignore[dict-item]
 
 
 def test_context_section_limit_is_8192_bytes_count_included() -> None:
     fits = {"k": "v" * (8192 - 2 - 2 - 1 - 2)}
-    envelope.seal(DK, "general", fits, b"")
+    envelope.Sealer(DK, "general", fits).seal(b"")
     with pytest.raises(InvalidInput):
-        envelope.seal(DK, "general", {"k": "v" * (8192 - 2 - 2 - 1 - 2 + 1)}, b"")
+        envelope.Sealer(DK, "general", {"k": "v" * (8192 - 2 - 2 - 1 - 2 + 1)}).seal(b"")
     with pytest.raises(InvalidInput):
-        envelope.seal(DK, "general", {"k": "v" * 70000}, b"")
+        envelope.Sealer(DK, "general", {"k": "v" * 70000}).seal(b"")
 
 
 def test_wrapped_key_limits_at_encode() -> None:
@@ -154,7 +154,7 @@ def test_wrapped_key_limits_at_encode() -> None:
         (WrappedKey("p" * 32, "r" * 2048, b"w" * 4096),),
     ]
     for wrapped in good:
-        envelope.seal(DataKey(DEK, wrapped), "general", {}, b"")
+        envelope.Sealer(DataKey(DEK, wrapped), "general", {}).seal(b"")
     bad = [
         (),
         (ok,) * 9,
@@ -170,12 +170,12 @@ def test_wrapped_key_limits_at_encode() -> None:
     ]
     for wrapped in bad:
         with pytest.raises(InvalidInput):
-            envelope.seal(DataKey(DEK, wrapped), "general", {}, b"")
+            envelope.Sealer(DataKey(DEK, wrapped), "general", {}).seal(b"")
 
 
 def test_a_nonce_must_be_12_bytes() -> None:
     with pytest.raises(InvalidInput):
-        envelope.seal(DK, "general", {}, b"", nonce=bytes(11))
+        envelope.Sealer(DK, "general", {}).seal(b"", nonce=bytes(11))
 
 
 # --------------------------------------------------------------------------- strict parsing
@@ -234,7 +234,7 @@ def test_parse_limits_are_inclusive() -> None:
 
 
 def test_every_truncation_and_any_trailing_byte_is_rejected() -> None:
-    sealed = envelope.seal(DK, "general", {"k": "v"}, b"short")
+    sealed = envelope.Sealer(DK, "general", {"k": "v"}).seal(b"short")
     for n in range(len(sealed)):
         with pytest.raises(InvalidCiphertext):
             opens(sealed[:n])
@@ -244,7 +244,7 @@ def test_every_truncation_and_any_trailing_byte_is_rejected() -> None:
 
 
 def test_error_messages_carry_no_detail() -> None:
-    sealed = envelope.seal(DK, "general", {}, b"secret-plaintext")
+    sealed = envelope.Sealer(DK, "general", {}).seal(b"secret-plaintext")
     errors = []
     for raw in (b"", sealed[:-1], sealed[:4] + b"\xff" + sealed[5:], b"KG" + b"\x00" * 200):
         with pytest.raises(InvalidCiphertext) as info:
@@ -265,15 +265,14 @@ def test_arbitrary_bytes_only_ever_raise_invalid_ciphertext(data: bytes) -> None
         envelope.unseal(DK, env)
 
 
-VALID = envelope.seal(
+VALID = envelope.Sealer(
     DataKey(DEK, (LOCAL, WrappedKey("aws-kms", "arn:aws:kms:us-east-1:1:key/k", b"k" * 40))),
     "pii",
     {"passenger": "42", "z\u00fcrich": "\u2708"},
-    b"passport P1234567",
-)
+).seal(b"passport P1234567")
 _ENV = envelope.parse(VALID)
 _HEADER_LEN = len(_ENV.aad) - 44
-_KEYS_END = len(VALID) - len(_ENV.body) - 44
+_KEYS_END = _ENV.body_offset - 44
 
 
 @given(
@@ -301,7 +300,7 @@ def test_mutated_valid_envelopes_open_unchanged_or_raise_invalid_ciphertext(
         return
     assert plain == b"passport P1234567"
     assert data[:_HEADER_LEN] == VALID[:_HEADER_LEN]
-    assert data[-(len(_ENV.body) + 44) :] == VALID[_KEYS_END:]
+    assert data[-(len(VALID) - _KEYS_END) :] == VALID[_KEYS_END:]
 
 
 # --------------------------------------------------------------------------- text form
@@ -361,7 +360,7 @@ def test_raw_aes_gcm_matches_the_derived_key() -> None:
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     enc = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"kmsguard v1 enc").derive(DEK)
-    assert AESGCM(enc).decrypt(_ENV.nonce, _ENV.body, _ENV.aad) == b"passport P1234567"
+    assert AESGCM(enc).decrypt(_ENV.nonce, VALID[_ENV.body_offset :], _ENV.aad) == b"passport P1234567"
 
 
 def test_a_data_key_refuses_to_seal_past_2_to_the_32_messages() -> None:

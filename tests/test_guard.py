@@ -130,10 +130,10 @@ def test_context_is_bound_by_the_keyring_not_only_the_header(guard: Guard) -> No
     env = envelope.parse(sealed)
     request = guard.policy.request(guard.policy.get("pii"), env.context)
     data_key = guard.keyring.unwrap(env.wrapped_keys, request)
-    forged = envelope.seal(data_key, "pii", {"passenger": "43"}, b"P1234567")
+    forged = envelope.Sealer(data_key, "pii", {"passenger": "43"}).seal(b"P1234567")
     with pytest.raises(InvalidCiphertext):
         guard.decrypt(forged)
-    moved = envelope.seal(data_key, "general", {"passenger": "42"}, b"P1234567")
+    moved = envelope.Sealer(data_key, "general", {"passenger": "42"}).seal(b"P1234567")
     with pytest.raises(InvalidCiphertext):
         guard.decrypt(moved)
 
@@ -246,7 +246,8 @@ def test_rotation_keeps_old_envelopes_readable_and_rewrap_moves_them(keyring: Lo
 
     moved = guard.rewrap(old)
     assert guard.inspect(moved).keys == [{"provider": "local", "key_ref": "local:pii:v2"}]
-    assert envelope.parse(moved).body == envelope.parse(old).body  # the data was not re-encrypted
+    body = old[envelope.parse(old).body_offset :]
+    assert moved[envelope.parse(moved).body_offset :] == body  # the data was not re-encrypted
     token = guard.rewrap(envelope.to_text(old))
     assert isinstance(token, str) and token.startswith("kg1:")
     assert guard.inspect(token).keys[0]["key_ref"] == "local:pii:v2"

@@ -9,10 +9,11 @@ Shared by the AWS client factory (retrying one KMS call) and the multi-region ke
   jitter produces), which is what lets a throttled service recover;
 * **capped low** — waits stop growing at 2 s (1 s on average), so a call keeps getting
   chances at a steady pace until its deadline instead of spending it on a few long
-  waits. With an 8 s cap (0.5 s base) a call throttled 6 times in a row (0.3^6, about
-  1 in 1,400 calls at 30% throttling) had waited ~12 s on average and missed a 10 s
-  deadline: the benchmark's 1,000 cache-off operations lost one that way. With the 2 s
-  cap a 10 s deadline holds ~12 retries: 0.3^12, about 1 in 2 million calls;
+  waits. With an 8 s cap (0.5 s base) six throttles in a row already wait past a 10 s
+  deadline on average; with the 2 s cap a 10 s deadline holds about a dozen retries, so
+  at a share ``p`` of throttled calls a call misses its deadline with probability
+  about ``p**12`` instead of ``p**6`` (see the throttling benchmark, ``python -m bench
+  throttling``);
 * **deadline-bound** — a wait is cut so that one more attempt can still start
   ``ATTEMPT_WINDOW`` before the deadline; when even that no longer fits, the caller is
   told to stop and report the last error (so never-ending throttling fails *at* the
@@ -20,7 +21,7 @@ Shared by the AWS client factory (retrying one KMS call) and the multi-region ke
 
 No client-side rate limiter: botocore's adaptive mode cuts its send rate to 70% on every
 throttle and, when a fixed share of calls is throttled at any rate, never recovers
-(see the README's throttling benchmark). Jittered backoff per call adapts by itself.
+(the throttling benchmark: docs/benchmarks.md). Jittered backoff per call adapts by itself.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from dataclasses import dataclass
 #: off for its calls: it has other regions to try first, and goes round them again itself.
 wait_out_throttling: ContextVar[bool] = ContextVar("kmsguard_wait_out_throttling", default=True)
 
-#: Time kept free before a deadline for one last attempt (a KMS round trip is ~5-50 ms
-#: in-region): an attempt started later would likely be cut off and end as a timeout.
+#: Time kept free before a deadline for one last attempt (longer than a typical in-region
+#: KMS round trip): an attempt started later would likely be cut off and end as a timeout.
 ATTEMPT_WINDOW = 0.1
 
 

@@ -54,11 +54,8 @@ TEXT_PREFIX = "kg1:"
 COMMITMENT_SIZE = 32
 NONCE_SIZE = nonces.NONCE_SIZE
 TAG_SIZE = 16
-MAX_CLASSIFICATION = 32
 MAX_CONTEXT_BYTES = 8192
 MAX_WRAPPED_KEYS = 8
-MAX_PROVIDER = 32
-MAX_KEY_REF = 2048
 MAX_WRAPPED_SIZE = 4096
 #: cryptography's AESGCM refuses inputs of 2^31 bytes or more.
 MAX_PLAINTEXT = 2**31 - 1 - TAG_SIZE
@@ -93,11 +90,6 @@ class Envelope:
     body_offset: int
     version: int = VERSION
     suite: int = SUITE
-
-    @property
-    def body(self) -> bytes:
-        """AES-GCM ciphertext || tag (a copy; :func:`unseal` does not need it)."""
-        return self.raw[self.body_offset :]
 
     @property
     def plaintext_size(self) -> int:
@@ -201,17 +193,6 @@ class Sealer:
         elif len(nonce) != NONCE_SIZE:
             raise InvalidInput("a nonce must be 12 bytes")
         return b"".join((self.out_prefix, nonce, self._aead.encrypt(nonce, plaintext, self.aad_prefix + nonce)))
-
-
-def seal(
-    data_key: DataKey,
-    classification: str,
-    context: Mapping[str, str],
-    plaintext: bytes,
-    nonce: bytes | None = None,
-) -> bytes:
-    """One-shot :class:`Sealer`; see there."""
-    return Sealer(data_key, classification, context).seal(plaintext, nonce)
 
 
 # --------------------------------------------------------------------------- parsing

@@ -1,7 +1,9 @@
 """Every error kmsguard raises, each with a stable code, an HTTP status and a retryable flag.
 
-Callers (the CLI, the HTTP service, a user's own retry loop) branch on ``code`` and
-``retryable``, never on message text, so messages are free to be helpful. They are
+Callers (the CLI, a user's own retry loop) branch on ``code`` and ``retryable``, never on
+message text, so messages are free to be helpful. ``http_status`` is the status an HTTP
+front end answers the error with (4xx: the caller's input; 5xx: configuration or the key
+service), so that every front end maps an error the same way. They are
 never allowed to carry plaintext, a data key, a ciphertext body or a secret: every
 message is written here or built from names (settings, classifications, key
 references), never from data.
@@ -26,7 +28,7 @@ class KmsGuardError(Exception):
         return str(self.args[0]) if self.args else self.default_message
 
     def to_dict(self) -> dict[str, object]:
-        """The JSON shape the CLI's --jsonl output and the HTTP service use."""
+        """The error as JSON: the CLI's --jsonl output, and the body an HTTP front end sends with ``http_status``."""
         return {"code": self.code, "message": self.message, "retryable": self.retryable}
 
 

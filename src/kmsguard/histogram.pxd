@@ -5,7 +5,6 @@ from kmsguard.fastpath cimport HitSink
 cdef class Histogram:
     cdef public double[::1] bounds
     cdef public long long[::1] buckets
-    cdef public long long count
     cdef public double total
     cdef object _lock
     cpdef void add(self, double value) except *

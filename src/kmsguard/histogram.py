@@ -28,7 +28,6 @@ class Histogram:
     def __init__(self, bounds: Sequence[float]) -> None:
         self.bounds = array("d", bounds)
         self.buckets = array("q", [0] * (len(bounds) + 1))  # the last is +Inf
-        self.count = 0
         self.total = 0.0
         self._lock = threading.Lock()
 
@@ -46,7 +45,6 @@ class Histogram:
         while i < n and value > bounds[i]:
             i += 1
         self.buckets[i] += 1
-        self.count += 1
         self.total += value
 
     def snapshot(self) -> tuple[int, float, list[int]]:

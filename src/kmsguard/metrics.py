@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from kmsguard.config import Settings
-from kmsguard.errors import ConfigurationError
+from kmsguard.config_table import ConfigTable
 from kmsguard.histogram import Histogram as Series
 from kmsguard.histogram import HitTally
 from kmsguard.operation import HitKind, Operation
@@ -145,7 +145,7 @@ class Metrics(Telemetry):
     # ------------------------------------------------------------------ export
 
     def exposition(self) -> bytes:
-        """The Prometheus text format (what ``/metrics`` and ``kmsguard metrics`` serve)."""
+        """The Prometheus text format: what ``kmsguard metrics`` prints and a scrape endpoint serves."""
         return generate_latest(self.registry)
 
     def close(self) -> None:
@@ -364,7 +364,6 @@ class CloudWatchExport:
         self.flush_interval = flush_interval
         self.max_buffer = max_buffer
         self.dropped = 0
-        self.published_calls = 0
         self.on_drop: Callable[[float], None] = lambda n: None
         self._buffer: deque[Sample] = deque()
         self._client: Any = None
@@ -400,7 +399,6 @@ class CloudWatchExport:
                 if self._client is None:
                     self._client = self.client_factory() if self.client_factory else None
                 self._client.put_metric_data(Namespace=self.namespace, MetricData=batch)
-                self.published_calls += 1
             except Exception as exc:
                 lost = sum(int(sum(d.get("Counts", ()))) for d in batch)
                 self._drop(lost)
@@ -446,15 +444,17 @@ def build_metrics(settings: Settings) -> Metrics | None:
     flush_interval = 10       # seconds between exports
     max_buffer = 10000        # samples held between exports; beyond, dropped and counted
     """
-    table = settings.section("metrics")
-    unknown = set(table) - _FIELDS
-    if unknown:
-        raise ConfigurationError(f"metrics.{sorted(unknown)[0]}: unknown setting")
-    if not _typed(table, "enabled", bool, True):
+    metrics = ConfigTable(settings.section("metrics"), "metrics", _FIELDS)
+    enabled = metrics.boolean("enabled", True)
+    namespace = metrics.string("namespace", "kmsguard")
+    emf_target = metrics.string("emf", "")
+    publish = metrics.boolean("cloudwatch", False)
+    region = metrics.string("region", "") or None
+    endpoint = metrics.string("endpoint_url", "") or None
+    flush_interval = metrics.number("flush_interval", 10.0, above=0)
+    max_buffer = metrics.integer("max_buffer", 10_000, minimum=1)
+    if not enabled:
         return None
-    namespace = _typed(table, "namespace", str, "kmsguard")
-    emf_target = _typed(table, "emf", str, "")
-    publish = _typed(table, "cloudwatch", bool, False)
     exporter = None
     if emf_target or publish:
         emf: IO[str] | None = None
@@ -464,15 +464,9 @@ def build_metrics(settings: Settings) -> Metrics | None:
             path = settings.home / emf_target
             path.parent.mkdir(parents=True, exist_ok=True)
             emf = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held for the process lifetime
-        region = _typed(table, "region", str, "") or None
-        endpoint = _typed(table, "endpoint_url", str, "") or None
         factory = (lambda: _cloudwatch_client(region, endpoint)) if publish else None
         exporter = CloudWatchExport(
-            namespace,
-            emf=emf,
-            client_factory=factory,
-            flush_interval=float(_typed(table, "flush_interval", (int, float), 10.0)),
-            max_buffer=int(_typed(table, "max_buffer", int, 10_000)),
+            namespace, emf=emf, client_factory=factory, flush_interval=flush_interval, max_buffer=max_buffer
         )
     return Metrics(exporter)
 
@@ -481,10 +475,3 @@ def _cloudwatch_client(region: str | None, endpoint_url: str | None) -> Any:
     import boto3
 
     return boto3.client("cloudwatch", region_name=region, endpoint_url=endpoint_url)
-
-
-def _typed(table: Any, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = table.get(name, default)
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        raise ConfigurationError(f"metrics.{name}: has the wrong type")
-    return value

@@ -1,10 +1,10 @@
 """Random 96-bit AES-GCM nonces, drawn from the OS CSPRNG in bulk.
 
-Every envelope needs a fresh random nonce. ``os.urandom(12)`` per message is a system
-call that costs about a third of sealing 1 KiB, so this module draws
+Every envelope needs a fresh random nonce. ``os.urandom(12)`` per message would be a
+system call per message, a large part of sealing a small one, so this module draws
 :data:`NONCES_PER_DRAW` nonces with one ``os.urandom`` call and hands out consecutive
-12-byte slices. The nonces are exactly as random as before: every one is 96 bits
-straight from the OS CSPRNG, and they are public values (stored in each envelope), so
+12-byte slices. The nonces are exactly as random as one ``os.urandom(12)`` each: every
+one is 96 bits straight from the OS CSPRNG, and they are public values (stored in each envelope), so
 keeping upcoming ones in memory exposes nothing.
 
 What matters is that no slice is ever handed out twice:

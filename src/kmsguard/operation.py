@@ -7,8 +7,9 @@ their own). Keyrings deep in the stack report into it with :func:`note_kms_call`
 metrics registry) receive the finished record. With no observers, Guard skips all of it
 and these calls are a context-variable read.
 
-An Operation carries names, counts and the context (which is never secret, see
-DESIGN.md); never plaintext, ciphertext bodies or keys.
+An Operation carries names, counts and the context (never secret: every envelope
+carries it in its unencrypted header, see FORMAT.md); never plaintext, ciphertext bodies
+or keys.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 from kmsguard.fastpath import HitSink, next_request
 
 #: Request ids are ``<process prefix><counter>``: unique, and cheap enough to make for
-#: every operation (uuid4 costs several microseconds, which the hot path cannot spare);
-#: the numbers come from kmsguard.fastpath.next_request.
+#: every operation, cache hits included (a uuid4 each would not be); the numbers come
+#: from kmsguard.fastpath.next_request.
 REQUEST_PREFIX = os.urandom(6).hex()
 
 
@@ -196,7 +197,7 @@ def acting_as(who: str) -> Iterator[None]:
     """Record the operations in this block as done by ``who`` (an end user, an API key's owner).
 
     A front end serving many callers with one Guard says whom each request is for; audit
-    records then name that caller instead of the service's configured principal.
+    records then name that caller instead of the Guard's configured principal.
     """
     token = principal.set(who)
     try:

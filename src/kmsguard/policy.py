@@ -74,6 +74,22 @@ class ClassPolicy:
             raise InvalidInput(f"classification {self.name!r} has no key")
 
 
+def default_class(name: str, key: str) -> ClassPolicy:
+    """The rules a classification has where the configuration says nothing else.
+
+    The one definition of the default policy: ``payment`` requires a ``purpose`` in the
+    context and strict audit; each default classification has its own cache limits
+    (:data:`DEFAULT_CACHE_LIMITS`), a user's own classification the general ones.
+    """
+    return ClassPolicy(
+        name=name,
+        key=key,
+        required_context=frozenset({"purpose"}) if name == "payment" else frozenset(),
+        cache=DEFAULT_CACHE_LIMITS.get(name, CacheLimits()),
+        strict_audit=name == "payment",
+    )
+
+
 class Policy:
     """All classifications, looked up by name. Immutable once built."""
 
@@ -83,16 +99,7 @@ class Policy:
     @classmethod
     def defaults(cls, key_for: Mapping[str, str]) -> Policy:
         """``general``, ``pii`` and ``payment`` with the default rules; ``key_for`` names keys."""
-        return cls(
-            ClassPolicy(
-                name=name,
-                key=key_for[name],
-                required_context=frozenset({"purpose"}) if name == "payment" else frozenset(),
-                cache=DEFAULT_CACHE_LIMITS[name],
-                strict_audit=name == "payment",
-            )
-            for name in DEFAULT_CLASSIFICATIONS
-        )
+        return cls(default_class(name, key_for[name]) for name in DEFAULT_CLASSIFICATIONS)
 
     def names(self) -> list[str]:
         return list(self._classes)

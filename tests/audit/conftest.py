@@ -1,4 +1,8 @@
-"""Fixtures for the audit tests: homes with a chosen sink, a real PostgreSQL schema, worker processes."""
+"""Fixtures for the audit tests: homes with a chosen sink, a real PostgreSQL schema, worker processes.
+
+The PostgreSQL server is $KMSGUARD_TEST_PG_DSN when set, else one the run starts for itself on first use
+(:mod:`.pgserver`) and removes at the end. Without either, every PostgreSQL test fails saying what to install.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,11 @@ from kmsguard.config import load_settings
 from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.stack import build_keyring
 
-PG_DSN = os.environ.get("KMSGUARD_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+from .pgserver import PostgresUnavailable, ThrowawayPostgres
+
+#: None when $KMSGUARD_TEST_PG_DSN names the server; else this run's own, started by the first test that needs it.
+PG_SERVER = None if os.environ.get("KMSGUARD_TEST_PG_DSN") else ThrowawayPostgres()
+PG_DSN = PG_SERVER.dsn if PG_SERVER else os.environ["KMSGUARD_TEST_PG_DSN"]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,8 +43,33 @@ def _toml(value: object) -> str:
     return str(value)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """The PostgreSQL server's DSN, the server started first if it is the run's own. No server: the test fails."""
+    problem = None
+    try:
+        if PG_SERVER is not None:
+            PG_SERVER.start()
+        else:
+            psycopg.connect(PG_DSN, connect_timeout=5).close()
+    except PostgresUnavailable as e:
+        problem = str(e)
+    except psycopg.OperationalError as e:
+        problem = (
+            f"KMSGUARD_TEST_PG_DSN={PG_DSN} is not reachable ({e}); "
+            "unset it to let the tests start a PostgreSQL server of their own"
+        )
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield PG_DSN
+    finally:
+        if PG_SERVER is not None:
+            PG_SERVER.stop()
+
+
 @pytest.fixture
-def pg_schema() -> Iterator[str]:
+def pg_schema(postgres: str) -> Iterator[str]:
     """A fresh schema on the real server, dropped afterwards. No server: the test fails."""
     schema = f"kg_audit_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     yield schema

@@ -1,7 +1,7 @@
 """The PostgreSQL sink against the real server: many writers, tampering, outages, crashes.
 
-The server is $KMSGUARD_TEST_PG_DSN (default postgresql://postgres@127.0.0.1:5432/test);
-.ci/run starts it. Without one these tests fail: they are what proves the shared sink.
+The server is $KMSGUARD_TEST_PG_DSN, or one the run starts for itself (see conftest.py). Without one these
+tests fail: they are what proves the shared sink.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from kmsguard.testing import KmsRegion
 
 from .conftest import MakeKeyring
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+AWS_DOCS = Path(__file__).resolve().parents[2] / "docs" / "aws.md"
 
 
 def _request(arn: str) -> KeyRequest:
@@ -163,5 +163,5 @@ def test_every_transport_row_is_tested() -> None:
     assert {exc.__name__ for exc, _, _ in TRANSPORT_ERRORS} == tested
 
 
-def test_readme_carries_the_error_table() -> None:
-    assert error_table() in README.read_text()
+def test_the_aws_docs_carry_the_error_table() -> None:
+    assert error_table() in AWS_DOCS.read_text()

@@ -91,8 +91,13 @@ def test_endpoints_per_region_then_the_standard_variables() -> None:
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"read_timeout": "30"}, "aws.read_timeout: must be a number"),
-        ({"connect_timeout": 0}, "aws.connect_timeout: must be more than zero"),
+        ({"read_timeout": "30"}, "aws.read_timeout: must be a finite number"),
+        ({"connect_timeout": 0}, "aws.connect_timeout: must be a finite number above 0"),
+        ({"read_timeout": float("inf")}, "aws.read_timeout: must be a finite number above 0"),
+        ({"operation_timeout": -1}, "aws.operation_timeout: must be a finite number of at least 0"),
+        ({"concurrency": -1}, "aws.concurrency: must be a whole number of at least 0"),
+        ({"endpoints": {"Europe": "https://kms.example"}}, "aws.endpoints.Europe: not a region name"),
+        ({"endpoints": "https://kms.example"}, "aws.endpoints: must be a table"),
         ({"max_attempts": 0}, "aws.max_attempts: must be a whole number of at least 1"),
         ({"max_attempts": True}, "aws.max_attempts: must be a whole number"),
         ({"regions": "eu-west-1"}, "aws.regions: must be a list"),
@@ -104,7 +109,8 @@ def test_endpoints_per_region_then_the_standard_variables() -> None:
         ({"profile": ""}, "aws.profile: must be a non-empty string"),
         ({"endpoints": {"eu-west-1": "ftp://x"}}, "aws.endpoints.eu-west-1: must be an http(s) URL"),
         ({"tcp_keepalive": "yes"}, "aws.tcp_keepalive: must be true or false"),
-        ({"secret_access_key": "x"}, "aws: unknown setting 'secret_access_key'"),
+        ({"secret_access_key": "x"}, "aws.secret_access_key: unknown setting"),
+        ({"read_timout": 3}, "aws.read_timout: unknown setting (did you mean 'read_timeout'?)"),
     ],
 )
 def test_bad_values_name_the_field(section: dict[str, Any], message: str) -> None:

@@ -1,7 +1,7 @@
 """Tamper-evident audit trail: records, hash chain, spool, sinks, verification.
 
 ``stack.build_observers`` calls :func:`build_observer`; the CLI calls :func:`open_sink`
-and :func:`keys_for` to read and verify. See README "Audit and metrics".
+and :func:`keys_for` to read and verify. See docs/audit.md.
 """
 
 from __future__ import annotations

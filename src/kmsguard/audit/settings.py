@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kmsguard.config import Settings
-from kmsguard.errors import ConfigurationError
+from kmsguard.config_table import ConfigTable
 
 SINKS = ("sqlite", "postgres", "jsonl", "none")
 DELIVERIES = ("process", "thread")
@@ -58,45 +57,20 @@ class AuditSettings:
 
     @classmethod
     def of(cls, settings: Settings) -> AuditSettings:
-        table = settings.section("audit")
-        unknown = set(table) - _FIELDS
-        if unknown:
-            raise ConfigurationError(f"audit.{sorted(unknown)[0]}: unknown setting")
-        sink = settings.env.get("KMSGUARD_AUDIT_SINK") or _get(table, "sink", str, "sqlite")
-        if sink not in SINKS:
-            raise ConfigurationError(f"audit.sink: must be one of {', '.join(SINKS)}, not {sink!r}")
-        dsn = settings.env.get("KMSGUARD_AUDIT_DSN") or _get(table, "dsn", str, None)
+        audit = ConfigTable(settings.section("audit"), "audit", _FIELDS, settings.env)
+        sink = audit.choice("sink", SINKS, "sqlite", var="KMSGUARD_AUDIT_SINK")
+        dsn = audit.optional_string("dsn", var="KMSGUARD_AUDIT_DSN")
         if sink == "postgres" and not dsn:
-            raise ConfigurationError("audit.dsn: the postgres sink needs a dsn (or KMSGUARD_AUDIT_DSN)")
-        delivery = settings.env.get("KMSGUARD_AUDIT_DELIVERY") or _get(table, "delivery", str, "process")
-        if delivery not in DELIVERIES:
-            raise ConfigurationError(f"audit.delivery: must be one of {', '.join(DELIVERIES)}, not {delivery!r}")
-        flush = float(_get(table, "flush_interval", (int, float), 0.2))
-        if not 0.001 <= flush <= 60:
-            raise ConfigurationError("audit.flush_interval: must be between 0.001 and 60 seconds")
-        max_mb = _get(table, "max_spool_mb", int, 256)
-        if max_mb < 1:
-            raise ConfigurationError("audit.max_spool_mb: must be at least 1")
+            raise audit.error("dsn", "the postgres sink needs a dsn (or KMSGUARD_AUDIT_DSN)")
         return cls(
             sink=sink,
-            path=settings.home / _get(table, "path", str, _DEFAULT_FILE.get(sink, "audit.db")),
+            path=settings.home / audit.string("path", _DEFAULT_FILE.get(sink, "audit.db")),
             dsn=dsn,
-            schema=_get(table, "schema", str, "kmsguard"),
-            strict=_get(table, "strict", bool, None),
-            delivery=delivery,
-            spool_dir=settings.home / _get(table, "spool_dir", str, "audit-spool"),
-            flush_interval=flush,
-            max_spool_bytes=max_mb << 20,
-            connect_timeout=float(_get(table, "connect_timeout", (int, float), 5.0)),
+            schema=audit.string("schema", "kmsguard"),
+            strict=audit.optional_boolean("strict"),
+            delivery=audit.choice("delivery", DELIVERIES, "process", var="KMSGUARD_AUDIT_DELIVERY"),
+            spool_dir=settings.home / audit.string("spool_dir", "audit-spool"),
+            flush_interval=audit.number("flush_interval", 0.2, minimum=0.001, maximum=60),
+            max_spool_bytes=audit.integer("max_spool_mb", 256, minimum=1) << 20,
+            connect_timeout=audit.number("connect_timeout", 5.0, above=0),
         )
-
-
-def _get(table: Any, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = table.get(name, default)
-    if value is default:
-        return value
-    if isinstance(value, bool) and kind is not bool:
-        raise ConfigurationError(f"audit.{name}: has the wrong type")
-    if not isinstance(value, kind) or (isinstance(value, str) and not value):
-        raise ConfigurationError(f"audit.{name}: has the wrong type")
-    return value

@@ -9,7 +9,7 @@ values, the chain hash, serialization, the sink's transaction — is the deliver
 (``"thread"``), which wakes every ``flush_interval`` and delivers what accumulated as
 one batch.
 
-Guarantees (documented in the README):
+Guarantees (documented in docs/audit.md):
 
 - **non-strict** (default for general and pii): when an operation returns, its record
   is in the spool file in the kernel; a killed or crashed process loses nothing (the

@@ -1,6 +1,6 @@
 """Every KMS and transport failure turned into one kmsguard error.
 
-The two tables below are the single source of truth; the README's table is
+The two tables below are the single source of truth; the table in docs/aws.md is
 ``error_table()`` and a test keeps the two equal, so they cannot drift. Messages are built from names
 only — the API, the region, the key reference, the AWS error code and request id —
 never from the service's free-text message, which kmsguard does not control.
@@ -93,7 +93,7 @@ def map_error(exc: BaseException, api: str, region: str, key_ref: str | None = N
 
 
 def error_table() -> str:
-    """The mapping as a Markdown table (the README embeds it; a test keeps the two equal)."""
+    """The mapping as a Markdown table (docs/aws.md embeds it; a test keeps the two equal)."""
     rows = ["| AWS error | kmsguard code | HTTP | retryable | meaning |", "| --- | --- | --- | --- | --- |"]
     entries = [(code, cls, why) for code, (cls, why) in KMS_ERROR_CODES.items()]
     entries += [(exc.__name__, cls, why) for exc, cls, why in TRANSPORT_ERRORS]

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kmsguard.config_table import ConfigTable
 from kmsguard.errors import ConfigurationError
 
 _REGION_RE = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+")
@@ -38,7 +39,7 @@ _URL_RE = re.compile(r"https?://[^\s/]+(/\S*)?")
 
 @dataclass(frozen=True)
 class Preset:
-    """Retry and timeout values for one environment (see the README's AWS section)."""
+    """Retry and timeout values for one environment (see docs/aws.md)."""
 
     max_attempts: int
     connect_timeout: float
@@ -117,47 +118,42 @@ class AwsSettings:
     @classmethod
     def from_section(cls, section: Mapping[str, Any], env: Mapping[str, str], environment: str) -> AwsSettings:
         """Validate ``[aws]`` against the preset for ``environment``; ConfigurationError names the field."""
-        unknown = set(section) - KNOWN_FIELDS
-        if unknown:
-            raise ConfigurationError(f"aws: unknown setting {sorted(unknown)[0]!r}")
+        aws = ConfigTable(section, "aws", KNOWN_FIELDS)
         preset = PRESETS.get(environment, PRESETS["development"])
-        pool = _int(section, "max_pool_connections", preset.max_pool_connections)
-        concurrency = _int(section, "concurrency", 0, minimum=0)
+        pool = aws.integer("max_pool_connections", preset.max_pool_connections, minimum=1)
+        concurrency = aws.integer("concurrency", 0, minimum=0)
         return cls(
-            regions=_regions(section, env),
-            profile=_opt_str(section, "profile"),
-            role_arn=_role_arn(section),
-            role_session_name=_opt_str(section, "role_session_name") or "kmsguard",
-            role_duration_seconds=_int(section, "role_duration_seconds", 3600, minimum=900),
-            external_id=_opt_str(section, "external_id"),
-            endpoints=_endpoints(section),
+            regions=_regions(aws, env),
+            profile=aws.optional_string("profile"),
+            role_arn=aws.optional_string(
+                "role_arn", pattern=_ROLE_ARN_RE, shape="an IAM role ARN (arn:aws:iam::<account>:role/<name>)"
+            ),
+            role_session_name=aws.optional_string("role_session_name") or "kmsguard",
+            role_duration_seconds=aws.integer("role_duration_seconds", 3600, minimum=900),
+            external_id=aws.optional_string("external_id"),
+            endpoints=_endpoints(aws),
             default_endpoint=_env_endpoint(env),
-            max_attempts=_int(section, "max_attempts", preset.max_attempts),
-            connect_timeout=_float(section, "connect_timeout", preset.connect_timeout),
-            read_timeout=_float(section, "read_timeout", preset.read_timeout),
-            operation_timeout=_float(section, "operation_timeout", preset.operation_timeout, allow_zero=True),
+            max_attempts=aws.integer("max_attempts", preset.max_attempts, minimum=1),
+            connect_timeout=aws.number("connect_timeout", preset.connect_timeout, above=0),
+            read_timeout=aws.number("read_timeout", preset.read_timeout, above=0),
+            operation_timeout=aws.number("operation_timeout", preset.operation_timeout, minimum=0),
             # botocore opens and throws away connections beyond the pool; size it for the concurrency.
             max_pool_connections=max(pool, concurrency),
-            tcp_keepalive=_bool(section, "tcp_keepalive", True),
-            alias_cache_ttl=_float(section, "alias_cache_ttl", 300.0, allow_zero=True),
+            tcp_keepalive=aws.boolean("tcp_keepalive", True),
+            alias_cache_ttl=aws.number("alias_cache_ttl", 300.0, minimum=0),
         )
 
 
-def _regions(section: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str, ...]:
+def _regions(aws: ConfigTable, env: Mapping[str, str]) -> tuple[str, ...]:
     if env.get("KMSGUARD_REGIONS"):
         regions = [r.strip() for r in env["KMSGUARD_REGIONS"].split(",") if r.strip()]
         where = "KMSGUARD_REGIONS"
-    elif "regions" in section:
-        value = section["regions"]
-        if not isinstance(value, list) or not all(isinstance(r, str) for r in value):
-            raise ConfigurationError("aws.regions: must be a list of region names")
-        regions, where = list(value), "aws.regions"
+    elif "regions" in aws:
+        regions, where = aws.strings("regions"), aws.path("regions")
     else:
         fallback = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
         if not fallback:
-            raise ConfigurationError(
-                "aws.regions: no region configured; set [aws] regions, KMSGUARD_REGIONS or AWS_REGION"
-            )
+            raise aws.error("regions", "no region configured; set [aws] regions, KMSGUARD_REGIONS or AWS_REGION")
         regions, where = [fallback], "AWS_REGION"
     if not regions:
         raise ConfigurationError(f"{where}: must name at least one region")
@@ -169,23 +165,15 @@ def _regions(section: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str, .
     return tuple(regions)
 
 
-def _role_arn(section: Mapping[str, Any]) -> str | None:
-    arn = _opt_str(section, "role_arn")
-    if arn is not None and not _ROLE_ARN_RE.fullmatch(arn):
-        raise ConfigurationError("aws.role_arn: must be an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
-    return arn
-
-
-def _endpoints(section: Mapping[str, Any]) -> dict[str, str]:
-    table = section.get("endpoints", {})
-    if not isinstance(table, dict):
-        raise ConfigurationError("aws.endpoints: must be a table of region = URL")
-    for region, url in table.items():
+def _endpoints(aws: ConfigTable) -> dict[str, str]:
+    """``[aws.endpoints]``: region = http(s) URL."""
+    table = aws.table("endpoints", None)
+    endpoints = {}
+    for region in table.names():
         if not _REGION_RE.fullmatch(region):
-            raise ConfigurationError(f"aws.endpoints: {region!r} is not a region name")
-        if not isinstance(url, str) or not _URL_RE.fullmatch(url):
-            raise ConfigurationError(f"aws.endpoints.{region}: must be an http(s) URL")
-    return dict(table)
+            raise table.error(region, "not a region name")
+        endpoints[region] = table.string(region, pattern=_URL_RE, shape="an http(s) URL")
+    return endpoints
 
 
 def _env_endpoint(env: Mapping[str, str]) -> str | None:
@@ -199,35 +187,3 @@ def _env_endpoint(env: Mapping[str, str]) -> str | None:
                 raise ConfigurationError(f"{var}: must be an http(s) URL")
             return url
     return None
-
-
-def _opt_str(section: Mapping[str, Any], name: str) -> str | None:
-    value = section.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ConfigurationError(f"aws.{name}: must be a non-empty string")
-    return value
-
-
-def _int(section: Mapping[str, Any], name: str, default: int, minimum: int = 1) -> int:
-    value = section.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"aws.{name}: must be a whole number of at least {minimum}")
-    return value
-
-
-def _float(section: Mapping[str, Any], name: str, default: float, allow_zero: bool = False) -> float:
-    value = section.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigurationError(f"aws.{name}: must be a number")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigurationError(f"aws.{name}: must be {'zero or more' if allow_zero else 'more than zero'}")
-    return float(value)
-
-
-def _bool(section: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = section.get(name, default)
-    if not isinstance(value, bool):
-        raise ConfigurationError(f"aws.{name}: must be true or false")
-    return value

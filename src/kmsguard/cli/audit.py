@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from datetime import UTC, datetime, timedelta
@@ -184,7 +185,7 @@ def metrics(since: str | None) -> None:
     (``kmsguard_operations_total``, ``kmsguard_operation_duration_seconds``,
     ``kmsguard_operation_errors_total``, cache hits and misses) are counted from every
     operation the audit sink holds (all writers; ``--since`` for a window), and the
-    undelivered spool is read from disk. A running service exposes its live registry
+    undelivered spool is read from disk. A long-running process reads its live registry
     (``kmsguard.metrics.of(guard.observers)``), which also has the KMS and failover series.
     """
     from kmsguard.audit import AuditSettings, Query, open_sink
@@ -205,9 +206,26 @@ def metrics(since: str | None) -> None:
                     registry.count_recorded(r)
         finally:
             sink.close()
-    spool_dir = config.spool_dir
-    registry.gauge(
-        "audit_spool_bytes", sum(p.stat().st_size for p in spool_dir.glob("*.spool")) if spool_dir.is_dir() else 0
-    )
+    registry.gauge("audit_spool_bytes", _spool_bytes(config.spool_dir))
     click.echo(registry.exposition().decode(), nl=False)
     registry.close()
+
+
+def _spool_bytes(directory: Path) -> int:
+    """``audit_spool_bytes`` read from disk, with the meaning the writer's gauge has.
+
+    The bytes the spool holds against ``max_spool_mb``: each writer's older segments
+    whole, and its newest one up to the end of what was written to it (the unwritten
+    rest of a preallocated segment is zeros). Not the files' size: a newest segment is
+    preallocated whole before anything is written to it.
+    """
+    from kmsguard.audit.spool import segment_path, segments, writers
+
+    total = 0
+    for writer in writers(directory):
+        numbers = segments(directory, writer)
+        for number in numbers:
+            path = segment_path(directory, writer, number)
+            with contextlib.suppress(FileNotFoundError):  # delivered and deleted meanwhile
+                total += len(path.read_bytes().rstrip(b"\0")) if number == numbers[-1] else path.stat().st_size
+    return total

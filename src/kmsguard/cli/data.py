@@ -17,7 +17,7 @@ from kmsguard.guard import EnvelopeInfo, Guard
 jsonl_option = click.option(
     "--jsonl",
     is_flag=True,
-    help="Stream JSON lines: one record per line in, one result per line out (see README).",
+    help="Stream JSON lines: one record per line in, one result per line out (see docs/caching.md, Batches).",
 )
 
 

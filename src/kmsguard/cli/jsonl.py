@@ -30,7 +30,6 @@ from kmsguard.guard import Guard
 #: Records handed to one encrypt_many / decrypt_many call.
 CHUNK = 512
 
-_Parsed = tuple[Any, Any]  # (id, payload) for a good record
 _Outcome = dict[str, Any]
 
 

@@ -142,10 +142,6 @@ class LocalKeyring:
                     out.append(KeyVersionInfo(name, int(v), info["state"], int(v) == entry["primary"], info["created"]))
             return out
 
-    def has_key(self, key_id: str) -> bool:
-        with self._lock:
-            return key_name_of(key_id) in self._keys
-
     def create_key(self, key_id: str) -> KeyVersionInfo:
         name = key_name_of(key_id)
         with self._mutate() as keys:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from kmsguard import backoff, operation
+from kmsguard.config_table import ConfigTable
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import (
     AllRegionsFailed,
@@ -355,22 +356,20 @@ class MultiRegionOptions:
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> MultiRegionOptions:
-        wrap_all = section.get("wrap_in_all_regions", False)
-        if not isinstance(wrap_all, bool):
-            raise ConfigurationError("aws.wrap_in_all_regions: must be true or false")
-        failures = section.get("breaker_failures", 3)
-        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
-            raise ConfigurationError("aws.breaker_failures: must be a whole number of at least 1")
-        cooldown = section.get("breaker_cooldown", 30.0)
-        if isinstance(cooldown, bool) or not isinstance(cooldown, int | float) or cooldown <= 0:
-            raise ConfigurationError("aws.breaker_cooldown: must be a number of seconds above zero")
-        keys = section.get("keys", {})
-        if not isinstance(keys, dict):
-            raise ConfigurationError("aws.keys: must be a table of classification tables")
-        for name, table in keys.items():
-            if not isinstance(table, dict) or not all(isinstance(v, str) and v for v in table.values()):
-                raise ConfigurationError(f"aws.keys.{name}: must be a table of region = key id")
-        return cls(wrap_all, failures, float(cooldown), keys)
+        from kmsguard.aws.settings import KNOWN_FIELDS
+
+        aws = ConfigTable(section, "aws", KNOWN_FIELDS)
+        keys = aws.table("keys", None)
+        region_keys: dict[str, dict[str, str]] = {}
+        for name in keys.names():
+            table = keys.table(name, None)
+            region_keys[name] = {region: table.string(region) for region in table.names()}
+        return cls(
+            wrap_in_all_regions=aws.boolean("wrap_in_all_regions", False),
+            breaker_failures=aws.integer("breaker_failures", 3, minimum=1),
+            breaker_cooldown=aws.number("breaker_cooldown", 30.0, above=0),
+            region_keys=region_keys,
+        )
 
 
 def _usable_in(key_id: str, region: str) -> bool:

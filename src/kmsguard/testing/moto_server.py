@@ -1,8 +1,8 @@
 """moto's server mode as a separate process on loopback: a local KMS (and STS) endpoint.
 
 A real process, not moto's in-process patching: tests then exercise botocore's own
-HTTP stack, and an outage is a real dead socket. Starting one costs about a second
-(importing moto), so a test session starts each server once and shares it.
+HTTP stack, and an outage is a real dead socket. Starting one is slow (it imports
+moto), so a test session starts each server once and shares it.
 """
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ class FaultProxy:
             except OSError:
                 return
             # The handler writes headers and body separately: without NODELAY, Nagle's
-            # algorithm meets the client's delayed ACK and every response waits ~40 ms.
+            # algorithm meets the client's delayed ACK and every response waits for its timer.
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns.add(conn)
