@@ -1,4 +1,4 @@
-"""Compiles kmsguard's per-message hot path with Cython (see src/kmsguard/fastpath.py).
+"""Compiles kmsguard's per-message hot path with Cython (see src/kmsguard/fastpath.py and plans.py).
 
 Everything else is in pyproject.toml. The extensions are optional: without a C
 compiler the same modules run as plain Python (``kmsguard.fastpath.COMPILED`` is then

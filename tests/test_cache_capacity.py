@@ -24,7 +24,6 @@ from kmsguard.keyrings.caching import DEFAULT_MAX_ENTRIES, CachingKeyring
 from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.metrics import Metrics
 from kmsguard.policy import CacheLimits, ClassPolicy, Policy
-
 from test_caching import Clock, Counting
 
 

@@ -284,8 +284,12 @@ class Guard:
             out = plan.seal(lane, aead, plaintext)
         else:
             data_key, budget = self._lend(plan.request, len(plaintext))
-            out = envelope.Sealer(data_key, header=plan.header).seal(plaintext)
-            lane = plan.lend(budget, data_key) if budget is not None else None
+            if budget is None:  # not cached: this key seals this message only
+                out = envelope.Sealer(data_key, header=plan.header).seal(plaintext)
+                lane = None
+            else:  # the Budget counted this first message
+                lane = plan.lend(budget, data_key)
+                out = plan.seal(lane, data_key.aead, plaintext)
         if op is not None:
             _note_keys(op, lane.key_refs if lane is not None else [w.key_ref for w in data_key.wrapped])
             op.lane = lane

@@ -75,17 +75,23 @@ def _last_used(entry: _Entry) -> int:
 
 
 class _Flight:
-    """One inner call in progress; threads that miss the same entry wait for it to end."""
+    """One inner call in progress; threads that miss the same entry wait for it to end.
+
+    ``done`` is a lock the leader holds until the call ends (cheaper to make than an
+    Event, and a flight is made on every miss).
+    """
 
     __slots__ = ("done", "error")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.error: BaseException | None = None
 
     def wait(self, may_retry: bool) -> None:
         """Wait for the leader; raise its error, unless retryable and ``may_retry`` (then go again)."""
-        self.done.wait()
+        with self.done:
+            pass
         error = self.error
         if error is not None and not (may_retry and isinstance(error, KmsGuardError) and error.retryable):
             raise error
@@ -359,7 +365,7 @@ class CachingKeyring:
         finally:
             with self._lock:
                 del self._flights[key]
-            flight.done.set()
+            flight.done.release()
         return data_key, budget
 
     def _insert(self, entry: _Entry) -> None:

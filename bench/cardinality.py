@@ -1,0 +1,201 @@
+"""Round trips per second over N distinct contexts, the memory each cached key costs, and KMS calls by bound context.
+
+A per-user context (``{"user_id": ...}``), local keyring, 1 KiB records: each round trip
+encrypts a record under the next context in a cycle over N and decrypts it. The data-key
+cache has its default capacity (``[cache] max_entries`` = 16,384, encrypt and decrypt
+entries together), so N = 1,000 fits and N = 10,000 (20,000 entries) does not: a cycle
+longer than the cache misses on every operation. Each row is run with the cache on
+(default limits) and off (``reuse = false``, ``decrypt_ttl = 0``), audit and metrics off
+and on (SQLite sink, the default).
+
+Targets: for N up to half the capacity, >= 0.7x the N = 1 figure; above the capacity,
+the cost per operation within 10% of the cache-off figure for the same N (the miss, a
+call to the keyring, is all it costs).
+
+Memory: tracemalloc (Python objects) and the process' resident size (which also counts
+the native AES-GCM key objects), per cached data key and per plan.
+
+KMS calls: N = 1,000 users of one tenant against a local KMS (moto, through kmsguard's
+counting proxy), three round trips each, with every context key bound at KMS
+(``kms_context_keys`` unset, the default) and with only ``["tenant"]`` bound.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import time
+import tracemalloc
+from dataclasses import replace
+from pathlib import Path
+
+from bench.common import table
+from kmsguard import Guard
+from kmsguard.config import load_settings
+from kmsguard.keyrings.base import KeyRequest
+from kmsguard.keyrings.caching import DEFAULT_MAX_ENTRIES, CachingKeyring
+from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
+from kmsguard.metrics import Metrics
+from kmsguard.operation import Observer
+from kmsguard.policy import CacheLimits, ClassPolicy, Policy
+from kmsguard.stack import build_observers
+
+SIZE = 1024
+NS = (1, 1_000, 10_000, 100_000)
+SECONDS = 2.0
+#: Contexts each configuration cycles through before it is timed (plans, keys and kinds learned).
+WARM = 20_000
+MEMORY_ENTRIES = 20_000
+USERS = 1_000
+
+
+def _policy(cache: bool) -> Policy:
+    base = Policy.defaults({n: f"local:{n}" for n in ("general", "pii", "payment")})
+    general = base.get("general")
+    if cache:
+        return base
+    return base.with_class(replace(general, cache=replace(general.cache, reuse=False, decrypt_ttl=0)))
+
+
+def _observers(home: Path, keyring: LocalKeyring) -> list[Observer]:
+    settings = load_settings({"KMSGUARD_HOME": str(home)})
+    return build_observers(settings, keyring, Metrics())
+
+
+def _rate(guard: Guard, n: int, data: bytes) -> float:
+    """Round trips per second cycling over ``n`` contexts, after one cycle (at most WARM) to warm up."""
+    contexts = [{"user_id": f"user-{i:06d}"} for i in range(n)]
+    for ctx in contexts[:WARM]:
+        guard.decrypt(guard.encrypt(data, "general", ctx), ctx)
+    done, i, start = 0, WARM % n, time.perf_counter()
+    while time.perf_counter() - start < SECONDS:
+        for _ in range(100):
+            ctx = contexts[i]
+            i = i + 1 if i + 1 < n else 0
+            guard.decrypt(guard.encrypt(data, "general", ctx), ctx)
+        done += 100
+    return done / (time.perf_counter() - start)
+
+
+def throughput() -> list[tuple[int, dict[tuple[bool, bool], float]]]:
+    """Per N: round trips/s per (cache on, audit on)."""
+    out = []
+    data = os.urandom(SIZE)
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        keyring = LocalKeyring.create(home / KEY_FILE_NAME, ("general", "pii", "payment"))
+        for n in NS:
+            rates = {}
+            for audit in (False, True):
+                for cache in (True, False):
+                    policy = _policy(cache)
+                    observers = _observers(home, keyring) if audit else []
+                    with Guard(policy, CachingKeyring(keyring, policy), observers=observers) as guard:
+                        rates[(cache, audit)] = _rate(guard, n, data)
+            out.append((n, rates))
+    return out
+
+
+def memory() -> list[tuple[str, float, float]]:
+    """(what, bytes per item by tracemalloc, bytes per item by resident size)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        keyring = LocalKeyring.create(Path(tmp) / KEY_FILE_NAME, ("general", "pii", "payment"))
+        policy = _policy(True)
+        data = b"x" * SIZE
+
+        def cache_entries() -> object:
+            cache = CachingKeyring(keyring, policy, max_entries=MEMORY_ENTRIES)
+            for i in range(MEMORY_ENTRIES):
+                cache.lend(KeyRequest("general", "local:general", {"user_id": f"user-{i:06d}"}), 0)
+            return cache
+
+        def round_trips() -> object:  # a Guard: per context an encrypt plan, a decrypt plan and two entries
+            guard = Guard(policy, CachingKeyring(keyring, policy, max_entries=2 * MEMORY_ENTRIES))
+            for i in range(MEMORY_ENTRIES):
+                ctx = {"user_id": f"user-{i:06d}"}
+                guard.decrypt(guard.encrypt(data, "general", ctx), ctx)
+            return guard
+
+        for what, build in (
+            ("cached data key (encrypt entry)", cache_entries),
+            ("context in use (2 plans + 2 entries)", round_trips),
+        ):
+            gc.collect()
+            rss0 = _rss()
+            tracemalloc.start()
+            kept = build()
+            traced = tracemalloc.get_traced_memory()[0]
+            tracemalloc.stop()
+            gc.collect()
+            rss = _rss() - rss0
+            rows.append((what, traced / MEMORY_ENTRIES, rss / MEMORY_ENTRIES))
+            del kept
+    return rows
+
+
+def _rss() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def kms_calls() -> list[tuple[str, int, int, int]]:
+    """(bound context, operations, GenerateDataKey calls, Decrypt calls) for USERS users, 3 round trips each."""
+    from bench.local_kms import factory, local_regions
+    from kmsguard.keyrings.aws_kms import AwsKmsKeyring
+
+    rows = []
+    data = os.urandom(SIZE)
+    with local_regions("us-east-1") as (region,):
+        clients = factory([region])
+        keyring = AwsKmsKeyring(clients, region.name)
+        key = region.create_key()
+        for label, bound in (("all (default)", None), ('["tenant"]', frozenset({"tenant"}))):
+            policy = Policy([ClassPolicy("general", key, kms_context_keys=bound, cache=CacheLimits())])
+            guard = Guard(policy, CachingKeyring(keyring, policy))
+            region.proxy.reset_counts()
+            ops = 0
+            for _ in range(3):
+                for i in range(USERS):
+                    ctx = {"tenant": "acme", "user_id": f"user-{i:04d}"}
+                    guard.decrypt(guard.encrypt(data, "general", ctx), ctx)
+                    ops += 2
+            rows.append((label, ops, region.proxy.counts["GenerateDataKey"], region.proxy.counts["Decrypt"]))
+        clients.close()
+    return rows
+
+
+def main() -> None:
+    half = DEFAULT_MAX_ENTRIES // 2
+    results = throughput()
+    for audit in (False, True):
+        base = dict(results)[1][(True, audit)]
+        rows = []
+        for n, rates in results:
+            on, off = rates[(True, audit)], rates[(False, audit)]
+            entries = 2 * n  # an encrypt and a decrypt entry per context
+            if entries <= half:
+                check, target = f"{on / base:.2f}x N=1", ">= 0.7x N=1"
+            elif entries > DEFAULT_MAX_ENTRIES:
+                check, target = f"{(off / on - 1) * 100:+.0f}% per op", "<= +10% vs cache off"
+            else:
+                check, target = "-", "-"
+            rows.append([f"{n:,}", f"{on:,.0f}", f"{off:,.0f}", check, target])
+        print(f"{SIZE} B round trips/s over N contexts, audit + metrics {'on (SQLite)' if audit else 'off'}:")
+        print(table(["N", "cache on", "cache off", "measured", "target"], rows))
+        print()
+    print(f"memory, {MEMORY_ENTRIES:,} items:")
+    rows = [[what, f"{traced:,.0f}", f"{rss:,.0f}"] for what, traced, rss in memory()]
+    print(table(["per", "bytes (tracemalloc)", "bytes (resident size)"], rows))
+    print()
+    print(f"KMS calls, {USERS:,} users of one tenant, 3 round trips each (moto):")
+    rows = [
+        [label, f"{ops:,}", str(gen), str(dec), f"{(gen + dec) * 1000 / ops:.1f}"]
+        for label, ops, gen, dec in kms_calls()
+    ]
+    print(table(["bound at KMS", "operations", "GenerateDataKey", "Decrypt", "KMS calls / 1,000 ops"], rows))
+
+
+if __name__ == "__main__":
+    main()
