@@ -50,11 +50,14 @@ class LruIndex(Generic[K, V]):
 
     def put(self, key: K, value: V) -> V | None:
         """Add ``value`` under ``key`` (replacing any value there); return the value evicted to make room, if any."""
-        replaced = key in self.items
-        self.items[key] = value
-        self._push(key, value)
-        evicted = None if replaced or len(self.items) <= self.capacity else self.pop_lru()
-        if len(self._heap) > 2 * len(self.items) + _SLACK:
+        items = self.items
+        if key in items or len(items) < self.capacity:
+            items[key] = value
+            self._push(key, value)
+            evicted = None
+        else:
+            evicted = self._pop_lru((key, value))
+        if len(self._heap) > 2 * len(items) + _SLACK:
             self._rebuild()
         return evicted
 
@@ -67,6 +70,11 @@ class LruIndex(Generic[K, V]):
 
     def pop_lru(self) -> V:
         """Remove and return the least recently used value (the index must not be empty)."""
+        return self._pop_lru(None)
+
+    def _pop_lru(self, incoming: tuple[K, V] | None) -> V:
+        """Remove the least recently used value; ``incoming`` (key, value) takes its place in
+        the heap in the same step (one sift instead of two)."""
         heap, items, recency = self._heap, self.items, self._recency
         while True:
             tick, _, key, value = heap[0]
@@ -78,8 +86,14 @@ class LruIndex(Generic[K, V]):
                 self._serial += 1
                 heapq.heapreplace(heap, (now, self._serial, key, value))
                 continue
-            heapq.heappop(heap)
             del items[key]
+            if incoming is None:
+                heapq.heappop(heap)
+            else:
+                new_key, new_value = incoming
+                items[new_key] = new_value
+                self._serial += 1
+                heapq.heapreplace(heap, (recency(new_value), self._serial, new_key, new_value))
             return value
 
     def _push(self, key: K, value: V) -> None:

@@ -19,9 +19,9 @@ Concurrent misses for the same entry are served by one call to the inner keyring
 flight): sixteen threads starting cold cost one GenerateDataKey, not sixteen. An entry
 that is evicted, used up or expired is retired everywhere at once: the index, and its
 Budget, which every plan holding it shares (kmsguard.plans), so no structure keeps the
-key object alive. Expiry is found lazily: at the entry's next use, or by a heap of
-expiry times that each insert pops from (so an expired key leaves memory at the next
-miss at the latest); nothing ever sweeps all entries.
+key object alive. Expiry is found lazily: at the entry's next use, or by the insert
+after it expires, which retires the expired heads of per-lifetime queues (so an expired
+key leaves memory at the next miss at the latest); nothing ever sweeps all entries.
 
 The cache lends its keys (:class:`~kmsguard.keyrings.base.KeyLender`): :meth:`lend` and
 :meth:`lend_unwrapped` return each key with its Budget, which Guard's plan keeps and
@@ -34,10 +34,9 @@ sealed under it. The limits bound that exposure; stricter classes get stricter l
 
 from __future__ import annotations
 
-import heapq
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -160,8 +159,7 @@ class CachingKeyring:
         self._clock = clock
         self._lock = threading.Lock()
         self._index: LruIndex[Hashable, _Entry] = LruIndex(max_entries, _last_used)
-        self._expiry: list[tuple[float, int, _Entry]] = []  # a heap of (expires, serial, entry)
-        self._serial = 0
+        self._expiry: dict[float, deque[_Entry]] = {}  # lifetime -> entries in insertion (so expiry) order
         self._flights: dict[Hashable, _Flight] = {}
         self._live: Counter[tuple[str, bool]] = Counter()  # (classification, decrypt) -> entries
         self._misses: Counter[str] = Counter()
@@ -199,6 +197,8 @@ class CachingKeyring:
         if limits is None or not limits.reuse:
             return self.inner.generate(request), None
         if size > limits.max_bytes:
+            with self._lock:
+                self._misses[request.classification] += 1
             self._note_miss(request.classification)
             return self.inner.generate(request), None
         return self._serve(request, request.partition, limits.max_age, size, None, limits)
@@ -344,6 +344,7 @@ class CachingKeyring:
             leader = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight()
+                self._misses[request.classification] += 1
         if not leader:
             flight.wait(may_retry)
             return None
@@ -352,44 +353,46 @@ class CachingKeyring:
             data_key = self.inner.generate(request) if wrapped is None else self.inner.unwrap(wrapped, request)
         except BaseException as exc:
             flight.error = exc
-            raise
-        else:
-            expires = self._clock() + lifetime
-            budget = (
-                Budget(data_key.aead, self._clock, expires, limits.max_messages, limits.max_bytes, size)
-                if limits is not None
-                else Budget(data_key.aead, self._clock, expires)
-            )
-            with self._lock:
-                self._insert(_Entry(key, data_key, request.classification, budget, wrapped is not None))
-        finally:
             with self._lock:
                 del self._flights[key]
             flight.done.release()
+            raise
+        now = self._clock()
+        budget = (
+            Budget(data_key.aead, self._clock, now + lifetime, limits.max_messages, limits.max_bytes, size)
+            if limits is not None
+            else Budget(data_key.aead, self._clock, now + lifetime)
+        )
+        entry = _Entry(key, data_key, request.classification, budget, wrapped is not None)
+        with self._lock:
+            self._insert(entry, lifetime, now)
+            del self._flights[key]
+        flight.done.release()
         return data_key, budget
 
-    def _insert(self, entry: _Entry) -> None:
-        """Index a new entry: expired entries go first, then the least recently used if full. Lock held."""
+    def _insert(self, entry: _Entry, lifetime: float, now: float) -> None:
+        """Index a new entry: expired entries go first, then the least recently used if full. Lock held.
+
+        Entries of one lifetime expire in the order they were inserted, so each lifetime in
+        use (a class's ``max_age`` or ``decrypt_ttl``) keeps a queue in insertion order and
+        an insert retires the expired heads of every queue: each entry is looked at once
+        when it expires, never in a sweep. A queue is rebuilt from the live entries when
+        entries dropped early make up most of it.
+        """
         old = self._index.items.get(entry.key)
         if old is not None:
             self._drop(old)
-        self._expire()
+        for queue in self._expiry.values():
+            while queue and queue[0].budget.expires <= now:
+                self._drop(queue.popleft())
         victim = self._index.put(entry.key, entry)
         self._live[(entry.classification, entry.decrypt)] += 1
-        self._serial += 1
-        heapq.heappush(self._expiry, (entry.budget.expires, self._serial, entry))
+        queue = self._expiry.setdefault(lifetime, deque())
+        queue.append(entry)
         if victim is not None:
             self._drop(victim, evicted=True)
-        if len(self._expiry) > 2 * len(self._index) + 64:  # records of entries dropped before expiring
-            self._expiry = [(e.budget.expires, i, e) for i, e in enumerate(self._index.items.values())]
-            self._serial = len(self._expiry)
-            heapq.heapify(self._expiry)
-
-    def _expire(self) -> None:
-        """Retire the entries whose time is up (each expiry record is popped once). Lock held."""
-        heap, now = self._expiry, self._clock()
-        while heap and heap[0][0] <= now:
-            self._drop(heapq.heappop(heap)[2])
+        if len(queue) > 2 * len(self._index) + 64:  # mostly entries dropped before expiring
+            self._expiry[lifetime] = deque(e for e in queue if e.data_key is not None)
 
     def _drop(self, entry: _Entry, evicted: bool = False) -> None:
         """Retire an entry everywhere: the index, and its Budget (so every plan drops the key
@@ -409,8 +412,7 @@ class CachingKeyring:
             self._retired += 1
 
     def _note_miss(self, classification: str) -> None:
-        """A miss goes to the stats, the operation and the telemetry (hits are counted by the Budgets)."""
-        with self._lock:
-            self._misses[classification] += 1
+        """A miss goes to the operation and the telemetry (hits are counted by the Budgets; the
+        caller counts the miss in the stats, under the lock)."""
         operation.note_cache(False)
         self._telemetry.cache_event("miss", classification)
