@@ -17,8 +17,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kmsguard import ContextMismatch, ContextRequired, Guard, InvalidCiphertext, envelope, fastpath, plans
+from kmsguard import ContextMismatch, ContextRequired, Guard, InvalidCiphertext, InvalidInput, envelope, fastpath, plans
 from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.policy import CacheLimits, Policy
@@ -247,3 +249,36 @@ def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(pl: Modu
     pl.bind_kind(lane, "svc", "svc-kind-2")
     assert lanes.seal(b"x", "general", None) is not None
     assert [kind for kind, _, _, _ in hits[2:]] == ["svc-kind", "svc-kind-2"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    context=st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=40), max_size=5),
+    cut=st.integers(0, 400),
+)
+def test_the_prefix_length_read_from_the_length_fields_is_the_parsed_one(
+    shared_guard: Guard, context: dict[str, str], cut: int
+) -> None:
+    """plans._prefix_len (how a decrypt plan is found) agrees with the parser on every envelope,
+    and on a truncated or altered one never finds a plan the parser would not."""
+    source = _source_module(plans)
+    try:
+        sealed = shared_guard.encrypt(b"x" * 10, "general", context)
+    except InvalidInput:
+        return  # a context the policy refuses (a reserved key, lone surrogates)
+    env = envelope.parse(sealed)
+    assert source._prefix_len(sealed) == env.body_offset - envelope.NONCE_SIZE
+    truncated = sealed[: min(cut, len(sealed) - 1)]
+    n = source._prefix_len(truncated)
+    assert n == -1 or n + envelope.NONCE_SIZE + envelope.TAG_SIZE <= len(truncated)
+    assert shared_guard.decrypt(sealed, context) == b"x" * 10  # the plan and its lane exist now
+    try:
+        assert shared_guard._plans.open(truncated, context) is None
+    except InvalidCiphertext:
+        assert n == env.body_offset - envelope.NONCE_SIZE  # the prefix is whole: the body fails its tag
+
+
+@pytest.fixture(scope="module")
+def shared_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guard]:
+    with make_guard(LocalKeyring.create(tmp_path_factory.mktemp("shared") / KEY_FILE_NAME, NAMES)) as guard:
+        yield guard
