@@ -14,7 +14,8 @@ setup(
     ext_modules=cythonize(
         [Extension(name, [f"src/{name.replace('.', '/')}.py"], optional=True) for name in MODULES],
         # Types come from the .pxd files, not from annotations (which are for mypy). Index
-        # checks are the code's own (Frames.attach, Histogram's bounds), so Cython's are off.
+        # checks are the code's own (Frames.attach, Histogram's bounds, plans._prefix_len's
+        # length checks), so Cython's are off.
         include_path=["src"],  # where the .pxd files cimport one another from
         compiler_directives={
             "language_level": "3",
