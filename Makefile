@@ -17,11 +17,16 @@ COMPILED_SOURCES := setup.py $(wildcard src/kmsguard/*.pxd src/kmsguard/*/*.pxd)
 $(VENV)/.installed: pyproject.toml $(COMPILED_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[server]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test,docs]'
+	$(PY) -m pip install --quiet -e '.[test,docs,server]'
+	touch $@
+
+# Benchmarks compare against other libraries (Powertools' DataMasking), installed only here.
+$(VENV)/.installed-bench: $(VENV)/.installed-test pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -41,7 +46,9 @@ docs: $(VENV)/.installed-test
 test: lint docs-build
 	$(BIN)/pytest
 
-bench: $(VENV)/.installed-test
+# wrk (a compiled HTTP load generator) drives `python -m bench server`.
+bench: $(VENV)/.installed-bench
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench
 
 # Every build output: the venv, setuptools' build/dist/egg-info, and the Cython output

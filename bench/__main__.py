@@ -21,6 +21,8 @@ TOPICS: dict[str, str] = {
     "failover": "bench.failover",
     "throttling": "bench.throttling",
     "cardinality": "bench.cardinality",
+    "server": "bench.server",
+    "fields": "bench.fields",
 }
 
 

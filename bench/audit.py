@@ -26,8 +26,8 @@ from pathlib import Path
 from bench.common import table
 from kmsguard import Guard
 from kmsguard.audit import AuditObserver, build_observer
+from kmsguard.audit.chain import AuditKeys, Chain
 from kmsguard.audit.deliver import link_batch
-from kmsguard.audit.record import AuditKeys, Chain
 from kmsguard.audit.spool import SegmentReader, Spool
 from kmsguard.audit.sqlite import SqliteSink
 from kmsguard.config import Settings, load_settings

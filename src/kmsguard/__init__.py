@@ -28,6 +28,8 @@ from kmsguard.errors import (
     KmsServiceError,
     KmsTimeout,
     RateLimited,
+    RequestTooLarge,
+    Unauthenticated,
     UnknownClassification,
 )
 from kmsguard.guard import EnvelopeInfo, Guard
@@ -56,6 +58,8 @@ __all__ = [
     "KmsServiceError",
     "KmsTimeout",
     "RateLimited",
+    "RequestTooLarge",
+    "Unauthenticated",
     "UnknownClassification",
     "__version__",
 ]

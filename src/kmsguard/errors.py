@@ -181,6 +181,25 @@ class AuditUnavailable(KmsGuardError):
     default_message = "the audit record could not be made durable"
 
 
+# --- Errors of the HTTP service (kmsguard.server) that its clients raise as well. ---
+
+
+class Unauthenticated(KmsGuardError):
+    """No API key, or one the service does not know (never found, or revoked)."""
+
+    code = "UNAUTHENTICATED"
+    http_status = 401
+    default_message = "a valid API key is required (Authorization: Bearer <token>)"
+
+
+class RequestTooLarge(KmsGuardError):
+    """A request body over ``max_request_bytes``, or a batch over ``max_batch_items``."""
+
+    code = "REQUEST_TOO_LARGE"
+    http_status = 413
+    default_message = "the request is too large"
+
+
 __all__ = [
     "AccessDenied",
     "AllRegionsFailed",
@@ -201,5 +220,7 @@ __all__ = [
     "KmsServiceError",
     "KmsTimeout",
     "RateLimited",
+    "RequestTooLarge",
+    "Unauthenticated",
     "UnknownClassification",
 ]

@@ -387,6 +387,50 @@ class Guard:
         if veto is not None:
             raise veto
 
+    # ------------------------------------------------------------------ JSON fields (kmsguard.fields)
+    # Thin delegates: the logic sits a layer above, in kmsguard.fields and kmsguard.blindindex.
+
+    def protect(
+        self,
+        record: Any,
+        fields: Mapping[str, Any] | None = None,
+        context: Context = None,
+        *,
+        missing: str = "error",
+        detect: bool = False,
+        keep: Sequence[str] = (),
+    ) -> Any:
+        """A copy of a JSON record with the selected (or detected) values as ``kg1:`` tokens; see kmsguard.fields."""
+        from kmsguard import fields as _fields
+
+        return _fields.protect(self, record, fields, context, missing=missing, detect=detect, keep=keep)
+
+    def unprotect(self, record: Any, context: Context = None, *, paths: Sequence[str] | None = None) -> Any:
+        """A copy of a record with the tokens ``protect`` made restored to their values."""
+        from kmsguard import fields as _fields
+
+        return _fields.unprotect(self, record, context, paths=paths)
+
+    def mask(self, record: Any, fields: Sequence[str], rules: Mapping[str, Any] | None = None) -> Any:
+        """A copy of a record with the selected values irreversibly masked (no key is used)."""
+        from kmsguard import fields as _fields
+
+        return _fields.mask(record, fields, rules)
+
+    def blind_index(
+        self,
+        value: str,
+        classification: str,
+        name: str,
+        *,
+        normalize: str | Sequence[str] | None = None,
+        bits: int = 64,
+    ) -> str:
+        """A stable keyed hash of ``value`` for equality lookups on an encrypted field; see kmsguard.blindindex."""
+        from kmsguard import blindindex
+
+        return blindindex.compute(self, value, classification, name, normalize, bits)
+
 
 def _note_class(op: Operation, cls: ClassPolicy, size: int) -> None:
     op.classification = cls.name

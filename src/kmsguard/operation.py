@@ -102,10 +102,14 @@ class Operation:
         return request_id_of(self.request_number())
 
     def request_number(self) -> int:
-        """The process' request number in this operation's id; the audit writer spools the number."""
+        """The process' request number in this operation's id; the audit writer spools the number.
+
+        Inside :func:`serving` it is the front-end request's number, so every operation
+        of one HTTP request carries that request's id.
+        """
         number = self._request_number
         if number == 0:
-            number = self._request_number = next_request()
+            number = self._request_number = request.get() or next_request()
         return number
 
     def shape(self) -> tuple[Any, ...]:
@@ -205,14 +209,49 @@ def acting_as(who: str) -> Iterator[None]:
     finally:
         principal.reset(token)
 
+
+#: The request number of the front-end request the current code serves (see serving).
+request: ContextVar[int | None] = ContextVar("kmsguard_request", default=None)
+
+
+def new_request_id() -> tuple[int, str]:
+    """A request number and its id (``request_id_of``), for a front end to give one request."""
+    number = next_request()
+    return number, request_id_of(number)
+
+
+@contextmanager
+def serving(number: int) -> Iterator[None]:
+    """Record the operations in this block under request ``number`` (from :func:`new_request_id`).
+
+    The HTTP service makes one id per HTTP request, answers it as ``X-Request-Id`` and
+    runs the request's operations in this block, so their audit records carry it. Cache
+    hits served by Guard's plans' lanes (kmsguard.plans) draw their own number; a front end
+    that needs every record to carry its id passes data the lanes do not take.
+    """
+    token = request.set(number)
+    try:
+        yield
+    finally:
+        request.reset(token)
+
+
 #: The monotonic time by which the current keyring operation must end, across every
 #: region and retry. The multi-region keyring sets it; the AWS client factory bounds
 #: each call by it, so failing over never outlives the caller's deadline.
 deadline: ContextVar[float | None] = ContextVar("kmsguard_operation_deadline", default=None)
 
 
+#: Counts the key-service calls made in a context whose caller set it (kmsguard.aio
+#: learns from it which operations stay in memory, to run those on the event loop).
+kms_tally: ContextVar[list[int] | None] = ContextVar("kmsguard_kms_tally", default=None)
+
+
 def note_kms_call(key_ref: str | None = None, region: str | None = None) -> None:
     """A keyring called its key service once (retries are counted by the AWS layer)."""
+    tally = kms_tally.get()
+    if tally is not None:
+        tally[0] += 1
     op = current.get()
     if op is not None:
         op.kms_calls += 1

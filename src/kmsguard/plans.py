@@ -62,7 +62,7 @@ from kmsguard.errors import (
 from kmsguard.fastpath import Budget, HitSink, next_tick
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.lru import LruIndex
-from kmsguard.policy import Policy
+from kmsguard.policy import FIELD_CONTEXT_KEY, Policy
 
 #: True when this module runs compiled.
 COMPILED = not __file__.endswith(".py")
@@ -92,6 +92,29 @@ globals()["_clock"] = time.perf_counter
 globals()["_value_of"] = ContextVar.get
 
 
+class _ReservedKey(str):
+    """A reserved context key that only kmsguard's own code holds (see FIELD_KEY).
+
+    It equals only itself, never the plain string a caller could pass, so a plan or lane
+    memoized for a context holding it can never be found with a caller's context.
+    """
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __ne__(self, other: object) -> bool:
+        return other is not self
+
+    __hash__ = str.__hash__  # the C slot: memo lookups hash it without a Python call
+
+
+#: What kmsguard.fields passes to bind a field's path under ``kmsguard:field``; the header
+#: holds the plain key. check_context accepts this object and refuses the plain string.
+FIELD_KEY: str = _ReservedKey(FIELD_CONTEXT_KEY)
+
+
 def check_context(context: Any) -> Mapping[str, str]:
     """Check the caller's context (None or a mapping of str to str) before any key service sees it.
 
@@ -110,7 +133,7 @@ def check_context(context: Any) -> Mapping[str, str]:
             if not isinstance(key, str) or not isinstance(value, str):
                 raise InvalidInput("context keys and values must be strings")
             exact = False
-        if key.startswith(RESERVED_CONTEXT_PREFIX):
+        if key.startswith(RESERVED_CONTEXT_PREFIX) and key is not FIELD_KEY:
             raise InvalidInput(f"context keys starting with {RESERVED_CONTEXT_PREFIX!r} are reserved")
         if not (key.isascii() and value.isascii()):
             try:

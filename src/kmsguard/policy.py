@@ -17,6 +17,11 @@ from kmsguard.keyrings.base import KeyRequest
 
 CLASSIFICATION_RE = re.compile(r"[a-z0-9_-]{1,32}")
 DEFAULT_CLASSIFICATIONS = ("general", "pii", "payment")
+#: The context key under which field-level protection binds a value's JSON path (see
+#: kmsguard.fields). It is in the header, so a token moved to another path is refused,
+#: and never sent to the key service, so a record's fields of one classification share a
+#: data key.
+FIELD_CONTEXT_KEY = "kmsguard:field"
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ class Policy:
         if missing:
             raise ContextRequired(f"classification {cls.name!r} requires context keys: {', '.join(sorted(missing))}")
         if cls.kms_context_keys is None:
-            bound = dict(context)
+            bound = {k: v for k, v in context.items() if k != FIELD_CONTEXT_KEY}
         else:
-            bound = {k: v for k, v in context.items() if k in cls.kms_context_keys}
+            bound = {k: v for k, v in context.items() if k in cls.kms_context_keys and k != FIELD_CONTEXT_KEY}
         return KeyRequest(cls.name, cls.key, bound)

@@ -14,15 +14,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmsguard.audit.chain import AuditKeys, Chain, OutOfSequence
+from kmsguard.audit.facts import Hits, Spooled, Template
 from kmsguard.audit.record import (
     CLOSE_OPERATION,
-    FIELDS,
     GENESIS,
-    AuditKeys,
+    RECORD_COLUMNS,
+    RUN_ITEM,
     AuditRecord,
-    Chain,
-    Compact,
-    Template,
+    AuditRun,
     format_time,
 )
 from kmsguard.audit.sqlite import SqliteSink
@@ -30,11 +30,12 @@ from kmsguard.audit.verify import load_anchor, save_anchor, verify
 from kmsguard.errors import InvalidInput
 
 
-def fields(n: int, op: str = "encrypt", ctx: tuple[tuple[str, str], ...] = (("tenant", "acme"),)) -> tuple:
-    return (time.time(), op, "general", ("local:general:v1",), (), "alice", "ok", None, 0.001, 1, False, n, "r", ctx)
+def fields(n: int, op: str = "encrypt", ctx: tuple[tuple[str, str], ...] = (("tenant", "acme"),)) -> Spooled:
+    return Spooled(time.time(), op, "general", ("local:general:v1",), (), "alice", "ok", None, 0.001, 1, False, n, "r",
+                   ctx)
 
 
-def chain_records(keys: AuditKeys, writer: str, count: int, close: bool = True) -> list[list]:
+def chain_records(keys: AuditKeys, writer: str, count: int, close: bool = True) -> list[AuditRun]:
     chain = Chain(keys, writer)
     out = [chain.link(i + 1, fields(i)) for i in range(count)]
     if close:
@@ -98,7 +99,7 @@ def test_deleting_the_first_record_is_detected(db: SqliteSink, keys: AuditKeys) 
 
 
 def test_swapped_records_are_reported_as_moved(db: SqliteSink, keys: AuditKeys) -> None:
-    cols = [f for f in FIELDS if f not in ("writer_id", "seq")]
+    cols = [f for f in RECORD_COLUMNS if f not in ("writer_id", "seq")]
     with sqlite3.connect(db.path) as conn:
         a = conn.execute(f"SELECT {', '.join(cols)} FROM audit_records WHERE writer_id='w1' AND seq=2").fetchone()
         b = conn.execute(f"SELECT {', '.join(cols)} FROM audit_records WHERE writer_id='w1' AND seq=3").fetchone()
@@ -185,10 +186,17 @@ def test_duplicate_delivery_is_stored_once(tmp_path: Path, keys: AuditKeys) -> N
     sink.write(batch)
     sink.write(batch[1:])
     assert [r.seq for r in sink.records()] == [1, 2, 3, 4]
-    assert sink.head("w") == (4, batch[-1][-1])
+    assert sink.head("w") == (4, batch[-1].hash)
 
 
-# ---------------------------------------------------------------------- compact records
+def test_a_chain_links_only_its_next_record(keys: AuditKeys) -> None:
+    chain = Chain(keys, "w")
+    chain.link(1, fields(1))
+    with pytest.raises(OutOfSequence, match="expected record 2, got 3"):
+        chain.link(3, fields(3))
+
+
+# ---------------------------------------------------------------------- lone hits
 
 _text = st.text(max_size=12)
 _shapes = st.tuples(
@@ -215,26 +223,19 @@ _shapes = st.tuples(
     request=st.integers(0, 2**40),
     writer=_text,
 )
-def test_a_compact_record_links_exactly_as_its_full_fields(
+def test_a_hit_reads_back_as_the_record_its_full_facts_give(
     shape: tuple, prefix: str, started_us: int, duration_ns: int, size: int, request: int, writer: str
 ) -> None:
-    """The deliverer pastes a Compact record's canonical JSON from its Template's pieces:
-    it must be the very bytes (and values) that encoding the whole record gives."""
+    """A hit frame is the same record as the full path would have spooled: only the row differs."""
     keys = AuditKeys(b"k" * 32)
-    compact = Compact(Template(shape, prefix), started_us, duration_ns, size, request)
-    fast, full = Chain(keys, writer, 6, "ab" * 32), Chain(keys, writer, 6, "ab" * 32)
-    for seq in (7, 8):  # twice: the second reuses the Template's pieces
-        assert fast.link(seq, compact) == full.link(seq, compact.fields())
-    record = AuditRecord.from_dict(dict(zip(FIELDS, fast.link(9, compact), strict=True)))
-    assert keys.chain_hash(record.canonical()) == record.hash
-
-
-def test_a_compact_record_after_an_odd_head_is_encoded_in_full(keys: AuditKeys) -> None:
-    """A head read back from a sink that is not one of our hashes cannot be pasted into JSON as is."""
-    compact = Compact(Template(("encrypt", "general", (), (), "p", "ok", None, 0, True, ()), "r"), 1, 2, 3, 4)
-    odd = 'a"b\\'
-    record = Chain(keys, "w", 1, odd).link(2, compact)
-    assert record[2] == odd and record[-1] == Chain(keys, "w", 1, odd).link(2, compact.fields())[-1]
+    hits = Hits(Template(shape, prefix), RUN_ITEM.pack(started_us, duration_ns, size, request), started_us)
+    facts = Spooled.of(shape, started_us / 1e6, duration_ns / 1e9, size, f"{prefix}{request:010x}")
+    run = Chain(keys, writer, 6, "ab" * 32).link(7, hits)
+    lone = Chain(keys, writer, 6, "ab" * 32).link(7, facts)
+    [from_hit] = run.records()
+    [from_facts] = lone.records()
+    assert {**from_hit.to_dict(), "hash": ""} == {**from_facts.to_dict(), "hash": ""}
+    assert keys.chain_hash(run.canonical()) == run.hash and keys.chain_hash(lone.canonical()) == lone.hash
 
 
 def test_chain_hashes_are_hmac_sha256_under_the_derived_chain_key() -> None:

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kmsguard.audit.chain import AuditKeys
 from kmsguard.audit.deliver import Deliverer
-from kmsguard.audit.record import AuditKeys
 from kmsguard.audit.spool import SegmentReader, Spool
 from kmsguard.audit.sqlite import SqliteSink
 
-from .test_spool import FIELDS, SEGMENT, fill
+from .test_spool import FACTS, SEGMENT, fill
 
 
 class WritingSink(SqliteSink):
@@ -26,7 +26,7 @@ class WritingSink(SqliteSink):
         super().write(records)
         self.batches += 1
         for _ in range(self.more if self.batches <= 2 else 0):
-            self.spool.append(FIELDS, durable=False)
+            self.spool.append(FACTS, durable=False)
 
 
 def deliverer(tmp_path: Path, sink: SqliteSink) -> Deliverer:
@@ -37,7 +37,7 @@ def test_a_pass_delivers_what_was_spooled_when_it_began_not_what_arrives_during_
     # Chasing the tail would be a transaction, and a report to the application, per few records.
     spool = Spool(tmp_path / "spool", "w", 1 << 30)
     for _ in range(10):
-        spool.append(FIELDS, durable=False)
+        spool.append(FACTS, durable=False)
     sink = WritingSink(tmp_path / "audit.db", spool, more=3)
     progress: list[int] = []
     d = deliverer(tmp_path, sink)
@@ -56,7 +56,7 @@ def test_a_pass_goes_on_past_full_batches_and_finished_segments(tmp_path: Path) 
     spool = Spool(tmp_path / "spool", "w", 1 << 30, segment_bytes=SEGMENT)
     count = fill(spool, 3) + 2
     for _ in range(2):
-        spool.append(FIELDS, durable=False)
+        spool.append(FACTS, durable=False)
     sink = WritingSink(tmp_path / "audit.db", spool, more=0)
     d = deliverer(tmp_path, sink)
     assert d.run_once()
@@ -69,7 +69,7 @@ def test_a_pass_goes_on_past_full_batches_and_finished_segments(tmp_path: Path) 
 def test_the_reader_says_when_it_reached_the_writers_end(tmp_path: Path) -> None:
     spool = Spool(tmp_path, "w", 1 << 30, segment_bytes=SEGMENT)
     for _ in range(100):
-        spool.append(FIELDS, durable=False)
+        spool.append(FACTS, durable=False)
     reader = SegmentReader(tmp_path, "w")
     entries, used = reader.read(100, writer_alive=True)  # a read ends on a whole frame, and there are more
     assert entries and not reader.caught_up

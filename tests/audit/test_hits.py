@@ -20,8 +20,9 @@ import pytest
 
 from kmsguard import Guard
 from kmsguard.audit import AuditObserver, frames
+from kmsguard.audit.facts import Hits
 from kmsguard.audit.frames import HIT_FLAG, HIT_PAYLOAD, TEMPLATE, hit_check
-from kmsguard.audit.record import RUN_ITEM, Compact, Hits
+from kmsguard.audit.record import RUN_ITEM
 from kmsguard.audit.spool import decode
 from kmsguard.errors import InvalidCiphertext
 from kmsguard.keyrings.local import LocalKeyring
@@ -160,23 +161,10 @@ def _hit(seq: int, tid: int, check: int | None = None) -> bytes:
 def test_a_hit_frame_expands_to_its_record() -> None:
     entries, used = decode(_template(3) + _hit(1, 3), {})
     assert used == len(_template(3)) + 56
-    [(seq, compact)] = entries
-    assert seq == 1 and isinstance(compact, Compact)
-    started, name, cls, refs, regions, principal, outcome, error, duration, kms, hit, size, rid, ctx = compact.fields()
-    assert (name, cls, refs, regions, principal, outcome, error, kms, hit, ctx) == SHAPE
-    assert (size, rid) == (1024, "abc0000000007")
-    assert started == pytest.approx(1_700_000_000.0) and duration == pytest.approx(2.5e-6)
-
-
-def test_a_template_spooled_by_the_previous_release_still_reads() -> None:
-    """Its shape held six fields: a spool left behind by a crash before an upgrade is delivered as it was meant."""
-    old = (SHAPE[0], SHAPE[1], SHAPE[2], SHAPE[3], SHAPE[4], SHAPE[9])
-    entries, _used = decode(_template(3, old) + _hit(1, 3), {})
-    compact = entries[0][1]
-    assert isinstance(compact, Compact)
-    assert compact.template.shape == (
-        "encrypt", "general", ("local:general:v1",), (), "svc", "ok", None, 0, True, (("tenant", "t"),)
-    )
+    [(seq, hits)] = entries
+    assert seq == 1 and isinstance(hits, Hits) and len(hits) == 1
+    assert hits.template.shape == SHAPE and hits.template.prefix == "abc"
+    assert hits.first() == (1_700_000_000_000_000, 2_500, 1024, 7)
 
 
 @pytest.mark.parametrize(
@@ -208,27 +196,27 @@ def test_frames_write_what_decode_reads(module: ModuleType) -> None:
     mapped = mmap.mmap(-1, 4096)
     f = module.Frames(threading.Lock(), 4096, 1 << 20)
     f.attach(mapped)
-    assert f.hit(3, 1, 2, 3, 4) == 0  # the template is not in this segment yet
+    assert f.hit(3, 1, 2, 3, 4) == module.NOT_WRITTEN  # the template is not in this segment yet
     f.emitted.add(3)
     assert [f.hit(3, 1_700_000_000_000_000, 2_500, 1024, n) for n in (7, 8)] == [1, 2]
     with f.exclusive():
-        assert f.hit(3, 1, 2, 3, 4) == 0  # spool.py is busy: step aside
+        assert f.hit(3, 1, 2, 3, 4) == module.NOT_WRITTEN  # spool.py is busy: step aside
     f.limit = f.written
-    assert f.hit(3, 1, 2, 3, 4) == -2  # full
+    assert f.hit(3, 1, 2, 3, 4) == module.NOT_WRITTEN  # full
     entries, _used = decode(_template(3) + bytes(mapped[: f.pos]), {})
     [(seq, hits)] = entries  # consecutive hits of one template: read as one run
     assert seq == 1 and isinstance(hits, Hits) and hits.template.prefix == "abc"
     assert list(RUN_ITEM.iter_unpack(hits.items)) == [(1_700_000_000_000_000, 2_500, 1024, n) for n in (7, 8)]
     f.limit = 1 << 20
     f.pos = 4096 - 55
-    assert f.hit(3, 1, 2, 3, 4) == -1  # no room left in the segment
+    assert f.hit(3, 1, 2, 3, 4) == module.NOT_WRITTEN  # no room left in the segment
     following = mmap.mmap(-1, 4096)
     f.attach(following)
-    assert f.hit(3, 1, 2, 3, 4) == 0  # a new segment: the template first, however recent its last hit
+    assert f.hit(3, 1, 2, 3, 4) == module.NOT_WRITTEN  # a new segment: the template first, however recent its last hit
     f.close()
     following.close()
-    assert f.hit(3, 1, 2, 3, 4) == 0  # closed for good: the slow path refuses
-    assert f.write_hit(3, 1, 2, 3, 4) == 0  # even for spool.py: there is no map any more
+    assert f.hit(3, 1, 2, 3, 4) == module.NOT_WRITTEN  # closed for good: the slow path refuses
+    assert f.write_hit(3, 1, 2, 3, 4) == module.NOT_WRITTEN  # even for spool.py: there is no map any more
     mapped.close()
 
 

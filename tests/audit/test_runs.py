@@ -18,36 +18,40 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kmsguard.audit.chain import AuditKeys, Chain
 from kmsguard.audit.deliver import link_batch
+from kmsguard.audit.facts import Hits, Spooled, Template
 from kmsguard.audit.postgres import PostgresSink
-from kmsguard.audit.record import FIELDS, MAX_RUN, RUN_ITEM, AuditKeys, AuditRecord, Chain, Compact, Hits, Template
-from kmsguard.audit.sink import JsonLinesSink, Query, Sink, to_row
+from kmsguard.audit.record import MAX_RUN, RUN_ITEM, AuditRecord, AuditRun
+from kmsguard.audit.sink import JsonLinesSink, Query, Sink
 from kmsguard.audit.sqlite import SqliteSink
 from kmsguard.audit.verify import verify
 
 from .conftest import PG_DSN
+from .test_formats import release_0_1_0_rows
 
 SHAPE = ("encrypt", "general", ("local:general:v1",), (), "svc", "ok", None, 0, True, (("tenant", "t"),))
 OTHER = ("decrypt", "general", ("local:general:v1",), (), "svc", "ok", None, 0, True, (("tenant", "t"),))
 START = 1_764_300_000_000_000  # microseconds since the epoch
 
 
-def full(n: int) -> tuple[Any, ...]:
-    return (START / 1e6 + n, "encrypt", "pii", ("local:pii:v1",), (), "svc", "ok", None, 0.002, 1, False, n, "r", ())
+def full(n: int) -> Spooled:
+    return Spooled(START / 1e6 + n, "encrypt", "pii", ("local:pii:v1",), (), "svc", "ok", None, 0.002, 1, False, n, "r",
+                   ())
 
 
 TEMPLATES = {shape: Template(shape, "abcdef012345") for shape in (SHAPE, OTHER)}
 
 
-def hit(seq: int, shape: tuple[Any, ...] = SHAPE) -> Compact:
+def hit(seq: int, shape: tuple[Any, ...] = SHAPE) -> Hits:
     # Start times out of sequence order, as from several threads.
-    return Compact(TEMPLATES[shape], START + (seq * 7919) % 1000, 1_500 + seq, 100 + seq, 40 + seq)
+    started = START + (seq * 7919) % 1000
+    return Hits(TEMPLATES[shape], RUN_ITEM.pack(started, 1_500 + seq, 100 + seq, 40 + seq), started)
 
 
-def hits_of(run: list[Compact]) -> Hits:
-    """Compact records packed as the spool reader would take their frames (frames.take_hits)."""
-    items = b"".join(RUN_ITEM.pack(c.started_us, c.duration_ns, c.size, c.request) for c in run)
-    return Hits(run[0].template, items, max(c.started_us for c in run))
+def hits_of(run: list[Hits]) -> Hits:
+    """Lone hits packed as the spool reader would take their frames (frames.take_hits)."""
+    return Hits(run[0].template, b"".join(h.items for h in run), max(h.latest for h in run))
 
 
 def singles() -> list[tuple[int, Any]]:
@@ -65,14 +69,13 @@ def entries() -> list[tuple[int, Any]]:
     ]
 
 
-def one_by_one(keys: AuditKeys, writer: str) -> list[list[Any]]:
+def one_by_one(keys: AuditKeys, writer: str) -> list[AuditRun]:
     chain = Chain(keys, writer)
-    return [chain.link(seq, fields) for seq, fields in singles()]
+    return [chain.link(seq, entry) for seq, entry in singles()]
 
 
-def without_hashes(r: AuditRecord) -> tuple[Any, ...]:
-    values = dict(zip(FIELDS, r.as_values(), strict=True))
-    return tuple(v for f, v in values.items() if f not in ("prev_hash", "hash"))
+def without_hashes(r: AuditRecord) -> dict[str, Any]:
+    return {f: v for f, v in r.to_dict().items() if f not in ("prev_hash", "hash")}
 
 
 @pytest.fixture
@@ -92,7 +95,7 @@ def sink(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sink]:
     s.close()
 
 
-def stored(sink: Sink, keys: AuditKeys, writer: str = "w") -> list[list[Any]]:
+def stored(sink: Sink, keys: AuditKeys, writer: str = "w") -> list[AuditRun]:
     rows = link_batch(Chain(keys, writer), entries())
     sink.write(rows)
     return rows
@@ -100,15 +103,16 @@ def stored(sink: Sink, keys: AuditKeys, writer: str = "w") -> list[list[Any]]:
 
 def test_a_run_reads_back_as_its_records_and_verifies(sink: Sink, keys: AuditKeys) -> None:
     rows = stored(sink, keys)
-    assert [(r[1], len(r)) for r in rows] == [(1, 18), (2, 20), (7, 18), (8, 20)]  # two runs, two records
+    # A record, a run of five, a lone hit (a run of one), a run of two.
+    assert [(r.seq, r.last_seq, len(r.items)) for r in rows] == [(1, 1, 0), (2, 6, 160), (7, 7, 32), (8, 9, 64)]
     records = list(sink.records())
     assert [r.seq for r in records] == list(range(1, 10))
-    expected = [AuditRecord.from_dict(dict(zip(FIELDS, v, strict=True))) for v in one_by_one(keys, "w")]
+    expected = [r for row in one_by_one(keys, "w") for r in row.records()]
     assert [without_hashes(r) for r in records] == [without_hashes(r) for r in expected]
-    assert records[3].run is not None and records[3].hash == rows[1][17]  # a run's records carry its hash
+    assert records[3].run is not None and records[3].hash == rows[1].hash  # a run's records carry its hash
     report = verify(records, keys)
-    assert report.intact and report.records == 9 and report.heads == {"w": (9, rows[-1][17])}
-    assert sink.head("w") == (9, rows[-1][17])
+    assert report.intact and report.records == 9 and report.heads == {"w": (9, rows[-1].hash)}
+    assert sink.head("w") == (9, rows[-1].hash)
     sink.write(rows[1:])  # delivered again after a lost acknowledgement: stored once
     assert len(list(sink.records())) == 9
 
@@ -164,8 +168,8 @@ TAMPERING = {
 def test_tampering_with_a_run_is_named(sql_sink: Sink, keys: AuditKeys, what: str) -> None:
     rows = stored(sql_sink, keys)
     statement, seq, kind = TAMPERING[what]
-    flipped = bytes([rows[1][19][0] ^ 1]) + rows[1][19][1:]
-    far = b"\xff" * 8 + rows[3][19][8:]  # the run 8-9's first start, ~5.8e5 years on
+    flipped = bytes([rows[1].items[0] ^ 1]) + rows[1].items[1:]
+    far = b"\xff" * 8 + rows[3].items[8:]  # the run 8-9's first start, ~5.8e5 years on
     _sql(sql_sink, statement, *([far if seq == 8 else flipped] if "%s" in statement else []))
     [problem] = verify(sql_sink.records(), keys).problems
     assert (problem.seq, problem.kind) == (seq, kind)
@@ -202,43 +206,61 @@ def test_a_jsonl_run_that_is_not_base64_is_altered(tmp_path: Path, keys: AuditKe
     assert (problem.seq, problem.kind) == (2, "altered")
 
 
-def test_a_database_from_before_runs_is_migrated(tmp_path: Path, keys: AuditKeys) -> None:
-    from kmsguard.audit.sqlite import _SCHEMA  # the table as it was before runs
+#: The records table as release 0.1.0 created it before runs were stored (frozen: its DDL is gone).
+PRE_RUNS_TABLE = """CREATE TABLE {schema}audit_records (
+    writer_id TEXT NOT NULL, seq INTEGER NOT NULL, prev_hash TEXT NOT NULL, time TEXT NOT NULL,
+    operation TEXT NOT NULL, classification TEXT, key_refs TEXT NOT NULL, regions TEXT NOT NULL,
+    principal TEXT NOT NULL, outcome TEXT NOT NULL, error_code TEXT, duration_us BIGINT NOT NULL,
+    kms_calls INTEGER NOT NULL, cache_hit {bool}, size BIGINT NOT NULL, request_id TEXT,
+    context TEXT NOT NULL, hash TEXT NOT NULL,
+    PRIMARY KEY (writer_id, seq)
+)"""
 
+
+def _continued(keys: AuditKeys, writer: str, head: tuple[int, str]) -> list[AuditRun]:
+    """Today's rows continuing an old chain: a record and a run."""
+    chain = Chain(keys, writer, *head)
+    return link_batch(chain, [(head[0] + 1, full(head[0] + 1)), (head[0] + 2, hits_of([hit(2), hit(3)]))])
+
+
+def test_a_database_from_before_runs_is_migrated(tmp_path: Path, keys: AuditKeys) -> None:
     path = tmp_path / "audit.db"
+    old = release_0_1_0_rows(keys, "old", 3)
     with sqlite3.connect(path) as conn:
-        conn.executescript(_SCHEMA)
-        old = [to_row(v)[:18] for v in one_by_one(keys, "old")]
+        conn.execute(PRE_RUNS_TABLE.format(schema="", bool="INTEGER"))
         conn.executemany(f"INSERT INTO audit_records VALUES ({', '.join('?' * 18)})", old)
     sink = SqliteSink(path)
+    assert sink.head("old") == (3, old[-1][17])
+    sink.write(_continued(keys, "old", (3, old[-1][17])))
     stored(sink, keys, "new")
     report = verify(sink.records(), keys)
-    assert report.intact and report.records == 18 and sink.head("old") == (9, old[-1][17])
+    assert report.intact and report.records == 6 + 9 and sink.head("old") == (6, report.heads["old"][1])
     sink.close()
 
 
 def test_a_postgres_table_from_before_runs_is_migrated(pg_schema: str, keys: AuditKeys) -> None:
     from psycopg import sql
 
-    from kmsguard.audit.postgres import _DDL  # the tables as they were before runs
-
+    old = release_0_1_0_rows(keys, "old", 3)
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(pg_schema)))
-        for statement in filter(str.strip, _DDL.split(";")):
-            conn.execute(sql.SQL(statement).format(schema=sql.Identifier(pg_schema)))
-        columns = conn.execute(
-            "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s AND table_name = 'audit_records'",
-            (pg_schema,),
-        ).fetchone()
-        assert columns == (18,)
+        conn.execute(PRE_RUNS_TABLE.format(schema=f"{pg_schema}.", bool="BOOLEAN"))
         insert = sql.SQL("INSERT INTO {}.audit_records VALUES ({})").format(
             sql.Identifier(pg_schema), sql.SQL(", ").join(sql.Placeholder() * 18)
         )
-        conn.execute(insert, to_row(one_by_one(keys, "old")[0])[:18])  # a record from before
+        for row in old:
+            conn.execute(insert, (*row[:13], bool(row[13]), *row[14:]))
     sink = PostgresSink(PG_DSN, pg_schema)
-    sink.write(one_by_one(keys, "old")[1:])
+    sink.write(_continued(keys, "old", (3, old[-1][17])))
     stored(sink, keys, "new")
-    assert verify(sink.records(), keys).intact
+    report = verify(sink.records(), keys)
+    assert report.intact and report.records == 6 + 9
+    with psycopg.connect(PG_DSN) as conn:
+        storage = conn.execute(
+            "SELECT attstorage FROM pg_attribute WHERE attrelid = %s::regclass AND attname = 'items'",
+            (f"{pg_schema}.audit_records",),
+        ).fetchone()
+    assert storage == ("e",)  # items uncompressed (EXTERNAL), as in a new table
     sink.close()
 
 
@@ -247,8 +269,8 @@ def test_a_run_the_sink_partly_holds_is_linked_from_where_it_stopped(keys: Audit
     chain = Chain(keys, "w")
     first = link_batch(chain, [(1, full(1)), (2, hits_of([hit(2), hit(3)]))])
     again = link_batch(chain, [(1, full(1)), (2, hits_of([hit(seq) for seq in range(2, 7)])), (7, hit(7, OTHER))])
-    assert [(r[1], len(r)) for r in first + again] == [(1, 18), (2, 20), (4, 20), (7, 18)]
-    assert again[0][18] == 6 and len(again[0][19]) == 3 * 32
+    assert [(r.seq, r.last_seq) for r in first + again] == [(1, 1), (2, 3), (4, 6), (7, 7)]
+    assert len(again[0].items) == 3 * 32
     assert link_batch(chain, [(2, hits_of([hit(seq) for seq in range(2, 7)]))]) == []
 
 
@@ -278,9 +300,7 @@ def test_the_reader_takes_a_run_of_frames_up_to_the_first_that_does_not_belong(m
     data = _frames(3, range(1, 6))
     count, items, latest = take(data, 0, 1, 3, MAX_RUN)
     assert (count, latest) == (5, START + 5)
-    assert Hits(TEMPLATES[SHAPE], items, latest).items == hits_of(
-        [Compact(TEMPLATES[SHAPE], START + seq, 1_000 + seq, seq, 900 + seq) for seq in range(1, 6)]
-    ).items
+    assert items == b"".join(RUN_ITEM.pack(START + seq, 1_000 + seq, seq, 900 + seq) for seq in range(1, 6))
     assert take(data, 0, 1, 3, 2)[0] == 2  # the limit
     assert take(data, 56, 2, 3, MAX_RUN)[0] == 4  # from a later frame
     assert take(data + _frames(4, range(6, 8)), 0, 1, 3, MAX_RUN)[0] == 5  # another template ends it
@@ -305,18 +325,13 @@ def test_the_reader_takes_a_run_of_frames_up_to_the_first_that_does_not_belong(m
 def test_a_run_is_its_records_and_any_changed_byte_breaks_it(
     first: int, items: list[tuple[int, int, int, int]], flip: int
 ) -> None:
-    from kmsguard.audit.record import AuditRun
-
     keys = AuditKeys(bytes(32))
     template = Template(SHAPE, "abcdef012345")
-    compacts = [Compact(template, *item) for item in items]
-    row = Chain(keys, "w", first - 1, "0" * 64).link_run(first, hits_of(compacts))
-    run = AuditRun(AuditRecord.from_dict(dict(zip(FIELDS, row[:18], strict=True))), row[18], row[19])
+    lone = [Hits(template, RUN_ITEM.pack(*item), item[0]) for item in items]
+    run = Chain(keys, "w", first - 1, "0" * 64).link(first, hits_of(lone))
     singles = Chain(keys, "w", first - 1, "0" * 64)
-    expected = [singles.link(first + i, c) for i, c in enumerate(compacts)]
-    assert [without_hashes(r) for r in run.records()] == [
-        without_hashes(AuditRecord.from_dict(dict(zip(FIELDS, v, strict=True)))) for v in expected
-    ]
+    expected = [r for i, h in enumerate(lone) for r in singles.link(first + i, h).records()]
+    assert [without_hashes(r) for r in run.records()] == [without_hashes(r) for r in expected]
     assert keys.chain_hash(run.canonical()) == run.hash
     canonical = bytearray(run.canonical())
     canonical[flip % len(canonical)] ^= 1

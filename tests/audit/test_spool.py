@@ -6,10 +6,14 @@ import os
 import time
 from pathlib import Path
 
-from kmsguard.audit.spool import SegmentReader, Spool, remove_writer, segment_path, spare_path, try_lock
+import pytest
+
+from kmsguard.audit.facts import Spooled
+from kmsguard.audit.frames import NOT_WRITTEN
+from kmsguard.audit.spool import SegmentReader, Spool, SpoolFull, remove_writer, segment_path, spare_path, try_lock
 
 SEGMENT = 64 << 10
-FIELDS = (1.0, "encrypt", "general", ("local:general:v1",), (), "p", "ok", None, 0.001, 0, True, 1024, "r", ())
+FACTS = Spooled(1.0, "encrypt", "general", ("local:general:v1",), (), "p", "ok", None, 0.001, 0, True, 1024, "r", ())
 
 
 def wait_for(path: Path) -> None:
@@ -33,7 +37,7 @@ def fill(spool: Spool, segments: int) -> int:
             time.sleep(0.01)
         inode, current = spare.stat().st_ino, spool.segment
         while spool.segment == current:
-            spool.append(FIELDS, durable=False)
+            spool.append(FACTS, durable=False)
             n += 1
         assert segment_path(spool.directory, spool.writer_id, spool.segment).stat().st_ino == inode
     return n
@@ -86,3 +90,18 @@ def test_a_dead_writers_spare_is_removed_with_its_spool(tmp_path: Path) -> None:
     assert lock is not None
     remove_writer(tmp_path, "dead", lock)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_spool_refuses_hits_and_records_by_name(tmp_path: Path) -> None:
+    """What Frames.hit cannot write, Spool.hit writes or refuses with SpoolFull (never an integer code)."""
+    spool = Spool(tmp_path, "w", 64 << 10, segment_bytes=SEGMENT)
+    shape = ("encrypt", "general", (), (), "p", "ok", None, 0, True, ())
+    written = 0
+    with pytest.raises(SpoolFull):
+        while True:
+            spool.hit(1, shape, "r", 1, 2, 3, 4)
+            written += 1
+    assert written > 1000 and spool.frames.hit(1, 1, 2, 3, 4) == NOT_WRITTEN
+    with pytest.raises(SpoolFull):
+        spool.append(FACTS, durable=False)
+    spool.close()

@@ -6,8 +6,9 @@ and :func:`keys_for` to read and verify. See docs/audit.md.
 
 from __future__ import annotations
 
+from kmsguard.audit.chain import AuditKeys
 from kmsguard.audit.keys import audit_keys
-from kmsguard.audit.record import AuditKeys, AuditRecord
+from kmsguard.audit.record import AuditRecord
 from kmsguard.audit.settings import AuditSettings
 from kmsguard.audit.sink import JsonLinesSink, Query, Sink
 from kmsguard.audit.writer import AuditObserver, DisabledAudit

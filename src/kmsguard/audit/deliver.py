@@ -23,9 +23,10 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from kmsguard.audit.record import AuditKeys, Chain, Hits
+from kmsguard.audit.chain import AuditKeys, Chain
+from kmsguard.audit.facts import Hits
+from kmsguard.audit.record import AuditRun
 from kmsguard.audit.sink import Sink
 from kmsguard.audit.spool import Entry, SegmentReader, remove_writer, try_lock, writers
 
@@ -155,22 +156,22 @@ class Deliverer:
             raise
 
 
-def link_batch(chain: Chain, entries: list[Entry]) -> list[list[Any]]:
+def link_batch(chain: Chain, entries: list[Entry]) -> list[AuditRun]:
     """The sink rows of a batch of spooled entries, linked onto ``chain``.
 
     Entries the chain already holds are skipped (a retry after a lost acknowledgement,
     or a restarted deliverer that reads a segment again). A run of hit frames (Hits, as
-    the reader takes them) is one row and one chain link (record.AuditRun).
+    the reader takes them) is one row and one chain link, as a lone record is.
     """
     rows = []
-    for seq, fields in entries:
+    for seq, entry in entries:
         held = chain.last_seq + 1 - seq
-        if isinstance(fields, Hits):
-            if held >= len(fields):
+        if isinstance(entry, Hits):
+            if held >= len(entry):
                 continue
             if held > 0:
-                fields, seq = fields.after(held), seq + held
-            rows.append(chain.link_run(seq, fields))
-        elif held <= 0:
-            rows.append(chain.link(seq, fields))
+                entry, seq = entry.after(held), seq + held
+        elif held > 0:
+            continue
+        rows.append(chain.link(seq, entry))
     return rows

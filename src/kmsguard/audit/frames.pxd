@@ -37,6 +37,8 @@ cdef unsigned long long _FNV_OFFSET
 cdef unsigned long long _FNV_PRIME
 cdef Py_ssize_t _FRAME
 cdef unsigned int _HEADER_WORD
+cdef long long _NOT_WRITTEN
+cdef Py_ssize_t _AT_CHECK, _AT_SEQ, _AT_TEMPLATE, _AT_STARTED, _AT_ITEM, _AT_DURATION, _AT_SIZE, _AT_REQUEST, _ITEM
 cdef tuple _NO_KIND
 
 @cython.locals(h="unsigned long long")
@@ -68,7 +70,7 @@ cdef class Frames:
                         unsigned long long size, unsigned long long request)
     @cython.locals(pos=Py_ssize_t, seq="long long", view="unsigned char[::1]")
     cdef long long _hit(self, unsigned long long template, unsigned long long started, unsigned long long duration,
-                        unsigned long long size, unsigned long long request) except? -3
+                        unsigned long long size, unsigned long long request) except? -1
 
 cdef class HitWriter(HitSink):
     cdef public Frames frames

@@ -4,8 +4,8 @@ Every frame is ``u32 length | u32 check | payload`` (big-endian), written payloa
 first and header last, so a reader, or a process killed mid-write, sees a whole frame
 or none (see spool.py). Three kinds:
 
-* a **record**: payload ``marshal((seq, *fields))``, check its CRC-32 (spool.py): a
-  strict operation, or the first of its kind;
+* a **record**: payload ``marshal((seq, *facts))`` (kmsguard.audit.facts.Spooled),
+  check its CRC-32 (spool.py): a strict operation, or the first of its kind;
 * a **template**: payload ``marshal(("T", template_id, shape, request_prefix))``,
   check its CRC-32, no sequence number. ``shape`` is what every operation of one kind
   shares (kmsguard.operation.Operation.shape: operation, classification, keys,
@@ -14,8 +14,9 @@ or none (see spool.py). Three kinds:
   its own;
 * a **hit** (a compact record): ``length`` is ``HIT_FLAG | 48`` and the payload six
   u64: seq, template id, start time (microseconds since the epoch), duration
-  (nanoseconds), size, request number; the check is :func:`hit_check` of the six.
-  Guard's lanes (kmsguard.fastpath) record cache hits this way, and the audit writer
+  (nanoseconds), size, request number (the ``_AT_*`` offsets below); the check is
+  :func:`hit_check` of the six. The last four are one run item (record.RUN_ITEM).
+  Guard's plans' lanes (kmsguard.plans) record cache hits this way, and the audit writer
   every other non-strict operation whose kind it has seen before.
 
 :meth:`Frames.hit` writes a hit frame with no Python in between: compiled (Cython,
@@ -31,6 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from kmsguard.errors import AuditUnavailable
 from kmsguard.fastpath import HitSink, next_request
 
 #: True when this module runs compiled (Frames.hit is then atomic under the GIL).
@@ -38,6 +40,18 @@ COMPILED = not __file__.endswith(".py")
 HIT_FLAG = 0x80000000
 HIT_PAYLOAD = 48
 HIT_FRAME = 8 + HIT_PAYLOAD
+# Byte offsets of a hit frame's fields (FORMAT.md, "Hit frame"); _AT_ITEM starts the
+# _ITEM bytes that are one run item (record.RUN_ITEM), as a stored run keeps them.
+_AT_CHECK = 4
+_AT_SEQ = 8
+_AT_TEMPLATE = 16
+_AT_STARTED = _AT_ITEM = 24
+_AT_DURATION = 32
+_AT_SIZE = 40
+_AT_REQUEST = 48
+_ITEM = 32
+#: What Frames.hit returns when it wrote nothing (sequence numbers start at 1).
+NOT_WRITTEN = 0
 TEMPLATE = "T"
 _M64 = 0xFFFFFFFFFFFFFFFF
 _M32 = 0xFFFFFFFF
@@ -46,6 +60,7 @@ _FNV_PRIME = 0x100000001B3
 # C copies of the constants for hit() (frames.pxd), which must not box a number to compare it.
 _FRAME = HIT_FRAME
 _HEADER_WORD = HIT_FLAG | HIT_PAYLOAD
+_NOT_WRITTEN = NOT_WRITTEN
 #: HitWriter.last before any kind (an object no caller's kind is).
 _NO_KIND = (object(), 0)
 
@@ -93,25 +108,25 @@ def take_hits(data: bytes, pos: int, seq: int, template: int, limit: int) -> tup
     while count < room:
         if _get32(view, at) != _HEADER_WORD:  # type: ignore[name-defined]  # noqa: F821
             break
-        number = _get64(view, at + 8)  # type: ignore[name-defined]  # noqa: F821
-        named = _get64(view, at + 16)  # type: ignore[name-defined]  # noqa: F821
+        number = _get64(view, at + _AT_SEQ)  # type: ignore[name-defined]  # noqa: F821
+        named = _get64(view, at + _AT_TEMPLATE)  # type: ignore[name-defined]  # noqa: F821
         if number != seq + count or named != template:
             break
-        started = _get64(view, at + 24)  # type: ignore[name-defined]  # noqa: F821
-        duration = _get64(view, at + 32)  # type: ignore[name-defined]  # noqa: F821
-        nbytes = _get64(view, at + 40)  # type: ignore[name-defined]  # noqa: F821
-        request = _get64(view, at + 48)  # type: ignore[name-defined]  # noqa: F821
-        if hit_check(number, named, started, duration, nbytes, request) != _get32(view, at + 4):  # type: ignore[name-defined]  # noqa: F821
+        started = _get64(view, at + _AT_STARTED)  # type: ignore[name-defined]  # noqa: F821
+        duration = _get64(view, at + _AT_DURATION)  # type: ignore[name-defined]  # noqa: F821
+        nbytes = _get64(view, at + _AT_SIZE)  # type: ignore[name-defined]  # noqa: F821
+        request = _get64(view, at + _AT_REQUEST)  # type: ignore[name-defined]  # noqa: F821
+        if hit_check(number, named, started, duration, nbytes, request) != _get32(view, at + _AT_CHECK):  # type: ignore[name-defined]  # noqa: F821
             break
         if started > latest:
             latest = started
         count += 1
         at += _FRAME
     if count < 2:  # a lone hit (kinds taking turns): no buffer to build
-        return count, data[pos + 24 : pos + 24 + 32 * count], latest
-    out = bytearray(count * 32)
+        return count, data[pos + _AT_ITEM : pos + _AT_ITEM + _ITEM * count], latest
+    out = bytearray(count * _ITEM)
     for k in range(count):
-        _copy(out, k * 32, view, pos + k * _FRAME + 24, 32)  # type: ignore[name-defined]  # noqa: F821
+        _copy(out, k * _ITEM, view, pos + k * _FRAME + _AT_ITEM, _ITEM)  # type: ignore[name-defined]  # noqa: F821
     return count, bytes(out), latest
 
 
@@ -155,7 +170,7 @@ class Frames:
     def attach(self, mapped: Any) -> None:
         """Write into ``mapped`` (a new segment) from its start. Exclusive."""
         if len(mapped) < self.size:  # hits write anywhere below size, unchecked when compiled
-            raise ValueError("a segment map is smaller than the segment size")
+            raise AuditUnavailable("a spool segment's map is smaller than the segment size")
         self.view = mapped if COMPILED else memoryview(mapped).cast("B")
         self.pos = 0
         self.emitted = set()
@@ -171,10 +186,12 @@ class Frames:
         self.view = None
 
     def hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
-        """Append a hit frame; its seq, or 0: not now (spool.py is busy, or the template is
-        not in this segment yet), -1: no room left in the segment, -2: the spool is full."""
+        """Append a hit frame and return its seq; or return NOT_WRITTEN, and the caller takes
+        spool.py's slow path (Spool.hit), which finds out why: spool.py is busy, the
+        template is not in this segment yet, the segment has no room left, or the spool
+        is full (which Spool.hit raises as SpoolFull)."""
         if self.busy:
-            return 0
+            return _NOT_WRITTEN
         if COMPILED:
             return self._hit(template, started, duration, size, request)
         with self.lock:
@@ -186,26 +203,24 @@ class Frames:
 
     def _hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
         if self.closed:  # no map to write into
-            return 0
+            return _NOT_WRITTEN
         if template != self.last_emitted:
             if template not in self.emitted:
-                return 0
+                return _NOT_WRITTEN
             self.last_emitted = template
         pos = self.pos
-        if pos + _FRAME > self.size:
-            return -1
-        if self.written + _FRAME > self.limit:
-            return -2
+        if pos + _FRAME > self.size or self.written + _FRAME > self.limit:
+            return _NOT_WRITTEN
         seq = self.seq + 1
         view = self.view
-        _put64(view, pos + 8, seq)  # type: ignore[name-defined]  # noqa: F821
-        _put64(view, pos + 16, template)  # type: ignore[name-defined]  # noqa: F821
-        _put64(view, pos + 24, started)  # type: ignore[name-defined]  # noqa: F821
-        _put64(view, pos + 32, duration)  # type: ignore[name-defined]  # noqa: F821
-        _put64(view, pos + 40, size)  # type: ignore[name-defined]  # noqa: F821
-        _put64(view, pos + 48, request)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_SEQ, seq)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_TEMPLATE, template)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_STARTED, started)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_DURATION, duration)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_SIZE, size)  # type: ignore[name-defined]  # noqa: F821
+        _put64(view, pos + _AT_REQUEST, request)  # type: ignore[name-defined]  # noqa: F821
         check = hit_check(seq, template, started, duration, size, request)
-        _put32(view, pos + 4, check)  # type: ignore[name-defined]  # noqa: F821
+        _put32(view, pos + _AT_CHECK, check)  # type: ignore[name-defined]  # noqa: F821
         _put32(view, pos, _HEADER_WORD)  # type: ignore[name-defined]  # noqa: F821  # last: now the frame exists
         self.pos = pos + _FRAME
         self.seq = seq
@@ -251,6 +266,6 @@ class HitWriter(HitSink):
                 return
             template = found
             self.last = (kind, template)
-        if self.frames.hit(template, at, took, size, request) <= 0:
+        if self.frames.hit(template, at, took, size, request) == _NOT_WRITTEN:
             self.last = _NO_KIND
             self.slow(kind, at, took, size, request)

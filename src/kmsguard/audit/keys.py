@@ -22,7 +22,7 @@ import base64
 import json
 from typing import Any
 
-from kmsguard.audit.record import AuditKeys
+from kmsguard.audit.chain import AuditKeys
 from kmsguard.audit.sink import Sink
 from kmsguard.datakey import WrappedKey
 from kmsguard.keyrings.base import KeyRequest, Keyring, backend_of

@@ -20,32 +20,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from kmsguard.audit.record import COLUMNS, AuditRecord
-from kmsguard.audit.sink import Query, from_row, newest, to_row
+from kmsguard.audit.record import COLUMNS, AuditRecord, AuditRun, records_from_row, row_values
+from kmsguard.audit.schema import added_columns, create_statements
+from kmsguard.audit.sink import Query, newest
 from kmsguard.errors import ConfigurationError
 
 _FEW_ROWS = 64
 SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-#: The columns of runs, for a new table and one from before runs were stored alike. Run
-#: only when they are missing: an ALTER TABLE waits for every reader (a long verify).
-#: A run's items are stored uncompressed: pglz made storing a run ~5x slower.
-_RUN_COLUMNS = (
-    "ALTER TABLE {schema}.audit_records ADD COLUMN IF NOT EXISTS last_seq bigint",
-    "ALTER TABLE {schema}.audit_records ADD COLUMN IF NOT EXISTS items bytea",
-    "ALTER TABLE {schema}.audit_records ALTER COLUMN items SET STORAGE EXTERNAL",
-)
-_DDL = """
-CREATE TABLE IF NOT EXISTS {schema}.audit_records (
-    writer_id text NOT NULL, seq bigint NOT NULL, prev_hash text NOT NULL, time text NOT NULL,
-    operation text NOT NULL, classification text, key_refs text NOT NULL, regions text NOT NULL,
-    principal text NOT NULL, outcome text NOT NULL, error_code text, duration_us bigint NOT NULL,
-    kms_calls integer NOT NULL, cache_hit boolean, size bigint NOT NULL, request_id text,
-    context text NOT NULL, hash text NOT NULL,
-    PRIMARY KEY (writer_id, seq)
-);
-CREATE INDEX IF NOT EXISTS audit_records_time ON {schema}.audit_records (time);
-CREATE TABLE IF NOT EXISTS {schema}.audit_keys (name text PRIMARY KEY, blob text NOT NULL);
-"""
 
 
 class PostgresSink:
@@ -95,12 +76,18 @@ class PostgresSink:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('kmsguard audit schema'))")
             conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
-            for statement in _DDL.split(";"):
-                if statement.strip():
-                    conn.execute(sql.SQL(statement.strip()).format(schema=ident))
-            if not self._has_run_columns(conn):
-                for statement in _RUN_COLUMNS:
-                    conn.execute(sql.SQL(statement).format(schema=ident))
+            new = not self._has_run_columns(conn)  # no table yet, or one from before runs were stored
+            for statement in create_statements("postgres", prefix="{schema}."):
+                conn.execute(sql.SQL(statement).format(schema=ident))
+            # Only for a new or old table: an ALTER TABLE waits for every reader (a long
+            # verify). A run's items are stored uncompressed: pglz made storing a run
+            # several times slower.
+            if new:
+                for _name, definition in added_columns("postgres"):
+                    add = f"ALTER TABLE {{schema}}.audit_records ADD COLUMN IF NOT EXISTS {definition}"
+                    conn.execute(sql.SQL(add).format(schema=ident))
+                storage = "ALTER TABLE {schema}.audit_records ALTER COLUMN items SET STORAGE EXTERNAL"
+                conn.execute(sql.SQL(storage).format(schema=ident))
 
     def _run(self, fn: Any) -> Any:
         """Run ``fn(conn)``; on any failure drop the connection so the next call reconnects."""
@@ -115,7 +102,7 @@ class PostgresSink:
 
     # ------------------------------------------------------------------ Sink
 
-    def write(self, records: Sequence[Sequence[Any]]) -> None:
+    def write(self, records: Sequence[AuditRun]) -> None:
         """COPY the batch into a session-temporary table, then insert what is not stored yet.
 
         COPY moves a batch in one stream (several times faster than row inserts); the
@@ -123,7 +110,7 @@ class PostgresSink:
         A batch of a few rows (runs, mostly) is inserted directly, binary: as COPY text a
         run's items were hex-encoded and written twice.
         """
-        rows = [to_row(r) for r in records]
+        rows = [row_values(r) for r in records]
         create = sql.SQL("CREATE TEMP TABLE IF NOT EXISTS kmsguard_audit_batch (LIKE {}) ON COMMIT DELETE ROWS").format(
             self._table
         )
@@ -165,7 +152,7 @@ class PostgresSink:
             cur.itersize = 5000
             cur.execute(stmt)
             for row in cur:
-                yield from from_row(row)
+                yield from records_from_row(row)
 
     def query(self, query: Query) -> list[AuditRecord]:
         where, params = query.sql_where("%s")
@@ -175,7 +162,7 @@ class PostgresSink:
             text += f" LIMIT {int(query.limit)}"
         stmt = sql.SQL(text).format(self._columns, self._table)
         rows = self._run(lambda conn: conn.execute(stmt, params).fetchall())
-        return newest((r for row in rows for r in from_row(row)), query)  # exact: see SqliteSink.query
+        return newest((r for row in rows for r in records_from_row(row)), query)  # exact: see SqliteSink.query
 
     def load_key(self) -> str | None:
         stmt = sql.SQL("SELECT blob FROM {} WHERE name = 'audit'").format(self._keys)

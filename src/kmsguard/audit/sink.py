@@ -1,11 +1,10 @@
 """Where audit records end up: the sink protocol, the query filter, and the JSON lines sink.
 
-Every sink stores the record's fields as they are (lists and the hashed context as
-compact JSON text), so ``verify`` can rebuild the exact canonical bytes the chain hash
-covers. A run of records (record.AuditRun) is one row with two more columns,
-``last_seq`` and ``items``; reading gives its records one by one, each pointing at the
-run. ``write`` is idempotent on (writer_id, seq): a batch delivered twice, after a lost
-acknowledgement or a crash, is stored once.
+Every sink stores rows (record.AuditRun: a record's fields as they are, lists and the
+hashed context as canonical JSON text, then ``last_seq`` and ``items``), so ``verify``
+can rebuild the exact canonical bytes the chain hash covers; reading gives a run's
+records one by one, each pointing at the run. ``write`` is idempotent on (writer_id,
+seq): a batch delivered twice, after a lost acknowledgement or a crash, is stored once.
 """
 
 from __future__ import annotations
@@ -19,10 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kmsguard.audit.record import COLUMNS, FIELDS, AuditRecord, AuditRun, to_json
-
-_JSON_FIELDS = frozenset({"key_refs", "regions", "context"})
-assert [FIELDS.index(f) for f in sorted(_JSON_FIELDS)] == [16, 6, 7] and len(FIELDS) == 18  # to_row's positions
+from kmsguard.audit.record import AuditRecord, AuditRun, records_from_columns, to_json
 
 
 @dataclass(frozen=True)
@@ -66,10 +62,8 @@ class Sink(Protocol):
 
     name: str
 
-    def write(self, records: Sequence[Sequence[Any]]) -> None:
-        """Store a batch atomically; rows already stored are skipped.
-
-        Each row is a record's values in FIELDS order, or a run's in COLUMNS order."""
+    def write(self, rows: Sequence[AuditRun]) -> None:
+        """Store a batch atomically; rows already stored are skipped."""
 
     def head(self, writer_id: str) -> tuple[int, str] | None:
         """The last stored (seq, hash) of a writer (a run's last seq), or None."""
@@ -87,43 +81,6 @@ class Sink(Protocol):
         """Store a wrapped audit key unless one exists; return the one stored (first writer wins)."""
 
     def close(self) -> None: ...
-
-
-def to_row(values: Sequence[Any]) -> tuple[Any, ...]:
-    """Column values (COLUMNS) for the SQL sinks: lists and context as canonical JSON text."""
-    v = values
-    run = (v[18], v[19]) if len(v) > 18 else (None, None)
-    return (*v[:6], _json_of(tuple(v[6]), list), _json_of(tuple(v[7]), list), *v[8:16],
-            _json_of(tuple(v[16].items()), dict), v[17], *run)
-
-
-_JSON: dict[tuple[Any, ...], str] = {}
-
-
-def _json_of(items: tuple[Any, ...], kind: type[list[Any]] | type[dict[str, str]]) -> str:
-    """Key references, regions and hashed contexts repeat in nearly every record: encode each once."""
-    key = (kind, items)
-    text = _JSON.get(key)
-    if text is None:
-        if len(_JSON) >= 4096:
-            _JSON.clear()
-        text = _JSON[key] = to_json(kind(items))
-    return text
-
-
-def from_row(row: Sequence[Any]) -> list[AuditRecord]:
-    """The record a row holds, or the records of a run (COLUMNS order, lists and context as JSON text)."""
-    d = dict(zip(COLUMNS, row, strict=True))
-    for f in _JSON_FIELDS:
-        d[f] = json.loads(d[f])
-    return _records_of(d)
-
-
-def _records_of(d: dict[str, Any]) -> list[AuditRecord]:
-    record = AuditRecord.from_dict(d)
-    if d.get("last_seq") is None:
-        return [record]
-    return AuditRun(record, int(d["last_seq"]), bytes(d["items"])).records()
 
 
 def newest(records: Iterable[AuditRecord], query: Query) -> list[AuditRecord]:
@@ -147,9 +104,9 @@ class JsonLinesSink:
         self._lock = threading.Lock()
         self._heads: dict[str, int] = {}
 
-    def write(self, records: Sequence[Sequence[Any]]) -> None:
+    def write(self, rows: Sequence[AuditRun]) -> None:
         with self._lock:
-            fresh = [r for r in records if r[1] > self._heads.get(r[0], 0)]
+            fresh = [r for r in rows if r.seq > self._heads.get(r.head.writer_id, 0)]
             if not fresh:
                 return
             data = "".join(to_json(_line_of(r)) + "\n" for r in fresh).encode()
@@ -160,7 +117,7 @@ class JsonLinesSink:
             finally:
                 os.close(fd)
             for r in fresh:
-                self._heads[r[0]] = r[18] if len(r) > 18 else r[1]
+                self._heads[r.head.writer_id] = r.last_seq
 
     def head(self, writer_id: str) -> tuple[int, str] | None:
         last = None
@@ -180,7 +137,7 @@ class JsonLinesSink:
     def _read(self) -> list[AuditRecord]:
         try:
             with open(self.path, encoding="utf-8") as fh:
-                return [r for line in fh if line.strip() for r in _records_of(_from_line(json.loads(line)))]
+                return [r for line in fh if line.strip() for r in records_from_columns(_from_line(json.loads(line)))]
         except FileNotFoundError:
             return []
 
@@ -206,16 +163,16 @@ class JsonLinesSink:
         """Nothing to release: every write opens and closes the file itself."""
 
 
-def _line_of(values: Sequence[Any]) -> dict[str, Any]:
-    """A JSON lines object: a record's FIELDS, and for a run ``last_seq`` and ``items`` (base64)."""
-    if len(values) == len(FIELDS):
-        return dict(zip(FIELDS, values, strict=True))
-    line = dict(zip(COLUMNS, values, strict=True))
-    line["items"] = base64.b64encode(line["items"]).decode("ascii")
+def _line_of(row: AuditRun) -> dict[str, Any]:
+    """A JSON lines object: the record's fields by name, ``last_seq`` and ``items`` (base64)."""
+    line = row.head.to_dict()
+    line["last_seq"] = row.last_seq
+    line["items"] = base64.b64encode(row.items).decode("ascii")
     return line
 
 
 def _from_line(line: dict[str, Any]) -> dict[str, Any]:
+    """The columns of a line; one written before runs existed has no ``last_seq``."""
     if line.get("last_seq") is not None:
         try:
             line["items"] = base64.b64decode(line["items"], validate=True)

@@ -19,8 +19,8 @@ deliver them (``claim_orphans``).
 
 Files: ``<writer>.lock``, ``<writer>.<segment:08d>.spool`` (preallocated) and
 ``.<writer>.spare`` (the next segment, prepared ahead). Frame:
-``u32 length | u32 check | payload``: a record (``marshal((seq, *fields))``), a
-template, or a compact hit frame naming a template (frames.py documents all three). A
+``u32 length | u32 check | payload``: a record (``marshal((seq, *facts))``), a
+template, or a compact hit frame naming a template (FORMAT.md and frames.py document all three). A
 torn tail (a crash mid-write) fails its check and ends the readable part of a segment,
 as a zero length does (the unwritten rest of a preallocated segment).
 """
@@ -40,16 +40,17 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from kmsguard.audit.facts import Hits, Shape, Spooled, Template
 from kmsguard.audit.frames import HIT_FLAG, HIT_FRAME, HIT_PAYLOAD, TEMPLATE, Frames, take_hits
-from kmsguard.audit.record import MAX_RUN, RUN_ITEM, Compact, Hits, Template
+from kmsguard.audit.record import MAX_RUN
 from kmsguard.errors import AuditUnavailable
 
 _HEADER = struct.Struct(">II")
 _SEGMENT_RE = re.compile(r"(.+)\.(\d{8})\.spool")
 LOCK_SUFFIX = ".lock"
 _HIT_NAMES = struct.Struct(">QQ")  # a hit frame's seq and template id
-#: (seq, the record's fields as AuditObserver spools them, a Compact record, or a run of them as Hits).
-Entry = tuple[int, tuple[Any, ...] | Compact | Hits]
+#: (seq, a record's facts, or a run of hit frames of one template).
+Entry = tuple[int, Spooled | Hits]
 #: The templates of a segment by id (see frames.py).
 Templates = dict[int, Template]
 
@@ -70,8 +71,8 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
     """Every whole, intact record at the start of ``data`` and the number of bytes they take.
 
     Template frames go into ``templates`` (the reader's, per segment); hit frames come
-    out as Compact records naming their template, consecutive ones of one template as
-    one Hits (up to MAX_RUN), taken in compiled code.
+    out as Hits naming their template, consecutive ones of one template as one Hits (up
+    to MAX_RUN), taken in compiled code.
     """
     out: list[Entry] = []
     pos, size = 0, len(data)
@@ -90,10 +91,7 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
             count, items, latest = take_hits(data, pos, seq, template, MAX_RUN)
             if count == 0:
                 break
-            if count == 1:
-                out.append((seq, Compact(known, *RUN_ITEM.unpack(items))))
-            else:
-                out.append((seq, Hits(known, items, latest)))
+            out.append((seq, Hits(known, items, latest)))
             pos += count * HIT_FRAME
             continue
         end = pos + _HEADER.size + length
@@ -104,14 +102,21 @@ def decode(data: bytes, templates: Templates) -> tuple[list[Entry], int]:
             break
         item = marshal.loads(payload)  # noqa: S302 - our own 0600 file, CRC-checked
         if item[0] == TEMPLATE:
-            shape = tuple(item[2])
-            if len(shape) == 6:  # written before templates held outcome, error, KMS calls and cache hit
-                shape = (*shape[:5], "ok", None, 0, True, shape[5])
-            templates[item[1]] = Template(shape, item[3])
+            templates[item[1]] = Template(_shape_of(tuple(item[2])), item[3])
         else:
-            out.append((item[0], item[1:]))
+            out.append((item[0], Spooled._make(item[1:])))
         pos = end
     return out, pos
+
+
+def _shape_of(shape: tuple[Any, ...]) -> Shape:
+    """A template's shape; one written by release 0.1.0's first spools held six fields
+    (no outcome, error, KMS calls or cache hit: it was always a successful cache hit)."""
+    if len(shape) == 6:
+        operation, classification, key_refs, regions, principal, context = shape
+        return Shape(operation, classification, key_refs, regions, principal, outcome="ok", error_code=None,
+                     kms_calls=0, cache_hit=True, context=context)
+    return Shape._make(shape)
 
 
 def segment_path(directory: Path, writer_id: str, number: int) -> Path:
@@ -315,7 +320,7 @@ class Spool:
     def written(self) -> int:
         return self.frames.written
 
-    def append(self, fields: tuple[Any, ...], durable: bool) -> int:
+    def append(self, facts: Spooled, durable: bool) -> int:
         """Write one record; with ``durable``, return only once it is on disk. Returns its seq.
 
         Raises SpoolFull or AuditUnavailable (no room for a segment, or a sync failed).
@@ -325,7 +330,7 @@ class Spool:
             frames.busy = True
             try:
                 seq = frames.seq + 1
-                self._put(marshal.dumps((seq, *fields)))
+                self._put(marshal.dumps((seq, *facts)))
                 frames.seq = seq
                 mark = frames.written
             finally:
@@ -342,14 +347,14 @@ class Spool:
             if frames.closed:
                 raise AuditUnavailable("the audit spool is closed")
             while True:
-                seq = frames.write_hit(template, started, duration, size, request)
-                if seq > 0:
-                    return seq
-                if seq == -2:
+                if frames.written + HIT_FRAME > frames.limit:
                     raise SpoolFull()
+                seq = frames.write_hit(template, started, duration, size, request)
+                if seq:
+                    return seq
                 # Not in this segment yet, or no room: the template first (starting the
                 # next segment if the hit would not fit after it), then the hit.
-                self._put(marshal.dumps((TEMPLATE, template, shape, prefix)), reserve=HIT_FRAME)
+                self._put(marshal.dumps((TEMPLATE, template, tuple(shape), prefix)), reserve=HIT_FRAME)
                 frames.emitted.add(template)
 
     def _put(self, payload: bytes, reserve: int = 0) -> None:

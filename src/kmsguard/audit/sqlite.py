@@ -13,24 +13,12 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
-from kmsguard.audit.record import COLUMNS, AuditRecord
-from kmsguard.audit.sink import Query, from_row, newest, to_row
+from kmsguard.audit.record import COLUMNS, AuditRecord, AuditRun, records_from_row, row_values
+from kmsguard.audit.schema import RECORDS, added_columns, create_statements
+from kmsguard.audit.sink import Query, newest
 
 _COLUMNS = ", ".join(COLUMNS)
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit_records (
-    writer_id TEXT NOT NULL, seq INTEGER NOT NULL, prev_hash TEXT NOT NULL, time TEXT NOT NULL,
-    operation TEXT NOT NULL, classification TEXT, key_refs TEXT NOT NULL, regions TEXT NOT NULL,
-    principal TEXT NOT NULL, outcome TEXT NOT NULL, error_code TEXT, duration_us INTEGER NOT NULL,
-    kms_calls INTEGER NOT NULL, cache_hit INTEGER, size INTEGER NOT NULL, request_id TEXT,
-    context TEXT NOT NULL, hash TEXT NOT NULL,
-    PRIMARY KEY (writer_id, seq)
-);
-CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (time);
-CREATE TABLE IF NOT EXISTS audit_keys (name TEXT PRIMARY KEY, blob TEXT NOT NULL);
-"""
 
 
 class SqliteSink:
@@ -45,20 +33,21 @@ class SqliteSink:
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        # The columns of runs: added to a new table as to one from before runs were stored.
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(audit_records)")}
-        for column, kind in (("last_seq", "INTEGER"), ("items", "BLOB")):
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE audit_records ADD COLUMN {column} {kind}")
+        for statement in create_statements("sqlite"):
+            self._db.execute(statement)
+        # A table from before runs were stored gets their columns.
+        columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({RECORDS})")}
+        for name, definition in added_columns("sqlite"):
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE {RECORDS} ADD COLUMN {definition}")
 
-    def write(self, records: Sequence[Sequence[Any]]) -> None:
-        rows = [to_row(r) for r in records]
+    def write(self, rows: Sequence[AuditRun]) -> None:
+        values = [row_values(r) for r in rows]
         marks = ", ".join("?" * len(COLUMNS))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(f"INSERT OR IGNORE INTO audit_records ({_COLUMNS}) VALUES ({marks})", rows)  # noqa: S608 - constant columns
+                self._db.executemany(f"INSERT OR IGNORE INTO audit_records ({_COLUMNS}) VALUES ({marks})", values)  # noqa: S608 - constant columns
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -77,7 +66,7 @@ class SqliteSink:
         db = sqlite3.connect(self.path, timeout=30)
         try:
             for row in db.execute(f"SELECT {_COLUMNS} FROM audit_records ORDER BY writer_id, seq"):  # noqa: S608
-                yield from from_row(row)
+                yield from records_from_row(row)
         finally:
             db.close()
 
@@ -92,7 +81,7 @@ class SqliteSink:
             sql += f" LIMIT {int(query.limit)}"
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
-        return newest((r for row in rows for r in from_row(row)), query)
+        return newest((r for row in rows for r in records_from_row(row)), query)
 
     def load_key(self) -> str | None:
         with self._lock:

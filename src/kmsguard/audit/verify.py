@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
-from kmsguard.audit.record import CLOSE_OPERATION, GENESIS, AuditKeys, AuditRecord, AuditRun, format_time
+from kmsguard.audit.chain import AuditKeys
+from kmsguard.audit.record import CLOSE_OPERATION, GENESIS, AuditRecord, AuditRun, format_time
 from kmsguard.errors import InvalidInput
 
 
@@ -116,16 +117,17 @@ def save_anchor(path: Path, report: Report) -> None:
 
 def load_anchor(path: Path, keys: AuditKeys) -> Heads:
     """The chain heads saved in ``path``; it must have been saved under the same audit key."""
+    not_an_anchor = InvalidInput(f"{path} is not an audit anchor (kmsguard audit verify --save-anchor)")
     try:
         doc = json.loads(path.read_text())
-        if doc.get("kmsguard_audit_anchor") != 1:
-            raise ValueError
+        if not isinstance(doc, dict) or doc.get("kmsguard_audit_anchor") != 1:
+            raise not_an_anchor
         heads = {str(w): (int(h["seq"]), str(h["hash"])) for w, h in doc["writers"].items()}
         fingerprint = str(doc["audit_key"])
     except OSError as exc:
         raise InvalidInput(f"cannot read the anchor {path}: {exc.strerror}") from None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise InvalidInput(f"{path} is not an audit anchor (kmsguard audit verify --save-anchor)") from None
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not of an anchor's shape
+        raise not_an_anchor from None
     if fingerprint != keys.fingerprint:
         raise InvalidInput(f"the anchor {path} was saved under another audit key ({fingerprint})")
     return heads

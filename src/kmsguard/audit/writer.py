@@ -45,9 +45,11 @@ from pathlib import Path
 from typing import Any
 
 from kmsguard import operation
+from kmsguard.audit.chain import AuditKeys
 from kmsguard.audit.deliver import MAX_BACKOFF, Deliverer
-from kmsguard.audit.frames import HitWriter
-from kmsguard.audit.record import CLOSE_OPERATION, AuditKeys, record_fields
+from kmsguard.audit.facts import Spooled
+from kmsguard.audit.frames import NOT_WRITTEN, HitWriter
+from kmsguard.audit.record import CLOSE_OPERATION
 from kmsguard.audit.sink import Sink
 from kmsguard.audit.spool import NotDurable, Spool, SpoolFull
 from kmsguard.errors import AuditUnavailable
@@ -138,20 +140,20 @@ class AuditObserver:
             return
         # Strict, in full: the record is synced before the operation returns, and a
         # refusal must be able to follow it.
-        fields = record_fields(op.shape(), op.started_at, op.duration, op.size, op.request_id)
+        facts = Spooled.of(op.shape(), op.started_at, op.duration, op.size, op.request_id)
         try:
-            self._with_room(self._spool.append, fields, True)
+            self._with_room(self._spool.append, facts, True)
         except NotDurable:
             # The record is in the spool and may yet be delivered, but Guard refuses the
             # operation: follow it with the refusal (same request id), so the trail never
             # shows as done what the caller was told failed.
             if op.outcome == "ok":
-                self._append_quietly((*fields[:6], "error", NotDurable.code, *fields[8:]))
+                self._append_quietly(facts._replace(outcome="error", error_code=NotDurable.code))
             raise
 
-    def _append_quietly(self, fields: tuple[Any, ...]) -> None:
+    def _append_quietly(self, facts: Spooled) -> None:
         try:
-            self._with_room(self._spool.append, fields, False)
+            self._with_room(self._spool.append, facts, False)
         except AuditUnavailable:
             self._drop()
 
@@ -203,13 +205,13 @@ class AuditObserver:
         """
         template = self._templates.get(shape)
         at, took = round(started_at * 1e6), round(duration * 1e9)
-        if template is not None and self._spool.frames.hit(template, at, took, size, request) > 0:
+        if template is not None and self._spool.frames.hit(template, at, took, size, request) != NOT_WRITTEN:
             return
         if template is None and shape not in self._seen:
             if len(self._seen) >= _MAX_TEMPLATES:
                 self._seen.clear()
             self._seen.add(shape)
-            self._append_quietly(record_fields(shape, started_at, duration, size, operation.request_id_of(request)))
+            self._append_quietly(Spooled.of(shape, started_at, duration, size, operation.request_id_of(request)))
             return
         self._hit_slow(shape, at, took, size, request)
 
@@ -285,9 +287,11 @@ class AuditObserver:
         self._closed = True
         atexit.unregister(self.close)
         if self._spool.seq:
-            fields = (time.time(), CLOSE_OPERATION, None, (), (), self.principal, "ok", None, 0.0, 0, None, 0, None, ())
+            closed = Spooled(time=time.time(), operation=CLOSE_OPERATION, classification=None, key_refs=(), regions=(),
+                             principal=self.principal, outcome="ok", error_code=None, duration=0.0, kms_calls=0,
+                             cache_hit=None, size=0, request_id=None, context=())
             try:
-                self._spool.append(fields, durable=True)
+                self._spool.append(closed, durable=True)
             except AuditUnavailable:
                 log.error("audit: could not write the writer-closed record")
         self.flush(timeout)

@@ -34,7 +34,8 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kmsguard.cli import audit, data, keys, setup
+    from kmsguard.cli import audit, data, keys, scan, server, setup
+    from kmsguard.cli import fields as field_commands
 
     cli.add_command(setup.init)
     for command in (data.encrypt, data.decrypt, data.inspect):
@@ -42,6 +43,10 @@ def _register() -> None:
     cli.add_command(keys.keys)
     cli.add_command(audit.audit)
     cli.add_command(audit.metrics)
+    cli.add_command(server.serve)
+    cli.add_command(server.apikey)
+    for command in (field_commands.protect, field_commands.unprotect, field_commands.mask, scan.scan):
+        cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> None:

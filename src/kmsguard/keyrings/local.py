@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from kmsguard.datakey import DEK_SIZE, DataKey, WrappedKey
@@ -181,6 +183,22 @@ class LocalKeyring:
             with self._mutate() as keys:
                 existing = keys.setdefault(_SECRETS, {}).setdefault(purpose, _b64(os.urandom(32)))
         return base64.b64decode(existing)
+
+    def index_key(self, key_id: str, info: bytes) -> bytes:
+        """A 32-byte key derived (HKDF-SHA256, ``info``) from the key's *first* version (blind indexes).
+
+        The first version, not the primary: rotating the master key must not change a
+        blind index key, since every index made under it would have to be recomputed.
+        """
+        self._refresh()
+        name = key_name_of(key_id)
+        with self._lock:
+            entry = self._keys.get(name)
+            if entry is None:
+                raise KeyNotFound(f"local key {name!r} does not exist; run 'kmsguard keys create'")
+            first = min(entry["versions"], key=int)
+            material = base64.b64decode(entry["versions"][first]["material"])
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(material)
 
     # ------------------------------------------------------------------ internals
 

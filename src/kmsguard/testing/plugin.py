@@ -92,18 +92,7 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kms_region: KmsRegi
     """An AWS environment that can only reach ``kms_region``: nothing from the developer's setup."""
     for var in _AWS_VARS_TO_CLEAR:
         monkeypatch.delenv(var, raising=False)
-    env = {
-        "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": str(tmp_path / "aws-config-absent"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials-absent"),
-        "AWS_REGION": kms_region.name,
-        "AWS_DEFAULT_REGION": kms_region.name,
-        "AWS_ENDPOINT_URL_KMS": kms_region.endpoint,
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
-    }
+    env = offline_aws_env(kms_region, tmp_path)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     return env
@@ -122,6 +111,23 @@ def kmsguard_aws_env(
     for var in ("KMSGUARD_KEY_GENERAL", "KMSGUARD_KEY_PII", "KMSGUARD_KEY_PAYMENT"):
         monkeypatch.delenv(var, raising=False)
     return {c: kms_region.create_key(f"alias/{app}-{c}-development") for c in ("general", "pii", "payment")}
+
+
+def offline_aws_env(region: KmsRegion, scratch: Path) -> dict[str, str]:
+    """The variables that point boto3 at ``region`` only: dummy credentials, no shared config
+    files (names under ``scratch`` that do not exist), no instance metadata, no HTTP proxy."""
+    return {
+        "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": str(scratch / "aws-config-absent"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(scratch / "aws-credentials-absent"),
+        "AWS_REGION": region.name,
+        "AWS_DEFAULT_REGION": region.name,
+        "AWS_ENDPOINT_URL_KMS": region.endpoint,
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
 
 
 def _server_for(pool: dict[str, MotoServer], region: str) -> MotoServer:

@@ -1,0 +1,180 @@
+"""AsyncGuard: a Guard for asyncio applications, whose event loop must never wait on KMS.
+
+A Guard call served from the data-key cache is AES-GCM in memory and costs less than a
+hand-off to a thread; one that misses waits a network round trip to the key service.
+AsyncGuard runs the first kind on the event loop and the second in a thread pool:
+
+* an encrypt of a (classification, context), or a decrypt of an envelope under given
+  wrapped keys and context, is *warm* once an operation of that kind finished without
+  a key-service call (kmsguard.operation.kms_tally counts them); warm kinds run inline;
+* everything else, and every rewrap and batch, runs in the pool (a batch whose kinds are
+  all warm in one thread, item after item; any other batch as Guard runs it, on several
+  threads, so that its KMS calls overlap);
+* an inline operation that did call the key service (its cached key expired or was used
+  up) turns its kind cold again, so a kind costs the loop at most one such call per
+  refresh of its cached key, never one per operation.
+
+``inspect`` parses a header and never calls KMS: always inline. Errors are Guard's own.
+The operations run in a copy of the caller's context, so ``operation.acting_as`` and
+``operation.serving`` apply to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from kmsguard import batch, envelope, operation
+from kmsguard.errors import InvalidInput, KmsGuardError
+from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput, Guard
+
+T = TypeVar("T")
+
+#: Kinds remembered as warm before starting over (a forgotten kind costs one pool run).
+MAX_WARM = 4096
+DEFAULT_THREADS = 32
+
+
+class AsyncGuard:
+    """The methods of :class:`~kmsguard.guard.Guard`, as coroutines. Wraps (does not own) ``guard``
+    unless ``owns`` is set; ``close()`` then closes it too."""
+
+    def __init__(self, guard: Guard, *, max_threads: int = DEFAULT_THREADS, owns: bool = False) -> None:
+        self.guard = guard
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="kmsguard-aio")
+        self._warm: dict[Hashable, bool] = {}
+        self._lock = threading.Lock()
+        self._owns = owns
+
+    async def encrypt(self, plaintext: bytes, classification: str, context: Context = None) -> bytes:
+        kind = _kind("encrypt", classification, context)
+        return await self._run(kind, self.guard.encrypt, plaintext, classification, context)
+
+    async def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
+        return await self._run(_decrypt_kind(data, context), self.guard.decrypt, data, context)
+
+    async def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
+        kind = _kind("encrypt", classification, context)
+        return await self._run(kind, self.guard.encrypt_text, text, classification, context)
+
+    async def decrypt_text(self, token: str, context: Context = None) -> str:
+        return await self._run(_decrypt_kind(token, context), self.guard.decrypt_text, token, context)
+
+    async def encrypt_many(
+        self,
+        items: Sequence[bytes],
+        classification: str,
+        context: Context = None,
+        contexts: Sequence[Context] | None = None,
+        max_concurrency: int = batch.DEFAULT_CONCURRENCY,
+    ) -> list[batch.Result[bytes]]:
+        """In the pool: one thread taking the items in turn when every kind in the batch is warm
+        (no thread hand-off per item), else Guard's own batch, which overlaps the KMS calls."""
+        if contexts is not None and len(contexts) != len(items):
+            raise InvalidInput("contexts must have one entry per item")
+        each = [context] * len(items) if contexts is None else list(contexts)
+        kinds = {_kind("encrypt", classification, c) for c in each}
+        results: list[batch.Result[bytes]]
+        if None not in kinds and all(self._warm.get(k) for k in kinds):
+            results, calls = await self._in_pool(_counted, _in_turn, self.guard, items, classification, each)
+        else:
+            many = self.guard.encrypt_many
+            args = (items, classification, context, contexts, max_concurrency)
+            results, calls = await self._in_pool(_counted, many, *args)
+        if None not in kinds:
+            for kind in kinds:
+                self._mark(kind, not calls)
+        return results
+
+    async def decrypt_many(
+        self,
+        envelopes: Sequence[EnvelopeInput],
+        context: Context = None,
+        max_concurrency: int = batch.DEFAULT_CONCURRENCY,
+    ) -> list[batch.Result[bytes]]:
+        return await self._in_pool(self.guard.decrypt_many, envelopes, context, max_concurrency)
+
+    async def rewrap(self, data: EnvelopeInput, context: Context = None) -> bytes | str:
+        """Always a key-service call: in the pool."""
+        return await self._in_pool(self.guard.rewrap, data, context)
+
+    async def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
+        return self.guard.inspect(data)
+
+    async def close(self) -> None:
+        """Stop the pool once running operations end; close the Guard if this AsyncGuard owns it."""
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._owns:
+            self.guard.close()
+
+    # ------------------------------------------------------------------ internals
+
+    async def _run(self, kind: Hashable | None, fn: Callable[..., T], *args: Any) -> T:
+        if kind is not None and self._warm.get(kind):
+            result, calls = _counted(fn, *args)
+            if calls:
+                self._mark(kind, False)
+            return result
+        ctx = contextvars.copy_context()
+        result, calls = await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, _counted, fn, *args)
+        if kind is not None and not calls:
+            self._mark(kind, True)
+        return result
+
+    async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, fn, *args)
+
+    def _mark(self, kind: Hashable, warm: bool) -> None:
+        with self._lock:
+            if warm and len(self._warm) >= MAX_WARM:
+                self._warm.clear()
+            self._warm[kind] = warm
+
+
+def _in_turn(
+    guard: Guard, items: Sequence[bytes], classification: str, contexts: Sequence[Context]
+) -> list[batch.Result[bytes]]:
+    out: list[batch.Result[bytes]] = []
+    for item, context in zip(items, contexts, strict=True):
+        try:
+            out.append(batch.Result(value=guard.encrypt(item, classification, context)))
+        except KmsGuardError as exc:
+            out.append(batch.Result(error=exc))
+    return out
+
+
+def _counted(fn: Callable[..., T], *args: Any) -> tuple[T, int]:
+    """``fn(*args)`` and how many key-service calls it made."""
+    tally = [0]
+    token = operation.kms_tally.set(tally)
+    try:
+        return fn(*args), tally[0]
+    finally:
+        operation.kms_tally.reset(token)
+
+
+def _kind(name: str, classification: object, context: Context) -> Hashable | None:
+    """What encrypts of one data key share; None for arguments Guard will refuse (they run in the pool)."""
+    try:
+        items = tuple(sorted(context.items())) if context else ()
+        return (name, classification, items) if isinstance(classification, str) else None
+    except (AttributeError, TypeError):
+        return None
+
+
+def _decrypt_kind(data: object, context: Context) -> Hashable | None:
+    """The wrapped keys (so the data key) and the caller's context; None if the envelope does not parse."""
+    try:
+        parsed = envelope.parse(envelope.coerce(data))  # type: ignore[arg-type]
+        items = tuple(sorted(context.items())) if context else ()
+    except (KmsGuardError, AttributeError, TypeError):
+        return None
+    return ("decrypt", parsed.wrapped_keys, items)

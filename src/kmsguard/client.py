@@ -1,0 +1,386 @@
+"""Python clients of the HTTP service: the methods and errors of Guard, over HTTP.
+
+``RemoteGuard(url, token)`` has Guard's methods (``encrypt``, ``decrypt``,
+``encrypt_text``, ``decrypt_text``, ``encrypt_many``, ``decrypt_many``, ``rewrap``,
+``inspect``) and raises Guard's exceptions: the service's ``{"error": {"code"...}}`` is
+raised as the kmsguard error of that code (InvalidCiphertext, ContextMismatch,
+AccessDenied...), so code written against Guard runs against the service unchanged.
+``AsyncRemoteGuard`` is the same for asyncio. Both hold an httpx connection pool; close
+them (or use them as context managers) when done.
+
+Retries: 429, 502 and 503 answers and connection failures are retried with full-jitter
+backoff (kmsguard.backoff), waiting at least what ``Retry-After`` says, until
+``deadline`` seconds after the call began; then the last error is raised (a service
+that could not be reached at all: :class:`ServiceUnreachable`). Every operation is safe
+to repeat: an encrypt retried after a lost answer makes a second, equally valid token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, overload
+
+import httpx
+
+from kmsguard import envelope, errors
+from kmsguard.batch import Result
+from kmsguard.errors import InvalidInput, KmsGuardError
+from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput
+
+#: Items per batch request (the service's default ``max_batch_items``).
+BATCH_SIZE = 1000
+_RETRY_STATUSES = frozenset({429, 502, 503})
+_BACKOFF_BASE, _BACKOFF_CAP = 0.05, 2.0
+
+
+class ServiceUnreachable(KmsGuardError):
+    """No answer from the service (connection refused, reset, timed out) until the deadline."""
+
+    code = "SERVICE_UNREACHABLE"
+    http_status = 503
+    retryable = True
+    default_message = "the kmsguard service could not be reached"
+
+
+class RemoteError(KmsGuardError):
+    """An error code of the service that no kmsguard exception class has (NOT_FOUND, INTERNAL_ERROR...)."""
+
+    def __init__(self, code: str, message: str, status: int, retryable: bool) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http_status = status
+        self.retryable = retryable
+
+
+def _classes() -> dict[str, type[KmsGuardError]]:
+    out: dict[str, type[KmsGuardError]] = {ServiceUnreachable.code: ServiceUnreachable}
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        if isinstance(cls, type) and issubclass(cls, KmsGuardError) and cls is not KmsGuardError:
+            out[cls.code] = cls
+    return out
+
+
+_BY_CODE = _classes()
+
+
+def error_of(detail: Any, status: int) -> KmsGuardError:
+    """The kmsguard exception for one ``{"code", "message", "retryable"}`` of the service."""
+    if not isinstance(detail, Mapping):
+        return RemoteError("INVALID_RESPONSE", f"the service answered {status} without an error body", status, False)
+    code, message = str(detail.get("code", "")), str(detail.get("message", ""))
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return RemoteError(code or "UNKNOWN", message, status, bool(detail.get("retryable", False)))
+    return cls(message or None)
+
+
+def _again(outcome: httpx.Response | httpx.TransportError, retry: int, until: float) -> float | None:
+    """Seconds to wait before attempt ``retry + 1``, or None: the answer stands. ServiceUnreachable
+    when the service has not answered at all and the deadline leaves no room for another try."""
+    if isinstance(outcome, httpx.TransportError):
+        delay = _wait(retry, 0.0, until)
+        if delay is None:
+            raise _unreachable(outcome) from None
+        return delay
+    if outcome.status_code in _RETRY_STATUSES:
+        return _wait(retry, _retry_after(outcome), until)
+    return None
+
+
+def _raise_for(response: httpx.Response | httpx.TransportError) -> Any:
+    """The JSON of a 2xx answer; the matching kmsguard error for anything else."""
+    assert isinstance(response, httpx.Response)  # _again raised for a transport error
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = None
+    if response.is_success and isinstance(doc, dict):
+        return doc
+    raise error_of(doc.get("error") if isinstance(doc, dict) else None, response.status_code)
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "0")))
+    except ValueError:
+        return 0.0
+
+
+def _options(url: str, token: str, timeout: float, max_connections: int) -> dict[str, Any]:
+    """What both clients give httpx: the base URL, the API key, the timeout and the pool's size."""
+    return {
+        "base_url": url.rstrip("/"),
+        "headers": {"Authorization": f"Bearer {token}", "User-Agent": "kmsguard-client"},
+        "timeout": timeout,
+        "limits": httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+    }
+
+
+def _wait(retry: int, at_least: float, until: float) -> float | None:
+    """Seconds to wait before retry ``retry``, or None when the next attempt would start past ``until``."""
+    delay = max(at_least, random.random() * min(_BACKOFF_CAP, _BACKOFF_BASE * 2.0 ** min(retry - 1, 16)))  # noqa: S311
+    if time.monotonic() + delay >= until:
+        return None
+    return delay
+
+
+def _unreachable(exc: Exception) -> ServiceUnreachable:
+    return ServiceUnreachable(f"the kmsguard service could not be reached ({type(exc).__name__})")
+
+
+# ---------------------------------------------------------------------- the request bodies, shared
+
+
+def _encrypt_body(plaintext: bytes, classification: str, context: Context) -> dict[str, Any]:
+    if not isinstance(plaintext, bytes | bytearray | memoryview):
+        raise InvalidInput("plaintext must be bytes")
+    body: dict[str, Any] = {"classification": classification, "plaintext_b64": base64.b64encode(plaintext).decode()}
+    if context is not None:
+        body["context"] = dict(context)
+    return body
+
+
+def _token_body(data: EnvelopeInput, context: Context) -> dict[str, Any]:
+    body: dict[str, Any] = {"token": data if isinstance(data, str) else envelope.to_text(envelope.coerce(data))}
+    if context is not None:
+        body["context"] = dict(context)
+    return body
+
+
+def _plain(doc: Mapping[str, Any]) -> bytes:
+    if doc.get("plaintext") is not None:
+        return str(doc["plaintext"]).encode("utf-8")
+    return base64.b64decode(str(doc.get("plaintext_b64", "")))
+
+
+def _text(plain: bytes) -> str:
+    try:
+        return plain.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("the decrypted data is not UTF-8 text; use decrypt()") from None
+
+
+def _results(docs: Sequence[Any], value: Any) -> list[Result[bytes]]:
+    out: list[Result[bytes]] = []
+    for doc in docs:
+        if isinstance(doc, Mapping) and doc.get("error") is not None:
+            out.append(Result(error=error_of(doc["error"], 200)))
+        else:
+            out.append(Result(value=value(doc)))
+    return out
+
+
+def _info(doc: Mapping[str, Any]) -> EnvelopeInfo:
+    return EnvelopeInfo(
+        version=int(doc["version"]),
+        suite=int(doc["suite"]),
+        classification=str(doc["classification"]),
+        context=dict(doc["context"]),
+        keys=[dict(k) for k in doc["keys"]],
+        size=int(doc["size"]),
+        body_size=int(doc["body_size"]),
+    )
+
+
+def _chunks(n: int) -> list[range]:
+    return [range(i, min(i + BATCH_SIZE, n)) for i in range(0, n, BATCH_SIZE)]
+
+
+def _encrypt_items(
+    items: Sequence[bytes], classification: str, context: Context, contexts: Sequence[Context] | None
+) -> list[dict[str, Any]]:
+    if contexts is not None and len(contexts) != len(items):
+        raise InvalidInput("contexts must have one entry per item")
+    return [_encrypt_body(x, classification, context if contexts is None else contexts[i]) for i, x in enumerate(items)]
+
+
+# ---------------------------------------------------------------------- blocking client
+
+
+class RemoteGuard:
+    """Guard's methods against a kmsguard service at ``url`` with API key ``token``."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 10.0,
+        deadline: float = 30.0,
+        max_connections: int = 32,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.deadline = deadline
+        self._http = httpx.Client(transport=transport, **_options(url, token, timeout, max_connections))
+
+    def _post(self, path: str, body: Mapping[str, Any]) -> Any:
+        until = time.monotonic() + self.deadline
+        for retry in itertools.count(1):
+            try:
+                outcome: httpx.Response | httpx.TransportError = self._http.post(path, json=body)
+            except httpx.TransportError as exc:
+                outcome = exc
+            delay = _again(outcome, retry, until)
+            if delay is None:
+                return _raise_for(outcome)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def encrypt(self, plaintext: bytes, classification: str, context: Context = None) -> bytes:
+        return envelope.coerce(self._post("/v1/encrypt", _encrypt_body(plaintext, classification, context))["token"])
+
+    def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
+        return _plain(self._post("/v1/decrypt", _token_body(data, context)))
+
+    def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
+        if not isinstance(text, str):
+            raise InvalidInput("encrypt_text takes a str")
+        return str(self._post("/v1/encrypt", _encrypt_body(text.encode("utf-8"), classification, context))["token"])
+
+    def decrypt_text(self, token: str, context: Context = None) -> str:
+        return _text(self.decrypt(token, context))
+
+    def encrypt_many(
+        self,
+        items: Sequence[bytes],
+        classification: str,
+        context: Context = None,
+        contexts: Sequence[Context] | None = None,
+        max_concurrency: int = 0,
+    ) -> list[Result[bytes]]:
+        """One Result per item, in order (``max_concurrency`` is the service's business, and ignored)."""
+        bodies = _encrypt_items(items, classification, context, contexts)
+        out: list[Result[bytes]] = []
+        for part in _chunks(len(bodies)):
+            doc = self._post("/v1/encrypt/batch", {"items": [bodies[i] for i in part]})
+            out.extend(_results(doc["results"], lambda d: envelope.coerce(d["token"])))
+        return out
+
+    def decrypt_many(
+        self, envelopes: Sequence[EnvelopeInput], context: Context = None, max_concurrency: int = 0
+    ) -> list[Result[bytes]]:
+        bodies = [_token_body(e, context) for e in envelopes]
+        out: list[Result[bytes]] = []
+        for part in _chunks(len(bodies)):
+            doc = self._post("/v1/decrypt/batch", {"items": [bodies[i] for i in part]})
+            out.extend(_results(doc["results"], _plain))
+        return out
+
+    @overload
+    def rewrap(self, data: str, context: Context = None) -> str: ...
+    @overload
+    def rewrap(self, data: bytes | bytearray | memoryview, context: Context = None) -> bytes: ...
+    def rewrap(self, data: EnvelopeInput, context: Context = None) -> bytes | str:
+        token = str(self._post("/v1/rewrap", _token_body(data, context))["token"])
+        return token if isinstance(data, str) else envelope.coerce(token)
+
+    def rewrap_text(self, token: str, context: Context = None) -> str:
+        return self.rewrap(token, context)
+
+    def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
+        return _info(self._post("/v1/inspect", {"token": _token_body(data, None)["token"]}))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> RemoteGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- asyncio client
+
+
+class AsyncRemoteGuard:
+    """:class:`RemoteGuard` for asyncio: the same methods as coroutines, the same errors."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 10.0,
+        deadline: float = 30.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.deadline = deadline
+        self._http = httpx.AsyncClient(transport=transport, **_options(url, token, timeout, max_connections))
+
+    async def _post(self, path: str, body: Mapping[str, Any]) -> Any:
+        until = time.monotonic() + self.deadline
+        for retry in itertools.count(1):
+            try:
+                outcome: httpx.Response | httpx.TransportError = await self._http.post(path, json=body)
+            except httpx.TransportError as exc:
+                outcome = exc
+            delay = _again(outcome, retry, until)
+            if delay is None:
+                return _raise_for(outcome)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def encrypt(self, plaintext: bytes, classification: str, context: Context = None) -> bytes:
+        doc = await self._post("/v1/encrypt", _encrypt_body(plaintext, classification, context))
+        return envelope.coerce(doc["token"])
+
+    async def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
+        return _plain(await self._post("/v1/decrypt", _token_body(data, context)))
+
+    async def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
+        if not isinstance(text, str):
+            raise InvalidInput("encrypt_text takes a str")
+        doc = await self._post("/v1/encrypt", _encrypt_body(text.encode("utf-8"), classification, context))
+        return str(doc["token"])
+
+    async def decrypt_text(self, token: str, context: Context = None) -> str:
+        return _text(await self.decrypt(token, context))
+
+    async def encrypt_many(
+        self,
+        items: Sequence[bytes],
+        classification: str,
+        context: Context = None,
+        contexts: Sequence[Context] | None = None,
+        max_concurrency: int = 0,
+    ) -> list[Result[bytes]]:
+        bodies = _encrypt_items(items, classification, context, contexts)
+        out: list[Result[bytes]] = []
+        for part in _chunks(len(bodies)):
+            doc = await self._post("/v1/encrypt/batch", {"items": [bodies[i] for i in part]})
+            out.extend(_results(doc["results"], lambda d: envelope.coerce(d["token"])))
+        return out
+
+    async def decrypt_many(
+        self, envelopes: Sequence[EnvelopeInput], context: Context = None, max_concurrency: int = 0
+    ) -> list[Result[bytes]]:
+        bodies = [_token_body(e, context) for e in envelopes]
+        out: list[Result[bytes]] = []
+        for part in _chunks(len(bodies)):
+            doc = await self._post("/v1/decrypt/batch", {"items": [bodies[i] for i in part]})
+            out.extend(_results(doc["results"], _plain))
+        return out
+
+    async def rewrap(self, data: EnvelopeInput, context: Context = None) -> bytes | str:
+        token = str((await self._post("/v1/rewrap", _token_body(data, context)))["token"])
+        return token if isinstance(data, str) else envelope.coerce(token)
+
+    async def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
+        return _info(await self._post("/v1/inspect", {"token": _token_body(data, None)["token"]}))
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncRemoteGuard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,49 @@
+"""Who is calling: the bearer API key, checked against the store, its scopes and its rate limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from kmsguard.errors import AccessDenied, Unauthenticated
+from kmsguard.server.apikeys import ApiKey
+from kmsguard.server.state import Service
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The API key behind a request; ``key`` None when the service runs with ``auth = "none"``."""
+
+    key: ApiKey | None
+
+    @property
+    def name(self) -> str | None:
+        return self.key.name if self.key is not None else None
+
+    def require(self, operation: str, classification: str | None = None) -> None:
+        """ACCESS_DENIED unless a scope covers ``operation`` on ``classification`` (None: on any)."""
+        if self.key is not None and not self.key.allows(operation, classification):
+            target = f"{classification!r} data" if classification else "anything"
+            raise AccessDenied(f"this API key may not {operation} {target}")
+
+
+def service_of(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+async def caller(request: Request) -> Caller:
+    """The dependency of every authenticated endpoint: 401 without a live key, 429 over its rate."""
+    service = service_of(request)
+    if service.keys is None:
+        return Caller(None)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated()
+    service.keys.maybe_reload()
+    key = service.keys.lookup(token.strip())
+    if key is None:
+        raise Unauthenticated("the API key is not valid (unknown or revoked)")
+    service.buckets.take(key.name)
+    return Caller(key)

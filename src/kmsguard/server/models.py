@@ -1,0 +1,104 @@
+"""The JSON bodies of API v1 (pydantic models; they are also the OpenAPI schema).
+
+Strict: no field is coerced from another type, and an unknown field is an error, so a
+client's typo (``plantext``) is a 400 naming it rather than an empty encryption.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, StrictStr
+
+Context = dict[StrictStr, StrictStr] | None
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    retryable: bool
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class EncryptRequest(_Body):
+    """Exactly one of ``plaintext`` (UTF-8 text) and ``plaintext_b64`` (standard base64 of any bytes)."""
+
+    classification: StrictStr
+    context: Context = None
+    plaintext: StrictStr | None = None
+    plaintext_b64: StrictStr | None = None
+
+
+class TokenRequest(_Body):
+    """A ``kg1:`` token and the context to check against it (decrypt, rewrap)."""
+
+    token: StrictStr
+    context: Context = None
+
+
+class InspectRequest(_Body):
+    token: StrictStr
+
+
+class TokenResponse(BaseModel):
+    token: str
+
+
+class PlaintextResponse(BaseModel):
+    """``plaintext`` when the data is UTF-8 text, else ``plaintext_b64``."""
+
+    plaintext: str | None = None
+    plaintext_b64: str | None = None
+
+
+class EncryptBatchRequest(_Body):
+    items: list[EncryptRequest]
+
+
+class DecryptBatchRequest(_Body):
+    items: list[TokenRequest]
+
+
+class BatchItem(BaseModel):
+    """One item's outcome: a value (``token``, or ``plaintext``/``plaintext_b64``) or an ``error``."""
+
+    token: str | None = None
+    plaintext: str | None = None
+    plaintext_b64: str | None = None
+    error: ErrorDetail | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
+
+
+class KeyInfo(BaseModel):
+    provider: str
+    key_ref: str
+
+
+class InspectResponse(BaseModel):
+    version: int
+    suite: int
+    classification: str
+    context: dict[str, str]
+    keys: list[KeyInfo]
+    size: int
+    body_size: int
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses an endpoint can answer."""
+    return {s: {"model": ErrorBody} for s in statuses}

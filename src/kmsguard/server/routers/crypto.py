@@ -1,0 +1,183 @@
+"""API v1: encrypt, decrypt, their batches, rewrap and inspect; and the echo baseline.
+
+Each endpoint checks the caller's scope for the operation first, then (for an envelope)
+for the envelope's classification, then runs the operation on the worker's AsyncGuard
+as the API key's name (``operation.acting_as``), so the audit record names the key.
+Batches answer a JSONResponse built here: their results are already in the documented
+shape, and passing a thousand of them through the response model again costs more than
+encrypting them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, cast
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from kmsguard import envelope, operation
+from kmsguard.batch import Result
+from kmsguard.errors import InvalidInput, KmsGuardError, RequestTooLarge
+from kmsguard.server.auth import Caller, caller, service_of
+from kmsguard.server.models import (
+    BatchResponse,
+    DecryptBatchRequest,
+    EncryptBatchRequest,
+    EncryptRequest,
+    InspectRequest,
+    InspectResponse,
+    PlaintextResponse,
+    TokenRequest,
+    TokenResponse,
+    error_responses,
+)
+
+#: The caller of an endpoint that needs an API key (FastAPI resolves it before the body's checks).
+Authorized = Annotated[Caller, Depends(caller)]
+
+router = APIRouter(prefix="/v1", responses=error_responses(400, 401, 403, 404, 413, 429, 500, 502, 503, 504))
+
+
+@contextlib.contextmanager
+def _as(who: Caller) -> Iterator[None]:
+    if who.name is None:
+        yield
+        return
+    with operation.acting_as(who.name):
+        yield
+
+
+def _plaintext(body: EncryptRequest) -> bytearray:
+    """The bytes to seal. A bytearray, not bytes: Guard then takes its full path, whose audit
+    record carries the HTTP request's id (a cache-hit lane draws a request number of its own)."""
+    if (body.plaintext is None) == (body.plaintext_b64 is None):
+        raise InvalidInput("plaintext: give exactly one of plaintext and plaintext_b64")
+    if body.plaintext is not None:
+        return bytearray(body.plaintext.encode("utf-8"))
+    try:
+        return bytearray(base64.b64decode(body.plaintext_b64 or "", validate=True))
+    except (binascii.Error, ValueError):
+        raise InvalidInput("plaintext_b64: not valid base64") from None
+
+
+def _opened(plain: bytes) -> dict[str, str]:
+    try:
+        return {"plaintext": plain.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"plaintext_b64": base64.b64encode(plain).decode("ascii")}
+
+
+def _error(exc: KmsGuardError) -> dict[str, Any]:
+    return {"error": exc.to_dict()}
+
+
+@router.post("/encrypt", response_model=TokenResponse, summary="Encrypt one value")
+async def encrypt(body: EncryptRequest, request: Request, who: Authorized) -> dict[str, str]:
+    who.require("encrypt", body.classification)
+    data = _plaintext(body)
+    with _as(who):
+        sealed = await service_of(request).aguard.encrypt(data, body.classification, body.context)  # type: ignore[arg-type]
+    return {"token": envelope.to_text(sealed)}
+
+
+@router.post("/decrypt", response_model=PlaintextResponse, response_model_exclude_none=True, summary="Decrypt a token")
+async def decrypt(body: TokenRequest, request: Request, who: Authorized) -> dict[str, str]:
+    service = service_of(request)
+    who.require("decrypt")
+    who.require("decrypt", (await service.aguard.inspect(body.token)).classification)
+    with _as(who):
+        plain = await service.aguard.decrypt(body.token, body.context)
+    return _opened(plain)
+
+
+@router.post("/encrypt/batch", response_model=BatchResponse, response_model_exclude_none=True, summary="Encrypt many")
+async def encrypt_batch(body: EncryptBatchRequest, request: Request, who: Authorized) -> JSONResponse:
+    service = service_of(request)
+    _check_size(len(body.items), service.server.max_batch_items)
+    for classification in {item.classification for item in body.items}:
+        who.require("encrypt", classification)
+    results: list[dict[str, Any] | None] = [None] * len(body.items)
+    groups: dict[str, list[tuple[int, bytearray]]] = {}
+    for i, item in enumerate(body.items):
+        try:
+            groups.setdefault(item.classification, []).append((i, _plaintext(item)))
+        except InvalidInput as exc:
+            results[i] = _error(exc)
+    for classification, members in groups.items():
+        contexts = [body.items[i].context for i, _ in members]
+        with _as(who):
+            done = await service.aguard.encrypt_many(
+                cast(list[bytes], [data for _, data in members]),
+                classification,
+                contexts=cast(list[Mapping[str, str] | None], contexts),
+            )
+        for (i, _), result in zip(members, done, strict=True):
+            results[i] = _settled(result, lambda v: {"token": envelope.to_text(v)})
+    return JSONResponse({"results": results})
+
+
+@router.post("/decrypt/batch", response_model=BatchResponse, response_model_exclude_none=True, summary="Decrypt many")
+async def decrypt_batch(body: DecryptBatchRequest, request: Request, who: Authorized) -> JSONResponse:
+    service = service_of(request)
+    _check_size(len(body.items), service.server.max_batch_items)
+    who.require("decrypt")
+    results: list[dict[str, Any] | None] = [None] * len(body.items)
+    groups: dict[tuple[tuple[str, str], ...], list[int]] = {}
+    classes = set()
+    for i, item in enumerate(body.items):
+        try:
+            classes.add((await service.aguard.inspect(item.token)).classification)
+        except KmsGuardError as exc:
+            results[i] = _error(exc)
+            continue
+        groups.setdefault(tuple(sorted((item.context or {}).items())), []).append(i)
+    for classification in classes:
+        who.require("decrypt", classification)
+    for context, members in groups.items():
+        with _as(who):
+            done = await service.aguard.decrypt_many([body.items[i].token for i in members], dict(context))
+        for i, result in zip(members, done, strict=True):
+            results[i] = _settled(result, _opened)
+    return JSONResponse({"results": results})
+
+
+@router.post("/rewrap", response_model=TokenResponse, summary="Re-wrap a token's data key under the current key")
+async def rewrap(body: TokenRequest, request: Request, who: Authorized) -> dict[str, Any]:
+    service = service_of(request)
+    who.require("rewrap")
+    who.require("rewrap", (await service.aguard.inspect(body.token)).classification)
+    with _as(who):
+        token = await service.aguard.rewrap(body.token, body.context)
+    return {"token": token}
+
+
+@router.post("/inspect", response_model=InspectResponse, summary="A token's header (decrypts nothing)")
+async def inspect(body: InspectRequest, request: Request, who: Authorized) -> dict[str, Any]:
+    who.require("inspect")
+    info = await service_of(request).aguard.inspect(body.token)
+    who.require("inspect", info.classification)
+    return info.to_dict()
+
+
+@router.post("/echo", summary="Echo the plaintext back: the service's cost without kmsguard's (benchmarks)")
+async def echo(body: EncryptRequest, who: Authorized) -> dict[str, str]:
+    """Parses, authenticates and rate-limits exactly as ``/v1/encrypt`` does, then answers
+    the plaintext as ``token`` without encrypting: ``python -m bench server`` measures
+    ``/v1/encrypt`` against it. Any valid API key may call it."""
+    return {"token": body.plaintext or body.plaintext_b64 or ""}
+
+
+def _check_size(n: int, limit: int) -> None:
+    if n > limit:
+        raise RequestTooLarge(f"items: at most {limit} per batch")
+
+
+def _settled(result: Result[bytes], ok: Any) -> dict[str, Any]:
+    if result.error is not None:
+        return _error(result.error)
+    assert result.value is not None
+    return ok(result.value)  # type: ignore[no-any-return]

@@ -1,0 +1,82 @@
+"""What one worker process of the service holds: its Guard (as AsyncGuard), API keys, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from kmsguard import metrics
+from kmsguard.aio import AsyncGuard
+from kmsguard.audit.settings import AuditSettings
+from kmsguard.config import Settings
+from kmsguard.guard import Guard
+from kmsguard.server.apikeys import LAST_USED_SECONDS, KeyIndex, open_store
+from kmsguard.server.ratelimit import TokenBuckets
+from kmsguard.server.readiness import Readiness
+from kmsguard.server.settings import ServerSettings
+
+log = logging.getLogger("kmsguard.server")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    server: ServerSettings
+    guard: Guard
+    aguard: AsyncGuard
+    keys: KeyIndex | None  # None with auth = "none"
+    buckets: TokenBuckets
+    readiness: Readiness
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings, server: ServerSettings, guard: Guard | None = None) -> Service:
+        guard = guard if guard is not None else Guard.from_settings(settings)
+        keys = None
+        if server.auth == "api_keys":
+            store = open_store(server.api_keys, settings.home, server.api_keys_dsn, server.api_keys_schema)
+            keys = KeyIndex(store)
+        audit_limit = AuditSettings.of(settings).max_spool_bytes
+        return cls(
+            settings=settings,
+            server=server,
+            guard=guard,
+            aguard=AsyncGuard(guard),
+            keys=keys,
+            buckets=TokenBuckets(server.rate_limit, server.rate_burst),
+            readiness=Readiness(guard, server.ready_interval, audit_limit),
+        )
+
+    def exposition(self) -> bytes:
+        registry = metrics.of(self.guard.observers)
+        return registry.exposition() if registry is not None else b""
+
+    def start(self) -> None:
+        if self.keys is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._write_last_used()))
+
+    async def stop(self) -> None:
+        """After the last request: stop background work, write last-used times, close the Guard (flushing audit)."""
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        loop = asyncio.get_running_loop()
+        if self.keys is not None:
+            await loop.run_in_executor(None, self._flush_quietly)
+        await self.aguard.close()
+        await loop.run_in_executor(None, self.guard.close)
+
+    async def _write_last_used(self) -> None:
+        while True:
+            await asyncio.sleep(LAST_USED_SECONDS)
+            await asyncio.get_running_loop().run_in_executor(None, self._flush_quietly)
+
+    def _flush_quietly(self) -> None:
+        assert self.keys is not None
+        try:
+            self.keys.flush_last_used()
+        except Exception as exc:  # last-used times are a convenience; never fail a worker for them
+            log.warning("could not record API keys' last use (%s)", type(exc).__name__)

@@ -1,0 +1,191 @@
+"""API v1 over real HTTP against `kmsguard serve`, on the local backend and on AWS (moto behind the fault proxy)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import httpx
+import pytest
+
+from .conftest import Service
+
+
+def _error(response: httpx.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "retryable"}
+    assert body["error"]["code"] == code
+    return str(body["error"]["message"])
+
+
+def test_encrypt_decrypt_round_trip_text_and_binary(service: Service) -> None:
+    with service.client() as c:
+        r = c.post("/v1/encrypt", json={"classification": "pii", "context": {"user": "42"}, "plaintext": "Zoë"})
+        assert r.status_code == 200, r.text
+        token = r.json()["token"]
+        assert token.startswith("kg1:")
+        assert c.post("/v1/decrypt", json={"token": token, "context": {"user": "42"}}).json() == {"plaintext": "Zoë"}
+        binary = bytes(range(256))
+        b64 = base64.b64encode(binary).decode()
+        r = c.post("/v1/encrypt", json={"classification": "general", "plaintext_b64": b64})
+        opened = c.post("/v1/decrypt", json={"token": r.json()["token"]}).json()
+        assert set(opened) == {"plaintext_b64"} and base64.b64decode(opened["plaintext_b64"]) == binary
+
+
+def test_kmsguard_errors_answer_their_status(service: Service) -> None:
+    with service.client() as c:
+        body = {"classification": "pii", "context": {"user": "1"}, "plaintext": "x"}
+        token = c.post("/v1/encrypt", json=body).json()["token"]
+        _error(c.post("/v1/decrypt", json={"token": token, "context": {"user": "2"}}), 400, "CONTEXT_MISMATCH")
+        tampered = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+        message = _error(c.post("/v1/decrypt", json={"token": tampered}), 400, "INVALID_CIPHERTEXT")
+        assert message == "invalid ciphertext"
+        _error(c.post("/v1/decrypt", json={"token": "kg1:nonsense"}), 400, "INVALID_CIPHERTEXT")
+        _error(c.post("/v1/encrypt", json={"classification": "payment", "plaintext": "4111"}), 400, "CONTEXT_REQUIRED")
+        _error(c.post("/v1/encrypt", json={"classification": "nope", "plaintext": "x"}), 400, "UNKNOWN_CLASSIFICATION")
+        both = {"classification": "general", "plaintext": "x", "plaintext_b64": "eA=="}
+        assert "plaintext" in _error(c.post("/v1/encrypt", json=both), 400, "INVALID_INPUT")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"plaintext": "x"}, "classification"),
+        ({"classification": 5, "plaintext": "x"}, "classification"),
+        ({"classification": "general", "plaintext": "x", "context": {"a": 1}}, "context.a"),
+        ({"classification": "general", "plaintext": "x", "plantext": "typo"}, "plantext"),
+        ([1, 2], "body"),
+    ],
+)
+def test_malformed_bodies_are_400_naming_the_field(local_service: Service, body: object, field: str) -> None:
+    with local_service.client() as c:
+        message = _error(c.post("/v1/encrypt", json=body), 400, "INVALID_INPUT")
+        assert message.startswith(field)
+
+
+def test_not_json_wrong_type_404_405(local_service: Service) -> None:
+    with local_service.client() as c:
+        bad = c.post("/v1/encrypt", content=b'{"classification": ', headers={"content-type": "application/json"})
+        assert _error(bad, 400, "INVALID_INPUT") == "body: not valid JSON"
+        text = c.post("/v1/encrypt", content=b"plaintext=x", headers={"content-type": "text/plain"})
+        _error(text, 400, "INVALID_INPUT")
+        deep = b'{"token": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+        _error(c.post("/v1/decrypt", content=deep, headers={"content-type": "application/json"}), 400, "INVALID_INPUT")
+        _error(c.get("/v2/encrypt"), 404, "NOT_FOUND")
+        _error(c.get("/v1/encrypt"), 405, "METHOD_NOT_ALLOWED")
+
+
+def test_body_over_the_limit_is_413_before_it_is_read(local_service: Service) -> None:
+    big = b'{"classification": "general", "plaintext": "' + b"a" * (2 << 20) + b'"}'
+    with local_service.client() as c:
+        whole = c.post("/v1/encrypt", content=big, headers={"content-type": "application/json"})
+        _error(whole, 413, "REQUEST_TOO_LARGE")
+
+        def chunks():  # type: ignore[no-untyped-def]
+            yield b'{"classification": "general", "plaintext": "'
+            for _ in range(40):
+                yield b"a" * 65536
+            yield b'"}'
+
+        chunked = c.post("/v1/encrypt", content=chunks(), headers={"content-type": "application/json"})
+        _error(chunked, 413, "REQUEST_TOO_LARGE")
+        assert c.get("/healthz").status_code == 200  # the connection pool and the server are fine
+
+
+def test_batches_answer_in_order_with_item_errors(service: Service) -> None:
+    items = [
+        {"classification": "general", "plaintext": "a"},
+        {"classification": "payment", "plaintext": "b"},  # no purpose: its own error
+        {"classification": "payment", "context": {"purpose": "refund"}, "plaintext": "c"},
+        {"classification": "pii", "plaintext_b64": "not base64!"},
+        {"classification": "pii", "context": {"u": "1"}, "plaintext_b64": base64.b64encode(b"\xff\x00").decode()},
+    ]
+    with service.client() as c:
+        r = c.post("/v1/encrypt/batch", json={"items": items})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert [next(iter(x)) for x in results] == ["token", "error", "token", "error", "token"]
+        assert results[1]["error"]["code"] == "CONTEXT_REQUIRED"
+        assert results[3]["error"]["code"] == "INVALID_INPUT"
+        tokens = [results[0]["token"], results[2]["token"], "kg1:broken", results[4]["token"]]
+        contexts = [None, {"purpose": "refund"}, None, {"u": "1"}]
+        pairs = zip(tokens, contexts, strict=True)
+        decrypt_items = [{"token": t, "context": ctx} if ctx else {"token": t} for t, ctx in pairs]
+        opened = c.post("/v1/decrypt/batch", json={"items": decrypt_items}).json()["results"]
+        assert opened[0] == {"plaintext": "a"} and opened[1] == {"plaintext": "c"}
+        assert opened[2]["error"]["code"] == "INVALID_CIPHERTEXT"
+        assert base64.b64decode(opened[3]["plaintext_b64"]) == b"\xff\x00"
+
+
+def test_batch_over_max_items_is_413(local_service: Service) -> None:
+    items = [{"classification": "general", "plaintext": ""}] * 1001
+    with local_service.client() as c:
+        _error(c.post("/v1/encrypt/batch", json={"items": items}), 413, "REQUEST_TOO_LARGE")
+
+
+def test_rewrap_and_inspect(service: Service) -> None:
+    with service.client() as c:
+        token = c.post("/v1/encrypt", json={"classification": "pii", "context": {"k": "v"}, "plaintext": "x"}).json()[
+            "token"
+        ]
+        rewrapped = c.post("/v1/rewrap", json={"token": token, "context": {"k": "v"}}).json()["token"]
+        assert rewrapped.startswith("kg1:") and rewrapped != token
+        assert c.post("/v1/decrypt", json={"token": rewrapped}).json() == {"plaintext": "x"}
+        info = c.post("/v1/inspect", json={"token": rewrapped}).json()
+        assert info["classification"] == "pii" and info["context"] == {"k": "v"} and info["body_size"] == 1
+        assert info["keys"][0]["provider"] == ("local" if "KMSGUARD_BACKEND" not in service.env else "aws-kms")
+
+
+def test_health_ready_metrics(service: Service) -> None:
+    with service.client(None) as anonymous:
+        assert anonymous.get("/healthz").json()["status"] == "ok"
+        ready = anonymous.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert set(ready.json()["checks"]) == {"config", "key:general", "key:pii", "key:payment", "audit"}
+        assert anonymous.get("/metrics").status_code == 401
+    with service.client("app") as c:
+        assert c.get("/metrics").status_code == 403
+    with service.client("admin") as admin:
+        text = admin.get("/metrics").text
+        assert "kmsguard_operations" in text
+
+
+def test_request_ids_are_echoed_and_audited(local_service: Service) -> None:
+    with local_service.client() as c:
+        made = c.post("/v1/encrypt", json={"classification": "general", "plaintext": "id-test"})
+        audit_id = made.headers["x-request-id"]
+        assert made.headers["x-audit-request-id"] == audit_id
+        body = {"classification": "general", "plaintext": "id-test"}
+        given = c.post("/v1/encrypt", json=body, headers={"X-Request-Id": "trace-7"})
+        assert given.headers["x-request-id"] == "trace-7"
+        evil = c.post("/healthz", headers={"X-Request-Id": "bad\tid"})
+        assert evil.headers["x-request-id"] != "bad\tid"
+        ids = {audit_id, given.headers["x-audit-request-id"]}
+    for _ in range(100):
+        records = {r.request_id: r for r in local_service.audit_records() if r.request_id in ids}
+        if len(records) == 2:
+            break
+        time.sleep(0.1)  # the deliverer takes the records to the sink in the background
+    assert set(records) == ids
+    assert all(r.principal == "app" and r.operation == "encrypt" and r.outcome == "ok" for r in records.values())
+
+
+def test_no_plaintext_or_token_in_any_error(local_service: Service) -> None:
+    secret = "4111111111111111"
+    with local_service.client() as c:
+        token = c.post(
+            "/v1/encrypt", json={"classification": "payment", "context": {"purpose": "p"}, "plaintext": secret}
+        ).json()["token"]
+        answers = [
+            c.post("/v1/decrypt", json={"token": token}),  # purpose missing
+            c.post("/v1/decrypt", json={"token": token, "context": {"purpose": "other"}}),
+            c.post("/v1/encrypt", json={"classification": "payment", "plaintext": secret}),
+            c.post("/v1/decrypt", json={"token": token[:-3] + "xyz", "context": {"purpose": "p"}}),
+        ]
+    for r in answers:
+        assert r.status_code == 400
+        assert secret not in r.text and token not in r.text and "Traceback" not in r.text
+        json.loads(r.text)

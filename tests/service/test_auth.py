@@ -1,0 +1,292 @@
+"""API keys: the 401/403 matrix, revocation across workers, rate limits, the CLI and both stores."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from audit.pgserver import PostgresUnavailable, ThrowawayPostgres
+from kmsguard.errors import ConfigurationError, InvalidInput
+from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
+from kmsguard.server.apikeys import FileKeyStore, KeyIndex, PostgresKeyStore, Scope, create_key, new_token
+from kmsguard.server.settings import ServerSettings
+from kmsguard.testing.service import ServiceProcess
+
+from .conftest import Service, base_env, kmsguard_cli, start_local
+
+
+@pytest.fixture(scope="module")
+def pg_dsn() -> Iterator[str]:
+    """$KMSGUARD_TEST_PG_DSN, else a throwaway server of this module's own (see tests/audit/pgserver.py)."""
+    if os.environ.get("KMSGUARD_TEST_PG_DSN"):
+        yield os.environ["KMSGUARD_TEST_PG_DSN"]
+        return
+    server = ThrowawayPostgres()
+    try:
+        server.start()
+    except PostgresUnavailable as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def general_token(local_service: Service) -> str:
+    with local_service.client() as c:
+        return str(c.post("/v1/encrypt", json={"classification": "pii", "plaintext": "x"}).json()["token"])
+
+
+def _requests(pii_token: str) -> dict[str, tuple[str, str, dict[str, object] | None]]:
+    """Endpoint -> (method, path, body). Encrypts are of pii data; envelopes are pii ones."""
+    return {
+        "encrypt": ("POST", "/v1/encrypt", {"classification": "pii", "plaintext": "x"}),
+        "encrypt/batch": ("POST", "/v1/encrypt/batch", {"items": [{"classification": "pii", "plaintext": "x"}]}),
+        "decrypt": ("POST", "/v1/decrypt", {"token": pii_token}),
+        "decrypt/batch": ("POST", "/v1/decrypt/batch", {"items": [{"token": pii_token}]}),
+        "rewrap": ("POST", "/v1/rewrap", {"token": pii_token}),
+        "inspect": ("POST", "/v1/inspect", {"token": pii_token}),
+        "metrics": ("GET", "/metrics", None),
+    }
+
+
+#: The key lacking each endpoint's operation (but holding others).
+LACKS_OPERATION = {
+    "encrypt": "inspect-only",
+    "encrypt/batch": "inspect-only",
+    "decrypt": "encrypt-only",
+    "decrypt/batch": "encrypt-only",
+    "rewrap": "encrypt-only",
+    "inspect": "encrypt-only",
+    "metrics": "app",
+}
+
+
+@pytest.mark.parametrize("endpoint", list(LACKS_OPERATION))
+def test_auth_matrix(local_service: Service, general_token: str, endpoint: str) -> None:
+    method, path, body = _requests(general_token)[endpoint]
+
+    def call(authorization: str | None) -> httpx.Response:
+        headers = {"Authorization": authorization} if authorization else {}
+        return httpx.request(method, local_service.url + path, json=body, headers=headers)
+
+    for authorization in (None, "Basic dXNlcjpwYXNz", f"Bearer {new_token()}", "Bearer kgk_short",
+                          f"Bearer {local_service.tokens['revoked']}"):
+        r = call(authorization)
+        assert r.status_code == 401, (authorization, r.text)
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error"]["code"] == "UNAUTHENTICATED"
+    denied = call(f"Bearer {local_service.tokens[LACKS_OPERATION[endpoint]]}")
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "ACCESS_DENIED"
+    if endpoint != "metrics":  # a key for general data only, on pii data
+        denied = call(f"Bearer {local_service.tokens['general-only']}")
+        assert denied.status_code == 403 and denied.json()["error"]["code"] == "ACCESS_DENIED"
+    allowed = call(f"Bearer {local_service.tokens['admin']}")
+    assert allowed.status_code == 200, allowed.text
+
+
+def test_health_endpoints_need_no_key(local_service: Service) -> None:
+    assert httpx.get(local_service.url + "/healthz").status_code == 200
+    assert httpx.get(local_service.url + "/readyz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    service = start_local(tmp_path_factory.mktemp("svc-2w"), workers=2)
+    yield service
+    service.process.stop()
+
+
+def test_revoked_key_is_refused_by_every_worker_within_5_seconds(two_workers: Service) -> None:
+    token = create_key(FileKeyStore(two_workers.home / "apikeys.json"), "short-lived", ["encrypt:*"])
+    body = {"classification": "general", "plaintext": "x"}
+    fresh = httpx.Limits(max_keepalive_connections=0)  # a new connection per request: both workers answer
+    with httpx.Client(base_url=two_workers.url, headers={"Authorization": f"Bearer {token}"}, limits=fresh) as c:
+        deadline = time.monotonic() + 10  # the workers learn of the new key within their refresh
+        workers: set[str] = set()
+        while time.monotonic() < deadline and len(workers) < 2:
+            r = c.post("/v1/encrypt", json=body)
+            if r.status_code == 200:
+                workers.add(r.headers["x-audit-request-id"][:12])  # each process has its own id prefix
+        assert len(workers) == 2, "both workers should have served the key"
+        revoke = kmsguard_cli(two_workers.env, "apikey", "revoke", "short-lived")
+        assert revoke.returncode == 0, revoke.stderr
+        revoked_at = time.monotonic()
+        while time.monotonic() - revoked_at < 5:
+            if all(c.post("/v1/encrypt", json=body).status_code == 401 for _ in range(20)):
+                break
+        else:
+            pytest.fail("a worker still accepted the revoked key 5 s after revocation")
+        refused = {c.post("/v1/encrypt", json=body).headers["x-audit-request-id"][:12] for _ in range(30)}
+        assert len(refused) == 2  # both workers were asked, and (above) all refused
+
+
+def test_rate_limit_per_key_answers_429_with_retry_after(limited_service: Service) -> None:
+    body = {"classification": "general", "plaintext": "x"}
+    with limited_service.client("app") as app, limited_service.client("admin") as admin:
+        answers = [app.post("/v1/encrypt", json=body) for _ in range(3)]
+        assert [r.status_code for r in answers[:2]] == [200, 200]
+        r = answers[2]
+        assert r.status_code == 429 and r.json()["error"] == {
+            "code": "RATE_LIMITED", "message": "this API key's request rate limit is exceeded", "retryable": True,
+        }
+        assert int(r.headers["retry-after"]) >= 1
+        assert admin.post("/v1/encrypt", json=body).status_code == 200  # another key's bucket
+
+
+def test_auth_none_is_refused_off_loopback(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "kmsguard.toml").write_text('[server]\nauth = "none"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "kmsguard", "serve", "--host", "0.0.0.0", "--port", "1"],
+        env=base_env(home), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert r.returncode == 1
+    assert 'server.auth: "none" is allowed only on a loopback address' in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_auth_none_on_loopback_serves_without_keys(tmp_path: Path) -> None:
+    service = start_local(tmp_path / "h", server='auth = "none"')
+    try:
+        r = httpx.post(service.url + "/v1/encrypt", json={"classification": "general", "plaintext": "x"})
+        assert r.status_code == 200
+    finally:
+        service.process.stop()
+
+
+def test_apikey_cli_stores_only_hashes(tmp_path: Path) -> None:
+    env = base_env(tmp_path)
+
+    def kg(*args: str) -> subprocess.CompletedProcess[str]:
+        return kmsguard_cli(env, *args)
+
+    made = kg("apikey", "create", "--name", "billing", "--allow", "encrypt:payment", "--allow", "decrypt:*")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    assert token.startswith("kgk_") and len(token) == 47
+    path = tmp_path / "apikeys.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert token not in path.read_text() and token[4:] not in path.read_text()
+    assert kg("apikey", "create", "--name", "billing", "--allow", "encrypt:*").returncode == 1
+    assert "OP:CLASS" in kg("apikey", "create", "--name", "x", "--allow", "fly:general").stderr
+    listed = kg("apikey", "list")
+    assert "billing" in listed.stdout and "encrypt:payment decrypt:*" in listed.stdout and token not in listed.stdout
+    assert kg("apikey", "revoke", "billing").returncode == 0
+    assert "revoked" in kg("apikey", "list").stdout
+    gone = kg("apikey", "revoke", "billing")
+    assert gone.returncode == 1 and "no live API key" in gone.stderr
+
+
+def test_scopes() -> None:
+    assert Scope.parse("decrypt:pii").covers("decrypt", "pii")
+    assert not Scope.parse("decrypt:pii").covers("decrypt", "payment")
+    assert not Scope.parse("decrypt:pii").covers("encrypt", "pii")
+    assert Scope.parse("admin:*").covers("rewrap", "payment")
+    assert Scope.parse("admin:general").covers("inspect", "general")
+    for bad in ("decrypt", "read:pii", "decrypt:PII", "decrypt:"):
+        with pytest.raises(InvalidInput):
+            Scope.parse(bad)
+
+
+def test_key_index_lookup_and_reload(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path / "apikeys.json")
+    token = create_key(store, "a", ["encrypt:*"])
+    index = KeyIndex(store, refresh=0)
+    key = index.lookup(token)
+    assert key is not None and key.name == "a"
+    assert index.lookup(token + "x") is None and index.lookup(new_token()) is None and index.lookup("") is None
+    store.revoke("a")
+    index.maybe_reload()
+    assert index.lookup(token) is None
+    index.flush_last_used()
+
+
+def test_postgres_key_store(pg_dsn: str) -> None:
+    schema = f"kg_keys_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        store = PostgresKeyStore(pg_dsn, schema)
+        token = create_key(store, "replica-app", ["encrypt:general", "decrypt:general"])
+        with pytest.raises(InvalidInput):
+            create_key(store, "replica-app", ["encrypt:*"])
+        index = KeyIndex(store, refresh=0)
+        key = index.lookup(token)
+        assert key is not None and key.allows("decrypt", "general") and not key.allows("decrypt", "pii")
+        index.flush_last_used()
+        assert store.load()[0].last_used is not None
+        assert store.revoke("replica-app") and not store.revoke("replica-app")
+        index.maybe_reload()
+        assert index.lookup(token) is None
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def test_server_settings_validation() -> None:
+    assert ServerSettings.from_section({}, {}) == ServerSettings()
+    s = ServerSettings.from_section({"port": 9000, "workers": 2}, {"KMSGUARD_SERVER_PORT": "9100"})
+    assert (s.port, s.workers) == (9100, 2)
+    assert ServerSettings.from_section({}, {}, port=7000, host=None).port == 7000
+    bad = [
+        ({"prot": 1}, {}, "server.prot: unknown setting"),
+        ({"port": "80"}, {}, "server.port: must be a whole number"),
+        ({"port": True}, {}, "server.port"),
+        ({"workers": 0}, {}, "server.workers"),
+        ({"auth": "basic"}, {}, "server.auth: must be one of"),
+        ({"auth": "none", "host": "0.0.0.0"}, {}, "loopback"),
+        ({"api_keys": "postgres"}, {}, "server.api_keys_dsn"),
+        ({"rate_limit": float("nan")}, {}, "server.rate_limit"),
+        ({"metrics_auth": "yes"}, {}, "server.metrics_auth"),
+        ({}, {"KMSGUARD_SERVER_WORKERS": "many"}, "KMSGUARD_SERVER_WORKERS: must be a number"),
+        ({}, {"KMSGUARD_SERVER_METRICS_AUTH": "maybe"}, "KMSGUARD_SERVER_METRICS_AUTH: must be true or false"),
+    ]
+    for section, env, message in bad:
+        with pytest.raises(ConfigurationError, match=message.replace(".", r"\.")):
+            ServerSettings.from_section(section, env)
+    assert ServerSettings.from_section({"auth": "none", "host": "::1"}, {}).auth == "none"
+
+
+def test_service_with_api_keys_in_postgres(tmp_path: Path, pg_dsn: str) -> None:
+    """Keys made and revoked with the CLI in PostgreSQL, seen by a running service (as by every replica)."""
+    schema = f"kg_keys_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "kmsguard.toml").write_text(
+        f'[server]\napi_keys = "postgres"\napi_keys_dsn = "{pg_dsn}"\napi_keys_schema = "{schema}"\n'
+        '[audit]\nsink = "jsonl"\n'
+    )
+    LocalKeyring.create(home / KEY_FILE_NAME, ["general", "pii", "payment"])
+    env = base_env(home)
+
+    def kg(*args: str) -> subprocess.CompletedProcess[str]:
+        return kmsguard_cli(env, *args)
+
+    try:
+        made = kg("apikey", "create", "--name", "edge", "--allow", "encrypt:general")
+        assert made.returncode == 0, made.stderr
+        token = made.stdout.strip()
+        assert not (home / "apikeys.json").exists()
+        with ServiceProcess(env) as process:
+            body = {"classification": "general", "plaintext": "x"}
+            headers = {"Authorization": f"Bearer {token}"}
+            assert httpx.post(process.url + "/v1/encrypt", json=body, headers=headers).status_code == 200
+            assert kg("apikey", "revoke", "edge").returncode == 0
+            deadline = time.monotonic() + 5
+            while httpx.post(process.url + "/v1/encrypt", json=body, headers=headers).status_code != 401:
+                assert time.monotonic() < deadline, "the revoked key was still accepted after 5 s"
+                time.sleep(0.1)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
