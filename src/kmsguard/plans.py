@@ -62,7 +62,7 @@ from kmsguard.errors import (
 from kmsguard.fastpath import Budget, HitSink, next_tick
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.lru import LruIndex
-from kmsguard.policy import FIELD_CONTEXT_KEY, Policy
+from kmsguard.policy import FIELD_CONTEXT_KEY, ClassPolicy, Policy
 
 #: True when this module runs compiled.
 COMPILED = not __file__.endswith(".py")
@@ -176,11 +176,11 @@ def _required(plan: DecryptPlan, given: Mapping[str, str]) -> ContextRequired:
 class Lane:
     """A cached data key lent to one plan: its Budget, and for encrypt the prefixes naming it.
 
-    Never changed once made, except ``kinds`` and ``last`` (a dictionary and one tuple,
-    each replaced whole): a plan swaps its lane in one store, so a reader sees one whole
-    lane. ``kinds``: the HitKind per principal (encrypt) or per (principal, caller's
-    context items) (decrypt), for recording hits; ``last``: the last (principal, HitKind)
-    an encrypt found.
+    Never changed once made, except ``kinds`` (a dictionary that only grows, up to
+    MAX_KINDS_PER_LANE) and ``last`` (one tuple, replaced whole): a plan swaps its lane in
+    one store, so a reader sees one whole lane. ``kinds``: the HitKind per principal
+    (encrypt) or per (principal, caller's context items) (decrypt), for recording hits;
+    ``last``: the last (principal, HitKind) an encrypt found.
     """
 
     def __init__(
@@ -197,7 +197,7 @@ class Lane:
 class EncryptPlan:
     """Everything decided once for sealing under one classification and context."""
 
-    def __init__(self, policy: Any, context: Mapping[str, str], request: KeyRequest, header: bytes) -> None:
+    def __init__(self, policy: ClassPolicy, context: Mapping[str, str], request: KeyRequest, header: bytes) -> None:
         self.policy = policy
         self.context = context
         self.request = request
@@ -221,7 +221,7 @@ class EncryptPlan:
 class DecryptPlan:
     """Everything decided once for opening envelopes that share one prefix (header through commitment)."""
 
-    def __init__(self, policy: Any, env: envelope.Envelope, request: KeyRequest) -> None:
+    def __init__(self, policy: ClassPolicy, env: envelope.Envelope, request: KeyRequest) -> None:
         self.policy = policy
         self.context = env.context
         self.required = tuple(sorted(policy.required_context))
