@@ -1,4 +1,4 @@
-"""Compiles kmsguard's per-message hot path with Cython (see src/kmsguard/fastpath.py).
+"""Compiles kmsguard's per-message hot path with Cython (see src/kmsguard/fastpath.py and plans.py).
 
 Everything else is in pyproject.toml. The extensions are optional: without a C
 compiler the same modules run as plain Python (``kmsguard.fastpath.COMPILED`` is then
@@ -8,13 +8,14 @@ False), slower but identical in behaviour.
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ("kmsguard.fastpath", "kmsguard.nonces", "kmsguard.histogram", "kmsguard.audit.frames")
+MODULES = ("kmsguard.fastpath", "kmsguard.plans", "kmsguard.nonces", "kmsguard.histogram", "kmsguard.audit.frames")
 
 setup(
     ext_modules=cythonize(
         [Extension(name, [f"src/{name.replace('.', '/')}.py"], optional=True) for name in MODULES],
         # Types come from the .pxd files, not from annotations (which are for mypy). Index
-        # checks are the code's own (Frames.attach, Histogram's bounds), so Cython's are off.
+        # checks are the code's own (Frames.attach, Histogram's bounds, plans._prefix_len's
+        # length checks), so Cython's are off.
         include_path=["src"],  # where the .pxd files cimport one another from
         compiler_directives={
             "language_level": "3",

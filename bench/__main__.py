@@ -20,6 +20,7 @@ TOPICS: dict[str, str] = {
     "aws_client": "bench.aws_client",
     "failover": "bench.failover",
     "throttling": "bench.throttling",
+    "cardinality": "bench.cardinality",
     "server": "bench.server",
     "fields": "bench.fields",
     "rewrap": "bench.rewrap",

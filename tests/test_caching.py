@@ -15,7 +15,7 @@ import pytest
 from kmsguard import Guard, KeyDisabled, RateLimited, envelope
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import InvalidInput
-from kmsguard.keyrings.base import KeyRequest
+from kmsguard.keyrings.base import KeyRequest, backend_of
 from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.operation import Operation
@@ -107,11 +107,11 @@ def counting(home: Path) -> Counting:
     return Counting(LocalKeyring.create(home / KEY_FILE_NAME, ["general", "pii", "payment"]))
 
 
-def cache(counting: Counting, clock: Clock | None = None, capacity: int = 64, **limits: object) -> CachingKeyring:
+def cache(counting: Counting, clock: Clock | None = None, max_entries: int = 64, **limits: object) -> CachingKeyring:
     return CachingKeyring(
         counting,
         {"general": CacheLimits(**limits)},  # type: ignore[arg-type]
-        capacity=capacity,
+        max_entries=max_entries,
         clock=clock or Clock(),
     )
 
@@ -121,41 +121,41 @@ def cache(counting: Counting, clock: Clock | None = None, capacity: int = 64, **
 
 def test_max_messages_bounds_each_key(counting: Counting) -> None:
     c = cache(counting, max_messages=3)
-    keys = [c.generate_for(GENERAL, 10) for _ in range(7)]
+    keys = [c.lend(GENERAL, 10)[0] for _ in range(7)]
     assert counting.calls["generate"] == 3
     assert [keys.count(k) for k in dict.fromkeys(keys)] == [3, 3, 1]
 
 
 def test_max_bytes_bounds_each_key(counting: Counting) -> None:
     c = cache(counting, max_bytes=100)
-    keys = [c.generate_for(GENERAL, 40) for _ in range(5)]
+    keys = [c.lend(GENERAL, 40)[0] for _ in range(5)]
     assert counting.calls["generate"] == 3
     assert keys[0] is keys[1] and keys[1] is not keys[2] and keys[2] is keys[3]
 
 
 def test_message_larger_than_max_bytes_gets_its_own_key_and_leaves_the_entry(counting: Counting) -> None:
     c = cache(counting, max_bytes=100)
-    shared = c.generate_for(GENERAL, 10)
-    big = c.generate_for(GENERAL, 101)
+    shared = c.lend(GENERAL, 10)[0]
+    big = c.lend(GENERAL, 101)[0]
     assert big is not shared
-    assert c.generate_for(GENERAL, 10) is shared
+    assert c.lend(GENERAL, 10)[0] is shared
     assert counting.calls["generate"] == 2
 
 
 def test_max_age_retires_a_key(counting: Counting) -> None:
     clock = Clock()
     c = cache(counting, clock, max_age=60)
-    first = c.generate_for(GENERAL, 1)
+    first = c.lend(GENERAL, 1)[0]
     clock.now += 59.9
-    assert c.generate_for(GENERAL, 1) is first
+    assert c.lend(GENERAL, 1)[0] is first
     clock.now += 0.2
-    assert c.generate_for(GENERAL, 1) is not first
+    assert c.lend(GENERAL, 1)[0] is not first
     assert counting.calls["generate"] == 2
 
 
 def test_reuse_false_calls_the_keyring_every_time(counting: Counting) -> None:
     c = cache(counting, reuse=False)
-    keys = [c.generate_for(GENERAL, 1) for _ in range(4)]
+    keys = [c.lend(GENERAL, 1)[0] for _ in range(4)]
     assert len({id(k) for k in keys}) == 4
     assert counting.calls["generate"] == 4
 
@@ -242,7 +242,7 @@ def test_sixteen_concurrent_misses_make_one_call(counting: Counting, side: str) 
     results: list[DataKey] = []
 
     def worker() -> None:
-        results.append(c.generate_for(GENERAL, 1) if side == "generate" else c.unwrap(wrapped, GENERAL))
+        results.append(c.lend(GENERAL, 1)[0] if side == "generate" else c.unwrap(wrapped, GENERAL))
 
     concurrently(counting, 16, worker)
     assert len(results) == 16 and len({id(k) for k in results}) == 1
@@ -258,14 +258,14 @@ def test_a_failed_call_reaches_every_waiter_and_is_not_cached(counting: Counting
 
     def worker() -> None:
         try:
-            c.generate_for(GENERAL, 1)
+            c.lend(GENERAL, 1)[0]
         except KeyDisabled as exc:
             errors.append(exc)
 
     concurrently(counting, 4, worker)
     assert len(errors) == 4
     counting.fail = None
-    c.generate_for(GENERAL, 1)
+    c.lend(GENERAL, 1)[0]
     assert c.stats().entries == 1
 
 
@@ -276,7 +276,7 @@ def test_waiters_of_a_throttled_call_try_again_instead_of_failing(counting: Coun
 
     def worker() -> None:
         try:
-            c.generate_for(GENERAL, 1)
+            c.lend(GENERAL, 1)[0]
             outcomes.append("ok")
         except RateLimited:
             outcomes.append("throttled")
@@ -291,13 +291,12 @@ def test_waiters_of_a_throttled_call_try_again_instead_of_failing(counting: Coun
 
 def test_lru_eviction_drops_the_key_everywhere(counting: Counting) -> None:
     telemetry = Recorder()
-    c = CachingKeyring(counting, {"general": CacheLimits()}, capacity=2, telemetry=telemetry, clock=Clock())
+    c = CachingKeyring(counting, {"general": CacheLimits()}, max_entries=2, telemetry=telemetry, clock=Clock())
     requests = [KeyRequest("general", "local:general", {"n": str(i)}) for i in range(3)]
-    first = c.generate(requests[0])
-    lease = c.lease(requests[0])
-    assert lease is not None and lease[0] is first
+    first, budget = c.lend(requests[0], 0)
+    assert budget is not None and c.generate(requests[0]) is first
     c.generate(requests[1])
-    c.generate(requests[0])  # touch 0, so 1 is the least recently used
+    assert budget.claim(0) is not None  # a use through a plan's lane touches 0: 1 is the least recently used
     c.generate(requests[2])  # evicts 1
     assert c.stats().entries == 2 and c.stats().evictions == 1
     c.generate(requests[0])
@@ -306,20 +305,20 @@ def test_lru_eviction_drops_the_key_everywhere(counting: Counting) -> None:
     assert counting.calls["generate"] == 4
     assert ("evict", "general") in telemetry.events
     c.clear()
-    assert c.stats().entries == 0 and lease[1].aead is None  # no lane can use the key any more
-    assert c.lease(requests[0]) is None
+    assert c.stats().entries == 0 and budget.aead is None  # no lane can use the key any more
+    assert c.lend(requests[0], 0)[0] is not first
 
 
 def test_expired_keys_leave_memory_at_the_next_miss(counting: Counting) -> None:
     clock = Clock()
     c = cache(counting, clock, max_age=10, decrypt_ttl=10)
-    c.generate(GENERAL)
-    lease = c.lease(GENERAL)
-    assert lease is not None
+    budget = c.lend(GENERAL, 0)[1]
+    assert budget is not None
     clock.now += 11
     c.generate(KeyRequest("general", "local:general", {"tenant": "other"}))
-    assert c.stats().entries == 1 and c.stats().evictions == 1
-    assert lease[1].aead is None and not lease[1].live
+    stats = c.stats()
+    assert (stats.entries, stats.retired, stats.evictions) == (1, 1, 0)
+    assert budget.aead is None and not budget.live
 
 
 def test_reports_hits_and_misses_to_telemetry_and_the_operation(keyring: LocalKeyring) -> None:
@@ -341,10 +340,12 @@ def test_reports_hits_and_misses_to_telemetry_and_the_operation(keyring: LocalKe
     [hits] = telemetry.hit_sources  # hits are counted by the cache, read when exported
     assert hits() == {"general": 2}
     guard.encrypt(b"c", "general")  # through the lane: counted all the same
-    guard.keyring.clear()  # type: ignore[attr-defined]
+    assert isinstance(guard.keyring, CachingKeyring)
+    guard.keyring.clear()
     assert hits() == {"general": 3}  # retired entries' hits are kept
 
 
 def test_from_env_caches_by_default(guard: Guard) -> None:
     assert isinstance(guard.keyring, CachingKeyring)
-    assert guard.keyring.versions()  # key management still reaches the local keyring
+    assert isinstance(guard.keyring.inner, LocalKeyring)  # key management reaches the local keyring
+    assert backend_of(guard.keyring) is guard.keyring.inner

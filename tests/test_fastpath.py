@@ -1,7 +1,8 @@
-"""The cache-hit lanes (kmsguard.fastpath): compiled, exact limits, and never a decision of their own.
+"""Budgets (kmsguard.fastpath) and the plans' lanes (kmsguard.plans): compiled, exact limits, and
+never a decision of their own.
 
-Every lane test compares with what the full path does: a lane either gives the same
-result or steps aside (None), and the cache's limits hold across both paths.
+Every lane test compares with what the full route does: a lane either gives the same
+result or steps aside (None), and the cache's limits hold across both routes.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kmsguard import ContextMismatch, ContextRequired, Guard, InvalidCiphertext, envelope, fastpath
+from kmsguard import ContextMismatch, ContextRequired, Guard, InvalidCiphertext, InvalidInput, envelope, fastpath, plans
 from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.policy import CacheLimits, Policy
@@ -25,10 +28,11 @@ from kmsguard.policy import CacheLimits, Policy
 NAMES = ("general", "pii", "payment")
 
 
-def _source_module() -> ModuleType:
-    """fastpath.py imported as plain Python, as it runs where no compiler built it."""
-    source = Path(fastpath.__file__).with_name("fastpath.py")
-    spec = importlib.util.spec_from_file_location("kmsguard_fastpath_source", source)
+def _source_module(compiled: ModuleType) -> ModuleType:
+    """A compiled module's .py imported as plain Python, as it runs where no compiler built it."""
+    name = compiled.__name__.rsplit(".", 1)[1]
+    source = Path(compiled.__file__).with_name(f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"kmsguard_{name}_source", source)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -37,7 +41,12 @@ def _source_module() -> ModuleType:
 
 @pytest.fixture(params=["compiled", "source"])
 def fp(request: pytest.FixtureRequest) -> ModuleType:
-    return fastpath if request.param == "compiled" else _source_module()
+    return fastpath if request.param == "compiled" else _source_module(fastpath)
+
+
+@pytest.fixture(params=["compiled", "source"])
+def pl(request: pytest.FixtureRequest) -> ModuleType:
+    return plans if request.param == "compiled" else _source_module(plans)
 
 
 class Clock:
@@ -53,10 +62,10 @@ def test_the_installed_build_compiled_the_hot_path() -> None:
     from kmsguard import histogram, nonces
     from kmsguard.audit import frames
 
-    for module in (fastpath, nonces, histogram, frames):
+    for module in (fastpath, plans, nonces, histogram, frames):
         assert not module.__file__.endswith(".py"), f"{module.__name__} runs as plain Python from {module.__file__}"
-    assert fastpath.COMPILED and histogram.COMPILED and frames.COMPILED
-    assert not _source_module().COMPILED
+    assert fastpath.COMPILED and plans.COMPILED and histogram.COMPILED and frames.COMPILED
+    assert not _source_module(fastpath).COMPILED and not _source_module(plans).COMPILED
 
 
 def test_budget_counts_messages_bytes_and_age(fp: ModuleType) -> None:
@@ -126,6 +135,12 @@ def make_guard(keyring: LocalKeyring, clock: Clock | None = None, **limits: Any)
     return Guard(policy, cache)
 
 
+def lane_of(guard: Guard) -> plans.Lane:
+    lane = next(iter(guard._plans.encrypt.items.values())).lane
+    assert lane is not None
+    return lane
+
+
 def wrapped_of(data: bytes) -> bytes:
     return envelope.parse(data).wrapped_keys[0].wrapped
 
@@ -134,11 +149,12 @@ def test_hits_take_a_lane_and_open_like_the_full_path(local: LocalKeyring) -> No
     guard = make_guard(local)
     ctx = {"tenant": "t-1"}
     first = guard.encrypt(b"one", "general", ctx)
-    assert len(guard._lanes.encrypt) == 1
+    assert len(guard._plans.encrypt) == 1
+    lane_of(guard)
     second = guard.encrypt(b"two", "general", ctx)  # through the lane
     assert wrapped_of(first) == wrapped_of(second)
-    assert guard.decrypt(first, ctx) == b"one"  # full path, binds the decrypt lane
-    assert len(guard._lanes.decrypt) == 1
+    assert guard.decrypt(first, ctx) == b"one"  # full route, lends the decrypt plan its lane
+    assert [p.lane is not None for p in guard._plans.decrypt.items.values()] == [True]
     assert guard.decrypt(second, ctx) == b"two"  # through the lane
     fresh = make_guard(local)  # no lanes, no cache: the lane's envelope is a normal one
     assert fresh.decrypt(second, ctx) == b"two"
@@ -157,7 +173,7 @@ def test_limits_hold_across_lane_and_full_path(local: LocalKeyring) -> None:
 def test_clearing_the_cache_retires_the_lanes_key(local: LocalKeyring) -> None:
     guard = make_guard(local)
     before = wrapped_of(guard.encrypt(b"x", "general"))
-    lane = next(iter(guard._lanes.encrypt.values()))
+    lane = lane_of(guard)
     assert isinstance(guard.keyring, CachingKeyring)
     guard.keyring.clear()
     assert lane.budget.aead is None  # the lane no longer holds the key object
@@ -174,50 +190,52 @@ def sealed(local: LocalKeyring) -> Iterator[tuple[Guard, bytes]]:
 
 def test_a_lane_leaves_every_error_to_the_full_path(sealed: tuple[Guard, bytes]) -> None:
     guard, data = sealed
-    assert guard._lanes.open(data, {"purpose": "other"}) is None
+    assert guard._plans.open(data, {"purpose": "other"}) is None
     with pytest.raises(ContextMismatch):
         guard.decrypt(data, {"purpose": "other"})
-    assert guard._lanes.open(data, None) is None
+    assert guard._plans.open(data, None) is None
     with pytest.raises(ContextRequired):
         guard.decrypt(data)
-    assert guard._lanes.open(data, ["purpose"]) is None
-    assert guard._lanes.seal("text", "payment", {"purpose": "refund", "tenant": "t"}) is None
+    assert guard._plans.open(data, ["purpose"]) is None
+    assert guard._plans.seal("text", "payment", {"purpose": "refund", "tenant": "t"}) is None
 
 
 def test_a_forged_body_under_a_bound_prefix_is_invalid(sealed: tuple[Guard, bytes]) -> None:
     guard, data = sealed
     forged = data[:-1] + bytes([data[-1] ^ 1])
     with pytest.raises(InvalidCiphertext):
-        guard._lanes.open(forged, {"purpose": "refund"})
+        guard._plans.open(forged, {"purpose": "refund"})
     with pytest.raises(InvalidCiphertext):
-        guard.decrypt(data[:-17], {"purpose": "refund"})  # too short for a tag: the full path says so
+        guard.decrypt(data[:-17], {"purpose": "refund"})  # too short for a tag: the full route says so
 
 
-def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(fp: ModuleType) -> None:
-    """The lanes' clock and context-variable read are C when compiled, stand-ins when not: both must agree."""
+def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(pl: ModuleType) -> None:
+    """The clock and context-variable read are C when compiled, stand-ins when not: both must agree."""
     from contextvars import ContextVar
 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     hits: list[tuple[object, float, float, int]] = []
 
-    class Sink(fp.HitSink):  # type: ignore[misc,name-defined]
+    class Sink(fastpath.HitSink):  # type: ignore[misc]
         def record(self, kind: Any, started: float, duration: float, size: int) -> None:
             hits.append((kind, started, duration, size))
 
     acting: ContextVar[str | None] = ContextVar("acting", default=None)
-    lanes = fp.Lanes(observed=True, sinks=(Sink(),), principal="svc", acting=acting)
-    lane = fp.EncryptLane(fp.Budget(AESGCM(bytes(32)), Clock(), expires=2000.0), b"prefix", b"aad")
-    lanes.bind_encrypt(("general", ()), lane)
-    fp.bind_kind(lane, "svc", "svc-kind")
-    fp.bind_kind(lane, "agent", "agent-kind")
+    policy = Policy.defaults({n: f"local:{n}" for n in NAMES})
+    tables = pl.Plans(policy, observed=True, sinks=(Sink(),), principal="svc", acting=acting)
+    plan = tables.encrypt_plan("general", None)
+    lane = plan.lane = pl.Lane(fastpath.Budget(AESGCM(bytes(32)), Clock(), expires=2000.0), (), b"prefix", b"aad")
+    pl.bind_kind(lane, "svc", "svc-kind")
+    pl.bind_kind(lane, "agent", "agent-kind")
+    lanes = tables
 
     before = time.time()
     assert lanes.seal(b"x" * 10, "general", None) is not None
     token = acting.set("agent")
     assert lanes.seal(b"y" * 20, "general", None) is not None
     acting.set("stranger")
-    assert lanes.seal(b"z", "general", None) is None  # no kind for this principal: the full path
+    assert lanes.seal(b"z", "general", None) is None  # no kind for this principal: the full route
     acting.reset(token)
     after = time.time()
 
@@ -228,6 +246,39 @@ def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(fp: Modu
 
     # The lane remembers the last principal's kind; binding another kind for it replaces that.
     assert lanes.seal(b"x", "general", None) is not None
-    fp.bind_kind(lane, "svc", "svc-kind-2")
+    pl.bind_kind(lane, "svc", "svc-kind-2")
     assert lanes.seal(b"x", "general", None) is not None
     assert [kind for kind, _, _, _ in hits[2:]] == ["svc-kind", "svc-kind-2"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    context=st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=40), max_size=5),
+    cut=st.integers(0, 400),
+)
+def test_the_prefix_length_read_from_the_length_fields_is_the_parsed_one(
+    shared_guard: Guard, context: dict[str, str], cut: int
+) -> None:
+    """plans._prefix_len (how a decrypt plan is found) agrees with the parser on every envelope,
+    and on a truncated or altered one never finds a plan the parser would not."""
+    source = _source_module(plans)
+    try:
+        sealed = shared_guard.encrypt(b"x" * 10, "general", context)
+    except InvalidInput:
+        return  # a context the policy refuses (a reserved key, lone surrogates)
+    env = envelope.parse(sealed)
+    assert source._prefix_len(sealed) == env.body_offset - envelope.NONCE_SIZE
+    truncated = sealed[: min(cut, len(sealed) - 1)]
+    n = source._prefix_len(truncated)
+    assert n == -1 or n + envelope.NONCE_SIZE + envelope.TAG_SIZE <= len(truncated)
+    assert shared_guard.decrypt(sealed, context) == b"x" * 10  # the plan and its lane exist now
+    try:
+        assert shared_guard._plans.open(truncated, context) is None
+    except InvalidCiphertext:
+        assert n == env.body_offset - envelope.NONCE_SIZE  # the prefix is whole: the body fails its tag
+
+
+@pytest.fixture(scope="module")
+def shared_guard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guard]:
+    with make_guard(LocalKeyring.create(tmp_path_factory.mktemp("shared") / KEY_FILE_NAME, NAMES)) as guard:
+        yield guard

@@ -88,7 +88,7 @@ class UnwrapOnce:
         self._slots: dict[Hashable, _Slot] = {}
 
     def __call__(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> DataKey:
-        key = (tuple(wrapped), request.cache_partition())
+        key = (tuple(wrapped), request.partition)
         with self._lock:
             slot = self._slots.setdefault(key, _Slot())
         with slot.lock:

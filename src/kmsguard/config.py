@@ -21,13 +21,14 @@ from typing import Any
 
 from kmsguard.config_table import ConfigTable
 from kmsguard.errors import ConfigurationError, InvalidInput
+from kmsguard.keyrings.caching import DEFAULT_MAX_ENTRIES
 from kmsguard.policy import CLASSIFICATION_RE, DEFAULT_CLASSIFICATIONS, CacheLimits, Policy, default_class
 
 CONFIG_FILE_NAME = "kmsguard.toml"
 BACKENDS = ("local", "aws")
 ENVIRONMENTS = ("development", "staging", "production")
 COMPONENT_SECTIONS = ("aws", "audit", "metrics", "server")
-_TOP_LEVEL = {"backend", "app", "environment", "principal", "classifications", *COMPONENT_SECTIONS}
+_TOP_LEVEL = {"backend", "app", "environment", "principal", "classifications", "cache", *COMPONENT_SECTIONS}
 _CLASS_FIELDS = {"key", "required_context", "kms_context_keys", "strict_audit", "regions", "cache"}
 _CACHE_FIELDS = {"reuse", "max_age", "max_messages", "max_bytes", "decrypt_ttl"}
 _APP_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -46,6 +47,8 @@ class Settings:
     config_path: Path | None = None
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
+    #: ``[cache] max_entries``: data keys one process caches (encrypt and decrypt entries together).
+    cache_max_entries: int = DEFAULT_MAX_ENTRIES
 
     def section(self, name: str) -> Mapping[str, Any]:
         """A component's raw table (``aws``, ``audit``...), empty when absent."""
@@ -91,6 +94,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         config_path=path if path.exists() else None,
         sections={name: doc.raw_table(name) for name in COMPONENT_SECTIONS},
         env=env,
+        cache_max_entries=_cache_max_entries(doc),
     )
 
 
@@ -133,6 +137,17 @@ def _cache(spec: ConfigTable, base: CacheLimits) -> CacheLimits:
         )
     except InvalidInput as exc:
         raise ConfigurationError(f"{spec.where}: {exc.message}") from None
+
+
+def _cache_max_entries(doc: ConfigTable) -> int:
+    """``[cache] max_entries``, or ``KMSGUARD_CACHE_MAX_ENTRIES`` when set: a whole number of at least 1."""
+    table = doc.table("cache", {"max_entries"})
+    var = doc.env.get("KMSGUARD_CACHE_MAX_ENTRIES")
+    if var:
+        if not var.isdigit() or int(var) < 1:
+            raise ConfigurationError("KMSGUARD_CACHE_MAX_ENTRIES: must be a whole number of at least 1")
+        return int(var)
+    return table.integer("max_entries", DEFAULT_MAX_ENTRIES, minimum=1)
 
 
 def _read_toml(path: Path, required: bool) -> dict[str, Any]:

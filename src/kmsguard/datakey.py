@@ -55,8 +55,11 @@ class WrappedKey:
 class DataKey:
     """A plaintext data key, its wrapped copies, and the suite-1 keys derived from it.
 
-    The plaintext never appears in ``repr`` or ``str``. ``use()`` counts messages so
-    that no DEK ever seals more than 2^32 of them, whichever cache holds it.
+    The plaintext never appears in ``repr`` or ``str``. ``use()`` counts the messages
+    sealed through :class:`kmsguard.envelope.Sealer` and refuses past 2^32. A key the
+    data-key cache lends is also used through its Budget (kmsguard.fastpath), which
+    counts those uses against the classification's ``max_messages``, itself at most
+    2^32 (CacheLimits refuses more); either way no DEK seals more than 2^32 messages.
     """
 
     __slots__ = ("_counter", "_plaintext", "aead", "commitment", "wrapped")
@@ -80,7 +83,7 @@ class DataKey:
         return DataKey(self._plaintext, wrapped)
 
     def use(self) -> int:
-        """Count one message sealed under this key; refuse past the AES-GCM limit."""
+        """Count one message sealed by a Sealer under this key; refuse past the AES-GCM limit."""
         n = next(self._counter)
         if n > MAX_MESSAGES_PER_DEK:
             raise DataKeyExhausted()

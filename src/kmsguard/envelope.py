@@ -161,7 +161,7 @@ class Sealer:
 
     The header, the wrapped-keys section and the commitment are encoded once here, so
     sealing a message costs one AES-GCM call, a random nonce and a concatenation. Guard
-    keeps the result for a cached data key as a lane (kmsguard.fastpath), not the Sealer:
+    keeps the result for a cached data key as a plan's lane (kmsguard.plans), not the Sealer:
     a Sealer holds its key, and the key nothing of the Sealer's.
     """
 

@@ -1,10 +1,14 @@
 """Guard: the one object an application holds to encrypt and decrypt classified data.
 
 Guard is the only place where data keys (from a keyring) meet data (through the
-envelope). Around every operation it applies the policy (which key, which context is
-required), and reports an :class:`~kmsguard.operation.Operation` to its observers
-(audit, metrics). It holds no mutable state of its own, so one Guard is shared by all
-threads of a process.
+envelope). Every operation goes through its plan (kmsguard.plans): the policy's
+decisions for that classification and context, or that envelope prefix, made once.
+A cache hit is served by the plan's lane in one call; anything else takes the full
+route, which applies the policy, asks the keyring for a key and reports an
+:class:`~kmsguard.operation.Operation` to the observers (audit, metrics).
+
+Guard's mutable state is its plan tables (bounded, least recently used out; see
+kmsguard.plans), safe to share: one Guard serves all threads of a process.
 """
 
 from __future__ import annotations
@@ -14,26 +18,19 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
-from kmsguard import batch, envelope, fastpath, operation, plans
+from kmsguard import batch, envelope, operation, plans
 from kmsguard.config import Settings, load_settings
-from kmsguard.datakey import DataKey, WrappedKey
-from kmsguard.errors import (
-    AuditUnavailable,
-    ContextMismatch,
-    ContextRequired,
-    InvalidCiphertext,
-    InvalidInput,
-    KmsGuardError,
-    UnknownClassification,
-)
-from kmsguard.keyrings.base import KeyRequest, Keyring, sized_generate
+from kmsguard.datakey import WrappedKey
+from kmsguard.errors import AuditUnavailable, InvalidInput, KmsGuardError
+from kmsguard.keyrings.base import KeyLender, KeyRequest, Keyring, Loan
 from kmsguard.operation import Observer, Operation
+from kmsguard.plans import Lane
 from kmsguard.policy import ClassPolicy, Policy
 
 T = TypeVar("T")
 Context = Mapping[str, str] | None
 EnvelopeInput = bytes | bytearray | memoryview | str
-Unwrap = Callable[[Sequence[WrappedKey], KeyRequest], DataKey]
+Unwrap = Callable[[Sequence[WrappedKey], KeyRequest], Loan]
 
 
 @dataclass(frozen=True)
@@ -89,30 +86,33 @@ class Guard:
         observers: Sequence[Observer] = (),
         principal: str = "unknown",
         settings: Settings | None = None,
+        max_plans: int = plans.DEFAULT_MAX_PLANS,
     ) -> None:
         self.policy = policy
         self.keyring = keyring
         self.observers = tuple(observers)
         self.principal = principal
         self.settings = settings
-        self._generate = sized_generate(keyring)
-        self._unwrap = keyring.unwrap
-        self._encrypt_plans = plans.EncryptPlans(policy)
-        self._decrypt_plans = plans.DecryptPlans(policy)
-        #: A cache that lends its Budgets (CachingKeyring) lets cache hits take a lane.
-        self._lease: Callable[[KeyRequest], tuple[DataKey, fastpath.Budget] | None] | None = getattr(
-            keyring, "lease", None
-        )
-        # Cache hits take a lane, observed or not, if every observer takes hits in compact
-        # form; with another observer every operation takes the full path.
+        # A cache lends its keys with their Budgets, which the plans keep (their lanes);
+        # any other keyring's keys serve one message each.
+        if isinstance(keyring, KeyLender):
+            self._lend: Callable[[KeyRequest, int], Loan] = keyring.lend
+            self._unwrap: Unwrap = keyring.lend_unwrapped
+        else:
+            self._lend = lambda request, _size: (keyring.generate(request), None)
+            self._unwrap = lambda wrapped, request: (keyring.unwrap(wrapped, request), None)
+        # Cache hits take a plan's lane, observed or not, if every observer takes hits in
+        # compact form; with another observer, every operation takes the full route.
         sinks = [o.hit_recorder() for o in self.observers if isinstance(o, operation.HitObserver)]
-        self._lanes = fastpath.Lanes(
+        self._lanes_serve = len(sinks) == len(self.observers)
+        self._plans = plans.Plans(
+            policy,
+            max_plans,
             observed=bool(self.observers),
             sinks=tuple(sink for sink in sinks if sink is not None),
             principal=principal,
             acting=operation.principal,
         )
-        self._use_lanes = len(sinks) == len(self.observers)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Guard:
@@ -130,6 +130,7 @@ class Guard:
             observers=build_observers(settings, keyring, telemetry),
             principal=settings.principal,
             settings=settings,
+            max_plans=settings.cache_max_entries,
         )
 
     def close(self) -> None:
@@ -154,19 +155,11 @@ class Guard:
         to the key service); it is not secret. The classification's required context
         keys must be present.
         """
-        if self._use_lanes:
-            out = self._lanes.seal(plaintext, classification, context)
+        if self._lanes_serve:
+            out = self._plans.seal(plaintext, classification, context)
             if out is not None:
                 return out
-        if not self.observers:
-            return self._encrypt(plaintext, classification, context)
-        # A dict is checked by the plan lookup (a known plan's key is a checked context's
-        # items; _encrypt records the plan's copy), or if the operation fails, by _observe:
-        # an invalid one is refused unrecorded.
-        ctx = context if type(context) is dict else plans.check_context(context)
-        # The classification is recorded once the policy accepts it (_note_class): an
-        # arbitrary string a caller passed must not reach audit records or metric labels.
-        return self._observe("encrypt", ctx, self._encrypt, plaintext, classification, ctx)
+        return self._observe("encrypt", context, self._encrypt, plaintext, classification, context)
 
     def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
         """Open an envelope (binary or ``kg1:`` text).
@@ -175,12 +168,10 @@ class Guard:
         classification's required keys must be among them: a caller states why it
         decrypts payment data as it did when encrypting.
         """
-        if type(data) is bytes and self._use_lanes:
-            plain = self._lanes.open(data, context)
+        if self._lanes_serve:
+            plain = self._plans.open(data, context)
             if plain is not None:
                 return plain
-        if not self.observers:  # the caller's context is checked against the header (_check_context)
-            return self._decrypt(data, _mapping(context), self._unwrap)
         ctx = plans.check_context(context)
         return self._observe("decrypt", ctx, self._decrypt, data, ctx, self._unwrap)
 
@@ -221,11 +212,12 @@ class Guard:
         operation. A bad envelope yields its error and the rest go on.
         """
         ctx = plans.check_context(context)
-        unwrap = batch.UnwrapOnce(self.keyring)
+        once = batch.UnwrapOnce(self.keyring)
+
+        def unwrap(wrapped: Sequence[WrappedKey], request: KeyRequest) -> Loan:
+            return once(wrapped, request), None
 
         def one(data: EnvelopeInput) -> bytes:
-            if not self.observers:
-                return self._decrypt(data, ctx, unwrap)
             return self._observe("decrypt", ctx, self._decrypt, data, ctx, unwrap)
 
         return batch.settle(one, envelopes, max_concurrency)
@@ -269,119 +261,98 @@ class Guard:
 
     # ------------------------------------------------------------------ internals
 
-    # The two hot paths: with a cached data key and no observers, each costs a plan
-    # lookup, a cache lookup and AES-GCM (see kmsguard.plans).
+    # The full route. A plan whose lane still has budget serves a cache hit here too (an
+    # observed operation of a kind the lane does not know yet, or a strict one); otherwise
+    # the keyring lends a key, and the plan keeps it as its lane when the cache lends a Budget.
 
     def _encrypt(self, plaintext: bytes, classification: str, context: Context) -> bytes:
         if type(plaintext) is not bytes:
             if not isinstance(plaintext, bytearray | memoryview):
                 raise InvalidInput("plaintext must be bytes")
             plaintext = bytes(plaintext)
-        plan = self._encrypt_plans.get(classification, context)
+        if len(plaintext) > envelope.MAX_PLAINTEXT:
+            raise InvalidInput("plaintext is too large for one envelope")
+        plan = self._plans.encrypt_plan(classification, context)
         op = operation.current.get()
         if op is not None:
-            self._note_class(op, plan.policy, len(plaintext))
+            _note_class(op, plan.policy, len(plaintext))
             op.context = plan.context  # checked, in plain str (the caller's may hold subclasses)
-        data_key = self._generate(plan.request, len(plaintext))
+        lane = plan.lane
+        aead = lane.budget.claim(len(plaintext)) if lane is not None else None
+        if lane is not None and aead is not None:
+            operation.note_cache(True)
+            out = plan.seal(lane, aead, plaintext)
+        else:
+            data_key, budget = self._lend(plan.request, len(plaintext))
+            if budget is None:  # not cached: this key seals this message only
+                out = envelope.Sealer(data_key, header=plan.header).seal(plaintext)
+                lane = None
+            else:  # the Budget counted this first message
+                lane = plan.lend(budget, data_key)
+                out = plan.seal(lane, data_key.aead, plaintext)
         if op is not None:
-            self._note_keys(op, data_key.wrapped)
-        sealer = envelope.Sealer(data_key, header=plan.header)
-        out = sealer.seal(plaintext)
-        if self._lease is not None:
-            lease = self._lease(plan.request)
-            if lease is not None and lease[0] is data_key:
-                key = (classification, tuple(context.items()) if context else ())
-                lane = self._lanes.encrypt.get(key)
-                if lane is None or lane.budget is not lease[1]:
-                    lane = fastpath.EncryptLane(lease[1], sealer.out_prefix, sealer.aad_prefix)
-                    self._lanes.bind_encrypt(key, lane)
-                if op is not None:
-                    op.lane = lane
+            _note_keys(op, lane.key_refs if lane is not None else [w.key_ref for w in data_key.wrapped])
+            op.lane = lane
         return out
 
     def _decrypt(self, data: EnvelopeInput, ctx: Mapping[str, str], unwrap: Unwrap) -> bytes:
         raw = data if type(data) is bytes and not data.startswith(_TEXT_PREFIX) else envelope.coerce(data)
-        plan = self._decrypt_plans.get(raw)
+        plan = self._plans.decrypt_plan(raw)
         op = operation.current.get()
         if op is not None:
-            self._note_class(op, plan.policy, len(raw) - plan.body_start - envelope.TAG_SIZE)
-        if ctx or plan.policy.required_context:
-            self._check_context(plan.policy, plan.context, ctx)
-        data_key = unwrap(plan.wrapped, plan.request)
+            _note_class(op, plan.policy, len(raw) - plan.body_start - envelope.TAG_SIZE)
+            op.context = ctx
+        error = plans.context_error(plan, ctx)
+        if error is not None:
+            raise error
         if op is not None:
-            self._note_keys(op, plan.wrapped)
-        nonce = raw[plan.prefix_len : plan.body_start]
-        body = memoryview(raw)[plan.body_start :]
-        out = envelope.open_body(data_key, plan.commitment, nonce, body, plan.aad_prefix + nonce)
-        if self._lease is not None:  # the commitment matched: this prefix opens with this key
-            lease = self._lease(plan.request)
-            if lease is not None and lease[0] is data_key:
-                prefix = raw[: plan.prefix_len]
-                lane = self._lanes.decrypt.get(prefix)
-                if lane is None or lane.budget is not lease[1]:
-                    required = tuple(plan.policy.required_context)
-                    lane = fastpath.DecryptLane(
-                        lease[1], plan.context, required, plan.aad_prefix, plan.prefix_len, plan.body_start
-                    )
-                    self._lanes.bind_decrypt(prefix, lane)
-                if op is not None:
-                    op.lane = lane
+            _note_keys(op, [w.key_ref for w in plan.wrapped])
+        lane = plan.lane
+        aead = lane.budget.claim(0) if lane is not None else None
+        if lane is not None and aead is not None:
+            operation.note_cache(True)
+            out = plan.open(aead, raw)
+        else:
+            data_key, budget = unwrap(plan.wrapped, plan.request)
+            out = plan.open_with(data_key, raw)
+            # The commitment matched: this prefix opens with this key.
+            lane = plan.lend(budget) if budget is not None else None
+        if op is not None:
+            op.lane = lane
         return out
 
     def _rewrap(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:
         raw = envelope.coerce(data)
-        env = envelope.parse(raw)
-        cls = self._class_of(env)
+        plan = self._plans.decrypt_plan(raw)
         op = operation.current.get()
         if op is not None:
-            self._note_class(op, cls, env.plaintext_size)
-        self._check_context(cls, env.context, ctx)
-        request = self.policy.request(cls, env.context)
+            _note_class(op, plan.policy, len(raw) - plan.body_start - envelope.TAG_SIZE)
+            op.context = ctx
+        error = plans.context_error(plan, ctx)
+        if error is not None:
+            raise error
         # Authenticate before re-wrapping: rewrap must never launder a forged envelope.
-        envelope.unseal(self.keyring.unwrap(env.wrapped_keys, request), env)
-        wrapped = self.keyring.rewrap(env.wrapped_keys, request)
+        plan.open_with(self.keyring.unwrap(plan.wrapped, plan.request), raw)
+        wrapped = self.keyring.rewrap(plan.wrapped, plan.request)
         if op is not None:
-            self._note_keys(op, wrapped)
+            _note_keys(op, [w.key_ref for w in wrapped])
         return envelope.replace_wrapped_keys(raw, wrapped)
 
-    def _class_of(self, env: envelope.Envelope) -> ClassPolicy:
-        """An envelope naming no configured classification is as bad as a tampered one."""
-        try:
-            return self.policy.get(env.classification)
-        except UnknownClassification:
-            raise InvalidCiphertext() from None
-
-    @staticmethod
-    def _check_context(cls: ClassPolicy, header_context: Mapping[str, str], ctx: Mapping[str, str]) -> None:
-        """Every pair the caller gives must match the header; the class's required keys must be given.
-
-        A pair that matches a header pair is two strings, so types need checking only on
-        a mismatch: the hot path validates the caller's context here, in one pass.
-        """
-        for key, value in ctx.items():
-            if header_context.get(key, _ABSENT) != value:
-                if not isinstance(key, str) or not isinstance(value, str):
-                    raise InvalidInput("context keys and values must be strings")
-                raise ContextMismatch(f"context key {key!r} does not match the ciphertext")
-        for key in cls.required_context:
-            if key not in ctx:
-                missing = sorted(cls.required_context.difference(ctx))
-                raise ContextRequired(
-                    f"classification {cls.name!r} requires context keys at decrypt: {', '.join(missing)}"
-                )
-
-    def _observe(self, name: str, ctx: Mapping[str, str], run: Callable[..., T], *args: Any) -> T:
+    def _observe(self, name: str, context: Any, run: Callable[..., T], *args: Any) -> T:
         """Run ``run(*args)`` as one operation; with observers, record it and let strict audit veto it.
 
-        The classification is recorded once the policy accepts it (see _note_class)."""
+        The classification is recorded once the policy accepts it (see _note_class): an
+        arbitrary string a caller passed must not reach audit records or metric labels;
+        nor does an invalid context (a failed operation's is checked, see _checked).
+        """
         if not self.observers:
             return run(*args)
-        op = Operation(name, None, ctx, operation.principal.get() or self.principal)
+        op = Operation(name, None, _NO_CONTEXT, operation.principal.get() or self.principal)
         token = operation.current.set(op)
         try:
             result = run(*args)
         except BaseException as exc:
-            op.context = _checked(ctx)
+            op.context = _checked(context)
             op.finish(exc)
             self._notify(op)
             raise
@@ -395,11 +366,9 @@ class Guard:
 
     def _bind_kind(self, op: Operation) -> None:
         """Let the next operations of this kind be recorded as hits (see kmsguard.operation.HitKind)."""
-        lane = op.lane
-        if isinstance(lane, fastpath.EncryptLane):
-            fastpath.bind_kind(lane, op.principal, operation.HitKind(op))
-        elif isinstance(lane, fastpath.DecryptLane):
-            fastpath.bind_kind(lane, (op.principal, tuple(op.context.items())), operation.HitKind(op))
+        lane: Lane = op.lane  # type: ignore[assignment]
+        key = op.principal if op.name == "encrypt" else (op.principal, tuple(op.context.items()))
+        plans.bind_kind(lane, key, operation.HitKind(op))
 
     def _notify(self, op: Operation) -> None:
         """Tell every observer; a strict operation whose record could not be made durable fails.
@@ -417,18 +386,6 @@ class Guard:
                     op.outcome, op.error_code = "error", veto.code
         if veto is not None:
             raise veto
-
-    @staticmethod
-    def _note_class(op: Operation, cls: ClassPolicy, size: int) -> None:
-        op.classification = cls.name
-        op.strict_audit = cls.strict_audit
-        op.size = size
-
-    @staticmethod
-    def _note_keys(op: Operation, wrapped: Sequence[Any]) -> None:
-        for w in wrapped:
-            if w.key_ref not in op.key_refs:
-                op.key_refs.append(w.key_ref)
 
     # ------------------------------------------------------------------ JSON fields (kmsguard.fields)
     # Thin delegates: the logic sits a layer above, in kmsguard.fields and kmsguard.blindindex.
@@ -475,13 +432,23 @@ class Guard:
         return blindindex.compute(self, value, classification, name, normalize, bits)
 
 
+def _note_class(op: Operation, cls: ClassPolicy, size: int) -> None:
+    op.classification = cls.name
+    op.strict_audit = cls.strict_audit
+    op.size = size
+
+
+def _note_keys(op: Operation, key_refs: Sequence[str]) -> None:
+    for ref in key_refs:
+        if ref not in op.key_refs:
+            op.key_refs.append(ref)
+
+
 _TEXT_PREFIX = envelope.TEXT_PREFIX.encode("ascii")
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
-#: What a header lacks a key as; equal to nothing a caller can pass (None included).
-_ABSENT = object()
 
 
-def _checked(ctx: Mapping[str, str]) -> Mapping[str, str]:
+def _checked(ctx: Any) -> Mapping[str, str]:
     """A failed operation's context as its record holds it (see check_context), or check_context's
     error for one the caller passed unchecked (see encrypt): an invalid context reaches no
     audit record or metric, as when it was checked before the operation."""
@@ -489,11 +456,3 @@ def _checked(ctx: Mapping[str, str]) -> Mapping[str, str]:
         return plans.check_context(ctx)
     except InvalidInput as bad:
         raise bad from None
-
-
-def _mapping(context: Context) -> Mapping[str, str]:
-    if context is None:
-        return _NO_CONTEXT
-    if type(context) is not dict and not isinstance(context, Mapping):  # the ABC check costs ~0.1 us
-        raise InvalidInput("context must be a mapping of str to str")
-    return context

@@ -32,7 +32,7 @@ from itertools import accumulate
 from typing import IO, TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kmsguard.config import Settings
@@ -132,6 +132,9 @@ class Metrics(Telemetry):
     def cache_hits(self, source: Callable[[], Mapping[str, int]]) -> None:
         self.cache_events.hit_sources.append(source)
 
+    def cache_entries(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.cache_events.entry_sources.append(source)
+
     def failover(self, from_region: str, to_region: str) -> None:
         self.failovers.labels(from_region, to_region).inc()
 
@@ -224,7 +227,7 @@ class _ExportedHits(HitTally):
 
 
 class CacheEvents(Collector):
-    """``kmsguard_cache_events_total`` by event and classification.
+    """``kmsguard_cache_events_total`` by event and classification, and ``kmsguard_cache_entries`` by classification.
 
     Misses and evictions are counted here as they happen; hits are read, when scraped,
     from the caches that count them (``Telemetry.cache_hits``).
@@ -234,6 +237,7 @@ class CacheEvents(Collector):
         self._lock = threading.Lock()
         self._counts: Tally[tuple[str, str]] = Tally()
         self.hit_sources: list[Callable[[], Mapping[str, int]]] = []
+        self.entry_sources: list[Callable[[], Mapping[str, int]]] = []
 
     def count(self, event: str, classification: str) -> None:
         with self._lock:
@@ -251,6 +255,16 @@ class CacheEvents(Collector):
         for (event, classification), n in sorted(counts.items()):
             family.add_metric([event, classification], n)
         yield family
+        entries: dict[str, int] = {}
+        for source in list(self.entry_sources):
+            for classification, n in source().items():
+                entries[classification] = entries.get(classification, 0) + n
+        gauge = GaugeMetricFamily(
+            "kmsguard_cache_entries", "Data keys cached now (encrypt and decrypt entries)", labels=("classification",)
+        )
+        for classification, n in sorted(entries.items()):
+            gauge.add_metric([classification], n)
+        yield gauge
 
 
 # ---------------------------------------------------------------------- CloudWatch

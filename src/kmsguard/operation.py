@@ -94,7 +94,7 @@ class Operation:
         self.error_code: str | None = None
         self.duration = 0.0
         self.size = 0
-        #: The fast-path lane (kmsguard.fastpath) that served this operation, if any.
+        #: The plan's lane (kmsguard.plans.Lane) whose cached key served this operation, if any.
         self.lane: object = None
         self._t0 = time.perf_counter()
 
@@ -149,7 +149,7 @@ class HitKind:
     """What every cache-hit operation of one kind shares, so that it is worked out once.
 
     Once an operation has been served from the cache with no key-service call, Guard
-    keeps one HitKind on the lane that served it (kmsguard.fastpath); later operations
+    keeps one HitKind on the plan's lane that served it (kmsguard.plans); later operations
     of the same kind are reported with only what differs — start time, duration and
     size — to each observer's hit recorder (see :class:`HitObserver`). Built from the
     first such operation's record, so a hit is recorded exactly as that operation was.
@@ -227,7 +227,7 @@ def serving(number: int) -> Iterator[None]:
 
     The HTTP service makes one id per HTTP request, answers it as ``X-Request-Id`` and
     runs the request's operations in this block, so their audit records carry it. Cache
-    hits served by Guard's lanes (kmsguard.fastpath) draw their own number; a front end
+    hits served by Guard's plans' lanes (kmsguard.plans) draw their own number; a front end
     that needs every record to carry its id passes data the lanes do not take.
     """
     token = request.set(number)

@@ -1,40 +1,95 @@
-"""What Guard works out once and reuses: per (classification, context) and per envelope header.
+"""Plans: what Guard decides once per (classification, context) and per envelope prefix, and the route of a hit.
 
-With a data-key cache, the per-message cost of an operation is AES-GCM plus whatever
-Python does around it, and for a 1 KiB message AES-GCM takes about a microsecond. So
-Guard does not re-validate the context, re-apply the policy, re-encode the header or
-re-parse the same header for every message; it memoizes those results here:
+With a data key in the cache, the cost of an operation on a small message is AES-GCM
+plus whatever Python does around it. So Guard does not re-validate the context,
+re-apply the policy, re-encode the header or re-parse the same header for every
+message: it asks the operation's plan, which holds those results.
 
-* an :class:`EncryptPlan` per (classification, context items): the policy, the key
-  request (whose cache partition is computed once) and the encoded header;
+* an :class:`EncryptPlan` per (classification, context items): the policy, the checked
+  context (a snapshot), the key request and the encoded header;
 * a :class:`DecryptPlan` per envelope prefix (header, wrapped keys and commitment, which
   all envelopes sealed under one data key with one context share): the parsed header,
-  the policy and key request for it, and the associated-data prefix.
+  the policy, the key request and the associated-data prefix.
 
-Plans hold no key material and no data: headers are public. Only successful work is
-memoized, so every error is raised afresh. Both memos are bounded; when one fills up it
-starts over, which costs a re-parse, never a wrong answer.
+When the data-key cache lends the plan a key (kmsguard.keyrings.base.KeyLender), the
+plan keeps it as its :class:`Lane`: the key's Budget (kmsguard.fastpath) and, for
+encrypt, the envelope prefix that names the key. The next message with the same plan
+then costs a dictionary lookup, one claim on the Budget, a nonce and the AES-GCM call
+(:meth:`Plans.seal`, :meth:`Plans.open`). A decrypt plan gets its lane only after an
+envelope with its prefix opened under the key (so the commitment matched).
+
+The fast route never decides anything the full one would not: whenever a plan or its
+lane is missing, the Budget is spent or retired, or the input is anything but the plain
+case (not bytes, a context that does not match, a text envelope), it returns None and
+Guard takes the full route, which raises the right error or lends the plan a new key.
+
+Plans hold no data and no key material beyond the Budget's AESGCM object, which
+retiring the Budget drops. Only successful work is kept, so every error is raised
+afresh. Each table holds at most ``max_plans`` plans and gives up the least recently
+used one at a time (kmsguard.lru).
+
+**Observed hits.** With observers (audit, metrics) that take hits in compact form
+(kmsguard.fastpath.HitSink), a lane serves an operation only once the full route has
+taught it that operation's kind (kmsguard.operation.HitKind: principal, classification,
+keys, context), then reports each hit to the sinks with its start, duration and size; an
+operation of a kind it does not know, or a strict one, takes the full route and is
+observed in full.
+
+Compiled with Cython when the package is built (``plans.pxd``), like kmsguard.fastpath.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
-from kmsguard import envelope
-from kmsguard.datakey import WrappedKey
-from kmsguard.errors import InvalidCiphertext, InvalidInput, UnknownClassification
+from cryptography.exceptions import InvalidTag
+
+from kmsguard import envelope, nonces
+from kmsguard.datakey import DataKey
+from kmsguard.errors import (
+    ContextMismatch,
+    ContextRequired,
+    InvalidCiphertext,
+    InvalidInput,
+    KmsGuardError,
+    UnknownClassification,
+)
+from kmsguard.fastpath import Budget, HitSink, next_tick
 from kmsguard.keyrings.base import KeyRequest
+from kmsguard.lru import LruIndex
 from kmsguard.policy import FIELD_CONTEXT_KEY, ClassPolicy, Policy
 
-#: Plans each memo keeps before starting over.
-MAX_PLANS = 4096
-#: Distinct envelope prefix lengths the decrypt memo probes (one per header shape in use).
-MAX_PREFIX_LENGTHS = 8
-_MIN_TAIL = envelope.NONCE_SIZE + envelope.TAG_SIZE
+#: True when this module runs compiled.
+COMPILED = not __file__.endswith(".py")
+
+#: Plans each table (encrypt, decrypt) keeps by default before giving up the least recently used.
+DEFAULT_MAX_PLANS = 16_384
+#: HitKinds a lane keeps (principals, and callers' contexts on decrypt); beyond, the full route.
+MAX_KINDS_PER_LANE = 64
 #: Context keys under this prefix are kmsguard's own (see KeyRequest.bound_context).
 RESERVED_CONTEXT_PREFIX = "kmsguard:"
+
+_TAG_SIZE = envelope.TAG_SIZE
+_NONCE_SIZE = envelope.NONCE_SIZE
+_COMMITMENT_SIZE = envelope.COMMITMENT_SIZE
+_MAX_PLAINTEXT = envelope.MAX_PLAINTEXT
+_COPY_BELOW = 16384
+#: What a header lacks a key as; equal to nothing a caller can pass (None included).
+_ABSENT = object()
+_NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
+_nonce = nonces.nonce
+_wall = time.time
+_join = b"".join
+# Compiled, the clock (CLOCK_MONOTONIC, which perf_counter reads on Linux) and the read
+# of a context variable are C functions from plans.pxd; interpreted, these stand-ins.
+# Set through globals() because Cython would compile a def of the same name.
+globals()["_clock"] = time.perf_counter
+globals()["_value_of"] = ContextVar.get
 
 
 class _ReservedKey(str):
@@ -69,8 +124,8 @@ def check_context(context: Any) -> Mapping[str, str]:
     value is an instance of a subclass.
     """
     if context is None:
-        return {}
-    if type(context) is not dict and not isinstance(context, Mapping):  # the ABC check costs ~0.1 us
+        return _NO_CONTEXT
+    if type(context) is not dict and not isinstance(context, Mapping):
         raise InvalidInput("context must be a mapping of str to str")
     exact = True
     for key, value in context.items():
@@ -91,104 +146,336 @@ def check_context(context: Any) -> Mapping[str, str]:
     return context
 
 
-@dataclass(frozen=True, slots=True)
-class EncryptPlan:
-    policy: ClassPolicy
-    context: Mapping[str, str]
-    request: KeyRequest
-    header: bytes
+def context_error(plan: DecryptPlan, given: Any) -> KmsGuardError | None:
+    """What decrypting under ``plan`` with the caller's context ``given`` must raise, or None.
+
+    Every pair given must match the header, and the classification's required keys must
+    be among them: a caller states why it decrypts payment data as it did when
+    encrypting. A pair that matches a header pair is two strings, so types are checked
+    only on a mismatch. ``given`` that is not a mapping raises AttributeError.
+    """
+    header = plan.context
+    for key, value in given.items():
+        if header.get(key, _ABSENT) != value:
+            if not isinstance(key, str) or not isinstance(value, str):
+                return InvalidInput("context keys and values must be strings")
+            return ContextMismatch(f"context key {key!r} does not match the ciphertext")
+    for key in plan.required:
+        if key not in given:
+            return _required(plan, given)
+    return None
 
 
-@dataclass(frozen=True, slots=True)
-class DecryptPlan:
-    policy: ClassPolicy
-    context: Mapping[str, str]
-    wrapped: tuple[WrappedKey, ...]
-    request: KeyRequest
-    commitment: bytes
-    #: Associated data up to the nonce: the header without the wrapped keys, plus the commitment.
-    aad_prefix: bytes
-    #: Bytes before the nonce (header, wrapped keys, commitment).
-    prefix_len: int
-    #: Where the body starts (after the nonce).
-    body_start: int
+def _required(plan: DecryptPlan, given: Mapping[str, str]) -> ContextRequired:
+    missing = [key for key in plan.required if key not in given]
+    return ContextRequired(
+        f"classification {plan.policy.name!r} requires context keys at decrypt: {', '.join(missing)}"
+    )
 
 
-class EncryptPlans:
-    """Encrypt plans by (classification, context items)."""
+class Lane:
+    """A cached data key lent to one plan: its Budget, and for encrypt the prefixes naming it.
 
-    def __init__(self, policy: Policy) -> None:
-        self._policy = policy
-        self._plans: dict[object, EncryptPlan] = {}
-
-    def get(self, classification: str, context: Mapping[str, str] | None) -> EncryptPlan:
-        try:
-            key: tuple[Any, ...] | None = (classification, tuple(context.items()) if context else ())
-            plan = self._plans.get(key)
-        except (AttributeError, TypeError):  # not a mapping, or unhashable values: check_context says which
-            key, plan = None, None
-        if plan is None:
-            plan = self._build(classification, check_context(context))
-            if key is not None:
-                if len(self._plans) >= MAX_PLANS:
-                    self._plans.clear()
-                self._plans[key] = plan
-        return plan
-
-    def _build(self, classification: str, context: Mapping[str, str]) -> EncryptPlan:
-        cls = self._policy.get(classification)
-        snapshot = dict(context)
-        return EncryptPlan(
-            policy=cls,
-            context=snapshot,
-            request=self._policy.request(cls, snapshot),
-            header=envelope.encode_header(cls.name, snapshot),
-        )
-
-
-class DecryptPlans:
-    """Decrypt plans by envelope prefix.
-
-    A lookup slices the envelope at each prefix length seen so far (usually one or two)
-    and probes a dict; a hit means the envelope's first ``prefix_len`` bytes equal those
-    of an envelope already parsed, so parsing it again would give the same result.
+    Never changed once made, except ``kinds`` (a dictionary that only grows, up to
+    MAX_KINDS_PER_LANE) and ``last`` (one tuple, replaced whole): a plan swaps its lane in
+    one store, so a reader sees one whole lane. ``kinds``: the HitKind per principal
+    (encrypt) or per (principal, caller's context items) (decrypt), for recording hits;
+    ``last``: the last (principal, HitKind) an encrypt found.
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(
+        self, budget: Budget, key_refs: tuple[str, ...], out_prefix: bytes = b"", aad_prefix: bytes = b""
+    ) -> None:
+        self.budget = budget
+        self.key_refs = key_refs
+        self.out_prefix = out_prefix
+        self.aad_prefix = aad_prefix
+        self.kinds: dict[object, object] = {}
+        self.last: tuple[object, object] = (_ABSENT, None)
+
+
+class EncryptPlan:
+    """Everything decided once for sealing under one classification and context."""
+
+    def __init__(self, policy: ClassPolicy, context: Mapping[str, str], request: KeyRequest, header: bytes) -> None:
+        self.policy = policy
+        self.context = context
+        self.request = request
+        self.header = header
+        self.lane: Lane | None = None
+        self.last_used = next_tick()
+
+    def seal(self, lane: Lane, aead: Any, plaintext: bytes) -> bytes:
+        """``plaintext`` sealed with ``aead``, the key ``lane`` names (claimed from its Budget)."""
+        nonce = _nonce()
+        return _join((lane.out_prefix, nonce, aead.encrypt(nonce, plaintext, lane.aad_prefix + nonce)))
+
+    def lend(self, budget: Budget, data_key: DataKey) -> Lane:
+        """Keep ``data_key`` (whose reuse ``budget`` counts) for the next messages of this plan."""
+        sealer = envelope.Sealer(data_key, header=self.header)
+        lane = Lane(budget, tuple(w.key_ref for w in data_key.wrapped), sealer.out_prefix, sealer.aad_prefix)
+        self.lane = lane
+        return lane
+
+
+class DecryptPlan:
+    """Everything decided once for opening envelopes that share one prefix (header through commitment)."""
+
+    def __init__(self, policy: ClassPolicy, env: envelope.Envelope, request: KeyRequest) -> None:
+        self.policy = policy
+        self.context = env.context
+        self.required = tuple(sorted(policy.required_context))
+        self.wrapped = env.wrapped_keys
+        self.request = request
+        self.commitment = env.commitment
+        #: Associated data up to the nonce: the header without the wrapped keys, plus the commitment.
+        self.aad_prefix = env.aad[:-_NONCE_SIZE]
+        #: Bytes before the nonce (header, wrapped keys, commitment).
+        self.prefix_len = env.body_offset - _NONCE_SIZE
+        #: Where the body starts (after the nonce).
+        self.body_start = env.body_offset
+        self.lane: Lane | None = None
+        self.last_used = next_tick()
+
+    def open(self, aead: Any, raw: bytes) -> bytes:
+        """The body of ``raw`` opened with ``aead``, the key this plan's commitment names."""
+        start = self.body_start
+        nonce = raw[self.prefix_len : start]
+        # A small body is cheaper to copy than to wrap in a memoryview; a large one is not.
+        body = raw[start:] if len(raw) - start <= _COPY_BELOW else memoryview(raw)[start:]
+        try:
+            return aead.decrypt(nonce, body, self.aad_prefix + nonce)  # type: ignore[no-any-return]
+        except InvalidTag:
+            raise InvalidCiphertext() from None
+
+    def open_with(self, data_key: DataKey, raw: bytes) -> bytes:
+        """The body of ``raw`` opened with ``data_key``, once its commitment is checked (constant time)."""
+        nonce = raw[self.prefix_len : self.body_start]
+        body = memoryview(raw)[self.body_start :]
+        return envelope.open_body(data_key, self.commitment, nonce, body, self.aad_prefix + nonce)
+
+    def lend(self, budget: Budget) -> Lane:
+        """Keep the key (whose reuse ``budget`` counts) that just opened an envelope of this plan."""
+        lane = Lane(budget, tuple(w.key_ref for w in self.wrapped))
+        self.lane = lane
+        return lane
+
+
+def bind_kind(lane: Lane, key: object, kind: object) -> None:
+    """Remember ``kind`` for later hits on ``lane`` (a bounded number per lane)."""
+    if len(lane.kinds) < MAX_KINDS_PER_LANE:
+        lane.kinds[key] = kind
+        lane.last = (_ABSENT, None)
+
+
+def _last_used(plan: Any) -> int:
+    return plan.last_used  # type: ignore[no-any-return]
+
+
+class Plans:
+    """One Guard's plans: encrypt plans by (classification, context items), decrypt plans by prefix.
+
+    Lookups read dictionaries without a lock; adding a plan (and giving up the least
+    recently used) takes ``_lock``. With ``observed`` set (Guard's observers all take
+    hits, see kmsguard.operation.HitObserver), a lane serves only operations of a kind it
+    has a HitKind for -- per principal: the ``acting`` context variable's, else
+    ``principal`` -- and reports each to ``sinks``.
+    """
+
+    def __init__(
+        self,
+        policy: Policy,
+        max_plans: int = DEFAULT_MAX_PLANS,
+        observed: bool = False,
+        sinks: tuple[HitSink, ...] = (),
+        principal: str = "",
+        acting: ContextVar[str | None] | None = None,
+    ) -> None:
         self._policy = policy
-        self._plans: dict[bytes, DecryptPlan] = {}
-        self._lengths: list[int] = []
+        self.encrypt: LruIndex[object, EncryptPlan] = LruIndex(max_plans, _last_used)
+        self.decrypt: LruIndex[bytes, DecryptPlan] = LruIndex(max_plans, _last_used)
+        self._encrypt = self.encrypt.items
+        self._decrypt = self.decrypt.items
+        self._lock = threading.Lock()
+        self.observed = observed
+        self.sinks = sinks
+        self.principal = principal
+        self._acting = acting
+        self._synced_at = -2.0  # _clock() time of the last wall-clock reading (see _record)
+        self._wall_offset = 0.0
 
-    def get(self, raw: bytes) -> DecryptPlan:
-        size = len(raw)
-        for n in self._lengths:
-            plan = self._plans.get(raw[:n])
-            if plan is not None and size - n >= _MIN_TAIL:
+    # ------------------------------------------------------------------ the full route
+
+    def encrypt_plan(self, classification: str, context: Any) -> EncryptPlan:
+        """The plan for ``classification`` and ``context``: kept, or made now (raising what the policy refuses)."""
+        try:
+            key: object = (classification, tuple(context.items()) if context else ())
+            plan = self._encrypt.get(key)
+        except (AttributeError, TypeError):  # not a mapping, or unhashable values: check_context says which
+            key, plan = None, None
+        if plan is not None:
+            plan.last_used = next_tick()
+            return plan
+        cls = self._policy.get(classification)
+        snapshot = dict(check_context(context))
+        plan = EncryptPlan(
+            cls, snapshot, self._policy.request(cls, snapshot), envelope.encode_header(cls.name, snapshot)
+        )
+        if key is not None:
+            with self._lock:
+                self.encrypt.put(key, plan)
+        return plan
+
+    def decrypt_plan(self, raw: bytes) -> DecryptPlan:
+        """The plan for binary envelope ``raw``'s prefix: kept, or parsed now (raising InvalidCiphertext)."""
+        n = _prefix_len(raw)
+        if n > 0:
+            plan = self._decrypt.get(raw[:n])
+            if plan is not None:
+                plan.last_used = next_tick()
                 return plan
-        return self._build(raw)
-
-    def _build(self, raw: bytes) -> DecryptPlan:
         env = envelope.parse(raw)
         try:
             cls = self._policy.get(env.classification)
         except UnknownClassification:  # naming no configured class is as bad as tampering
             raise InvalidCiphertext() from None
-        prefix_len = env.body_offset - envelope.NONCE_SIZE
-        plan = DecryptPlan(
-            policy=cls,
-            context=env.context,
-            wrapped=env.wrapped_keys,
-            request=self._policy.request(cls, env.context),
-            commitment=env.commitment,
-            aad_prefix=env.aad[: -envelope.NONCE_SIZE],
-            prefix_len=prefix_len,
-            body_start=env.body_offset,
-        )
-        if len(self._plans) >= MAX_PLANS:
-            self._plans.clear()
-        if prefix_len not in self._lengths:
-            if len(self._lengths) >= MAX_PREFIX_LENGTHS:
-                return plan
-            self._lengths.append(prefix_len)
-        self._plans[raw[:prefix_len]] = plan
+        plan = DecryptPlan(cls, env, self._policy.request(cls, env.context))
+        with self._lock:
+            self.decrypt.put(raw[: plan.prefix_len], plan)
         return plan
+
+    # ------------------------------------------------------------------ the fast route
+
+    def seal(self, plaintext: Any, classification: Any, context: Any) -> bytes | None:
+        """The envelope of ``plaintext`` through its plan's lane, or None: take the full route."""
+        if type(plaintext) is not bytes or len(plaintext) > _MAX_PLAINTEXT:
+            return None
+        try:
+            plan = self._encrypt.get((classification, tuple(context.items()) if context else ()))
+        except (AttributeError, TypeError):
+            return None
+        if plan is None:
+            return None
+        lane = plan.lane
+        if lane is None:
+            return None
+        plan.last_used = next_tick()
+        if not self.observed:
+            aead = lane.budget.claim(len(plaintext))
+            return None if aead is None else plan.seal(lane, aead, plaintext)
+        principal = self._principal()
+        last = lane.last
+        if last[0] is principal:
+            kind = last[1]
+        else:
+            kind = lane.kinds.get(principal)
+            if kind is None:
+                return None
+            lane.last = (principal, kind)
+        t0 = _clock()  # type: ignore[name-defined]  # noqa: F821
+        aead = lane.budget.claim(len(plaintext))
+        if aead is None:
+            return None
+        out = plan.seal(lane, aead, plaintext)
+        t1 = _clock()  # type: ignore[name-defined]  # noqa: F821
+        self._record(kind, t0, t1 - t0, len(plaintext))
+        return out
+
+    def open(self, raw: Any, context: Any) -> bytes | None:
+        """The plaintext of binary envelope ``raw`` through its plan's lane, or None: take the full route.
+
+        A body that fails authentication under a lane raises InvalidCiphertext, as the full
+        route would: the prefix (header and commitment) names the key.
+        """
+        if type(raw) is not bytes:
+            return None
+        n = _prefix_len(raw)
+        if n < 0:
+            return None
+        plan = self._decrypt.get(raw[:n])
+        if plan is None:
+            return None
+        lane = plan.lane
+        if lane is None:
+            return None
+        try:
+            if context_error(plan, _NO_CONTEXT if context is None else context) is not None:
+                return None
+        except (AttributeError, TypeError):
+            return None
+        plan.last_used = next_tick()
+        if not self.observed:
+            aead = lane.budget.claim(0)
+            return None if aead is None else plan.open(aead, raw)
+        kind = lane.kinds.get((self._principal(), tuple(context.items()) if context else ()))
+        if kind is None:
+            return None
+        t0 = _clock()  # type: ignore[name-defined]  # noqa: F821
+        aead = lane.budget.claim(0)
+        if aead is None:
+            return None
+        out = plan.open(aead, raw)
+        t1 = _clock()  # type: ignore[name-defined]  # noqa: F821
+        self._record(kind, t0, t1 - t0, len(out))
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _principal(self) -> Any:
+        acting = self._acting
+        return (_value_of(acting) if acting is not None else None) or self.principal  # type: ignore[name-defined]  # noqa: F821
+
+    def _record(self, kind: object, t0: float, duration: float, size: int) -> None:
+        """Report a hit that started at ``t0`` (the monotonic clock) to every sink, with its wall-clock start.
+
+        The wall clock is read once a second, not per hit: between readings a start time
+        is the last reading plus the monotonic time since, off by the clocks' drift
+        over at most a second, which an audit timestamp can afford.
+        """
+        if t0 - self._synced_at > 1.0:
+            self._synced_at = t0
+            # Both clocks read now: against t0, the offset would carry this hit's duration
+            # (and any time the thread was descheduled) into every start for a second.
+            self._wall_offset = _wall() - _clock()  # type: ignore[name-defined]  # noqa: F821
+        started = t0 + self._wall_offset
+        for sink in self.sinks:
+            sink.record(kind, started, duration, size)
+
+
+def _prefix_len(raw: bytes) -> int:
+    """How many bytes of envelope ``raw`` come before its nonce, read from its length fields; -1 if
+    they do not add up (the full route's parse then says why).
+
+    Only the lengths are read, not checked: a plan is found only under a prefix that parsed
+    before, and equal prefixes give equal lengths.
+    """
+    end = len(raw)
+    if end < 5:
+        return -1
+    pos = 5 + raw[4]  # magic, version, suite; classification
+    if pos + 2 > end:
+        return -1
+    count = raw[pos] << 8 | raw[pos + 1]
+    pos += 2
+    for _i in range(2 * count):  # a key and a value per pair, each u16 length + bytes
+        if pos + 2 > end:
+            return -1
+        pos += 2 + (raw[pos] << 8 | raw[pos + 1])
+    if pos >= end:
+        return -1
+    keys = raw[pos]
+    pos += 1
+    for _i in range(keys):  # u8 provider, u16 key reference, u16 wrapped key
+        if pos >= end:
+            return -1
+        pos += 1 + raw[pos]
+        if pos + 2 > end:
+            return -1
+        pos += 2 + (raw[pos] << 8 | raw[pos + 1])
+        if pos + 2 > end:
+            return -1
+        pos += 2 + (raw[pos] << 8 | raw[pos + 1])
+    pos += _COMMITMENT_SIZE
+    if pos + _NONCE_SIZE + _TAG_SIZE > end:
+        return -1
+    return pos

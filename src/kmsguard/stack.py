@@ -29,7 +29,12 @@ def build_telemetry(settings: Settings) -> Telemetry:
 
 def build_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
     """The backend keyring behind a data-key cache."""
-    return CachingKeyring(_backend_keyring(settings, telemetry), settings.policy, telemetry=telemetry)
+    return CachingKeyring(
+        _backend_keyring(settings, telemetry),
+        settings.policy,
+        max_entries=settings.cache_max_entries,
+        telemetry=telemetry,
+    )
 
 
 def backend_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:

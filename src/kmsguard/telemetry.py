@@ -33,6 +33,9 @@ class Telemetry:
         (kmsguard.fastpath.Budget) instead of reporting each one.
         """
 
+    def cache_entries(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """A data-key cache's live entries per classification, read on export."""
+
     def failover(self, from_region: str, to_region: str) -> None:
         """An operation moved on from a failing region to the next."""
 

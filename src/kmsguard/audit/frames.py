@@ -16,7 +16,7 @@ or none (see spool.py). Three kinds:
   u64: seq, template id, start time (microseconds since the epoch), duration
   (nanoseconds), size, request number (the ``_AT_*`` offsets below); the check is
   :func:`hit_check` of the six. The last four are one run item (record.RUN_ITEM).
-  Guard's lanes (kmsguard.fastpath) record cache hits this way, and the audit writer
+  Guard's plans' lanes (kmsguard.plans) record cache hits this way, and the audit writer
   every other non-strict operation whose kind it has seen before.
 
 :meth:`Frames.hit` writes a hit frame with no Python in between: compiled (Cython,

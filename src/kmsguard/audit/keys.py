@@ -25,7 +25,7 @@ from typing import Any
 from kmsguard.audit.chain import AuditKeys
 from kmsguard.audit.sink import Sink
 from kmsguard.datakey import WrappedKey
-from kmsguard.keyrings.base import KeyRequest, Keyring
+from kmsguard.keyrings.base import KeyRequest, Keyring, backend_of
 from kmsguard.policy import Policy
 
 AUDIT_KEY_CONTEXT = {"kmsguard:purpose": "audit-key"}
@@ -34,10 +34,7 @@ KEY_CLASSIFICATION = "general"
 
 def audit_keys(keyring: Keyring, policy: Policy, sink: Sink) -> AuditKeys:
     """The audit keys for this stack (may call the key service and the sink; raises their errors)."""
-    backend = keyring
-    while not callable(getattr(backend, "secret", None)) and getattr(backend, "inner", None) is not None:
-        backend = backend.inner  # type: ignore[attr-defined]  # through a CachingKeyring to its backend
-    secret = getattr(backend, "secret", None)
+    secret = getattr(backend_of(keyring), "secret", None)  # through a CachingKeyring to its backend
     if callable(secret):
         return AuditKeys(secret("audit"))
     cls = policy.get(KEY_CLASSIFICATION)

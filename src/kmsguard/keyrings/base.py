@@ -13,11 +13,12 @@ unwrap, as KMS does with EncryptionContext.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from kmsguard.datakey import DataKey, WrappedKey
+from kmsguard.fastpath import Budget
 
 #: The encryption-context key under which the classification is bound.
 CLASSIFICATION_CONTEXT_KEY = "kmsguard:classification"
@@ -30,27 +31,17 @@ class KeyRequest:
     classification: str
     key_id: str
     context: Mapping[str, str] = field(default_factory=dict)
-    _partition: tuple[str, str, tuple[tuple[str, str], ...]] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
-    #: Scratch space for a cache in front of the keyring: the entry that last served this
-    #: request (see CachingKeyring); never key material itself, never compared or shown.
-    _memo: object = field(default=None, init=False, repr=False, compare=False)
+    #: A hashable identity: two requests with equal partitions may share a data key.
+    partition: tuple[str, str, tuple[tuple[str, str], ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Computed once, as the request is made: caches look it up per message.
+        partition = (self.classification, self.key_id, tuple(sorted(self.context.items())))
+        object.__setattr__(self, "partition", partition)
 
     def bound_context(self) -> dict[str, str]:
         """The context a key service binds: the caller's chosen pairs plus the classification."""
         return {**self.context, CLASSIFICATION_CONTEXT_KEY: self.classification}
-
-    def cache_partition(self) -> tuple[str, str, tuple[tuple[str, str], ...]]:
-        """A hashable identity: two requests with equal partitions may share a data key.
-
-        Computed once per request: Guard reuses requests, and caches look this up per message.
-        """
-        partition = self._partition
-        if partition is None:
-            partition = (self.classification, self.key_id, tuple(sorted(self.context.items())))
-            object.__setattr__(self, "_partition", partition)
-        return partition
 
 
 @runtime_checkable
@@ -81,13 +72,39 @@ class Keyring(Protocol):
         ...
 
 
-def sized_generate(keyring: Keyring) -> Callable[[KeyRequest, int], DataKey]:
-    """How Guard asks ``keyring`` for a data key to seal one message of a known size.
+#: A data key and, when a cache lends it, the Budget that counts its reuse (else None).
+Loan = tuple[DataKey, Budget | None]
 
-    A keyring that budgets bytes per data key (the cache's ``max_bytes``) has
-    ``generate_for(request, size)``; for any other the size does not matter.
+
+@runtime_checkable
+class KeyLender(Keyring, Protocol):
+    """A keyring that lends cached data keys (``CachingKeyring``).
+
+    Besides the data key, a loan carries the key's :class:`~kmsguard.fastpath.Budget`
+    (None when the key is not cached: reuse off, a message too big to share a key,
+    a classification without cache limits). Guard's plan keeps that Budget and claims
+    later uses from it directly (kmsguard.plans); the lender's limits hold on both
+    paths because the Budget enforces them.
     """
-    generate_for: Callable[[KeyRequest, int], DataKey] | None = getattr(keyring, "generate_for", None)
-    if generate_for is not None:
-        return generate_for
-    return lambda request, _size: keyring.generate(request)
+
+    #: The keyring the cache sits in front of (key management reaches it through here).
+    inner: Keyring
+
+    def lend(self, request: KeyRequest, size: int) -> Loan:
+        """A data key to seal one message of ``size`` bytes (counted against ``max_bytes``)."""
+        ...
+
+    def lend_unwrapped(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> Loan:
+        """The data key of ``wrapped``, as :meth:`Keyring.unwrap`."""
+        ...
+
+    def clear(self) -> None:
+        """Retire every cached key."""
+        ...
+
+
+def backend_of(keyring: Keyring) -> Keyring:
+    """The keyring behind any caches in front of it (where key management happens)."""
+    while isinstance(keyring, KeyLender):
+        keyring = keyring.inner
+    return keyring

@@ -1,0 +1,87 @@
+# C types for plans.py when Cython compiles it (see that module's docstring and
+# fastpath.pxd). The .py file stays the source; this file only tells Cython which
+# classes are extension types and which fields are C numbers.
+import cython
+from cpython.contextvars cimport get_value
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from kmsguard.fastpath cimport Budget, HitSink, next_tick
+
+cdef Py_ssize_t MAX_KINDS_PER_LANE
+cdef Py_ssize_t _TAG_SIZE
+cdef Py_ssize_t _NONCE_SIZE
+cdef Py_ssize_t _COMMITMENT_SIZE
+cdef Py_ssize_t _MAX_PLAINTEXT
+cdef Py_ssize_t _COPY_BELOW
+cdef object _ABSENT
+cdef object _NO_CONTEXT
+cdef object _nonce
+cdef object _wall
+cdef object _join
+
+# The clock and context-variable read as C (plans.py gives their interpreted stand-ins).
+cdef inline double _clock() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+cdef inline object _value_of(object var):
+    return get_value(var)
+
+cpdef object context_error(DecryptPlan plan, object given)
+
+cdef class Lane:
+    cdef public Budget budget
+    cdef public tuple key_refs
+    cdef public bytes out_prefix
+    cdef public bytes aad_prefix
+    cdef public dict kinds
+    cdef public tuple last
+
+cdef class EncryptPlan:
+    cdef public object policy
+    cdef public object context
+    cdef public object request
+    cdef public bytes header
+    cdef public Lane lane
+    cdef public long long last_used
+    cpdef bytes seal(self, Lane lane, object aead, bytes plaintext)
+
+cdef class DecryptPlan:
+    cdef public object policy
+    cdef public object context
+    cdef public tuple required
+    cdef public tuple wrapped
+    cdef public object request
+    cdef public bytes commitment
+    cdef public bytes aad_prefix
+    cdef public Py_ssize_t prefix_len
+    cdef public Py_ssize_t body_start
+    cdef public Lane lane
+    cdef public long long last_used
+    @cython.locals(start=Py_ssize_t)
+    cpdef object open(self, object aead, bytes raw)
+
+cdef class Plans:
+    cdef object _policy
+    cdef public object encrypt
+    cdef public object decrypt
+    cdef dict _encrypt
+    cdef dict _decrypt
+    cdef object _lock
+    cdef public bint observed
+    cdef public tuple sinks
+    cdef public object principal
+    cdef object _acting
+    cdef double _synced_at
+    cdef double _wall_offset
+    @cython.locals(plan=EncryptPlan, lane=Lane, t0=double, t1=double, last=tuple)
+    cpdef object seal(self, object plaintext, object classification, object context)
+    @cython.locals(plan=DecryptPlan, lane=Lane, n=Py_ssize_t, t0=double, t1=double)
+    cpdef object open(self, object raw, object context)
+    cdef object _principal(self)
+    @cython.locals(sink=HitSink)
+    cdef void _record(self, object kind, double t0, double duration, Py_ssize_t size) except *
+
+@cython.locals(end=Py_ssize_t, pos=Py_ssize_t, count=Py_ssize_t, keys=Py_ssize_t, _i=Py_ssize_t)
+cdef Py_ssize_t _prefix_len(bytes raw) noexcept
