@@ -21,7 +21,7 @@ from kmsguard.config import Settings
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import InvalidCiphertext, KmsGuardError, UnknownClassification
 from kmsguard.guard import Guard
-from kmsguard.keyrings.base import KeyRequest, Keyring, sized_generate
+from kmsguard.keyrings.base import KeyLender, KeyRequest, Keyring, Loan
 from kmsguard.rotation.census import Group, skim
 from kmsguard.rotation.sources import Value
 from kmsguard.rotation.tables import BatchResult
@@ -86,10 +86,9 @@ class BatchKeys:
     remembered too, so a group of values under a refused key costs one call.
     """
 
-    def __init__(self, inner: Keyring, counter: KeyCalls) -> None:
+    def __init__(self, inner: KeyLender, counter: KeyCalls) -> None:
         self.inner = inner
         self.counter = counter
-        self._generate = sized_generate(inner)
         self._lock = threading.Lock()
         self._memo: dict[Hashable, Any] = {}
 
@@ -100,8 +99,15 @@ class BatchKeys:
     def generate(self, request: KeyRequest) -> DataKey:
         return self.inner.generate(request)
 
-    def generate_for(self, request: KeyRequest, size: int) -> DataKey:
-        return self._generate(request, size)
+    def lend(self, request: KeyRequest, size: int) -> Loan:
+        """Encrypts (migrate) borrow from the cache below as Guard would, so its limits hold."""
+        return self.inner.lend(request, size)
+
+    def lend_unwrapped(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> Loan:
+        return self.unwrap(wrapped, request), None
+
+    def clear(self) -> None:
+        self.inner.clear()
 
     def wrap(self, data_key: DataKey, request: KeyRequest) -> DataKey:
         return self.inner.wrap(data_key, request)
@@ -115,7 +121,7 @@ class BatchKeys:
         return result
 
     def _once(self, kind: str, wrapped: Sequence[WrappedKey], request: KeyRequest, call: Callable[..., Any]) -> Any:
-        key = (kind, tuple(wrapped), request.cache_partition())
+        key = (kind, tuple(wrapped), request.partition)
         with self._lock:
             known = self._memo.get(key)
         if known is not None:
