@@ -58,7 +58,8 @@ def test_key_change_census_rewrap_retire(
     calls = kms_region.proxy.counts
     assert calls["Decrypt"] <= distinct * summary["batches"] and calls["ReEncrypt"] <= distinct * summary["batches"]
     assert calls["GenerateDataKey"] == 1 and calls["ReEncrypt"] >= 1
-    assert summary["key_calls"] == sum(calls[api] for api in ("Decrypt", "ReEncrypt", "GenerateDataKey"))
+    # The job counts its own calls: the process' one Decrypt of the audit trail's key is not the job's.
+    assert summary["key_calls"] == sum(calls[api] for api in ("Decrypt", "ReEncrypt", "GenerateDataKey")) - 1
 
     census = json.loads(run("census", url, "--json", **moved).stdout)
     assert [(g["keys"], g["count"]) for g in census["groups"]] == [([new], ROWS)]
