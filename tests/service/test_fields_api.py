@@ -168,6 +168,8 @@ BAD: dict[str, tuple[str, dict[str, Any], int, str, str]] = {
                        "REQUEST_TOO_LARGE", "fields"),
     "regex filter": ("/v1/mask", {"record": {"s": SECRET}, "fields": ['$[?(@.s =~ "(a+)+$")]']}, 400,
                      "INVALID_INPUT", "fields[0]"),
+    "unevaluable path": ("/v1/mask", {"record": {"s": [SECRET, 1]}, "fields": ["$.s.`sorted`"]}, 400,
+                         "INVALID_INPUT", "cannot be evaluated"),
     "unknown rule": ("/v1/mask", {"record": {"s": SECRET}, "fields": ["$.s"], "rules": {"$.s": "shred"}}, 400,
                      "INVALID_INPUT", "shred"),
     "foreign token": ("/v1/unprotect", {"record": {"s": SECRET, "t": "kg1:AAAA"}}, 400, "INVALID_CIPHERTEXT", ""),
