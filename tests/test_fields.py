@@ -352,3 +352,13 @@ def test_classifications_and_token_classifications_use_no_key(guard: Guard) -> N
     assert fields.token_classifications(sealed, ["$.a"]) == {"general"}
     with pytest.raises(ContextMismatch):
         fields.token_classifications({"a": sealed["b"]})
+
+
+@pytest.mark.parametrize("spec", [
+    {"class": "pii", "index": "no spaces"},
+    {"class": "pii", "index": "i", "normalize": 5},
+    {"class": "pii", "index": "i", "normalize": ["digits", "zap"]},
+])
+def test_a_bad_index_spec_names_its_field_before_anything_is_sealed(guard: Guard, spec: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInput, match=r"^field \$\.seat: "):
+        guard.protect(BOOKING, {"$.seat": spec})

@@ -65,10 +65,16 @@ class Field:
             classification = spec.get("class")
             if unknown or not isinstance(classification, str):
                 raise InvalidInput(f'field {path}: expected a classification or {{"class", "index", "normalize"}}')
-            index = spec.get("index")
-            if index is not None:
-                blindindex.check_name(index)
-            return cls(classification, index, spec.get("normalize"))
+            index, how = spec.get("index"), spec.get("normalize")
+            try:
+                if index is not None:
+                    blindindex.check_name(index)
+                if how is not None and not isinstance(how, str | list | tuple):
+                    raise InvalidInput("normalize is a normalizer's name or a list of them")
+                blindindex.normalize("", how)  # an unknown normalizer is refused before anything is sealed
+            except InvalidInput as exc:
+                raise InvalidInput(f"field {path}: {exc.message}") from None
+            return cls(classification, index, how)
         raise InvalidInput(f"field {path}: expected a classification or a mapping")
 
 

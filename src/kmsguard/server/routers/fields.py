@@ -7,7 +7,8 @@ so a refused request encrypts or decrypts nothing. ``mask`` and ``scan`` use no 
 need ``inspect`` (on any classification). Records are bounded: at most MAX_PATHS paths a
 request, nested at most MAX_DEPTH deep, numbers finite; a bad one is INVALID_INPUT naming
 where, never quoting a value. Protect and unprotect run on the worker's AsyncGuard (their
-key work in its pool); a scan runs in a thread, off the event loop.
+key work in its pool); selecting, masking and scanning, CPU work that grows with the record
+(a ``$..`` path walks all of it), run in a thread, so the event loop keeps serving others.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ async def protect(body: ProtectRequest, request: Request, who: Authorized) -> di
         path: spec if isinstance(spec, str) else spec.model_dump(by_alias=True, exclude_none=True)
         for path, spec in (body.fields or {}).items()
     }
-    used = fields.classifications(body.record, specs, missing=body.missing, detect=body.detect, keep=body.keep)
+    used = await asyncio.to_thread(
+        fields.classifications, body.record, specs, missing=body.missing, detect=body.detect, keep=body.keep
+    )
     for classification in sorted(used):
         who.require("encrypt", classification)
     with who.acting():
@@ -70,7 +73,7 @@ async def unprotect(body: UnprotectRequest, request: Request, who: Authorized) -
     if body.paths is not None:
         _check_paths("paths", body.paths)
     _check_record(body.record)
-    for classification in sorted(fields.token_classifications(body.record, body.paths)):
+    for classification in sorted(await asyncio.to_thread(fields.token_classifications, body.record, body.paths)):
         who.require("decrypt", classification)
     with who.acting():
         record = await service_of(request).aguard.unprotect(body.record, body.context, paths=body.paths)
@@ -78,11 +81,11 @@ async def unprotect(body: UnprotectRequest, request: Request, who: Authorized) -
 
 
 @router.post("/mask", response_model=RecordResponse, summary="Irreversibly mask selected fields (no key is used)")
-async def mask(body: MaskRequest, request: Request, who: Authorized) -> dict[str, Any]:
+async def mask(body: MaskRequest, who: Authorized) -> dict[str, Any]:
     who.require("inspect")
     _check_paths("fields", body.fields)
     _check_record(body.record)
-    return {"record": await service_of(request).aguard.mask(body.record, body.fields, body.rules)}
+    return {"record": await asyncio.to_thread(fields.mask, body.record, body.fields, body.rules)}
 
 
 @router.post("/scan", response_model=ScanResponse, summary="Find sensitive values (findings only, never values)")
