@@ -122,9 +122,17 @@ def test_scan_reports_findings_never_values(local_service: Service) -> None:
     kinds = {(f["kind"], f["location"]) for f in by_record.json()["findings"]}
     assert {("card", "$.card.number"), ("email", "$.passengers[0].email")} <= kinds
     assert ("passport", "$.passengers[0].passport") in kinds
+    assert by_text.json()["count"] == 2
     for r in (by_text, by_record):
         assert CARD not in r.text and CARD.replace(" ", "") not in r.text
         assert "jane.doe" not in r.text and PASSPORT not in r.text
+
+
+def test_scan_answers_at_most_10000_findings_and_their_count(local_service: Service) -> None:
+    with local_service.client("inspect-only") as c:
+        r = post(c, "/v1/scan", {"text": "a@example.com\n" * 12_000})
+    assert r.status_code == 200 and r.json()["count"] == 12_000
+    assert len(r.json()["findings"]) == 10_000 and r.json()["findings"][-1]["location"] == "10000:1"
 
 
 def test_scope_is_checked_per_classification_before_any_key_is_used(local_service: Service) -> None:

@@ -165,4 +165,7 @@ class FindingResponse(BaseModel):
 
 
 class ScanResponse(BaseModel):
+    """The first 10,000 findings, in order, and ``count``: how many there were in all."""
+
     findings: list[FindingResponse]
+    count: int

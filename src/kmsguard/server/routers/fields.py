@@ -39,6 +39,8 @@ from kmsguard.server.models import (
 MAX_PATHS = 256
 #: How long a path may be (jsonpath-ng walks a parsed path recursively).
 MAX_PATH_CHARS = 512
+#: Findings one scan answers (``count`` says how many there were).
+MAX_FINDINGS = 10_000
 #: How deep a record may nest: deeper is refused before anything walks it.
 MAX_DEPTH = 64
 
@@ -99,7 +101,7 @@ async def scan(body: ScanRequest, who: Authorized) -> dict[str, Any]:
     else:
         _check_record(body.record)
         found = await asyncio.to_thread(detect_json, body.record)
-    return {"findings": [f.to_dict() for f in found]}
+    return {"findings": [f.to_dict() for f in found[:MAX_FINDINGS]], "count": len(found)}
 
 
 def _check_paths(name: str, paths: Sequence[str]) -> None:
