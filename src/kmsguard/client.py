@@ -3,8 +3,9 @@
 ``RemoteGuard(url, token)`` has Guard's methods (``encrypt``, ``decrypt``,
 ``encrypt_text``, ``decrypt_text``, ``encrypt_many``, ``decrypt_many``, ``rewrap``,
 ``inspect``, ``protect``, ``unprotect``, ``mask``) and raises Guard's exceptions: the
-service's ``{"error": {"code"...}}`` is raised as the kmsguard error of that code (InvalidCiphertext, ContextMismatch,
-AccessDenied...), so code written against Guard runs against the service unchanged.
+service's ``{"error": {"code"...}}`` is raised as the kmsguard error of that code
+(InvalidCiphertext, ContextMismatch, AccessDenied...), so code written against Guard
+runs against the service unchanged.
 ``mask`` runs in the client's own process: it needs no key, so the record need not travel.
 ``AsyncRemoteGuard`` is the same for asyncio. Both hold an httpx connection pool; close
 them (or use them as context managers) when done.
