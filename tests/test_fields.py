@@ -331,3 +331,34 @@ def test_property_format_path_selects_exactly_its_location(record: dict[str, Any
 def test_compiled_paths_are_cached() -> None:
     assert compile_path("$.a.b[*].c") is compile_path("$.a.b[*].c")
     assert compile_path("$..email") is compile_path("$..email")
+
+
+@pytest.mark.parametrize("path", ["$.a.`sorted`", "$.a[?(@.b & @.c)]"])
+def test_a_path_jsonpath_ng_cannot_evaluate_is_invalid_input(guard: Guard, path: str) -> None:
+    record = {"a": ["x", 1, {"b": "y"}]}
+    for call in (lambda: guard.mask(record, [path]), lambda: guard.protect(record, {path: "pii"})):
+        with pytest.raises(InvalidInput, match="cannot be evaluated") as caught:
+            call()
+        assert "'x'" not in str(caught.value)
+
+
+def test_classifications_and_token_classifications_use_no_key(guard: Guard) -> None:
+    record = {"a": "x", "b": {"c": "y"}, "card": "4111 1111 1111 1111"}
+    assert fields.classifications(record, {"$.a": "general", "$.b": {"class": "pii"}}) == {"general", "pii"}
+    assert fields.classifications(record, detect=True, keep=["$.a"]) == {"payment"}
+    sealed = guard.protect(record, {"$.a": "general", "$.b": "pii"})
+    assert fields.classifications(sealed, {"$.a": "general"}) == set()  # already a token: nothing to seal
+    assert fields.token_classifications(sealed) == {"general", "pii"}
+    assert fields.token_classifications(sealed, ["$.a"]) == {"general"}
+    with pytest.raises(ContextMismatch):
+        fields.token_classifications({"a": sealed["b"]})
+
+
+@pytest.mark.parametrize("spec", [
+    {"class": "pii", "index": "no spaces"},
+    {"class": "pii", "index": "i", "normalize": 5},
+    {"class": "pii", "index": "i", "normalize": ["digits", "zap"]},
+])
+def test_a_bad_index_spec_names_its_field_before_anything_is_sealed(guard: Guard, spec: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInput, match=r"^field \$\.seat: "):
+        guard.protect(BOOKING, {"$.seat": spec})

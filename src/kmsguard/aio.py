@@ -14,7 +14,8 @@ AsyncGuard runs the first kind on the event loop and the second in a thread pool
   up) turns its kind cold again, so a kind costs the loop at most one such call per
   refresh of its cached key, never one per operation.
 
-``inspect`` parses a header and never calls KMS: always inline. Errors are Guard's own.
+``inspect`` parses a header and ``mask`` uses no key; neither calls KMS: always inline.
+``protect`` and ``unprotect`` of a record always run in the pool. Errors are Guard's own.
 The operations run in a copy of the caller's context, so ``operation.acting_as`` and
 ``operation.serving`` apply to them.
 """
@@ -23,8 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import threading
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -104,6 +106,29 @@ class AsyncGuard:
 
     async def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
         return self.guard.inspect(data)
+
+    async def protect(
+        self,
+        record: Any,
+        fields: Mapping[str, Any] | None = None,
+        context: Context = None,
+        *,
+        missing: str = "error",
+        detect: bool = False,
+        keep: Sequence[str] = (),
+    ) -> Any:
+        """Guard.protect, in the pool: a record's fields may need data keys of several
+        classifications, and one thread hand-off per record is small next to its fields' work."""
+        run = functools.partial(self.guard.protect, missing=missing, detect=detect, keep=keep)
+        return await self._in_pool(run, record, fields, context)
+
+    async def unprotect(self, record: Any, context: Context = None, *, paths: Sequence[str] | None = None) -> Any:
+        """Guard.unprotect, in the pool: a record's tokens may be under many data keys."""
+        return await self._in_pool(functools.partial(self.guard.unprotect, paths=paths), record, context)
+
+    async def mask(self, record: Any, fields: Sequence[str], rules: Mapping[str, Any] | None = None) -> Any:
+        """Guard.mask, inline: masking uses no key and never calls the key service."""
+        return self.guard.mask(record, fields, rules)
 
     async def close(self) -> None:
         """Stop the pool once running operations end; close the Guard if this AsyncGuard owns it."""

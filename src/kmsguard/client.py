@@ -2,9 +2,11 @@
 
 ``RemoteGuard(url, token)`` has Guard's methods (``encrypt``, ``decrypt``,
 ``encrypt_text``, ``decrypt_text``, ``encrypt_many``, ``decrypt_many``, ``rewrap``,
-``inspect``) and raises Guard's exceptions: the service's ``{"error": {"code"...}}`` is
-raised as the kmsguard error of that code (InvalidCiphertext, ContextMismatch,
-AccessDenied...), so code written against Guard runs against the service unchanged.
+``inspect``, ``protect``, ``unprotect``, ``mask``) and raises Guard's exceptions: the
+service's ``{"error": {"code"...}}`` is raised as the kmsguard error of that code
+(InvalidCiphertext, ContextMismatch, AccessDenied...), so code written against Guard
+runs against the service unchanged.
+``mask`` runs in the client's own process: it needs no key, so the record need not travel.
 ``AsyncRemoteGuard`` is the same for asyncio. Both hold an httpx connection pool; close
 them (or use them as context managers) when done.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import json
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +31,7 @@ from typing import Any, overload
 import httpx
 
 from kmsguard import envelope, errors
+from kmsguard import fields as _fields
 from kmsguard.batch import Result
 from kmsguard.errors import InvalidInput, KmsGuardError
 from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput
@@ -188,6 +192,37 @@ def _info(doc: Mapping[str, Any]) -> EnvelopeInfo:
     )
 
 
+_JSON = {"Content-Type": "application/json"}
+
+
+def _encoded(body: Mapping[str, Any]) -> bytes:
+    """The request's JSON; INVALID_INPUT (as Guard raises) for a record JSON cannot carry."""
+    try:
+        return json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError):
+        raise InvalidInput("the record holds a value that is not JSON") from None
+
+
+def _protect_body(
+    record: Any, fields: Mapping[str, Any] | None, context: Context, missing: str, detect: bool, keep: Sequence[str]
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"record": record, "missing": missing, "detect": detect, "keep": list(keep)}
+    if fields is not None:
+        body["fields"] = {path: spec if isinstance(spec, str) else dict(spec) for path, spec in fields.items()}
+    if context is not None:
+        body["context"] = dict(context)
+    return body
+
+
+def _unprotect_body(record: Any, context: Context, paths: Sequence[str] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"record": record}
+    if context is not None:
+        body["context"] = dict(context)
+    if paths is not None:
+        body["paths"] = list(paths)
+    return body
+
+
 def _chunks(n: int) -> list[range]:
     return [range(i, min(i + BATCH_SIZE, n)) for i in range(0, n, BATCH_SIZE)]
 
@@ -220,10 +255,11 @@ class RemoteGuard:
         self._http = httpx.Client(transport=transport, **_options(url, token, timeout, max_connections))
 
     def _post(self, path: str, body: Mapping[str, Any]) -> Any:
+        content = _encoded(body)
         until = time.monotonic() + self.deadline
         for retry in itertools.count(1):
             try:
-                outcome: httpx.Response | httpx.TransportError = self._http.post(path, json=body)
+                outcome: httpx.Response | httpx.TransportError = self._http.post(path, content=content, headers=_JSON)
             except httpx.TransportError as exc:
                 outcome = exc
             delay = _again(outcome, retry, until)
@@ -286,6 +322,25 @@ class RemoteGuard:
     def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
         return _info(self._post("/v1/inspect", {"token": _token_body(data, None)["token"]}))
 
+    def protect(
+        self,
+        record: Any,
+        fields: Mapping[str, Any] | None = None,
+        context: Context = None,
+        *,
+        missing: str = "error",
+        detect: bool = False,
+        keep: Sequence[str] = (),
+    ) -> Any:
+        return self._post("/v1/protect", _protect_body(record, fields, context, missing, detect, keep))["record"]
+
+    def unprotect(self, record: Any, context: Context = None, *, paths: Sequence[str] | None = None) -> Any:
+        return self._post("/v1/unprotect", _unprotect_body(record, context, paths))["record"]
+
+    def mask(self, record: Any, fields: Sequence[str], rules: Mapping[str, Any] | None = None) -> Any:
+        """Masked here, not by the service: masking uses no key, and the record need not travel."""
+        return _fields.mask(record, fields, rules)
+
     def close(self) -> None:
         self._http.close()
 
@@ -316,10 +371,13 @@ class AsyncRemoteGuard:
         self._http = httpx.AsyncClient(transport=transport, **_options(url, token, timeout, max_connections))
 
     async def _post(self, path: str, body: Mapping[str, Any]) -> Any:
+        content = _encoded(body)
         until = time.monotonic() + self.deadline
         for retry in itertools.count(1):
             try:
-                outcome: httpx.Response | httpx.TransportError = await self._http.post(path, json=body)
+                outcome: httpx.Response | httpx.TransportError = await self._http.post(
+                    path, content=content, headers=_JSON
+                )
             except httpx.TransportError as exc:
                 outcome = exc
             delay = _again(outcome, retry, until)
@@ -375,6 +433,26 @@ class AsyncRemoteGuard:
 
     async def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
         return _info(await self._post("/v1/inspect", {"token": _token_body(data, None)["token"]}))
+
+    async def protect(
+        self,
+        record: Any,
+        fields: Mapping[str, Any] | None = None,
+        context: Context = None,
+        *,
+        missing: str = "error",
+        detect: bool = False,
+        keep: Sequence[str] = (),
+    ) -> Any:
+        doc = await self._post("/v1/protect", _protect_body(record, fields, context, missing, detect, keep))
+        return doc["record"]
+
+    async def unprotect(self, record: Any, context: Context = None, *, paths: Sequence[str] | None = None) -> Any:
+        return (await self._post("/v1/unprotect", _unprotect_body(record, context, paths)))["record"]
+
+    async def mask(self, record: Any, fields: Sequence[str], rules: Mapping[str, Any] | None = None) -> Any:
+        """Masked here, as RemoteGuard.mask."""
+        return _fields.mask(record, fields, rules)
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -65,10 +65,16 @@ class Field:
             classification = spec.get("class")
             if unknown or not isinstance(classification, str):
                 raise InvalidInput(f'field {path}: expected a classification or {{"class", "index", "normalize"}}')
-            index = spec.get("index")
-            if index is not None:
-                blindindex.check_name(index)
-            return cls(classification, index, spec.get("normalize"))
+            index, how = spec.get("index"), spec.get("normalize")
+            try:
+                if index is not None:
+                    blindindex.check_name(index)
+                if how is not None and not isinstance(how, str | list | tuple):
+                    raise InvalidInput("normalize is a normalizer's name or a list of them")
+                blindindex.normalize("", how)  # an unknown normalizer is refused before anything is sealed
+            except InvalidInput as exc:
+                raise InvalidInput(f"field {path}: {exc.message}") from None
+            return cls(classification, index, how)
         raise InvalidInput(f"field {path}: expected a classification or a mapping")
 
 
@@ -91,20 +97,11 @@ def protect(
     classification too, except under the paths in ``keep``. Errors name paths, never values.
     The copy shares unchanged members with ``record``; neither is ever modified in place.
     """
-    if missing not in ("error", "ignore"):
-        raise InvalidInput('missing must be "error" or "ignore"')
     if context is not None and not isinstance(context, Mapping):
         raise InvalidInput("context must be a mapping of str to str")
-    field_set = _field_set(fields or {})
-    if field_set.disjoint and not detect:
-        selected = field_set.select(record, missing)
-    else:
-        selected = _select(record, field_set, missing, detect, keep)
     out = _CopyOnWrite(record)
     base = dict(context) if context else {}
-    for location, rule, value, path in selected:
-        if type(value) is str and value.startswith(envelope.TEXT_PREFIX) and _is_token(value):
-            continue
+    for location, rule, value, path in _to_seal(record, fields, missing, detect, keep):
         token = guard.encrypt_text(_encode(value, path), rule.classification, {**base, FIELD_KEY: path})
         if rule.index is not None:
             parent = out.container(location[:-1])
@@ -114,6 +111,39 @@ def protect(
             parent[rule.index] = blindindex.compute(guard, term, rule.classification, rule.index, rule.normalize)
         out.put(location, token)
     return out.result()
+
+
+def classifications(
+    record: Any,
+    fields: Mapping[str, FieldSpec] | None = None,
+    *,
+    missing: str = "error",
+    detect: bool = False,
+    keep: Iterable[str] = (),
+) -> set[str]:
+    """The classifications ``protect`` with these arguments would encrypt under (no key is used).
+
+    The service checks the caller's ``encrypt`` scope on each before anything is encrypted.
+    Raises what ``protect`` raises for a bad path or a path that matches nothing.
+    """
+    return {rule.classification for _, rule, _, _ in _to_seal(record, fields, missing, detect, keep)}
+
+
+def _to_seal(
+    record: Any, fields: Mapping[str, FieldSpec] | None, missing: str, detect: bool, keep: Iterable[str]
+) -> Iterator[tuple[Location, Field, Any, str]]:
+    """What ``protect`` seals: the selected values, less those that already are tokens."""
+    if missing not in ("error", "ignore"):
+        raise InvalidInput('missing must be "error" or "ignore"')
+    field_set = _field_set(fields or {})
+    if field_set.disjoint and not detect:
+        selected = field_set.select(record, missing)
+    else:
+        selected = _select(record, field_set, missing, detect, keep)
+    for item in selected:
+        value = item[2]
+        if not (type(value) is str and value.startswith(envelope.TEXT_PREFIX) and _is_token(value)):
+            yield item
 
 
 def _select(
@@ -151,25 +181,8 @@ def unprotect(
     against each token's as in ``decrypt``. Tokens not made by ``protect`` are left alone
     when found by prefix, and refused at an explicit path.
     """
-    if paths is None:
-        found = list(_tokens(record, ()))
-    else:
-        found = [
-            match
-            for path in paths
-            for match in compile_path(path).find(record)
-            if isinstance(match[1], str) and match[1].startswith(envelope.TEXT_PREFIX)
-        ]
     out = _CopyOnWrite(record)
-    for location, token, path in found:
-        raw = envelope.coerce(token)
-        bound = _bound_paths.get(raw, path)
-        if bound is None:
-            if paths is None:
-                continue
-            raise InvalidInput(f"the token at {path} was not made by protect")
-        if bound != path:
-            raise ContextMismatch(f"the token at {path} was protected for another field")
+    for location, raw, path in _to_open(record, paths):
         try:
             value = json.loads(guard.decrypt(raw, context).decode("utf-8"))
         except ValueError:
@@ -195,6 +208,39 @@ def mask(record: Any, fields: Iterable[str], rules: Mapping[str, masking.MaskRul
         for location, value, _ in compile_path(path).find(record):
             out.put(location, function(value))
     return out.result()
+
+
+def token_classifications(record: Any, paths: Sequence[str] | None = None) -> set[str]:
+    """The classifications of the tokens ``unprotect`` with these arguments would decrypt.
+
+    Read from the tokens' public headers (no key is used): the service checks the caller's
+    ``decrypt`` scope on each before anything is decrypted. Raises what ``unprotect``
+    raises for a malformed, misplaced or foreign token.
+    """
+    return {envelope.parse(raw).classification for _, raw, _ in _to_open(record, paths)}
+
+
+def _to_open(record: Any, paths: Sequence[str] | None) -> Iterator[tuple[Location, bytes, str]]:
+    """(location, envelope, path) of each token ``unprotect`` opens, its bound path checked."""
+    if paths is None:
+        found = list(_tokens(record, ()))
+    else:
+        found = [
+            match
+            for path in paths
+            for match in compile_path(path).find(record)
+            if isinstance(match[1], str) and match[1].startswith(envelope.TEXT_PREFIX)
+        ]
+    for location, token, path in found:
+        raw = envelope.coerce(token)
+        bound = _bound_paths.get(raw, path)
+        if bound is None:
+            if paths is None:
+                continue
+            raise InvalidInput(f"the token at {path} was not made by protect")
+        if bound != path:
+            raise ContextMismatch(f"the token at {path} was protected for another field")
+        yield location, raw, path
 
 
 class _CopyOnWrite:

@@ -76,8 +76,12 @@ class CompiledPath:
             return [(fixed, doc, self._fixed_text)]
         if self._program is not None:
             return _walk(doc, self._program)
+        try:
+            found = self._expr.find(doc)
+        except Exception:  # jsonpath-ng's functions and filters fail on values they cannot compare or sort
+            raise InvalidInput(f"JSONPath {self.text!r} cannot be evaluated on this record") from None
         out = []
-        for match in self._expr.find(doc):
+        for match in found:
             steps: list[Step] = []
             datum: Any = match
             while datum is not None and not isinstance(datum.path, Root):

@@ -48,9 +48,21 @@ def general_token(local_service: Service) -> str:
         return str(c.post("/v1/encrypt", json={"classification": "pii", "plaintext": "x"}).json()["token"])
 
 
-def _requests(pii_token: str) -> dict[str, tuple[str, str, dict[str, object] | None]]:
+@pytest.fixture(scope="module")
+def pii_record(local_service: Service) -> dict[str, object]:
+    """A record whose one field is protected as pii."""
+    with local_service.client() as c:
+        body = {"record": {"email": "jane@example.com"}, "fields": {"$.email": "pii"}}
+        return dict(c.post("/v1/protect", json=body).json()["record"])
+
+
+def _requests(pii_token: str, pii_record: dict[str, object]) -> dict[str, tuple[str, str, dict[str, object] | None]]:
     """Endpoint -> (method, path, body). Encrypts are of pii data; envelopes are pii ones."""
     return {
+        "protect": ("POST", "/v1/protect", {"record": {"email": "x"}, "fields": {"$.email": "pii"}}),
+        "unprotect": ("POST", "/v1/unprotect", {"record": pii_record}),
+        "mask": ("POST", "/v1/mask", {"record": {"email": "x"}, "fields": ["$.email"]}),
+        "scan": ("POST", "/v1/scan", {"text": "x"}),
         "encrypt": ("POST", "/v1/encrypt", {"classification": "pii", "plaintext": "x"}),
         "encrypt/batch": ("POST", "/v1/encrypt/batch", {"items": [{"classification": "pii", "plaintext": "x"}]}),
         "decrypt": ("POST", "/v1/decrypt", {"token": pii_token}),
@@ -63,6 +75,10 @@ def _requests(pii_token: str) -> dict[str, tuple[str, str, dict[str, object] | N
 
 #: The key lacking each endpoint's operation (but holding others).
 LACKS_OPERATION = {
+    "protect": "inspect-only",
+    "unprotect": "encrypt-only",
+    "mask": "encrypt-only",
+    "scan": "encrypt-only",
     "encrypt": "inspect-only",
     "encrypt/batch": "inspect-only",
     "decrypt": "encrypt-only",
@@ -74,8 +90,8 @@ LACKS_OPERATION = {
 
 
 @pytest.mark.parametrize("endpoint", list(LACKS_OPERATION))
-def test_auth_matrix(local_service: Service, general_token: str, endpoint: str) -> None:
-    method, path, body = _requests(general_token)[endpoint]
+def test_auth_matrix(local_service: Service, general_token: str, pii_record: dict[str, object], endpoint: str) -> None:
+    method, path, body = _requests(general_token, pii_record)[endpoint]
 
     def call(authorization: str | None) -> httpx.Response:
         headers = {"Authorization": authorization} if authorization else {}
@@ -89,9 +105,11 @@ def test_auth_matrix(local_service: Service, general_token: str, endpoint: str) 
         assert r.json()["error"]["code"] == "UNAUTHENTICATED"
     denied = call(f"Bearer {local_service.tokens[LACKS_OPERATION[endpoint]]}")
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "ACCESS_DENIED"
-    if endpoint != "metrics":  # a key for general data only, on pii data
-        denied = call(f"Bearer {local_service.tokens['general-only']}")
-        assert denied.status_code == 403 and denied.json()["error"]["code"] == "ACCESS_DENIED"
+    general_only = call(f"Bearer {local_service.tokens['general-only']}")  # a key for general data, on pii data
+    if endpoint in ("mask", "scan"):  # they use no key: any inspect scope will do
+        assert general_only.status_code == 200, general_only.text
+    elif endpoint != "metrics":
+        assert general_only.status_code == 403 and general_only.json()["error"]["code"] == "ACCESS_DENIED"
     allowed = call(f"Bearer {local_service.tokens['admin']}")
     assert allowed.status_code == 200, allowed.text
 

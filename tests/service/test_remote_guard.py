@@ -162,3 +162,49 @@ def test_unreachable_service_fails_at_the_deadline(tmp_path: Path) -> None:
         with pytest.raises(ServiceUnreachable):
             remote.encrypt(b"x", "general")
         assert time.monotonic() - started < 5
+
+
+BOOKING = {
+    "booking": "ABC123",
+    "passengers": [{"name": "Jane Doe", "passport": "L898902C3", "age": 41}, {"name": "John Roe", "age": None}],
+    "card": {"number": "4111111111111111", "expiry": [12, 2030]},
+}
+FIELDS = {"$.passengers[*].name": "pii", "$.passengers[*].age": "pii", "$.card": "payment"}
+CONTEXT = {"booking": "ABC123", "purpose": "checkout"}
+
+
+def test_protect_round_trips(any_guard: Any) -> None:
+    sealed = any_guard.protect(BOOKING, FIELDS, CONTEXT)
+    assert sealed["booking"] == "ABC123" and sealed["passengers"][0]["passport"] == "L898902C3"
+    assert sealed["card"].startswith("kg1:") and sealed["passengers"][1]["age"].startswith("kg1:")
+    assert any_guard.protect(sealed, FIELDS, CONTEXT) == sealed
+    assert any_guard.unprotect(sealed, CONTEXT) == BOOKING
+    only = any_guard.unprotect(sealed, CONTEXT, paths=["$.passengers[0].name"])
+    assert only["passengers"][0]["name"] == "Jane Doe" and only["card"] == sealed["card"]
+    detected = any_guard.protect({"pan": "4111 1111 1111 1111", "ref": "X"}, context=CONTEXT, detect=True)
+    assert detected["pan"].startswith("kg1:") and detected["ref"] == "X"
+    passports = "$.passengers[*].passport"
+    masked = any_guard.mask(BOOKING, ["$.card.number", passports], {passports: "erase"})
+    assert masked["card"]["number"] == "************1111" and masked["passengers"][0]["passport"] == "*****"
+
+
+def test_protect_errors_are_guards_own(any_guard: Any) -> None:
+    sealed = any_guard.protect(BOOKING, FIELDS, CONTEXT)
+    moved = {**sealed, "card": sealed["passengers"][0]["name"]}
+    with pytest.raises(ContextMismatch):
+        any_guard.unprotect(moved, CONTEXT)
+    with pytest.raises(ContextMismatch):
+        any_guard.unprotect(sealed, {**CONTEXT, "booking": "XYZ999"})
+    with pytest.raises(InvalidInput, match=r"\$\.nowhere"):
+        any_guard.protect(BOOKING, {"$.nowhere": "pii"})
+    assert any_guard.protect(BOOKING, {"$.nowhere": "pii"}, missing="ignore") == BOOKING
+    with pytest.raises(ContextRequired):
+        any_guard.protect(BOOKING, {"$.card": "payment"})
+    with pytest.raises(UnknownClassification):
+        any_guard.protect(BOOKING, {"$.booking": "secretive"})
+    with pytest.raises(InvalidInput):
+        any_guard.protect({"x": float("nan")}, {"$.x": "pii"})
+    with pytest.raises(InvalidCiphertext):
+        any_guard.unprotect({"x": "kg1:AAAA"})
+    with pytest.raises(InvalidInput):
+        any_guard.mask(BOOKING, ["$.booking"], {"$.booking": "shred"})

@@ -20,7 +20,7 @@ from kmsguard.config import Settings, load_settings
 from kmsguard.guard import Guard
 from kmsguard.server import errors
 from kmsguard.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
-from kmsguard.server.routers import crypto, health
+from kmsguard.server.routers import crypto, fields, health
 from kmsguard.server.settings import ServerSettings
 from kmsguard.server.state import Service
 
@@ -52,6 +52,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, guard: 
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     errors.install(app)
     app.include_router(crypto.router)
+    app.include_router(fields.router)
     app.include_router(health.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_request_bytes)
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries the request id

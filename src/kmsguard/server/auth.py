@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
+from kmsguard import operation
 from kmsguard.errors import AccessDenied, Unauthenticated
 from kmsguard.server.apikeys import ApiKey
 from kmsguard.server.state import Service
@@ -27,6 +31,16 @@ class Caller:
             target = f"{classification!r} data" if classification else "anything"
             raise AccessDenied(f"this API key may not {operation} {target}")
 
+    @contextlib.contextmanager
+    def acting(self) -> Iterator[None]:
+        """Guard operations inside run as the API key's name (``operation.acting_as``), so the
+        audit record names the key; without auth, as the service itself."""
+        if self.name is None:
+            yield
+            return
+        with operation.acting_as(self.name):
+            yield
+
 
 def service_of(request: Request) -> Service:
     service: Service = request.app.state.service
@@ -47,3 +61,7 @@ async def caller(request: Request) -> Caller:
         raise Unauthenticated("the API key is not valid (unknown or revoked)")
     service.buckets.take(key.name)
     return Caller(key)
+
+
+#: The caller of an endpoint that needs an API key (FastAPI resolves it before the body's checks).
+Authorized = Annotated[Caller, Depends(caller)]

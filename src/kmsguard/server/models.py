@@ -6,9 +6,10 @@ client's typo (``plantext``) is a 400 naming it rather than an empty encryption.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from pydantic import Field as PydanticField
 
 Context = dict[StrictStr, StrictStr] | None
 
@@ -102,3 +103,69 @@ class Health(BaseModel):
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error statuses an endpoint can answer."""
     return {s: {"model": ErrorBody} for s in statuses}
+
+
+# ---------------------------------------------------------------------- field-level protection (kmsguard.fields)
+
+
+class FieldRule(_Body):
+    """A field protected under ``class``, optionally with a blind index written beside it."""
+
+    classification: StrictStr = PydanticField(alias="class")
+    index: StrictStr | None = None
+    normalize: StrictStr | list[StrictStr] | None = None
+
+
+class ProtectRequest(_Body):
+    """``record`` with the values at ``fields`` (JSONPath -> classification or rule) replaced by tokens."""
+
+    record: Any
+    fields: dict[StrictStr, StrictStr | FieldRule] | None = None
+    context: Context = None
+    missing: Literal["error", "ignore"] = "error"
+    detect: StrictBool = False
+    keep: list[StrictStr] = []
+
+
+class UnprotectRequest(_Body):
+    """``record`` with the tokens ``protect`` made (all, or those at ``paths``) restored."""
+
+    record: Any
+    context: Context = None
+    paths: list[StrictStr] | None = None
+
+
+class MaskRequest(_Body):
+    """``record`` with the values at ``fields`` masked: by ``rules`` (path -> erase, last4 or email),
+    else by the kind of value detected."""
+
+    record: Any
+    fields: list[StrictStr]
+    rules: dict[StrictStr, StrictStr] | None = None
+
+
+class ScanRequest(_Body):
+    """Exactly one of ``text`` (located by ``line:column``) and ``record`` (by JSON path)."""
+
+    text: StrictStr | None = None
+    record: Any = None
+
+
+class RecordResponse(BaseModel):
+    record: Any
+
+
+class FindingResponse(BaseModel):
+    """A sensitive value found: never the value, only its kind, place and a masked preview."""
+
+    kind: str
+    classification: str | None
+    location: str
+    preview: str
+
+
+class ScanResponse(BaseModel):
+    """The first 10,000 findings, in order, and ``count``: how many there were in all."""
+
+    findings: list[FindingResponse]
+    count: int

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
-from collections.abc import Iterator, Mapping
-from typing import Annotated, Any, cast
+from collections.abc import Mapping
+from typing import Any, cast
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from kmsguard import envelope, operation
+from kmsguard import envelope
 from kmsguard.batch import Result
 from kmsguard.errors import InvalidInput, KmsGuardError, RequestTooLarge
-from kmsguard.server.auth import Caller, caller, service_of
+from kmsguard.server.auth import Authorized, service_of
 from kmsguard.server.models import (
     BatchResponse,
     DecryptBatchRequest,
@@ -36,19 +35,7 @@ from kmsguard.server.models import (
     error_responses,
 )
 
-#: The caller of an endpoint that needs an API key (FastAPI resolves it before the body's checks).
-Authorized = Annotated[Caller, Depends(caller)]
-
 router = APIRouter(prefix="/v1", responses=error_responses(400, 401, 403, 404, 413, 429, 500, 502, 503, 504))
-
-
-@contextlib.contextmanager
-def _as(who: Caller) -> Iterator[None]:
-    if who.name is None:
-        yield
-        return
-    with operation.acting_as(who.name):
-        yield
 
 
 def _plaintext(body: EncryptRequest) -> bytearray:
@@ -79,7 +66,7 @@ def _error(exc: KmsGuardError) -> dict[str, Any]:
 async def encrypt(body: EncryptRequest, request: Request, who: Authorized) -> dict[str, str]:
     who.require("encrypt", body.classification)
     data = _plaintext(body)
-    with _as(who):
+    with who.acting():
         sealed = await service_of(request).aguard.encrypt(data, body.classification, body.context)  # type: ignore[arg-type]
     return {"token": envelope.to_text(sealed)}
 
@@ -89,7 +76,7 @@ async def decrypt(body: TokenRequest, request: Request, who: Authorized) -> dict
     service = service_of(request)
     who.require("decrypt")
     who.require("decrypt", (await service.aguard.inspect(body.token)).classification)
-    with _as(who):
+    with who.acting():
         plain = await service.aguard.decrypt(body.token, body.context)
     return _opened(plain)
 
@@ -109,7 +96,7 @@ async def encrypt_batch(body: EncryptBatchRequest, request: Request, who: Author
             results[i] = _error(exc)
     for classification, members in groups.items():
         contexts = [body.items[i].context for i, _ in members]
-        with _as(who):
+        with who.acting():
             done = await service.aguard.encrypt_many(
                 cast(list[bytes], [data for _, data in members]),
                 classification,
@@ -138,7 +125,7 @@ async def decrypt_batch(body: DecryptBatchRequest, request: Request, who: Author
     for classification in classes:
         who.require("decrypt", classification)
     for context, members in groups.items():
-        with _as(who):
+        with who.acting():
             done = await service.aguard.decrypt_many([body.items[i].token for i in members], dict(context))
         for i, result in zip(members, done, strict=True):
             results[i] = _settled(result, _opened)
@@ -150,7 +137,7 @@ async def rewrap(body: TokenRequest, request: Request, who: Authorized) -> dict[
     service = service_of(request)
     who.require("rewrap")
     who.require("rewrap", (await service.aguard.inspect(body.token)).classification)
-    with _as(who):
+    with who.acting():
         token = await service.aguard.rewrap(body.token, body.context)
     return {"token": token}
 
