@@ -362,3 +362,11 @@ def test_classifications_and_token_classifications_use_no_key(guard: Guard) -> N
 def test_a_bad_index_spec_names_its_field_before_anything_is_sealed(guard: Guard, spec: dict[str, Any]) -> None:
     with pytest.raises(InvalidInput, match=r"^field \$\.seat: "):
         guard.protect(BOOKING, {"$.seat": spec})
+
+
+def test_a_key_named_like_a_jsonpath_operator_is_quoted_in_its_path() -> None:
+    """jsonpath-ng reads ``where`` as an operator: its canonical path quotes it, and parses."""
+    from kmsguard.jsonpaths import compile_path, format_path
+
+    assert format_path(("where", 0, "wherenot")) == "$['where'][0]['wherenot']"
+    compile_path(format_path(("where",)))

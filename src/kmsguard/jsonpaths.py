@@ -21,6 +21,7 @@ from typing import Any
 
 from jsonpath_ng import Child, Fields, Index, Root, Wildcard
 from jsonpath_ng.ext.parser import parse as _parse
+from jsonpath_ng.lexer import JsonPathLexer
 
 from kmsguard.errors import InvalidInput
 
@@ -32,6 +33,8 @@ Match = tuple[Location, Any, str]
 #: Parsed expressions kept per process before starting over.
 MAX_COMPILED = 1024
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: Names jsonpath-ng's lexer reads as operators (``$.where`` does not parse): always quoted.
+_RESERVED = frozenset(JsonPathLexer.reserved_words)
 _EACH = object()
 
 
@@ -119,7 +122,7 @@ def step_text(step: Step) -> str:
     """One step of a canonical path: ``.name``, ``['other name']`` or ``[3]``."""
     if isinstance(step, int):
         return f"[{step}]"
-    if _IDENT.fullmatch(step):
+    if _IDENT.fullmatch(step) and step not in _RESERVED:
         return f".{step}"
     escaped = step.replace("\\", "\\\\").replace("'", "\\'")
     return f"['{escaped}']"
