@@ -10,7 +10,7 @@ SITE   := site
 # The supported versions (pyproject's classifiers): noxfile.py has a session for each.
 PYTHON_VERSIONS := 3.11 3.12 3.13
 
-.PHONY: demo test lint docs docs-build bench clean packaging $(addprefix test-,$(PYTHON_VERSIONS))
+.PHONY: demo test lint docs docs-build bench clean $(addprefix test-,$(PYTHON_VERSIONS))
 
 # The hot path is compiled in place (setup.py): a changed source must rebuild it, or
 # Python would keep importing the stale extension next to it.
@@ -60,6 +60,6 @@ bench: $(VENV)/.installed-test
 # (.c and the extension next to each compiled module, in every subpackage; .gitignore
 # holds that no .c under src/ is hand-written).
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) $(SITE) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .nox $(DEMO_HOME) $(SITE) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find src \( -name '*.c' -o -name '*.so' -o -name '*.pyd' \) -type f -delete
 	find src tests bench scripts -name __pycache__ -type d -prune -exec rm -rf {} +

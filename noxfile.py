@@ -78,4 +78,5 @@ def tests(session: nox.Session) -> None:
     session.install("--no-deps", "--force-reinstall", str(wheel))
     # From the root, so pytest finds its configuration; src/ is not on sys.path (tests/conftest.py
     # puts tests/ there), so the suite imports the installed wheel.
-    session.run("pytest", *session.posargs)
+    # tests/test_distribution.py installs this same sdist and wheel into fresh venvs.
+    session.run("pytest", *session.posargs, env={"KMSGUARD_TEST_DIST": str(dist)})
