@@ -1,7 +1,7 @@
 """The suite on every supported Python the machine has: ``nox`` (``make test`` runs it).
 
 One session per version, ``tests-3.11``, ``tests-3.12``, ``tests-3.13``: each builds the
-package from an sdist into a wheel (Cython-compiled, as a user's pip would), installs it
+sdist and from it a wheel (Cython-compiled, as a user's pip would), installs it
 into the session's own venv and runs pytest against that install, not against src/.
 
 nox finds an interpreter as ``python3.X`` on ``PATH``. pyenv's shims answer to that name
@@ -52,8 +52,8 @@ os.environ["PATH"] = os.pathsep.join([*_pyenv_bins(), os.environ.get("PATH", "")
 
 @contextmanager
 def _build_lock() -> Iterator[None]:
-    """Sessions run in parallel (``make test``); building from the tree writes into it
-    (Cython's .c files, the egg-info), so one session builds at a time."""
+    """Sessions run in parallel (``make test``); building the sdist writes into the tree
+    (Cython's .c files, the egg-info), so one session does it at a time."""
     lock = ROOT / ".nox" / "build.lock"
     lock.parent.mkdir(exist_ok=True)
     with lock.open("w") as f:
@@ -72,7 +72,12 @@ def tests(session: nox.Session) -> None:
         old.unlink()
     session.install("build")
     with _build_lock():
-        session.run("python", "-m", "build", "--outdir", str(dist), str(ROOT), silent=True)
+        session.run("python", "-m", "build", "--sdist", "--outdir", str(dist), str(ROOT), silent=True)
+    (sdist,) = dist.glob("*.tar.gz")
+    # From the sdist, unpacked in a directory of pip's own: sessions compile at the same time.
+    # Not from pip's cache, which keys a wheel built from an sdist by its path alone.
+    session.run("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-cache-dir", "--wheel-dir", str(dist),
+                str(sdist))
     (wheel,) = dist.glob("*.whl")
     session.install(f"{wheel}[test]")
     session.install("--no-deps", "--force-reinstall", str(wheel))

@@ -391,13 +391,13 @@ class AuditObserver:
                     self.sink_healthy = args[0] == "1"
                     if not self.sink_healthy:
                         self._child_failures += 1
+            child.stdout.close()  # at its end; this thread is its only reader
             with self._done:
                 self._done.notify_all()
             if self._stopping.wait(1.0):
                 return
             log.error("audit deliverer exited with status %s; records stay spooled; restarting it", child.wait())
             self._close_stdin(child)
-            child.stdout.close()
             with self._child_pipe:
                 self._child = self._spawn(self._child_env)
 
