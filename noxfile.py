@@ -70,7 +70,7 @@ def tests(session: nox.Session) -> None:
     dist = Path(session.create_tmp()) / "dist"
     for old in dist.glob("*"):
         old.unlink()
-    session.install("build")
+    session.install("build")  # before the test extra (which has it too): the sdist comes first
     with _build_lock():
         session.run("python", "-m", "build", "--sdist", "--outdir", str(dist), str(ROOT), silent=True)
     (sdist,) = dist.glob("*.tar.gz")
@@ -81,7 +81,7 @@ def tests(session: nox.Session) -> None:
     (wheel,) = dist.glob("*.whl")
     session.install(f"{wheel}[test]")
     session.install("--no-deps", "--force-reinstall", str(wheel))
-    # From the root, so pytest finds its configuration; src/ is not on sys.path (tests/conftest.py
-    # puts tests/ there), so the suite imports the installed wheel.
-    # tests/test_distribution.py installs this same sdist and wheel into fresh venvs.
+    # From the root, so pytest finds its configuration; src/ is not on sys.path (pytest puts
+    # tests/ there), so the suite imports the installed wheel. tests/test_distribution.py
+    # installs this same sdist and wheel into fresh venvs.
     session.run("pytest", *session.posargs, env={"KMSGUARD_TEST_DIST": str(dist)})
