@@ -7,8 +7,10 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 DEMO_HOME := $(CURDIR)/.kmsguard
 SITE   := site
+# The supported versions (pyproject's classifiers): noxfile.py has a session for each.
+PYTHON_VERSIONS := 3.11 3.12 3.13
 
-.PHONY: demo test lint docs docs-build bench clean
+.PHONY: demo test lint docs docs-build bench clean $(addprefix test-,$(PYTHON_VERSIONS))
 
 # The hot path is compiled in place (setup.py): a changed source must rebuild it, or
 # Python would keep importing the stale extension next to it.
@@ -43,8 +45,16 @@ docs-build: $(VENV)/.installed-test
 docs: $(VENV)/.installed-test
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
+# Lint, type checks and the docs build once; the whole suite on every supported Python
+# the machine has (noxfile.py), the versions in parallel. -O prints each version's output
+# whole when it ends; nox names a version the machine lacks as skipped.
 test: lint docs-build
-	$(BIN)/pytest
+	$(MAKE) --no-print-directory -O -j$(words $(PYTHON_VERSIONS)) $(addprefix test-,$(PYTHON_VERSIONS))
+
+# One version: `make test-3.12`, or pytest options through nox, e.g.
+# `.venv/bin/nox -s tests-3.12 -- tests/audit -x`.
+$(addprefix test-,$(PYTHON_VERSIONS)): test-%: $(VENV)/.installed-test
+	$(BIN)/nox --session tests-$*
 
 # wrk (a compiled HTTP load generator) drives `python -m bench server`.
 bench: $(VENV)/.installed-bench
@@ -55,6 +65,6 @@ bench: $(VENV)/.installed-bench
 # (.c and the extension next to each compiled module, in every subpackage; .gitignore
 # holds that no .c under src/ is hand-written).
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) $(SITE) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .nox $(DEMO_HOME) $(SITE) build dist *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
 	find src \( -name '*.c' -o -name '*.so' -o -name '*.pyd' \) -type f -delete
 	find src tests bench scripts -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
-from collections.abc import Iterator
+import textwrap
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +44,42 @@ def racy() -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(interval)
+
+
+#: In a fresh_python scenario, around a fork that a running Guard's threads make a fork of
+#: a multi-threaded process: what the scenario tests is how kmsguard survives a user's such
+#: fork, and Python 3.12+ rightly warns that user (nothing else is let through).
+FORK_WITH_THREADS = """
+import contextlib, warnings
+@contextlib.contextmanager
+def fork_with_threads():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*use of fork\\(\\) may lead to deadlocks", DeprecationWarning)
+        yield
+"""
+
+
+@pytest.fixture
+def fresh_python() -> Callable[[str], str]:
+    """Run a scenario in a new interpreter (``-W error``) and return what it printed.
+
+    Tests fork there, never in pytest's own process: the suite's servers and delivery
+    threads would make every fork a fork of a multi-threaded process, which may deadlock
+    (and 3.12+ warns of it). The scenario must exit 0 within the timeout: a child that
+    hangs fails the test instead of hanging the suite. It imports the tests' helpers as
+    pytest does, from tests/ (``from audit.test_spool import fill``).
+    """
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+
+    def run(code: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-W", "error", "-c", FORK_WITH_THREADS + textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    return run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -44,27 +45,34 @@ def test_threads_never_share_a_nonce(small_draws: None) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_does_not_repeat_the_parents_next_nonces() -> None:
-    nonces.nonce()  # the parent now holds a buffer with unused nonces in it
-    count = 50
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: report its next nonces and leave without running pytest's teardown
-        try:
-            os.close(read_end)
-            os.write(write_end, b"".join(nonces.nonce() for _ in range(count)))
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    parents = [nonces.nonce() for _ in range(count)]
-    data = b""
-    with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    childs = [data[i : i + nonces.NONCE_SIZE] for i in range(0, len(data), nonces.NONCE_SIZE)]
-    assert len(childs) == count
-    assert not set(childs) & set(parents)
+def test_forked_child_does_not_repeat_the_parents_next_nonces(fresh_python: Callable[[str], str]) -> None:
+    out = fresh_python("""
+        import os
+        from kmsguard import nonces
+
+        nonces.nonce()  # the parent now holds a buffer with unused nonces in it
+        read_end, write_end = os.pipe()
+        pid = os.fork()  # before any thread starts
+        if pid == 0:  # child: report its next nonces
+            try:
+                os.close(read_end)
+                os.write(write_end, b"".join(nonces.nonce() for _ in range(50)))
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        parents = b"".join(nonces.nonce() for _ in range(50))
+        with os.fdopen(read_end, "rb") as pipe:
+            childs = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        print(parents.hex(), childs.hex())
+    """)
+    parents, childs = (bytes.fromhex(half) for half in out.split())
+    size = nonces.NONCE_SIZE
+    assert len(parents) == len(childs) == 50 * size
+    assert not {parents[i : i + size] for i in range(0, len(parents), size)} & {
+        childs[i : i + size] for i in range(0, len(childs), size)
+    }
 
 
 def test_sealed_envelopes_carry_pool_nonces_that_differ(small_draws: None) -> None:

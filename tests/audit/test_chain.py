@@ -6,6 +6,7 @@ import hmac
 import os
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,7 @@ def db(tmp_path: Path, keys: AuditKeys) -> SqliteSink:
 
 
 def sql(sink: SqliteSink, statement: str, *params: object) -> None:
-    with sqlite3.connect(sink.path) as conn:
+    with closing(sqlite3.connect(sink.path)) as conn, conn:
         conn.execute(statement, params)
 
 
@@ -100,7 +101,7 @@ def test_deleting_the_first_record_is_detected(db: SqliteSink, keys: AuditKeys) 
 
 def test_swapped_records_are_reported_as_moved(db: SqliteSink, keys: AuditKeys) -> None:
     cols = [f for f in RECORD_COLUMNS if f not in ("writer_id", "seq")]
-    with sqlite3.connect(db.path) as conn:
+    with closing(sqlite3.connect(db.path)) as conn, conn:
         a = conn.execute(f"SELECT {', '.join(cols)} FROM audit_records WHERE writer_id='w1' AND seq=2").fetchone()
         b = conn.execute(f"SELECT {', '.join(cols)} FROM audit_records WHERE writer_id='w1' AND seq=3").fetchone()
         assign = ", ".join(f"{c} = ?" for c in cols)

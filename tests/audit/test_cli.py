@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def run(*args: str) -> tuple[int, str]:
 def test_verify_intact_then_tampered(audited: Path) -> None:
     code, out = run("audit", "verify")
     assert code == 0 and out.startswith("intact: 8 records from 2 writers")
-    with sqlite3.connect(audited / "audit.db") as conn:
+    with closing(sqlite3.connect(audited / "audit.db")) as conn, conn:
         conn.execute("UPDATE audit_records SET outcome = 'ok' WHERE outcome = 'error'")
     code, out = run("audit", "verify")
     assert code == 1 and "TAMPERED" in out and "record 5: altered" in out
@@ -52,7 +53,7 @@ def test_verify_against_an_anchor_catches_a_deleted_writer(audited: Path, tmp_pa
     code, out = run("audit", "verify", "--save-anchor", str(anchor))
     assert code == 0 and "anchor saved" in out and "2 chain heads" in out
     assert run("audit", "verify", "--anchor", str(anchor))[0] == 0
-    with sqlite3.connect(audited / "audit.db") as conn:
+    with closing(sqlite3.connect(audited / "audit.db")) as conn, conn:
         (bob,) = conn.execute("SELECT writer_id FROM audit_records WHERE principal = 'bob'").fetchone()
         conn.execute("DELETE FROM audit_records WHERE writer_id = ?", (bob,))
     assert run("audit", "verify")[0] == 0

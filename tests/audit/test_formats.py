@@ -15,6 +15,7 @@ import sqlite3
 import struct
 import zlib
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def test_tampering_with_a_trail_of_release_0_1_0_is_named(
     tmp_path: Path, statements: list[str], seq: int, kind: str
 ) -> None:
     sink = old_sqlite(tmp_path)
-    with sqlite3.connect(sink.path) as conn:
+    with closing(sqlite3.connect(sink.path)) as conn, conn:
         for statement in statements:
             conn.execute(statement)
     [problem] = verify(sink.records(), KEYS).problems

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from kmsguard.audit import AuditObserver
 from kmsguard.errors import AuditUnavailable, ContextRequired, UnknownClassification
 from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.metrics import Metrics, of
-from kmsguard.operation import request_id_of
 
 from .conftest import records_of, start_worker, verify_home, write_config
 
@@ -263,38 +263,51 @@ def test_a_front_end_names_the_caller(keyring: LocalKeyring, home: Path) -> None
     assert (first.principal, second.principal) == ("agent-7@airline", "booking-api")
 
 
-def test_a_forked_child_never_writes_into_its_parents_spool(keyring: LocalKeyring, home: Path) -> None:
+def test_a_forked_child_never_writes_into_its_parents_spool(
+    keyring: LocalKeyring, home: Path, fresh_python: Callable[[str], str]
+) -> None:
     write_config(home, {"delivery": "thread"})
-    with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
-        for _ in range(3):
-            guard.encrypt(b"x", "general")  # the third is a compact hit
-        pid = os.fork()
-        if pid == 0:  # the child: its records are refused by the inherited spool, never written
-            try:
-                guard.encrypt(b"x", "general")  # a hit frame
-                guard.encrypt(b"x", "general", {"new": "kind"})  # a full record
-                code = 0 if observer_of(guard).dropped == 2 else 1
-            except BaseException:
-                code = 2
-            os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        guard.encrypt(b"x", "general")
+    fresh_python(f"""
+        import os
+        from kmsguard import Guard
+        from kmsguard.audit import AuditObserver
+
+        with Guard.from_env({{"KMSGUARD_HOME": {str(home)!r}}}) as guard:
+            for _ in range(3):
+                guard.encrypt(b"x", "general")  # the third is a compact hit
+            with fork_with_threads():  # a user's fork, with the Guard's threads running
+                pid = os.fork()
+            if pid == 0:  # the child: its records are refused by the inherited spool, never written
+                try:
+                    guard.encrypt(b"x", "general")  # a hit frame
+                    guard.encrypt(b"x", "general", {{"new": "kind"}})  # a full record
+                    observer = next(o for o in guard.observers if isinstance(o, AuditObserver))
+                    code = 0 if observer.dropped == 2 else 1
+                except BaseException:
+                    code = 2
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            guard.encrypt(b"x", "general")
+    """)
     records = records_of(home)
     assert [r.seq for r in records] == [1, 2, 3, 4, 5] and verify_home(home).intact
 
 
-def test_a_forked_child_numbers_its_requests_apart_from_its_parent() -> None:
+def test_a_forked_child_numbers_its_requests_apart_from_its_parent(fresh_python: Callable[[str], str]) -> None:
     """Both continue the same counter; the child's own prefix keeps their request ids distinct."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.write(write, request_id_of(7).encode())
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-    child = os.read(read, 100).decode()
-    os.close(read)
-    os.close(write)
-    assert child.endswith("0000000007") and child != request_id_of(7)
+    parent, child = fresh_python("""
+        import os
+        from kmsguard.operation import request_id_of
+
+        read, write = os.pipe()
+        pid = os.fork()  # before any thread starts
+        if pid == 0:
+            try:
+                os.write(write, request_id_of(7).encode())
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        print(request_id_of(7), os.read(read, 100).decode())
+    """).split()
+    assert child.endswith("0000000007") and child != parent

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def test_the_newest_records_are_found_inside_runs(sink: Sink, keys: AuditKeys) -
 
 def _sql(sink: Sink, statement: str, *params: object) -> None:
     if isinstance(sink, SqliteSink):
-        with sqlite3.connect(sink.path) as conn:
+        with closing(sqlite3.connect(sink.path)) as conn, conn:
             conn.execute(statement.replace("%s", "?"), params)
     else:
         assert isinstance(sink, PostgresSink)
@@ -226,7 +227,7 @@ def _continued(keys: AuditKeys, writer: str, head: tuple[int, str]) -> list[Audi
 def test_a_database_from_before_runs_is_migrated(tmp_path: Path, keys: AuditKeys) -> None:
     path = tmp_path / "audit.db"
     old = release_0_1_0_rows(keys, "old", 3)
-    with sqlite3.connect(path) as conn:
+    with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(PRE_RUNS_TABLE.format(schema="", bool="INTEGER"))
         conn.executemany(f"INSERT INTO audit_records VALUES ({', '.join('?' * 18)})", old)
     sink = SqliteSink(path)

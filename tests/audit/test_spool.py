@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -61,30 +61,91 @@ def test_a_full_segment_rotates_into_the_spare_prepared_ahead(tmp_path: Path) ->
     assert not spare_path(tmp_path, "w").exists()
 
 
-def test_a_forked_child_leaves_its_parents_spare_alone(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, "w", 1 << 30, segment_bytes=SEGMENT)
-    wait_for(spare_path(tmp_path, "w"))
-    pid = os.fork()
-    if pid == 0:
-        try:
-            spool.close()  # as an inherited Guard's atexit would
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
-    assert spare_path(tmp_path, "w").exists()
-    fill(spool, 1)  # the parent still rotates into it
-    spool.close()
+def test_a_forked_child_leaves_its_parents_spare_alone(tmp_path: Path, fresh_python: Callable[[str], str]) -> None:
+    fresh_python(f"""
+        import os
+        from pathlib import Path
+        from audit.test_spool import SEGMENT, fill, wait_for
+        from kmsguard.audit.spool import Spool, spare_path
+
+        spool = Spool(Path({str(tmp_path)!r}), "w", 1 << 30, segment_bytes=SEGMENT)
+        wait_for(spare_path(spool.directory, "w"))
+        with fork_with_threads():  # the spare is made by a thread of the spool's own
+            pid = os.fork()
+        if pid == 0:
+            try:
+                spool.close()  # as an inherited Guard's atexit would
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert spare_path(spool.directory, "w").exists()
+        fill(spool, 1)  # the parent still rotates into it
+        spool.close()
+    """)
 
 
-def test_a_dead_writers_spare_is_removed_with_its_spool(tmp_path: Path) -> None:
-    pid = os.fork()
-    if pid == 0:  # a writer that dies without closing: lock, segment and spare stay behind
-        try:
-            Spool(tmp_path, "dead", 1 << 30, segment_bytes=SEGMENT)
-            wait_for(spare_path(tmp_path, "dead"))
-        finally:
-            os._exit(0)
-    os.waitpid(pid, 0)
+def test_a_child_forked_while_a_thread_appends_neither_hangs_nor_writes(
+    tmp_path: Path, fresh_python: Callable[[str], str]
+) -> None:
+    """The parent's thread held the spool's lock at the fork: the child's copy of it is
+    never released by anyone, so the child's spool must not wait for it."""
+    fresh_python(f"""
+        import os, threading, time
+        from pathlib import Path
+        from audit.test_spool import FACTS, SEGMENT
+        from kmsguard.audit.spool import Spool
+        from kmsguard.errors import AuditUnavailable
+
+        spool = Spool(Path({str(tmp_path)!r}), "w", 1 << 30, segment_bytes=SEGMENT)
+        spool.append(FACTS, durable=False)
+        held, release = threading.Event(), threading.Event()
+
+        def append_slowly() -> None:
+            with spool._lock:  # as an append in progress
+                held.set()
+                release.wait()
+
+        appender = threading.Thread(target=append_slowly)
+        appender.start()
+        held.wait()
+        with fork_with_threads():
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                try:
+                    spool.append(FACTS, durable=False)
+                except AuditUnavailable:
+                    spool.close()  # as an inherited Guard's atexit would
+                    code = 0
+            finally:
+                os._exit(code)
+        release.set()
+        appender.join()
+        deadline = time.monotonic() + 30
+        while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if ended[0] == 0:
+            os.kill(pid, 9)
+            raise SystemExit("the forked child hung on its inherited spool")
+        assert os.waitstatus_to_exitcode(ended[1]) == 0, "the child's spool did not refuse"
+        assert spool.append(FACTS, durable=False) == 2  # the parent's spool carries on
+        spool.close()
+    """)
+
+
+def test_a_dead_writers_spare_is_removed_with_its_spool(tmp_path: Path, fresh_python: Callable[[str], str]) -> None:
+    # A writer that dies without closing: lock, segment and spare stay behind.
+    fresh_python(f"""
+        import os
+        from pathlib import Path
+        from audit.test_spool import SEGMENT, wait_for
+        from kmsguard.audit.spool import Spool, spare_path
+
+        Spool(Path({str(tmp_path)!r}), "dead", 1 << 30, segment_bytes=SEGMENT)
+        wait_for(spare_path(Path({str(tmp_path)!r}), "dead"))
+        os._exit(0)
+    """)
     assert spare_path(tmp_path, "dead").exists()
     lock = try_lock(tmp_path, "dead")
     assert lock is not None

@@ -199,14 +199,24 @@ def remove_writer(directory: Path, writer_id: str, lock_fd: int) -> None:
     os.close(lock_fd)
 
 
-#: Every live spool's Frames. A forked child inherits their shared maps and would write
-#: over its parent's records, so in the child they all refuse (build a Guard after a fork).
-_open_spools: weakref.WeakSet[Frames] = weakref.WeakSet()
+#: Every live spool. A forked child inherits their shared maps and would write over its
+#: parent's records, so in the child they all refuse (build a Guard after a fork).
+_open_spools: weakref.WeakSet[Spool] = weakref.WeakSet()
 
 
 def _close_in_child() -> None:
-    for frames in list(_open_spools):
-        frames.close()
+    """In a forked child: every inherited spool refuses from now on, and is never a deadlock.
+
+    Another thread of the parent may have held a spool's lock at the moment of the fork;
+    that thread does not exist in the child, so the lock would never be released, and the
+    child's first record (or its atexit close) would wait forever. The child gets fresh
+    locks, taken by nobody, before anything can touch them.
+    """
+    for spool in list(_open_spools):
+        spool._lock = spool.frames.lock = threading.Lock()
+        spool._sync_cond = threading.Condition()
+        spool._syncing = False
+        spool.frames.close()
 
 
 os.register_at_fork(after_in_child=_close_in_child)
@@ -248,7 +258,7 @@ class Spool:
             raise AuditUnavailable(f"cannot create the audit spool in {directory}") from None
         self.frames.attach(self._map)
         self._unsynced: list[int] = []  # descriptors of full segments not yet synced
-        _open_spools.add(self.frames)
+        _open_spools.add(self)
         self.on_disk = 0  # undelivered bytes when last measured
         self._written_at_measure = 0
         self._synced = 0

@@ -115,6 +115,7 @@ class AuditObserver:
         self._deliverer: Deliverer | None = None
         self.sink = sink
         self._child: subprocess.Popen[str] | None = None
+        self._child_pipe = threading.Lock()  # one writer of the child's stdin at a time; its replacement
         if delivery == "process":
             self._child_env = {**os.environ, **(env or {})}
             self._child = self._spawn(self._child_env)
@@ -299,8 +300,7 @@ class AuditObserver:
         self._timer.join(timeout)
         self._spool.close()  # releases the writer lock: the deliverer may now remove the files
         if self._child is not None:
-            assert self._child.stdin is not None
-            self._child.stdin.close()  # end of file: the child delivers the rest, cleans up, exits
+            self._close_stdin(self._child)  # end of file: the child delivers the rest, cleans up, exits
             try:
                 self._child.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -320,7 +320,7 @@ class AuditObserver:
     def _kick(self) -> None:
         if self._child is not None:
             # A child that has exited (its pipe closed) is restarted by _read_child.
-            with contextlib.suppress(OSError, ValueError):
+            with self._child_pipe, contextlib.suppress(OSError, ValueError):
                 assert self._child.stdin is not None
                 self._child.stdin.write("flush\n")
                 self._child.stdin.flush()
@@ -391,12 +391,28 @@ class AuditObserver:
                     self.sink_healthy = args[0] == "1"
                     if not self.sink_healthy:
                         self._child_failures += 1
+            child.stdout.close()  # at its end; this thread is its only reader
             with self._done:
                 self._done.notify_all()
             if self._stopping.wait(1.0):
                 return
             log.error("audit deliverer exited with status %s; records stay spooled; restarting it", child.wait())
-            self._child = self._spawn(self._child_env)
+            self._close_stdin(child)
+            with self._child_pipe:
+                self._child = self._spawn(self._child_env)
+
+    def _close_stdin(self, child: subprocess.Popen[str]) -> None:
+        """Close our end of a child's stdin, which may hold a "flush" the child never read.
+
+        Closing writes that buffered request first, and to a child that has died the write
+        fails with BrokenPipeError. Left to the garbage collector instead, the pipe would
+        raise it from a finalizer, where nobody can handle it, and hold its descriptor
+        until then. The child has nothing left to read: the error is expected, and the
+        pipe is closed either way.
+        """
+        assert child.stdin is not None
+        with self._child_pipe, contextlib.suppress(BrokenPipeError):
+            child.stdin.close()
 
 
 class DisabledAudit:
