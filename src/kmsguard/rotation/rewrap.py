@@ -153,10 +153,13 @@ def batch_guard(settings: Settings) -> tuple[Guard, BatchKeys]:
     from kmsguard.stack import backend_keyring, build_observers, build_telemetry
 
     telemetry = build_telemetry(settings)
-    counter = KeyCalls(backend_keyring(settings, telemetry))
+    backend = backend_keyring(settings, telemetry)
+    counter = KeyCalls(backend)
     keyring = CachingKeyring(counter, settings.policy, telemetry=telemetry)
     keys = BatchKeys(keyring, counter)
-    observers = build_observers(settings, keyring, telemetry)
+    # The audit trail gets its key from the backend itself: the local keyring's secret store
+    # (which the counter would hide), and no call of its own counted as the job's.
+    observers = build_observers(settings, backend, telemetry)
     return Guard(settings.policy, keys, observers=observers, principal=settings.principal, settings=settings), keys
 
 
