@@ -44,6 +44,7 @@ from kmsguard.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from kmsguard.audit.record import AuditRecord
+    from kmsguard.aws.admin import KeyStatus
 
 log = logging.getLogger("kmsguard.metrics")
 _GAUGE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -84,6 +85,20 @@ class Metrics(Telemetry):
         )
         self.cloudwatch_dropped = Counter(
             "kmsguard_cloudwatch_dropped", "Operation samples CloudWatch export dropped", registry=r
+        )
+        self.breaker_states = BreakerStates()
+        r.register(self.breaker_states)
+        self.key_rotation = Gauge(
+            "kmsguard_key_rotation_enabled",
+            "1 when the classification's key rotates automatically in the region, 0 when it does not",
+            ("classification", "region"),
+            registry=r,
+        )
+        self.selftest_failures = Gauge(
+            "kmsguard_selftest_failed_checks",
+            "Checks that failed in the last self-test run, by whether they are critical",
+            ("critical",),
+            registry=r,
         )
         self._gauges: dict[str, Gauge] = {}
         self._gauge_lock = threading.Lock()
@@ -143,6 +158,20 @@ class Metrics(Telemetry):
 
     def hedge_won(self, from_region: str, to_region: str) -> None:
         self.hedge_wins.labels(from_region, to_region).inc()
+
+    def breakers(self, source: Callable[[], Mapping[str, str]]) -> None:
+        self.breaker_states.sources.append(source)
+
+    def key_statuses(self, rows: Iterable[KeyStatus]) -> None:
+        """Each key's rotation, from ``KeyAdmin.status`` (the service refreshes it in the background)."""
+        for row in rows:
+            if row.rotation_enabled is not None:
+                self.key_rotation.labels(row.classification, row.region).set(1 if row.rotation_enabled else 0)
+
+    def selftest_finished(self, failed_critical: int, failed_other: int) -> None:
+        """A self-test run's result (``/v1/selftest`` reports each run here), for the KmsguardSelftestFailing alert."""
+        self.selftest_failures.labels("true").set(failed_critical)
+        self.selftest_failures.labels("false").set(failed_other)
 
     def gauge(self, name: str, value: float) -> None:
         g = self._gauges.get(name)
@@ -265,6 +294,29 @@ class CacheEvents(Collector):
         for classification, n in sorted(entries.items()):
             gauge.add_metric([classification], n)
         yield gauge
+
+
+class BreakerStates(Collector):
+    """``kmsguard_region_breaker_state{region, state}``: 1 for each region's current breaker state, 0 for the others.
+
+    Read from the multi-region keyrings when scraped (``Telemetry.breakers``), so a
+    breaker that opens and closes again between scrapes is seen through its failovers.
+    """
+
+    STATES = ("closed", "open", "half-open")
+
+    def __init__(self) -> None:
+        self.sources: list[Callable[[], Mapping[str, str]]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "kmsguard_region_breaker_state", "Circuit breaker state per region (1: current)", labels=("region", "state")
+        )
+        for source in list(self.sources):
+            for region, state in sorted(source().items()):
+                for name in self.STATES:
+                    family.add_metric([region, name], 1.0 if state == name else 0.0)
+        yield family
 
 
 # ---------------------------------------------------------------------- CloudWatch
@@ -440,7 +492,16 @@ class CloudWatchExport:
 
 # ---------------------------------------------------------------------- configuration
 
-_FIELDS = {"enabled", "namespace", "emf", "cloudwatch", "region", "endpoint_url", "flush_interval", "max_buffer"}
+_FIELDS = {"enabled", "namespace", "emf", "cloudwatch", "region", "endpoint_url", "flush_interval", "max_buffer", "otel"}
+
+
+def cloudwatch_client(settings: Settings) -> tuple[str, Any]:
+    """The ``[metrics]`` namespace and a CloudWatch client for its ``region`` and ``endpoint_url``."""
+    metrics = ConfigTable(settings.section("metrics"), "metrics", _FIELDS)
+    namespace = metrics.string("namespace", "kmsguard")
+    region = metrics.string("region", "") or None
+    endpoint = metrics.string("endpoint_url", "") or None
+    return namespace, _cloudwatch_client(region, endpoint)
 
 
 def build_metrics(settings: Settings) -> Metrics | None:

@@ -105,6 +105,8 @@ class AuditObserver:
         self._seen: set[tuple[Any, ...]] = set()  # shapes spooled once in full (see _compact)
         self._template_ids = itertools.count(1)
         self.delivered_seq = 0
+        self._delivered_at = time.monotonic()  # the deliverer's last progress (for the delivery lag)
+        self._waiting_since: float | None = None  # since when records have been waiting
         self.dropped = 0
         self.sink_healthy = True
         self._done = threading.Condition()
@@ -256,6 +258,7 @@ class AuditObserver:
     def _progress(self, seq: int) -> None:
         with self._done:
             self.delivered_seq = max(self.delivered_seq, seq)
+            self._delivered_at = time.monotonic()
             self._done.notify_all()
 
     # ------------------------------------------------------------------ control
@@ -348,6 +351,22 @@ class AuditObserver:
                 self._spool.measure()
             self.telemetry.gauge("audit_queue_depth", self.queue_depth)
             self.telemetry.gauge("audit_spool_bytes", self.spool_bytes)
+            self.telemetry.gauge("audit_delivery_lag_seconds", self.delivery_lag())
+            self.telemetry.gauge("audit_dropped_records", self.dropped)
+
+    def delivery_lag(self) -> float:
+        """Seconds records have waited with no delivery progress (0 when none wait): a stalled sink's clock.
+
+        A sink taking records keeps this near the flush interval however deep the
+        queue; one that is down makes it grow from the moment records began to wait.
+        """
+        now = time.monotonic()
+        if self.queue_depth <= 0:
+            self._waiting_since = None
+            return 0.0
+        if self._waiting_since is None:
+            self._waiting_since = now
+        return now - max(self._waiting_since, self._delivered_at)
 
     def _run_thread(self) -> None:
         assert self._deliverer is not None

@@ -34,7 +34,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kmsguard.cli import audit, data, keys, rotation, scan, server, setup
+    from kmsguard.cli import audit, data, keys, monitoring, rotation, scan, server, setup
     from kmsguard.cli import fields as field_commands
 
     cli.add_command(setup.init)
@@ -47,6 +47,7 @@ def _register() -> None:
     cli.add_command(audit.metrics)
     cli.add_command(server.serve)
     cli.add_command(server.apikey)
+    cli.add_command(monitoring.monitoring)
     for command in (field_commands.protect, field_commands.unprotect, field_commands.mask, scan.scan):
         cli.add_command(command)
 

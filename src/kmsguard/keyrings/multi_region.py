@@ -225,6 +225,7 @@ class MultiRegionKeyring:
         self.health = {r: RegionHealth(hedge or HedgePolicy()) for r in self.regions}
         self.max_in_flight = max(1, max_in_flight)
         self._telemetry = telemetry
+        telemetry.breakers(lambda: {region: breaker.state for region, breaker in self.breakers.items()})
         self._workers = {r: DaemonWorkers(self.max_in_flight, name=f"kmsguard-mr-{r}") for r in self.regions}
 
     # ------------------------------------------------------------------ Keyring protocol

@@ -20,6 +20,7 @@ from kmsguard.config import Settings, load_settings
 from kmsguard.guard import Guard
 from kmsguard.server import errors
 from kmsguard.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from kmsguard.server.observability import RequestMetricsMiddleware
 from kmsguard.server.routers import crypto, fields, health
 from kmsguard.server.settings import ServerSettings
 from kmsguard.server.state import Service
@@ -55,6 +56,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, guard: 
     app.include_router(fields.router)
     app.include_router(health.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_request_bytes)
+    app.add_middleware(RequestMetricsMiddleware)  # outside the body limit: a 413 is counted too
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries the request id
     return app
 

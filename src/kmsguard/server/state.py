@@ -7,12 +7,15 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
+
 from kmsguard import metrics
 from kmsguard.aio import AsyncGuard
 from kmsguard.audit.settings import AuditSettings
 from kmsguard.config import Settings
 from kmsguard.guard import Guard
 from kmsguard.server.apikeys import LAST_USED_SECONDS, KeyIndex, open_store
+from kmsguard.server.observability import request_counter, watch_key_rotation
 from kmsguard.server.ratelimit import TokenBuckets
 from kmsguard.server.readiness import Readiness
 from kmsguard.server.settings import ServerSettings
@@ -29,6 +32,8 @@ class Service:
     keys: KeyIndex | None  # None with auth = "none"
     buckets: TokenBuckets
     readiness: Readiness
+    #: kmsguard_http_requests_total on the Guard's registry; None when metrics are off.
+    requests: Counter | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -39,6 +44,7 @@ class Service:
             store = open_store(server.api_keys, settings.home, server.api_keys_dsn, server.api_keys_schema)
             keys = KeyIndex(store)
         audit_limit = AuditSettings.of(settings).max_spool_bytes
+        registry = metrics.of(guard.observers)
         return cls(
             settings=settings,
             server=server,
@@ -47,6 +53,7 @@ class Service:
             keys=keys,
             buckets=TokenBuckets(server.rate_limit, server.rate_burst),
             readiness=Readiness(guard, server.ready_interval, audit_limit),
+            requests=request_counter(registry) if registry is not None else None,
         )
 
     def exposition(self) -> bytes:
@@ -54,8 +61,12 @@ class Service:
         return registry.exposition() if registry is not None else b""
 
     def start(self) -> None:
+        loop = asyncio.get_running_loop()
         if self.keys is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._write_last_used()))
+            self._tasks.append(loop.create_task(self._write_last_used()))
+        registry = metrics.of(self.guard.observers)
+        if registry is not None and self.settings.backend == "aws":
+            self._tasks.append(loop.create_task(watch_key_rotation(self.settings, registry)))
 
     async def stop(self) -> None:
         """After the last request: stop background work, write last-used times, close the Guard (flushing audit)."""

@@ -1,0 +1,80 @@
+"""What the service adds to its worker's metrics: requests by route and status, and key rotation.
+
+``kmsguard_http_requests_total{method, route, status}`` counts every answered request
+(``route`` is the matched path template, ``/v1/encrypt``, never the raw path, so a
+caller cannot mint label values). ``kmsguard_key_rotation_enabled`` is refreshed in the
+background from ``KeyAdmin.status`` (AWS backend), at start and every
+``KEY_STATUS_SECONDS``: rotation is a property of the key that changes rarely, and
+reading it costs two KMS calls per classification and region.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from kmsguard.config import Settings
+    from kmsguard.metrics import Metrics
+
+log = logging.getLogger("kmsguard.server")
+
+#: Seconds between two reads of the keys' rotation status.
+KEY_STATUS_SECONDS = 3600.0
+
+
+def request_counter(registry: Metrics) -> Counter:
+    return Counter(
+        "kmsguard_http_requests",
+        "HTTP requests answered, by method, route template and status",
+        ("method", "route", "status"),
+        registry=registry.registry,
+    )
+
+
+class RequestMetricsMiddleware:
+    """Counts each answered request on the worker's ``Service.requests`` (none when metrics are off)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            service = getattr(scope["app"].state, "service", None)
+            counter = getattr(service, "requests", None)
+            if counter is not None and status:
+                route = getattr(scope.get("route"), "path", "unmatched")
+                counter.labels(scope["method"], route, str(status)).inc()
+
+
+async def watch_key_rotation(settings: Settings, registry: Metrics) -> None:
+    """Report every classification's key rotation to ``registry``, now and every KEY_STATUS_SECONDS."""
+    from kmsguard.aws import AwsSettings, ClientFactory
+    from kmsguard.aws.admin import KeyAdmin
+
+    admin = KeyAdmin(ClientFactory(AwsSettings.from_section(settings.section("aws"), settings.env, settings.environment)))
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            rows = await loop.run_in_executor(None, admin.status, list(settings.policy))
+            registry.key_statuses(rows)
+        except Exception as exc:  # a status read that fails leaves the last values; the next one retries
+            log.warning("could not read the keys' rotation status (%s)", type(exc).__name__)
+        await asyncio.sleep(KEY_STATUS_SECONDS)
