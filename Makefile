@@ -10,7 +10,7 @@ SITE   := site
 # The supported versions (pyproject's classifiers): noxfile.py has a session for each.
 PYTHON_VERSIONS := 3.11 3.12 3.13
 
-.PHONY: demo test lint docs docs-build bench clean $(addprefix test-,$(PYTHON_VERSIONS))
+.PHONY: demo test lint docs docs-build bench clean prometheus-tools $(addprefix test-,$(PYTHON_VERSIONS))
 
 # The hot path is compiled in place (setup.py): a changed source must rebuild it, or
 # Python would keep importing the stale extension next to it.
@@ -48,13 +48,19 @@ docs: $(VENV)/.installed-test
 # Lint, type checks and the docs build once; the whole suite on every supported Python
 # the machine has (noxfile.py), the versions in parallel. -O prints each version's output
 # whole when it ends; nox names a version the machine lacks as skipped.
-test: lint docs-build
+test: lint docs-build prometheus-tools
 	$(MAKE) --no-print-directory -O -j$(words $(PYTHON_VERSIONS)) $(addprefix test-,$(PYTHON_VERSIONS))
 
 # One version: `make test-3.12`, or pytest options through nox, e.g.
 # `.venv/bin/nox -s tests-3.12 -- tests/audit -x`.
 $(addprefix test-,$(PYTHON_VERSIONS)): test-%: $(VENV)/.installed-test
 	$(BIN)/nox --session tests-$*
+
+# promtool and prometheus (Debian's prometheus package): the monitoring tests check the generated rules
+# and scrape a real service with them (tests/monitoring), and fail saying so when they are missing.
+prometheus-tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 
 # wrk (a compiled HTTP load generator) drives `python -m bench server`.
 bench: $(VENV)/.installed-bench

@@ -16,6 +16,9 @@ from kmsguard.cli.main import _register, cli
 from kmsguard.monitoring import prometheus
 from kmsguard.monitoring.thresholds import Thresholds
 
+from .exported import exported, fed_registry
+from .promql import missing
+
 L = 'job="kmsguard", instance="h:1"'
 BASE = {"job": "kmsguard", "instance": "h:1"}
 
@@ -215,3 +218,10 @@ def test_thresholds_come_from_flags(flag: str, value: str, expr: str) -> None:
     assert result.exit_code == 0, result.output
     exprs = [r["expr"] for g in yaml.safe_load(result.output)["groups"] for r in g["rules"]]
     assert expr in exprs
+
+
+def test_rules_refer_only_to_exported_metrics_and_labels() -> None:
+    names = exported(fed_registry().exposition().decode())
+    for group in prometheus.rules()["groups"]:
+        for rule in group["rules"]:
+            assert missing(rule["expr"], names) == [], rule.get("alert") or rule.get("record")

@@ -1,0 +1,63 @@
+"""The generated Grafana dashboard: valid JSON model, a query in every panel, only exported metrics."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from kmsguard.cli.main import _register, cli
+from kmsguard.monitoring import grafana
+
+from .exported import exported, fed_registry
+from .promql import grafana_to_promql, missing, references
+
+
+def _dashboard() -> dict:
+    _register()
+    result = CliRunner().invoke(cli, ["monitoring", "grafana-dashboard", "--title", "Payments kmsguard"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_the_dashboard_has_the_variables_and_rows_on_call_expects() -> None:
+    d = _dashboard()
+    assert d["title"] == "Payments kmsguard" and d["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name in ("job", "instance", "classification"):
+        assert variables[name]["type"] == "query" and variables[name]["multi"]
+    rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
+    assert rows == ["Traffic", "Errors", "Latency", "KMS", "Cache", "Audit", "Service"]
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_panel_has_a_query_over_exported_metrics_and_labels() -> None:
+    names = exported(fed_registry().exposition().decode())
+    panels = [p for p in _dashboard()["panels"] if p["type"] != "row"]
+    assert len(panels) >= 15
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            expr = grafana_to_promql(target["expr"])
+            assert references(expr).selectors, f"{panel['title']}: no kmsguard metric in {expr}"
+            assert missing(expr, names) == [], panel["title"]
+            assert "$datasource" not in expr and target["datasource"]["uid"] == "${datasource}"
+
+
+def test_the_check_sees_a_metric_that_is_not_exported() -> None:
+    """Control: a panel over a misspelt metric or label is caught."""
+    names = exported(fed_registry().exposition().decode())
+    assert missing("rate(kmsguard_operation_total[5m])", names) == ["metric kmsguard_operation_total"]
+    assert missing('sum by (code) (kmsguard_operations_total{region="x"})', names) == [
+        "label region of kmsguard_operations_total",
+        "label code (by) of kmsguard_operations_total",
+    ]
+
+
+def test_panel_queries_are_labelled_by_the_variables() -> None:
+    for row, panels in grafana.ROWS:
+        for panel in panels:
+            for expr, _ in panel.targets:
+                assert 'job=~"$job"' in expr and 'instance=~"$instance"' in expr, (row, panel.title)
