@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from kmsguard.config import Settings
 from kmsguard.config_table import ConfigTable
+from kmsguard.errors import ConfigurationError
 from kmsguard.histogram import Histogram as Series
 from kmsguard.histogram import HitTally
 from kmsguard.operation import HitKind, Operation
@@ -516,6 +517,7 @@ def build_metrics(settings: Settings) -> Metrics | None:
     endpoint_url = "..."      # for the publisher (tests, VPC endpoints)
     flush_interval = 10       # seconds between exports
     max_buffer = 10000        # samples held between exports; beyond, dropped and counted
+    otel = true               # also through OpenTelemetry (kmsguard[otel]; unset: on when OTEL_* variables are)
     """
     metrics = ConfigTable(settings.section("metrics"), "metrics", _FIELDS)
     enabled = metrics.boolean("enabled", True)
@@ -542,6 +544,25 @@ def build_metrics(settings: Settings) -> Metrics | None:
             namespace, emf=emf, client_factory=factory, flush_interval=flush_interval, max_buffer=max_buffer
         )
     return Metrics(exporter)
+
+
+def build_otel(settings: Settings) -> Telemetry | None:
+    """The OpenTelemetry bridge (kmsguard.otel), when ``[metrics] otel = true``, or when it is unset and
+    any ``OTEL_*`` variable is (``OTEL_SDK_DISABLED=true`` aside) and the ``kmsguard[otel]`` extra is installed."""
+    setting = ConfigTable(settings.section("metrics"), "metrics", _FIELDS).optional_boolean("otel")
+    env = settings.env
+    if setting is None:
+        disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        setting = None if disabled or not any(name.startswith("OTEL_") for name in env) else True
+    if not setting:
+        return None
+    try:
+        from kmsguard import otel
+    except ImportError:
+        if ConfigTable(settings.section("metrics"), "metrics", _FIELDS).optional_boolean("otel"):
+            raise ConfigurationError("metrics.otel: needs OpenTelemetry: pip install 'kmsguard[otel]'") from None
+        return None
+    return otel.build_bridge(env)
 
 
 def _cloudwatch_client(region: str | None, endpoint_url: str | None) -> Any:

@@ -17,14 +17,18 @@ from kmsguard.keyrings.base import Keyring
 from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring, key_name_of
 from kmsguard.operation import Observer
-from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
+from kmsguard.telemetry import NULL_TELEMETRY, Telemetries, Telemetry
 
 
 def build_telemetry(settings: Settings) -> Telemetry:
-    """The one Telemetry of a stack: the metrics registry (``[metrics] enabled``, default on)."""
-    from kmsguard.metrics import build_metrics
+    """The one Telemetry of a stack: the metrics registry (``[metrics] enabled``, default on), and the
+    OpenTelemetry bridge when it is on (``[metrics] otel``), both fed by a Telemetries."""
+    from kmsguard.metrics import build_metrics, build_otel
 
-    return build_metrics(settings) or NULL_TELEMETRY
+    parts = [t for t in (build_metrics(settings), build_otel(settings)) if t is not None]
+    if len(parts) > 1:
+        return Telemetries(parts)
+    return parts[0] if parts else NULL_TELEMETRY
 
 
 def build_keyring(settings: Settings, telemetry: Telemetry = NULL_TELEMETRY) -> Keyring:
@@ -95,10 +99,11 @@ def check_local_key_names(settings: Settings) -> None:
 
 
 def build_observers(settings: Settings, keyring: Keyring, telemetry: Telemetry = NULL_TELEMETRY) -> list[Observer]:
-    """Audit first, then metrics: a strict-audit veto reaches the metrics as the refused operation."""
+    """Audit first, then metrics (and OpenTelemetry): a strict-audit veto reaches them as the refused operation."""
     from kmsguard.audit import build_observer
 
     observers: list[Observer] = [build_observer(settings, keyring, telemetry)]
-    if isinstance(telemetry, Observer):
-        observers.append(telemetry)
+    for part in telemetry.parts if isinstance(telemetry, Telemetries) else (telemetry,):
+        if isinstance(part, Observer):
+            observers.append(part)
     return observers

@@ -53,3 +53,48 @@ class Telemetry:
 
 
 NULL_TELEMETRY = Telemetry()
+
+
+class Telemetries(Telemetry):
+    """Several Telemetry at once (the Prometheus registry and the OpenTelemetry bridge): each gets every call."""
+
+    def __init__(self, parts: list[Telemetry]) -> None:
+        self.parts = parts
+
+    def kms_call(
+        self, api: str, region: str, outcome: str, duration: float, attempts: int = 1, throttles: int = 0
+    ) -> None:
+        for part in self.parts:
+            part.kms_call(api, region, outcome, duration, attempts, throttles)
+
+    def cache_event(self, event: str, classification: str) -> None:
+        for part in self.parts:
+            part.cache_event(event, classification)
+
+    def cache_hits(self, source: Callable[[], Mapping[str, int]]) -> None:
+        for part in self.parts:
+            part.cache_hits(source)
+
+    def cache_entries(self, source: Callable[[], Mapping[str, int]]) -> None:
+        for part in self.parts:
+            part.cache_entries(source)
+
+    def failover(self, from_region: str, to_region: str) -> None:
+        for part in self.parts:
+            part.failover(from_region, to_region)
+
+    def hedge(self, from_region: str, to_region: str) -> None:
+        for part in self.parts:
+            part.hedge(from_region, to_region)
+
+    def hedge_won(self, from_region: str, to_region: str) -> None:
+        for part in self.parts:
+            part.hedge_won(from_region, to_region)
+
+    def breakers(self, source: Callable[[], Mapping[str, str]]) -> None:
+        for part in self.parts:
+            part.breakers(source)
+
+    def gauge(self, name: str, value: float) -> None:
+        for part in self.parts:
+            part.gauge(name, value)

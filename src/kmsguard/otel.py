@@ -1,0 +1,285 @@
+"""OpenTelemetry bridge (``kmsguard[otel]``): the metrics through the OTel metrics API, and spans.
+
+On when ``[metrics] otel = true``, or when any standard ``OTEL_*`` variable is set and the
+extra is installed (``OTEL_SDK_DISABLED=true`` keeps it off). :class:`OtelBridge` is a
+:class:`~kmsguard.telemetry.Telemetry` (KMS calls, cache, failovers, levels) and an
+operation observer, next to the Prometheus registry (``stack`` hands both the same events).
+
+Spans: one per operation, ``kmsguard.<operation>``, a child of the caller's current span
+(observers run on the caller's thread, in its context), with a child ``kms.<API>`` span per
+KMS call the operation made. The operation's span is made when the operation has finished
+(observers see finished operations), with its real start and end times; KMS calls are held
+until then. Attributes are names and counts: never a context value, plaintext,
+ciphertext or key.
+
+The bridge depends on the shape of what observers receive in :func:`facts_of` (and
+:func:`_current_operation`) only: they turn Guard's record into :class:`OperationFacts`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from kmsguard import __version__, operation
+from kmsguard.operation import Operation
+from kmsguard.telemetry import Telemetry
+
+#: KMS calls held for operations still running; beyond this many operations, the oldest are forgotten
+#: (an operation that never finishes must not hold memory forever).
+_MAX_PENDING = 10_000
+
+
+@dataclass(frozen=True)
+class OperationFacts:
+    """What the bridge needs of one finished operation."""
+
+    key: object  # identifies the operation the KMS calls were noted under (_current_operation)
+    name: str
+    classification: str
+    outcome: str
+    error_code: str | None
+    cache_hit: bool | None
+    kms_calls: int
+    start_ns: int
+    end_ns: int
+
+
+def facts_of(op: Operation) -> OperationFacts:
+    """The adapter from Guard's observer record to the bridge: the one place that knows its shape."""
+    start = int(op.started_at * 1e9)
+    return OperationFacts(
+        key=op,
+        name=op.name,
+        classification=op.classification or "none",
+        outcome=op.outcome,
+        error_code=op.error_code,
+        cache_hit=op.cache_hit,
+        kms_calls=op.kms_calls,
+        start_ns=start,
+        end_ns=start + int(op.duration * 1e9),
+    )
+
+
+def _current_operation() -> object | None:
+    """The running operation a KMS call belongs to (the same object facts_of gives as ``key``)."""
+    return operation.current.get()
+
+
+@dataclass(frozen=True)
+class _KmsCall:
+    api: str
+    region: str
+    outcome: str
+    attempts: int
+    start_ns: int
+    end_ns: int
+
+
+class OtelBridge(Telemetry):
+    """kmsguard's metrics and spans through the global (or given) OpenTelemetry providers. Thread-safe."""
+
+    def __init__(self, tracer_provider: Any = None, meter_provider: Any = None) -> None:
+        self.tracer = trace.get_tracer("kmsguard", __version__, tracer_provider)
+        meter = otel_metrics.get_meter("kmsguard", __version__, meter_provider=meter_provider)
+        self._meter = meter
+        self._operations = meter.create_counter("kmsguard.operations", "{operation}", "Guard operations")
+        self._duration = meter.create_histogram("kmsguard.operation.duration", "s", "Guard operation latency")
+        self._errors = meter.create_counter("kmsguard.operation.errors", "{operation}", "Failed operations by code")
+        self._kms_calls = meter.create_counter("kmsguard.kms.calls", "{call}", "KMS API calls")
+        self._kms_retries = meter.create_counter("kmsguard.kms.retries", "{attempt}", "KMS attempts beyond the first")
+        self._kms_throttles = meter.create_counter("kmsguard.kms.throttles", "{answer}", "KMS throttling answers")
+        self._kms_duration = meter.create_histogram("kmsguard.kms.duration", "s", "KMS call latency incl. retries")
+        self._failovers = meter.create_counter("kmsguard.failovers", "{failover}", "Region failovers")
+        self._hedges = meter.create_counter("kmsguard.hedges", "{call}", "KMS calls repeated in another region")
+        self._hedge_wins = meter.create_counter("kmsguard.hedge_wins", "{call}", "Hedges answered first")
+        self._lock = threading.Lock()
+        self._cache_counts: Tally[tuple[str, str]] = Tally()
+        self._hit_sources: list[Callable[[], Mapping[str, int]]] = []
+        self._entry_sources: list[Callable[[], Mapping[str, int]]] = []
+        self._breaker_sources: list[Callable[[], Mapping[str, str]]] = []
+        self._levels: dict[str, float] = {}
+        self._pending: dict[object, list[_KmsCall]] = {}
+        meter.create_observable_counter(
+            "kmsguard.cache.events", [self._observe_cache], "{event}", "Data-key cache hits, misses, evictions"
+        )
+        meter.create_observable_gauge(
+            "kmsguard.cache.entries", [self._observe_entries], "{key}", "Data keys cached now"
+        )
+        meter.create_observable_gauge(
+            "kmsguard.region.breaker_state", [self._observe_breakers], "1", "1 for each region's breaker state"
+        )
+
+    # ------------------------------------------------------------------ Observer
+
+    def operation_finished(self, op: Operation) -> None:
+        self.record(facts_of(op))
+
+    def record(self, f: OperationFacts) -> None:
+        labels = {"operation": f.name, "classification": f.classification, "outcome": f.outcome}
+        self._operations.add(1, labels)
+        self._duration.record((f.end_ns - f.start_ns) / 1e9, labels)
+        if f.error_code is not None:
+            self._errors.add(1, {"operation": f.name, "code": f.error_code})
+        with self._lock:
+            calls = self._pending.pop(f.key, [])
+        attributes: dict[str, str | bool | int] = {
+            "kmsguard.operation": f.name,
+            "kmsguard.classification": f.classification,
+            "kmsguard.outcome": f.outcome,
+            "kmsguard.kms_calls": f.kms_calls,
+        }
+        if f.error_code is not None:
+            attributes["kmsguard.error_code"] = f.error_code
+        if f.cache_hit is not None:
+            attributes["kmsguard.cache_hit"] = f.cache_hit
+        span = self.tracer.start_span(f"kmsguard.{f.name}", kind=SpanKind.INTERNAL, attributes=attributes,
+                                      start_time=f.start_ns)
+        parent = trace.set_span_in_context(span)
+        for call in calls:
+            self._call_span(call, parent)
+        if f.outcome != "ok":
+            span.set_status(Status(StatusCode.ERROR, f.error_code))
+        span.end(end_time=f.end_ns)
+
+    def _call_span(self, call: _KmsCall, parent: Any = None) -> None:
+        span = self.tracer.start_span(
+            f"kms.{call.api}",
+            context=parent,
+            kind=SpanKind.CLIENT,
+            start_time=call.start_ns,
+            attributes={
+                "rpc.system": "aws-api",
+                "rpc.service": "KMS",
+                "rpc.method": call.api,
+                "cloud.region": call.region,
+                "kmsguard.outcome": call.outcome,
+                "kmsguard.attempts": call.attempts,
+            },
+        )
+        if call.outcome != "ok":
+            span.set_status(Status(StatusCode.ERROR, call.outcome))
+        span.end(end_time=call.end_ns)
+
+    # ------------------------------------------------------------------ Telemetry
+
+    def kms_call(
+        self, api: str, region: str, outcome: str, duration: float, attempts: int = 1, throttles: int = 0
+    ) -> None:
+        labels = {"api": api, "region": region}
+        self._kms_calls.add(1, {**labels, "outcome": outcome})
+        self._kms_duration.record(duration, labels)
+        if attempts > 1:
+            self._kms_retries.add(attempts - 1, labels)
+        if throttles:
+            self._kms_throttles.add(throttles, labels)
+        end = time.time_ns()
+        call = _KmsCall(api, region, outcome, attempts, end - int(duration * 1e9), end)
+        key = _current_operation()
+        if key is None:  # not inside an operation (a readiness probe, the audit key): a span of its own
+            self._call_span(call)
+            return
+        with self._lock:
+            if key not in self._pending and len(self._pending) >= _MAX_PENDING:
+                self._pending.pop(next(iter(self._pending)))
+            self._pending.setdefault(key, []).append(call)
+
+    def cache_event(self, event: str, classification: str) -> None:
+        with self._lock:
+            self._cache_counts[(event, classification)] += 1
+
+    def cache_hits(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self._hit_sources.append(source)
+
+    def cache_entries(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self._entry_sources.append(source)
+
+    def breakers(self, source: Callable[[], Mapping[str, str]]) -> None:
+        self._breaker_sources.append(source)
+
+    def failover(self, from_region: str, to_region: str) -> None:
+        self._failovers.add(1, {"from_region": from_region, "to_region": to_region})
+
+    def hedge(self, from_region: str, to_region: str) -> None:
+        self._hedges.add(1, {"from_region": from_region, "to_region": to_region})
+
+    def hedge_won(self, from_region: str, to_region: str) -> None:
+        self._hedge_wins.add(1, {"from_region": from_region, "to_region": to_region})
+
+    def gauge(self, name: str, value: float) -> None:
+        with self._lock:
+            new = name not in self._levels
+            self._levels[name] = value
+        if new:
+            self._meter.create_observable_gauge(f"kmsguard.{name}", [lambda _: self._observe_level(name)])
+
+    # ------------------------------------------------------------------ observable instruments
+
+    def _observe_level(self, name: str) -> Iterable[Observation]:
+        with self._lock:
+            return [Observation(self._levels[name])]
+
+    def _observe_cache(self, _: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            counts = dict(self._cache_counts)
+        for source in list(self._hit_sources):
+            for classification, hits in source().items():
+                counts[("hit", classification)] = counts.get(("hit", classification), 0) + hits
+        return [Observation(n, {"event": e, "classification": c}) for (e, c), n in sorted(counts.items())]
+
+    def _observe_entries(self, _: CallbackOptions) -> Iterable[Observation]:
+        entries: Tally[str] = Tally()
+        for source in list(self._entry_sources):
+            entries.update(source())
+        return [Observation(n, {"classification": c}) for c, n in sorted(entries.items())]
+
+    def _observe_breakers(self, _: CallbackOptions) -> Iterable[Observation]:
+        out = []
+        for source in list(self._breaker_sources):
+            for region, state in sorted(source().items()):
+                out += [Observation(1 if state == s else 0, {"region": region, "state": s})
+                        for s in ("closed", "open", "half-open")]
+        return out
+
+
+# ---------------------------------------------------------------------- configuration
+
+
+def build_bridge(env: Mapping[str, str]) -> OtelBridge:
+    """The bridge over the global providers; when the application set none and the environment names an
+    OTLP endpoint, the SDK's providers with OTLP/HTTP exporters configured from the environment first."""
+    endpoints = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                 "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+    if any(env.get(name) for name in endpoints):
+        _configure_sdk(env)
+    return OtelBridge()
+
+
+def _configure_sdk(env: Mapping[str, str]) -> None:
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider) and \
+            env.get("OTEL_TRACES_EXPORTER", "otlp") != "none":
+        tracer_provider = TracerProvider(resource=resource)
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        trace.set_tracer_provider(tracer_provider)
+    if type(otel_metrics.get_meter_provider()).__name__ == "_ProxyMeterProvider" and \
+            env.get("OTEL_METRICS_EXPORTER", "otlp") != "none":
+        reader = PeriodicExportingMetricReader(OTLPMetricExporter())
+        otel_metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))

@@ -1,0 +1,146 @@
+"""The OpenTelemetry bridge (kmsguard.otel) through the SDK's in-memory exporters: span names,
+attributes, parenting, the KMS call spans, the metrics, and no context value or data anywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from kmsguard import metrics
+from kmsguard.config import load_settings
+from kmsguard.errors import ContextMismatch
+from kmsguard.guard import Guard
+from kmsguard.otel import OtelBridge
+from kmsguard.stack import build_telemetry
+from kmsguard.telemetry import Telemetries
+
+SECRET_VALUE = "ctx-value-7f3a9c"
+PLAINTEXT = b"card 4111111111111111"
+SPANS = InMemorySpanExporter()
+READER = InMemoryMetricReader()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def providers() -> None:
+    """The SDK as an application would set it up, once per process (OpenTelemetry's globals are set once)."""
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(SPANS))
+        trace.set_tracer_provider(provider)
+        otel_metrics.set_meter_provider(MeterProvider(metric_readers=[READER]))
+
+
+@pytest.fixture
+def guard(kmsguard_aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Guard]:
+    home = tmp_path / "kmsguard-home"
+    home.mkdir(exist_ok=True)
+    (home / "kmsguard.toml").write_text("[metrics]\notel = true\n")
+    SPANS.clear()
+    with Guard.from_env() as g:
+        yield g
+
+
+def _attributes(spans: list[ReadableSpan]) -> list[Any]:
+    return [v for s in spans for v in (s.name, *(s.attributes or {}).keys(), *(s.attributes or {}).values())]
+
+
+def test_an_operation_is_a_span_under_the_callers_with_a_child_per_kms_call(guard: Guard) -> None:
+    caller = trace.get_tracer("app")
+    context = {"purpose": SECRET_VALUE, "order": "o-1"}
+    with caller.start_as_current_span("checkout") as parent:
+        token = guard.encrypt(PLAINTEXT, "payment", context)
+    spans = SPANS.get_finished_spans()
+    (op,) = [s for s in spans if s.name == "kmsguard.encrypt"]
+    assert op.parent is not None and op.parent.span_id == parent.get_span_context().span_id
+    assert op.context.trace_id == parent.get_span_context().trace_id
+    kms = [s for s in spans if s.name.startswith("kms.")]
+    assert dict(op.attributes or {}) == {
+        "kmsguard.operation": "encrypt",
+        "kmsguard.classification": "payment",
+        "kmsguard.outcome": "ok",
+        "kmsguard.kms_calls": len(kms),
+        "kmsguard.cache_hit": False,
+    }
+    assert "kms.GenerateDataKey" in [s.name for s in kms]
+    for call in kms:
+        assert call.parent is not None and call.parent.span_id == op.context.span_id
+        assert call.attributes is not None and call.attributes["cloud.region"] == "us-east-1"
+        assert call.attributes["rpc.method"] == call.name.removeprefix("kms.")
+        assert op.start_time is not None and call.start_time is not None and op.start_time <= call.start_time
+        assert op.end_time is not None and call.end_time is not None and call.end_time <= op.end_time
+
+    SPANS.clear()
+    guard.encrypt(PLAINTEXT, "payment", context)  # the cached data key: no KMS call
+    (hit,) = SPANS.get_finished_spans()
+    assert hit.attributes is not None and hit.attributes["kmsguard.cache_hit"] is True
+    assert hit.attributes["kmsguard.kms_calls"] == 0
+    assert hit.parent is None  # no caller span now: a root span
+
+    SPANS.clear()
+    with pytest.raises(ContextMismatch):
+        guard.decrypt(token, {"purpose": "another-" + SECRET_VALUE, "order": "o-1"})
+    (failed,) = [s for s in SPANS.get_finished_spans() if s.name == "kmsguard.decrypt"]
+    assert failed.attributes is not None and failed.attributes["kmsguard.outcome"] == "error"
+    assert failed.attributes["kmsguard.error_code"] == "CONTEXT_MISMATCH"
+    assert failed.status.status_code is StatusCode.ERROR
+
+
+def test_no_context_value_plaintext_or_key_in_any_span(guard: Guard) -> None:
+    context = {"purpose": SECRET_VALUE}
+    token = guard.encrypt(PLAINTEXT, "payment", context)
+    assert guard.decrypt(token, context) == PLAINTEXT
+    guard.rewrap(token, context)
+    spans = SPANS.get_finished_spans()
+    assert {s.name for s in spans} >= {"kmsguard.encrypt", "kmsguard.decrypt", "kmsguard.rewrap"}
+    text = repr(_attributes(spans)) + repr([s.events for s in spans])
+    for secret in (SECRET_VALUE, PLAINTEXT.decode(), token[-24:].hex(), repr(token[-24:])[2:-1], "purpose"):
+        assert secret not in text
+    assert "payment" in text  # control: the scan reads what the spans carry
+
+
+def test_the_metrics_go_through_the_otel_meter_too(guard: Guard) -> None:
+    guard.encrypt(PLAINTEXT, "pii", {"purpose": SECRET_VALUE})
+    data = READER.get_metrics_data()
+    points: dict[str, list[Any]] = {}
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            if scope.scope.name == "kmsguard":
+                for metric in scope.metrics:
+                    points.setdefault(metric.name, []).extend(metric.data.data_points)
+    assert {"kmsguard.operations", "kmsguard.operation.duration", "kmsguard.kms.calls", "kmsguard.kms.duration",
+            "kmsguard.cache.events"} <= set(points)
+    ops = [dict(p.attributes) for p in points["kmsguard.operations"]]
+    assert {"operation": "encrypt", "classification": "pii", "outcome": "ok"} in ops
+    assert SECRET_VALUE not in repr(points)
+    # The Prometheus registry still counts alongside.
+    registry = metrics.of(guard.observers)
+    assert registry is not None and b'operation="encrypt"' in registry.exposition()
+
+
+def test_otel_is_on_by_setting_or_by_otel_variables(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    base = {"KMSGUARD_HOME": str(home)}
+
+    def bridges(env: dict[str, str], config: str = "") -> list[object]:
+        (home / "kmsguard.toml").write_text(config)
+        telemetry = build_telemetry(load_settings({**base, **env}))
+        parts = telemetry.parts if isinstance(telemetry, Telemetries) else [telemetry]
+        return [p for p in parts if isinstance(p, OtelBridge)]
+
+    assert bridges({}) == []
+    assert len(bridges({}, "[metrics]\notel = true\n")) == 1
+    assert len(bridges({"OTEL_SERVICE_NAME": "billing"})) == 1
+    assert bridges({"OTEL_SERVICE_NAME": "billing"}, "[metrics]\notel = false\n") == []
+    assert bridges({"OTEL_SERVICE_NAME": "billing", "OTEL_SDK_DISABLED": "true"}) == []
