@@ -493,7 +493,9 @@ class CloudWatchExport:
 
 # ---------------------------------------------------------------------- configuration
 
-_FIELDS = {"enabled", "namespace", "emf", "cloudwatch", "region", "endpoint_url", "flush_interval", "max_buffer", "otel"}
+_FIELDS = {
+    "enabled", "namespace", "emf", "cloudwatch", "region", "endpoint_url", "flush_interval", "max_buffer", "otel"
+}
 
 
 def cloudwatch_client(settings: Settings) -> tuple[str, Any]:

@@ -46,7 +46,7 @@ class Telemetry:
         """A hedge's answer came first: the try in ``from_region`` was abandoned."""
 
     def breakers(self, source: Callable[[], Mapping[str, str]]) -> None:
-        """A multi-region keyring's circuit breakers: region -> ``closed``, ``open`` or ``half-open``, read on export."""
+        """A multi-region keyring's breakers: region -> ``closed``, ``open`` or ``half-open``, read on export."""
 
     def gauge(self, name: str, value: float) -> None:
         """A level (audit queue depth, spool size, cache size) at the time of reporting."""

@@ -69,7 +69,10 @@ def test_apply_creates_the_dashboard_and_alarms_and_a_second_run_changes_nothing
     assert len(body["widgets"]) == 3 * len(cw.OPERATIONS)
     alarms = client.describe_alarms(AlarmNamePrefix=prefix)["MetricAlarms"]
     assert {a["AlarmName"] for a in alarms} == {
-        f"{prefix}-{op}-{cls}-{kind}" for op in cw.OPERATIONS for cls in CLASSES for kind in ("error-ratio", "latency-p99")
+        f"{prefix}-{op}-{cls}-{kind}"
+        for op in cw.OPERATIONS
+        for cls in CLASSES
+        for kind in ("error-ratio", "latency-p99")
     }
     assert all(a["AlarmActions"] == [topic] and a["OKActions"] == [topic] for a in alarms)
 
@@ -127,7 +130,8 @@ def test_every_metric_and_dimension_used_is_one_kmsguard_publishes(client: Any, 
     published = set()
     for page in client.get_paginator("list_metrics").paginate(Namespace=namespace):
         for m in page["Metrics"]:
-            published.add((m["Namespace"], m["MetricName"], tuple(sorted((d["Name"], d["Value"]) for d in m["Dimensions"]))))
+            dims = tuple(sorted((d["Name"], d["Value"]) for d in m["Dimensions"]))
+            published.add((m["Namespace"], m["MetricName"], dims))
     used = _used(cw.Target(namespace, CLASSES, "us-east-1"))
     assert used and used <= published, sorted(used - published)
     # Control: a series kmsguard does not publish is caught.

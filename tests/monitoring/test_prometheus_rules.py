@@ -70,7 +70,8 @@ CASES = [
          [{f'kmsguard_region_breaker_state{{{L}, region="eu-west-1", state="closed"}}': "0x20",
            f'kmsguard_region_breaker_state{{{L}, region="us-east-1", state="closed"}}': "1x20"},
           {f'kmsguard_kms_calls_total{{{L}, api="Decrypt", region="us-east-1", outcome="ok"}}': "0+10x20",
-           f'kmsguard_kms_calls_total{{{L}, api="Decrypt", region="us-east-1", outcome="KEY_UNAVAILABLE"}}': "0+1x20"}]),
+           f'kmsguard_kms_calls_total{{{L}, api="Decrypt", region="us-east-1", outcome="KEY_UNAVAILABLE"}}':
+           "0+1x20"}]),
     # A single region (no breakers): no KMS call succeeds.
     Case("KmsguardAllRegionsFailing", "10m",
          {f'kmsguard_kms_calls_total{{{L}, api="Decrypt", region="us-east-1", outcome="ok"}}': "5x20",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kmsguard.monitoring.thresholds import Thresholds
@@ -46,7 +46,7 @@ class Target:
     dashboard: str = "kmsguard"
     alarm_prefix: str = "kmsguard"
     alarm_topic: str | None = None
-    thresholds: Thresholds = Thresholds()
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
 
 def _metric(namespace: str, name: str, operation: str, success: bool, cls: str) -> list[str]:

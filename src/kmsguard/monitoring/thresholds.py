@@ -18,7 +18,7 @@ class Thresholds:
     error_ratio: float = _threshold(0.05, "Failed operations per operation and classification, as a fraction.")
     throttle_ratio: float = _threshold(0.1, "KMS calls answered with throttling, per region, as a fraction.")
     kms_latency_p99: float = _threshold(0.5, "KMS call latency p99 in seconds, per API and region.")
-    operation_latency_p99: float = _threshold(1.0, "Operation latency p99 in seconds, per operation and classification.")
+    operation_latency_p99: float = _threshold(1.0, "Operation latency p99 in seconds, per operation and class.")
     cache_hit_ratio: float = _threshold(0.5, "Data-key cache hit ratio below which the KMS bill grows.")
     cache_min_rate: float = _threshold(1.0, "Cache lookups per second under which the hit ratio is not judged.")
     audit_lag: float = _threshold(60.0, "Seconds audit records may wait with no delivery progress.")

@@ -69,7 +69,8 @@ async def watch_key_rotation(settings: Settings, registry: Metrics) -> None:
     from kmsguard.aws import AwsSettings, ClientFactory
     from kmsguard.aws.admin import KeyAdmin
 
-    admin = KeyAdmin(ClientFactory(AwsSettings.from_section(settings.section("aws"), settings.env, settings.environment)))
+    aws = AwsSettings.from_section(settings.section("aws"), settings.env, settings.environment)
+    admin = KeyAdmin(ClientFactory(aws))
     loop = asyncio.get_running_loop()
     while True:
         try:
