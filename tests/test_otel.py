@@ -3,6 +3,7 @@ attributes, parenting, the KMS call spans, the metrics, and no context value or 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,25 @@ def test_otel_is_on_by_setting_or_by_otel_variables(tmp_path: Path) -> None:
     assert len(bridges({"OTEL_SERVICE_NAME": "billing"})) == 1
     assert bridges({"OTEL_SERVICE_NAME": "billing"}, "[metrics]\notel = false\n") == []
     assert bridges({"OTEL_SERVICE_NAME": "billing", "OTEL_SDK_DISABLED": "true"}) == []
+
+
+def test_async_guard_operations_are_parented_to_the_callers_span_too(guard: Guard) -> None:
+    """AsyncGuard runs KMS work on its pool, in a copy of the caller's context: the span still nests."""
+    from kmsguard.aio import AsyncGuard
+
+    async def run() -> tuple[int, int]:
+        aguard = AsyncGuard(guard)
+        try:
+            with trace.get_tracer("app").start_as_current_span("handler") as parent:
+                await aguard.encrypt(PLAINTEXT, "pii", {"n": "1"})  # a cache miss: the pool
+                await aguard.encrypt(PLAINTEXT, "pii", {"n": "1"})  # a cache hit: inline
+            return parent.get_span_context().span_id, parent.get_span_context().trace_id
+        finally:
+            await aguard.close()
+
+    parent_id, trace_id = asyncio.run(run())
+    ops = [s for s in SPANS.get_finished_spans() if s.name == "kmsguard.encrypt"]
+    assert len(ops) == 2
+    for op in ops:
+        assert op.parent is not None and op.parent.span_id == parent_id and op.context.trace_id == trace_id
+    assert [op.attributes["kmsguard.cache_hit"] for op in ops if op.attributes] == [False, True]
