@@ -551,17 +551,15 @@ def build_metrics(settings: Settings) -> Metrics | None:
 def build_otel(settings: Settings) -> Telemetry | None:
     """The OpenTelemetry bridge (kmsguard.otel), when ``[metrics] otel = true``, or when it is unset and
     any ``OTEL_*`` variable is (``OTEL_SDK_DISABLED=true`` aside) and the ``kmsguard[otel]`` extra is installed."""
-    setting = ConfigTable(settings.section("metrics"), "metrics", _FIELDS).optional_boolean("otel")
+    explicit = ConfigTable(settings.section("metrics"), "metrics", _FIELDS).optional_boolean("otel")
     env = settings.env
-    if setting is None:
-        disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-        setting = None if disabled or not any(name.startswith("OTEL_") for name in env) else True
-    if not setting:
+    by_env = env.get("OTEL_SDK_DISABLED", "").strip().lower() != "true" and any(n.startswith("OTEL_") for n in env)
+    if not (by_env if explicit is None else explicit):
         return None
     try:
         from kmsguard import otel
     except ImportError:
-        if ConfigTable(settings.section("metrics"), "metrics", _FIELDS).optional_boolean("otel"):
+        if explicit:
             raise ConfigurationError("metrics.otel: needs OpenTelemetry: pip install 'kmsguard[otel]'") from None
         return None
     return otel.build_bridge(env)

@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 from kmsguard.cli.main import _register, cli
 from kmsguard.metrics import CloudWatchExport
 from kmsguard.monitoring import cloudwatch as cw
-from kmsguard.testing.moto_server import MotoServer
+from kmsguard.testing.moto_server import MotoServer, free_port
 
 CLASSES = ("general", "pii", "payment")
 
@@ -136,3 +136,27 @@ def test_every_metric_and_dimension_used_is_one_kmsguard_publishes(client: Any, 
     assert used and used <= published, sorted(used - published)
     # Control: a series kmsguard does not publish is caught.
     assert (namespace, "OperationCount", (("KeyType", "pii"), ("Operation", "sign"))) not in published
+
+
+def test_cloudwatch_unreachable_or_unconfigured_is_one_error_line(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _register()
+    closed = f"http://127.0.0.1:{free_port()}"
+    (home / "kmsguard.toml").write_text(f'[metrics]\nregion = "us-east-1"\nendpoint_url = "{closed}"\n')
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    result = CliRunner().invoke(cli, ["monitoring", "cloudwatch", "apply"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: CLOUDWATCH_ERROR: CloudWatch unreachable (EndpointConnectionError)"
+    ]
+
+    (home / "kmsguard.toml").write_text("[metrics]\n")
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "absent"))
+    result = CliRunner().invoke(cli, ["monitoring", "cloudwatch", "apply"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: CONFIGURATION_ERROR: metrics.region: no region for CloudWatch (set it, or AWS_REGION)"
+    ]

@@ -71,7 +71,8 @@ def apply(dry_run: bool, alarm_topic: str | None, dashboard: str, alarm_prefix: 
     from kmsguard.monitoring import cloudwatch as cw
 
     s = settings()
-    namespace, client = cloudwatch_client(s)
+    with cw.aws_errors():
+        namespace, client = cloudwatch_client(s)
     target = cw.Target(
         namespace=namespace,
         classifications=[c.name for c in s.policy],
@@ -84,7 +85,8 @@ def apply(dry_run: bool, alarm_topic: str | None, dashboard: str, alarm_prefix: 
     if dry_run:
         click.echo(json.dumps(cw.plan(target), indent=2))
         return
-    changes = cw.apply(client, target)
+    with cw.aws_errors():
+        changes = cw.apply(client, target)
     for change in changes:
         click.echo(f"{change.kind} {change.name}: {change.action}")
     changed = sum(c.action != "unchanged" for c in changes)

@@ -21,10 +21,14 @@ holds and written only when they differ, so a second run changes nothing and say
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError, PartialCredentialsError
+
+from kmsguard.errors import AccessDenied, ConfigurationError, CredentialsError, KmsGuardError
 from kmsguard.monitoring.thresholds import Thresholds
 
 #: The operations Guard reports (kmsguard.guard): each gets its widgets and alarms.
@@ -172,6 +176,33 @@ def alarms(t: Target) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- apply
+
+
+class CloudWatchError(KmsGuardError):
+    """CloudWatch did not answer, or refused a request for a reason other than access."""
+
+    code = "CLOUDWATCH_ERROR"
+    http_status = 502
+    retryable = True
+
+
+@contextmanager
+def aws_errors() -> Iterator[None]:
+    """botocore's exceptions as kmsguard errors (one line from the CLI): the AWS error code, never a payload."""
+    try:
+        yield
+    except NoRegionError:
+        raise ConfigurationError("metrics.region: no region for CloudWatch (set it, or AWS_REGION)") from None
+    except (NoCredentialsError, PartialCredentialsError):
+        raise CredentialsError("no AWS credentials found for CloudWatch") from None
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "unknown")
+        operation = exc.operation_name
+        if "AccessDenied" in code or code in ("UnauthorizedOperation", "AuthFailure"):
+            raise AccessDenied(f"CloudWatch refused {operation}: {code}") from None
+        raise CloudWatchError(f"CloudWatch {operation} failed: {code}") from None
+    except BotoCoreError as exc:
+        raise CloudWatchError(f"CloudWatch unreachable ({type(exc).__name__})") from None
 
 
 def _comparable(alarm: dict[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            service = getattr(scope["app"].state, "service", None)
+            service = getattr(getattr(scope.get("app"), "state", None), "service", None)
             counter = getattr(service, "requests", None)
             if counter is not None and status:
                 route = getattr(scope.get("route"), "path", "unmatched")
