@@ -92,8 +92,8 @@ class OtelBridge(Telemetry):
         self.tracer = trace.get_tracer("kmsguard", __version__, tracer_provider)
         meter = otel_metrics.get_meter("kmsguard", __version__, meter_provider=meter_provider)
         self._meter = meter
-        self._operations = meter.create_counter("kmsguard.operations", "{operation}", "Guard operations")
-        self._duration = meter.create_histogram("kmsguard.operation.duration", "s", "Guard operation latency")
+        # Its count is the number of operations (OpenTelemetry's convention: no separate counter to pay for).
+        self._duration = meter.create_histogram("kmsguard.operation.duration", "s", "Guard operations and latency")
         self._errors = meter.create_counter("kmsguard.operation.errors", "{operation}", "Failed operations by code")
         self._kms_calls = meter.create_counter("kmsguard.kms.calls", "{call}", "KMS API calls")
         self._kms_retries = meter.create_counter("kmsguard.kms.retries", "{attempt}", "KMS attempts beyond the first")
@@ -126,7 +126,6 @@ class OtelBridge(Telemetry):
 
     def record(self, f: OperationFacts) -> None:
         labels = {"operation": f.name, "classification": f.classification, "outcome": f.outcome}
-        self._operations.add(1, labels)
         self._duration.record((f.end_ns - f.start_ns) / 1e9, labels)
         if f.error_code is not None:
             self._errors.add(1, {"operation": f.name, "code": f.error_code})
