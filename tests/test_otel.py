@@ -4,13 +4,19 @@ attributes, parenting, the KMS call spans, the metrics, and no context value or 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -22,6 +28,7 @@ from kmsguard import metrics
 from kmsguard.config import load_settings
 from kmsguard.errors import ContextMismatch
 from kmsguard.guard import Guard
+from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.otel import OtelBridge
 from kmsguard.stack import build_telemetry
 from kmsguard.telemetry import Telemetries
@@ -167,3 +174,57 @@ def test_async_guard_operations_are_parented_to_the_callers_span_too(guard: Guar
     for op in ops:
         assert op.parent is not None and op.parent.span_id == parent_id and op.context.trace_id == trace_id
     assert [op.attributes["kmsguard.cache_hit"] for op in ops if op.attributes] == [False, True]
+
+
+class _Collector(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver: keeps each export's path and protobuf body."""
+
+    received: ClassVar[list[tuple[str, bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append((self.path, body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+_SCRIPT = """
+from opentelemetry import metrics, trace
+from kmsguard import Guard
+with Guard.from_env() as guard:
+    guard.encrypt(b"x", "general", {"order": "o-1"})
+trace.get_tracer_provider().force_flush()
+metrics.get_meter_provider().force_flush()
+"""
+
+
+def test_otel_variables_alone_export_over_otlp(keyring: LocalKeyring, home: Path) -> None:
+    """A process with no SDK set up of its own: OTEL_* variables make kmsguard configure one, exporting over
+    OTLP/HTTP to the endpoint they name, with the service name they give."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update({"KMSGUARD_HOME": str(home), "OTEL_SERVICE_NAME": "billing",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+                    "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"})
+        done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    traces = [body for path, body in _Collector.received if path == "/v1/traces"]
+    assert traces and any(path == "/v1/metrics" for path, _ in _Collector.received)
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(traces[0])
+    (resource,) = request.resource_spans
+    service = {a.key: a.value.string_value for a in resource.resource.attributes}["service.name"]
+    names = [span.name for scope in resource.scope_spans for span in scope.spans]
+    assert service == "billing" and "kmsguard.encrypt" in names
+    assert b"o-1" not in b"".join(body for _, body in _Collector.received)
