@@ -70,7 +70,10 @@ def _caller_identity(run: Run) -> tuple[dict[str, Any], datetime | None]:
             retries={"mode": "standard", "total_max_attempts": aws.max_attempts},
         ),
     )
-    identity: dict[str, Any] = sts.get_caller_identity()
+    try:
+        identity: dict[str, Any] = sts.get_caller_identity()
+    finally:
+        sts.close()
     creds = session.get_credentials()
     expiry = getattr(creds, "_expiry_time", None)  # set for refreshable (temporary) credentials only
     return identity, expiry if isinstance(expiry, datetime) else None
@@ -151,7 +154,7 @@ def _aws_keys(run: Run) -> None:
 
 
 def _local_keys(run: Run) -> None:
-    title = "the key file is private and each primary key version is enabled"
+    title = "the key file is private; every unretired key version is enabled"
     path = run.settings.home / KEY_FILE_NAME
     timer = Timer()
     try:
@@ -173,11 +176,17 @@ def _local_keys(run: Run) -> None:
     for cls in run.classes:
         name = key_name_of(cls.key)
         primary = next((v for v in versions if v.name == name and v.primary), None)
+        disabled = [v.key_ref for v in versions if v.name == name and v.state == "disabled"]
         if primary is None:
             run.add(KEYS, title, "fail", f"no key named {name} (kmsguard keys create --class {cls.name})",
                     critical=True, subject=cls.name, timer=timer)
         elif primary.state != "enabled":
             run.add(KEYS, title, "fail", f"the primary version {primary.key_ref} is {primary.state}", critical=True,
+                    subject=cls.name, timer=timer)
+        elif disabled:
+            # A disabled version still holds envelopes' keys (else it would be retired): they all fail now.
+            run.add(KEYS, title, "fail", f"{', '.join(disabled)} disabled: envelopes under it fail with KEY_DISABLED "
+                    "(kmsguard keys enable, or keys retire once a census finds none)", critical=True,
                     subject=cls.name, timer=timer)
         else:
             run.add(KEYS, title, "pass", f"{primary.key_ref} enabled (primary)", critical=True, subject=cls.name,

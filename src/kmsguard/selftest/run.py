@@ -128,6 +128,9 @@ class Run:
         """Close the Guard under test; its audit writer gets ``audit_timeout`` to deliver what is left."""
         from kmsguard.audit.writer import AuditObserver
 
+        factory, self._factory = self._factory, None
+        if factory is not None:
+            factory.close()
         guard, self._guard = self._guard, None
         if guard is None:
             return
