@@ -88,6 +88,11 @@ def run_smoke(
     return report
 
 
+def sample() -> str:
+    """The text a smoke test encrypts: fresh random text (a module function, so a test can plant a marker)."""
+    return "kmsguard smoke " + secrets.token_hex(16)
+
+
 def _error_code(response: httpx.Response) -> str:
     try:
         return str(response.json()["error"]["code"])
@@ -171,7 +176,7 @@ def _deny(s: _Smoke, deny_token: str | None, classes: Sequence[str]) -> None:
 def _roundtrip(s: _Smoke, name: str, ctx: Mapping[str, str]) -> None:
     title = "encrypt and decrypt over HTTP; the wrong context refused"
     t0 = time.perf_counter()
-    plain = "kmsguard smoke " + secrets.token_hex(16)
+    plain = sample()
     try:
         sealed = s.call("encrypt", "POST", "/v1/encrypt", s.token,
                         {"classification": name, "plaintext": plain, "context": dict(ctx)})
