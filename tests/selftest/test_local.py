@@ -77,6 +77,7 @@ def test_a_key_file_others_can_read_fails_keys(local_home: Path) -> None:
         ("[selftest]\niterations = 0\n", "selftest.iterations"),
         ("[selftest]\ncold_p99 = 5\n", "selftest.cold_p99"),
         ('backend = "cloud"\n', "backend"),
+        ('[audit]\nsink = "s3"\n', "audit.sink"),
         ("this is not toml", "not valid TOML"),
     ],
 )

@@ -8,7 +8,6 @@ operation is a real key-service call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -139,6 +138,4 @@ class Run:
                 observer.close(timeout=audit_timeout)
         guard.close()
 
-
-Check = Callable[[Run], None]
 

@@ -2,8 +2,8 @@
 
 The order follows dependency: configuration, credentials, keys, connectivity, then the
 operations (roundtrip, multi_region), the audit trail of those operations, metrics, and
-latency last (it is the longest). A configuration that does not load fails ``config``
-and skips the rest, saying so.
+latency last (it is the longest). A configuration that does not load (``[audit]`` and,
+on AWS, ``[aws]`` included) fails ``config`` and skips the rest, saying so.
 """
 
 from __future__ import annotations
@@ -55,12 +55,26 @@ def run_selftest(
     try:
         settings = settings if settings is not None else load_settings(env)
         options = SelftestSettings.of(settings)
+        _validate_components(settings)
     except Exception as exc:
         report.add(Result(CONFIG, title, True, "fail", describe(exc), None, timer.stop()))
         for check in CHECKS[1:]:
             report.add(Result(check, check.replace("_", " "), False, "skip", "the configuration did not load"))
         report.duration_ms = (time.time() - started) * 1000
         return report
+
+
+def _validate_components(settings: Settings) -> None:
+    """The component tables the run depends on, validated now, so a bad one fails ``config`` naming its setting."""
+    from kmsguard.audit import AuditSettings
+
+    AuditSettings.of(settings)
+    if settings.backend == "aws":
+        from kmsguard.aws import AwsSettings
+        from kmsguard.keyrings.multi_region import MultiRegionOptions
+
+        AwsSettings.from_section(settings.section("aws"), settings.env, settings.environment)
+        MultiRegionOptions.from_section(settings.section("aws"))
     chosen = [settings.policy.get(name) for name in dict.fromkeys(classes)] or list(settings.policy)
     run = Run(settings, options, report, chosen, strict=strict, serving=serving)
     report.facts.update(
@@ -86,3 +100,16 @@ def run_selftest(
         run.close(options.audit_timeout)
         report.duration_ms = (time.time() - started) * 1000
     return report
+
+
+def _validate_components(settings: Settings) -> None:
+    """The component tables the run depends on, validated now, so a bad one fails ``config`` naming its setting."""
+    from kmsguard.audit import AuditSettings
+
+    AuditSettings.of(settings)
+    if settings.backend == "aws":
+        from kmsguard.aws import AwsSettings
+        from kmsguard.keyrings.multi_region import MultiRegionOptions
+
+        AwsSettings.from_section(settings.section("aws"), settings.env, settings.environment)
+        MultiRegionOptions.from_section(settings.section("aws"))
