@@ -62,19 +62,6 @@ def run_selftest(
             report.add(Result(check, check.replace("_", " "), False, "skip", "the configuration did not load"))
         report.duration_ms = (time.time() - started) * 1000
         return report
-
-
-def _validate_components(settings: Settings) -> None:
-    """The component tables the run depends on, validated now, so a bad one fails ``config`` naming its setting."""
-    from kmsguard.audit import AuditSettings
-
-    AuditSettings.of(settings)
-    if settings.backend == "aws":
-        from kmsguard.aws import AwsSettings
-        from kmsguard.keyrings.multi_region import MultiRegionOptions
-
-        AwsSettings.from_section(settings.section("aws"), settings.env, settings.environment)
-        MultiRegionOptions.from_section(settings.section("aws"))
     chosen = [settings.policy.get(name) for name in dict.fromkeys(classes)] or list(settings.policy)
     run = Run(settings, options, report, chosen, strict=strict, serving=serving)
     report.facts.update(
