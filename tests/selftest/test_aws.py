@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from kmsguard.selftest.runner import run_selftest
 from kmsguard.testing import KmsRegion
 
-from .conftest import assert_healthy, json_report, kmsguard, statuses
+from .conftest import AUDIT, AWS, QUICK, assert_healthy, json_report, kmsguard, statuses, write_config
 
 
 def test_a_healthy_aws_install_passes(aws_home: dict[str, str]) -> None:
@@ -110,3 +111,31 @@ def test_missing_credentials_fail_credentials(aws_home: dict[str, str], monkeypa
     credentials = next(r for r in report.results if r.id == "credentials")
     assert credentials.status == "fail" and "no credentials" in credentials.detail
     assert report.exit_code == 1
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_multi_region_opens_each_regions_envelopes_in_the_other(
+    kms_regions: Callable[..., list[KmsRegion]], aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, wrap: bool,
+) -> None:
+    """Single-region keys wrapped in every region pass, critically; without wrap_in_all_regions they
+    cannot open elsewhere, by design, and the check only warns."""
+    east, west = kms_regions("us-east-1", "eu-west-1")
+    keys = {r.name: r.create_key() for r in (east, west)}
+    home = tmp_path / "multi"
+    monkeypatch.setenv("KMSGUARD_HOME", str(home))
+    write_config(
+        home, 'backend = "aws"\n', f'[classifications.general]\nkey = "{keys["us-east-1"]}"\n',
+        AWS + f'regions = ["us-east-1", "eu-west-1"]\nwrap_in_all_regions = {str(wrap).lower()}\n',
+        "[aws.keys.general]\n" + "".join(f'{name} = "{arn}"\n' for name, arn in keys.items()),
+        "[aws.endpoints]\n" + "".join(f'{r.name} = "{r.endpoint}"\n' for r in (east, west)), AUDIT, QUICK,
+    )
+    report = run_selftest(classes=["general"], iterations=1)
+    assert statuses(report, "roundtrip") == {"general": "pass"}
+    result = next(r for r in report.results if r.id == "multi_region")
+    if wrap:
+        assert (result.status, result.critical) == ("pass", True), result.detail
+    else:
+        assert (result.status, result.critical) == ("warn", False)
+        assert "made in us-east-1, opened in eu-west-1" in result.detail
+    assert statuses(report, "connectivity") == {"us-east-1": "pass", "eu-west-1": "pass"}

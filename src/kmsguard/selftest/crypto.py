@@ -171,11 +171,20 @@ def _region_pairs(run: Run, cls: ClassPolicy, regions: tuple[str, ...]) -> list[
 
 
 def _keyring_in(run: Run, regions: tuple[str, ...]) -> Keyring:
-    """The deployment's AWS keyring restricted to ``regions``, in that order of preference."""
+    """The deployment's AWS keyring restricted to ``regions`` (and their per-region keys), in that order."""
     from kmsguard.stack import build_aws_keyring
 
     settings = run.settings
-    return build_aws_keyring(replace(settings, env={**settings.env, "KMSGUARD_REGIONS": ",".join(regions)}))
+    section = dict(settings.section("aws"))
+    section["regions"] = list(regions)
+    keys = section.get("keys")
+    if isinstance(keys, dict):
+        section["keys"] = {
+            name: {r: key for r, key in per_region.items() if r in regions} if isinstance(per_region, dict) else per_region
+            for name, per_region in keys.items()
+        }
+    env = {k: v for k, v in settings.env.items() if k != "KMSGUARD_REGIONS"}
+    return build_aws_keyring(replace(settings, sections={**settings.sections, "aws": section}, env=env))
 
 
 # ---------------------------------------------------------------------- latency
