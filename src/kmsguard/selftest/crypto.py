@@ -178,11 +178,8 @@ def _keyring_in(run: Run, regions: tuple[str, ...]) -> Keyring:
     section = dict(settings.section("aws"))
     section["regions"] = list(regions)
     keys = section.get("keys")
-    if isinstance(keys, dict):
-        section["keys"] = {
-            name: {r: key for r, key in per_region.items() if r in regions} if isinstance(per_region, dict) else per_region
-            for name, per_region in keys.items()
-        }
+    if isinstance(keys, dict):  # validated by the config check: a table of tables
+        section["keys"] = {name: {r: k for r, k in table.items() if r in regions} for name, table in keys.items()}
     env = {k: v for k, v in settings.env.items() if k != "KMSGUARD_REGIONS"}
     return build_aws_keyring(replace(settings, sections={**settings.sections, "aws": section}, env=env))
 
