@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,7 +77,7 @@ def test_rotation_off_warns_and_fails_with_strict_in_production(
 def test_kms_slowed_past_the_threshold_warns_and_fails_with_strict(
     aws_home: dict[str, str], kms_region: KmsRegion
 ) -> None:
-    home = Path(__import__("os").environ["KMSGUARD_HOME"])
+    home = Path(os.environ["KMSGUARD_HOME"])
     with (home / "kmsguard.toml").open("a") as fh:
         fh.write("cold_p99_ms = 500\n")
     kms_region.proxy.latency(0.8)
@@ -139,3 +140,18 @@ def test_multi_region_opens_each_regions_envelopes_in_the_other(
         assert (result.status, result.critical) == ("warn", False)
         assert "made in us-east-1, opened in eu-west-1" in result.detail
     assert statuses(report, "connectivity") == {"us-east-1": "pass", "eu-west-1": "pass"}
+
+
+def test_an_assumed_role_is_named_and_credentials_about_to_expire_warn(aws_home: dict[str, str]) -> None:
+    """moto's STS hands out role credentials for DurationSeconds = 900: under the 15 minutes that warn."""
+    home = Path(os.environ["KMSGUARD_HOME"])
+    config = (home / "kmsguard.toml").read_text().replace(
+        "[aws]\n", '[aws]\nrole_arn = "arn:aws:iam::123456789012:role/kmsguard-app"\nrole_duration_seconds = 900\n'
+    )
+    (home / "kmsguard.toml").write_text(config)
+    report = run_selftest(classes=["general"], iterations=1)
+    credentials = next(r for r in report.results if r.id == "credentials")
+    assert credentials.status == "warn", credentials.detail
+    assert "role kmsguard-app" in credentials.detail and "expire in" in credentials.detail
+    assert report.exit_code == 0
+    assert run_selftest(classes=["general"], iterations=1, strict=True).exit_code == 1
