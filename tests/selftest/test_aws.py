@@ -12,7 +12,7 @@ import pytest
 from kmsguard.selftest.runner import run_selftest
 from kmsguard.testing import KmsRegion
 
-from .conftest import AUDIT, AWS, QUICK, assert_healthy, json_report, kmsguard, statuses, write_config
+from .conftest import AUDIT, AWS, QUICK, assert_healthy, fail_fast_audit, json_report, kmsguard, statuses, write_config
 
 
 def test_a_healthy_aws_install_passes(aws_home: dict[str, str]) -> None:
@@ -29,6 +29,7 @@ def test_a_healthy_aws_install_passes(aws_home: dict[str, str]) -> None:
 def test_a_dead_kms_endpoint_fails_connectivity_and_roundtrip_fast(
     aws_home: dict[str, str], kms_region: KmsRegion
 ) -> None:
+    fail_fast_audit()
     kms_region.proxy.outage("refuse")
     started = time.monotonic()
     proc = kmsguard("selftest", "--json", "--class", "general")
@@ -106,6 +107,7 @@ def test_sts_refusing_the_credentials_fails_credentials(
 
 
 def test_missing_credentials_fail_credentials(aws_home: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    fail_fast_audit()
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     report = run_selftest(classes=["general"], iterations=1)
