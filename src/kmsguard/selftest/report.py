@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -113,7 +112,7 @@ class Report:
 
 
 class Timer:
-    """Measures one check: ``with timed() as t: ...; t.ms``."""
+    """Measures one check from its creation: ``timer.stop()`` gives (and keeps) the milliseconds so far."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
@@ -122,15 +121,6 @@ class Timer:
     def stop(self) -> float:
         self.ms = (time.perf_counter() - self.start) * 1000.0
         return self.ms
-
-
-@contextmanager
-def timed() -> Iterator[Timer]:
-    timer = Timer()
-    try:
-        yield timer
-    finally:
-        timer.stop()
 
 
 def schema() -> dict[str, Any]:
