@@ -155,6 +155,9 @@ def _region_pairs(run: Run, cls: ClassPolicy, regions: tuple[str, ...]) -> list[
             except Exception as exc:
                 problems.append(f"sealing in {a}: {describe(exc)}")
                 continue
+            if not any(f":{a}:" in key["key_ref"] for key in guard.inspect(sealed).keys):
+                problems.append(f"sealing in {a}: another region served it (failover)")
+                continue
             for b in regions:
                 if b == a:
                     continue
@@ -171,12 +174,14 @@ def _region_pairs(run: Run, cls: ClassPolicy, regions: tuple[str, ...]) -> list[
 
 
 def _keyring_in(run: Run, regions: tuple[str, ...]) -> Keyring:
-    """The deployment's AWS keyring restricted to ``regions`` (and their per-region keys), in that order."""
+    """The deployment's AWS keyring restricted to ``regions`` (and their per-region keys), in that
+    order, without hedging: the first region seals unless it fails."""
     from kmsguard.stack import build_aws_keyring
 
     settings = run.settings
     section = dict(settings.section("aws"))
     section["regions"] = list(regions)
+    section["hedge"] = False  # each try stays in its region unless that region fails
     keys = section.get("keys")
     if isinstance(keys, dict):  # validated by the config check: a table of tables
         section["keys"] = {name: {r: k for r, k in table.items() if r in regions} for name, table in keys.items()}
