@@ -11,7 +11,7 @@ from kmsguard.audit import AuditSettings, open_sink
 from kmsguard.config import load_settings
 from kmsguard.policy import SELFTEST_CONTEXT_KEY
 from kmsguard.selftest.runner import CHECKS, run_selftest
-from kmsguard.testing.moto_server import free_port
+from kmsguard.testing.moto_server import MotoServer, free_port
 
 from .conftest import AUDIT, QUICK, assert_healthy, json_report, kmsguard, statuses, write_config
 
@@ -124,3 +124,20 @@ def test_a_slow_warm_path_warns_and_fails_with_strict(local_home: Path) -> None:
     strict = run_selftest(classes=["general"], iterations=1, strict=True)
     latency = next(r for r in strict.results if r.id == "latency")
     assert (latency.status, latency.critical) == ("fail", True) and strict.exit_code == 1
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_metrics_check_publishes_to_cloudwatch_when_configured(
+    local_home: Path, aws_env: dict[str, str], kms_server: MotoServer, reachable: bool
+) -> None:
+    endpoint = kms_server.url if reachable else f"http://127.0.0.1:{free_port('127.0.0.1')}"
+    write_config(local_home, AUDIT, QUICK,
+                 f'[metrics]\ncloudwatch = true\nregion = "us-east-1"\nendpoint_url = "{endpoint}"\n')
+    report = run_selftest(classes=["general"], iterations=1)
+    metrics = next(r for r in report.results if r.id == "metrics")
+    assert metrics.critical is False
+    if reachable:
+        assert metrics.status == "pass" and "CloudWatch took a batch" in metrics.detail
+    else:
+        assert metrics.status == "warn" and "refused the batch" in metrics.detail
+        assert report.exit_code == 0
