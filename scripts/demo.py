@@ -3,7 +3,8 @@
 Initialises $KMSGUARD_HOME (``./.kmsguard`` under make) unless a keyring is already there,
 then encrypts and decrypts one flight-booking record per classification with
 ``kmsguard`` subprocesses, showing each token and what ``kmsguard inspect`` reveals
-without any key. Rerunnable: an existing keyring is reused, never overwritten.
+without any key, and ends with ``kmsguard selftest`` on that home (exit 1 if it fails).
+Rerunnable: an existing keyring is reused, never overwritten.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def main() -> None:
     if refused.returncode != 1:
         sys.exit("expected the decrypt without a purpose to fail")
     print("\nDone: every record round-tripped through the CLI.")
+
+    print("\n== is this install fit to hold such data? the self-test")
+    print("$ kmsguard selftest")
+    sys.stdout.flush()
+    selftest = subprocess.run([sys.executable, "-m", "kmsguard", "selftest"], check=False)
+    if selftest.returncode != 0:
+        sys.exit(f"kmsguard selftest failed ({selftest.returncode})")
 
 
 if __name__ == "__main__":

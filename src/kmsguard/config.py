@@ -3,7 +3,7 @@
 Every bad file or value raises :class:`ConfigurationError` naming the field (for example
 ``classifications.payment.cache.max_age``), never a traceback: a misconfigured service
 should say what to fix in one line. Sections owned by other components (``[aws]``,
-``[audit]``, ``[metrics]``, ``[server]``) are kept as raw tables here and validated by
+``[audit]``, ``[metrics]``, ``[server]``, ``[selftest]``) are kept as raw tables here and validated by
 those components, so this module does not grow with each of them.
 """
 
@@ -27,7 +27,7 @@ from kmsguard.policy import CLASSIFICATION_RE, DEFAULT_CLASSIFICATIONS, CacheLim
 CONFIG_FILE_NAME = "kmsguard.toml"
 BACKENDS = ("local", "aws")
 ENVIRONMENTS = ("development", "staging", "production")
-COMPONENT_SECTIONS = ("aws", "audit", "metrics", "server")
+COMPONENT_SECTIONS = ("aws", "audit", "metrics", "server", "selftest")
 _TOP_LEVEL = {"backend", "app", "environment", "principal", "classifications", "cache", *COMPONENT_SECTIONS}
 _CLASS_FIELDS = {"key", "required_context", "kms_context_keys", "strict_audit", "regions", "cache"}
 _CACHE_FIELDS = {"reuse", "max_age", "max_messages", "max_bytes", "decrypt_ttl"}

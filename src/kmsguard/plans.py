@@ -62,7 +62,7 @@ from kmsguard.errors import (
 from kmsguard.fastpath import Budget, HitSink, next_tick
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.lru import LruIndex
-from kmsguard.policy import FIELD_CONTEXT_KEY, ClassPolicy, Policy
+from kmsguard.policy import FIELD_CONTEXT_KEY, SELFTEST_CONTEXT_KEY, ClassPolicy, Policy
 
 #: True when this module runs compiled.
 COMPILED = not __file__.endswith(".py")
@@ -118,7 +118,8 @@ FIELD_KEY: str = _ReservedKey(FIELD_CONTEXT_KEY)
 def check_context(context: Any) -> Mapping[str, str]:
     """Check the caller's context (None or a mapping of str to str) before any key service sees it.
 
-    Keys under ``kmsguard:`` are reserved (the classification is bound under one), and
+    Keys under ``kmsguard:`` are reserved (the classification is bound under one), but for
+    ``kmsguard:selftest`` (see SELFTEST_CONTEXT_KEY), which only marks test traffic; and
     text that is not encodable as UTF-8 (lone surrogates) is refused here rather than
     deep inside a keyring. Returns the context, or a copy in plain ``str`` if any key or
     value is an instance of a subclass.
@@ -133,7 +134,7 @@ def check_context(context: Any) -> Mapping[str, str]:
             if not isinstance(key, str) or not isinstance(value, str):
                 raise InvalidInput("context keys and values must be strings")
             exact = False
-        if key.startswith(RESERVED_CONTEXT_PREFIX) and key is not FIELD_KEY:
+        if key.startswith(RESERVED_CONTEXT_PREFIX) and key is not FIELD_KEY and key != SELFTEST_CONTEXT_KEY:
             raise InvalidInput(f"context keys starting with {RESERVED_CONTEXT_PREFIX!r} are reserved")
         if not (key.isascii() and value.isascii()):
             try:

@@ -22,6 +22,10 @@ DEFAULT_CLASSIFICATIONS = ("general", "pii", "payment")
 #: and never sent to the key service, so a record's fields of one classification share a
 #: data key.
 FIELD_CONTEXT_KEY = "kmsguard:field"
+#: The context key that marks an operation as a self-test's (``kmsguard selftest``, ``kmsguard
+#: smoke``): the one ``kmsguard:`` key a caller may pass, so that audit records, metrics
+#: dashboards and CloudTrail can leave test traffic out. It only marks; it grants nothing.
+SELFTEST_CONTEXT_KEY = "kmsguard:selftest"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from kmsguard.cli import audit, data, keys, monitoring, rotation, scan, server, setup
+    from kmsguard.cli import audit, data, keys, monitoring, rotation, scan, selftest, server, setup
     from kmsguard.cli import fields as field_commands
 
     cli.add_command(setup.init)
@@ -50,6 +50,8 @@ def _register() -> None:
     cli.add_command(monitoring.monitoring)
     for command in (field_commands.protect, field_commands.unprotect, field_commands.mask, scan.scan):
         cli.add_command(command)
+    cli.add_command(selftest.selftest)
+    cli.add_command(selftest.smoke)
 
 
 def main(argv: list[str] | None = None) -> None:

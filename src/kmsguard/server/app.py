@@ -21,7 +21,7 @@ from kmsguard.guard import Guard
 from kmsguard.server import errors
 from kmsguard.server.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from kmsguard.server.observability import RequestMetricsMiddleware
-from kmsguard.server.routers import crypto, fields, health
+from kmsguard.server.routers import crypto, fields, health, selftest
 from kmsguard.server.settings import ServerSettings
 from kmsguard.server.state import Service
 
@@ -55,6 +55,7 @@ def create_app(settings: Settings, server: ServerSettings | None = None, guard: 
     app.include_router(crypto.router)
     app.include_router(fields.router)
     app.include_router(health.router)
+    app.include_router(selftest.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=server.max_request_bytes)
     app.add_middleware(RequestMetricsMiddleware)  # outside the body limit: a 413 is counted too
     app.add_middleware(RequestIdMiddleware)  # outermost: even a 413 carries the request id

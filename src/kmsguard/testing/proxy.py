@@ -8,7 +8,9 @@ timeouts, error mapping and failover are exercised through botocore's own HTTP s
 * ``throttle(rate=..., count=...)`` answers ``400 ThrottlingException`` (kmsguard's
   retry policy sees a throttle, backs off and retries until the deadline);
 * ``inject(code, api=..., key_id=..., status=...)`` any KMS error, optionally only for
-  one API and/or one key (``DisabledException``, ``KMSInvalidStateException``...);
+  one API and/or one key (``DisabledException``, ``KMSInvalidStateException``...); a
+  query-protocol request (STS: ``api="GetCallerIdentity"``, ``"AssumeRole"``) gets the
+  error in that protocol's XML (``ExpiredToken``, ``InvalidClientTokenId``...);
 * ``server_error(status=500)``, ``reset()`` (TCP reset), ``stall(seconds)`` (accept and
   read the request, then say nothing);
 * ``latency(seconds)`` before every forwarded request;
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Literal, NamedTuple
 from urllib.parse import parse_qs, urlsplit
+from xml.sax.saxutils import escape
 
 from kmsguard.testing.replicas import ReplicaRouter
 
@@ -357,8 +360,10 @@ class FaultProxy:
             self._stopping.wait(rule.seconds)
             h.close_connection = True
             return
-        else:
+        elif target:
             status, headers, payload = _kms_error(rule.status, rule.code, rule.message)
+        else:  # STS and the other query-protocol services answer errors in XML
+            status, headers, payload = _query_error(rule.status, rule.code, rule.message)
         with self._lock:
             self.statuses[status] += 1
         h.send_response(status)
@@ -406,6 +411,16 @@ def _json(body: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return doc if isinstance(doc, dict) else {}
+
+
+def _query_error(status: int, code: str, message: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The XML error shape of the query protocol (STS's), so botocore reads its code as from AWS."""
+    request_id = str(uuid.uuid4())
+    payload = (
+        f"<ErrorResponse><Error><Type>Sender</Type><Code>{escape(code)}</Code><Message>{escape(message)}</Message>"
+        f"</Error><RequestId>{request_id}</RequestId></ErrorResponse>"
+    ).encode()
+    return status, [("Content-Type", "text/xml"), ("x-amzn-RequestId", request_id)], payload
 
 
 def _kms_error(status: int, code: str, message: str) -> tuple[int, list[tuple[str, str]], bytes]:
