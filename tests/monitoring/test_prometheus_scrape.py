@@ -137,13 +137,12 @@ def test_every_metric_and_label_of_the_rules_and_dashboard_is_scraped(
     scraped: Callable[[str, dict[str, str] | None], Any],
 ) -> None:
     exported = _exported(scraped)
-    everything = exported
     exprs = {r.get("alert") or r.get("record"): r["expr"] for g in prometheus.rules()["groups"] for r in g["rules"]}
     for row, panels in grafana.ROWS:
         for panel in panels:
             for n, (expr, _) in enumerate(panel.targets):
                 exprs[f"{row}/{panel.title}/{n}"] = grafana_to_promql(expr)
-    problems = {name: missing(expr, everything) for name, expr in exprs.items()}
+    problems = {name: missing(expr, exported) for name, expr in exprs.items()}
     assert {k: v for k, v in problems.items() if v} == {}
     for name, expr in exprs.items():  # Prometheus itself accepts each one
         assert scraped("/api/v1/query", {"query": expr}) is not None, name
