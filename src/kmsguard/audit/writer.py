@@ -67,6 +67,7 @@ _MEASURE_EVERY = 1.0
 #: Seconds a closing writer gives its deliverer to finish before stopping it: at interpreter
 #: exit the whole wait (every record is in the spool; a deliverer stuck on the network is killed).
 EXIT_GRACE = 0.5
+_BLOCKED_GRACE = 0.1
 #: Every writer of this process, for the fork handler.
 _live: weakref.WeakSet[AuditObserver] = weakref.WeakSet()
 
@@ -392,7 +393,9 @@ class AuditObserver:
         if self._timer is not None:
             self._timer.join(EXIT_GRACE)  # it syncs the local spool only
         self._spool.close()  # releases the writer lock: the deliverer may now remove the files
-        grace = max(deadline - time.monotonic(), EXIT_GRACE)
+        # A deliverer whose last pass failed is likely inside another (a call to a key
+        # service that does not answer): it gets a moment, not the whole grace.
+        grace = _BLOCKED_GRACE if self.blocked_on else max(deadline - time.monotonic(), EXIT_GRACE)
         if self._thread is None:  # nothing was ever written: no deliverer to stop
             lock = try_lock(self.spool_dir, self.writer_id)
             if lock is not None:
@@ -408,7 +411,7 @@ class AuditObserver:
         else:
             self._finishing.set()  # the thread makes its last pass and closes the sink (_run_thread)
             self._wake.set()
-        self._thread.join(grace if self._child is None else EXIT_GRACE)
+        self._thread.join(grace if self._child is None else _BLOCKED_GRACE)  # the child's reports, once it ended
         waiting = self._spool.seq - self.delivered_seq
         if waiting > 0:
             log.warning("kmsguard: %d audit record(s) wait in the spool %s; the next process that opens it delivers them",
