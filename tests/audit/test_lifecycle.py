@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -163,3 +166,37 @@ def test_every_operation_of_a_parent_and_four_forked_children_is_recorded(
     payments = [r for r in records if r.classification == "payment"]
     assert len(payments) == 4 and all(r.outcome == "ok" for r in payments)
     assert verify_home(home).intact
+
+
+@pytest.mark.parametrize(("flags", "env", "shown"), [([], {}, False), (["-v"], {}, True),
+                                                     ([], {"KMSGUARD_LOG_LEVEL": "warning"}, True)])
+def test_the_cli_shows_warnings_only_when_asked(
+    keyring: LocalKeyring, home: Path, flags: list[str], env: dict[str, str], shown: bool
+) -> None:
+    """A sink that is down: the command succeeds (its record is spooled), and says so only if asked."""
+    write_config(home, {"sink": "postgres", "dsn": "postgresql://postgres@127.0.0.1:1/nowhere", "connect_timeout": 1})
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmsguard", *flags, "encrypt", "--class", "general"],
+        input=b"x",
+        capture_output=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+    assert proc.returncode == 0 and proc.stdout
+    lines = proc.stderr.decode().splitlines()
+    if shown:
+        assert lines[0].startswith("kmsguard: WARNING: audit sink postgres unavailable, spooling locally")
+        assert lines[-1].startswith("kmsguard: WARNING: audit: 2 record(s) wait in the spool") and len(lines) == 2
+    else:
+        assert lines == []
+
+
+def test_a_log_level_that_is_not_one_is_a_usage_error(home: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmsguard", "inspect"],
+        input=b"x",
+        capture_output=True,
+        env={**os.environ, "KMSGUARD_LOG_LEVEL": "chatty"},
+        timeout=120,
+    )
+    assert proc.returncode == 2 and b"KMSGUARD_LOG_LEVEL" in proc.stderr

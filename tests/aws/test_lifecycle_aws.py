@@ -115,7 +115,7 @@ def test_exit_is_prompt_with_kms_down_and_the_next_process_delivers(
         quiet = [line for line in quiet if not line.startswith("  ")]
     # What may be said (through logging; an unconfigured one prints warnings): the truth, once each.
     said = Counter("waiting for the audit key" if "audit delivery waiting for the audit key: KMS_" in line
-                   else "records wait" if "audit record(s) wait in the spool" in line else line for line in quiet)
+                   else "records wait" if "record(s) wait in the spool" in line else line for line in quiet)
     assert set(said) <= {"waiting for the audit key", "records wait"} and max(said.values(), default=1) == 1, stderr
 
     kms_region.proxy.restore()  # the next process on the same home delivers what was left

@@ -6,6 +6,7 @@ and talks to it over stdin/stdout (see deliver.py). Not meant to be run by hand.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import sys
@@ -24,10 +25,8 @@ class _ToWriter(logging.Handler):
 
 
 def _send(line: str) -> None:
-    try:
+    with contextlib.suppress(BrokenPipeError, ValueError):  # the writer is gone; the spool stays for the next
         print(line, flush=True)
-    except (BrokenPipeError, ValueError):
-        pass  # the writer is gone; what is spooled stays for the next deliverer
 
 
 def main(argv: list[str]) -> int:

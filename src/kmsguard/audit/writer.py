@@ -414,8 +414,11 @@ class AuditObserver:
         self._thread.join(grace if self._child is None else _BLOCKED_GRACE)  # the child's reports, once it ended
         waiting = self._spool.seq - self.delivered_seq
         if waiting > 0:
-            log.warning("kmsguard: %d audit record(s) wait in the spool %s; the next process that opens it delivers them",
-                        waiting, self.spool_dir)
+            log.warning(
+                "audit: %d record(s) wait in the spool %s; the next process that opens it delivers them",
+                waiting,
+                self.spool_dir,
+            )
 
     def _successor(self) -> AuditObserver:
         """In a forked child: this process's own writer (own spool and chain), made on first use.
@@ -430,8 +433,8 @@ class AuditObserver:
                 assert self.rebuild is not None
                 successor = self._next = self.rebuild()
                 hits = self._hits
-                hits.frames, hits.templates, hits.slow = successor._spool.frames, successor._templates, successor._hit_slow
-                hits.last = (object(), 0)
+                hits.frames, hits.templates = successor._spool.frames, successor._templates
+                hits.slow, hits.last = successor._hit_slow, (object(), 0)
             return successor
 
     def _forked(self) -> None:
