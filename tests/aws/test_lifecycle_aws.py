@@ -231,3 +231,49 @@ def test_a_users_pytest_run_without_with_exits_at_once(tmp_path: Path) -> None:
     assert "3 passed" in out
     assert "unavailable" not in out and "wait in the spool" not in out, out
     assert exit_took <= 2.0, f"pytest took {exit_took:.2f}s to exit after its tests"
+
+
+DROPPED = """
+import gc, os, threading
+from kmsguard import Guard
+
+def children():
+    me, n = str(os.getpid()), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                n += fh.read().rsplit(")", 1)[1].split()[1] == me
+        except OSError:
+            pass
+    return n
+
+peak = [0, 0, 0]
+for i in range(30):
+    guard = Guard.from_env()
+    guard.encrypt(b"x", "general", {"i": str(i)})  # a KMS call each: every Guard has its own cache
+    del guard
+    if i % 5 < 4:
+        continue
+    gc.collect()
+    sample = (children(), threading.active_count(), len(os.listdir("/proc/self/fd")))
+    peak = [max(p, s) for p, s in zip(peak, sample)]
+print(*peak)
+"""
+
+
+def test_thirty_dropped_aws_guards_leave_one_deliverer_and_no_threads_behind(
+    kmsguard_aws_env: dict[str, str], tmp_path: Path, fresh_python: Callable[[str], str]
+) -> None:
+    os.environ["KMSGUARD_CONFIG"] = str(write_config(tmp_path / "kmsguard.toml", "close_timeout = 120"))
+    try:
+        peaks = fresh_python(DROPPED)
+        processes, threads, fds = map(int, peaks.split())
+    finally:
+        del os.environ["KMSGUARD_CONFIG"]
+    assert processes == 1, peaks
+    assert threads <= 8, peaks  # main, the audit writer's (spare, timer, reader), this Guard's KMS worker
+    assert fds <= 40
+    later = write_config(tmp_path / "later.toml", "close_timeout = 120")
+    assert kmsguard("encrypt", "--class", "general", config=later, stdin=b"y").returncode == 0
+    records = records_of(Path(os.environ["KMSGUARD_HOME"]))
+    assert Counter(r.operation for r in records) == {"encrypt": 31, "writer-closed": 2}

@@ -156,8 +156,8 @@ class AuditObserver:
     def _start(self) -> None:
         """Start the deliverer and the timer, once (on the first record, or at once for a thread)."""
         with self._start_lock:
-            if self._thread is not None or self.closed:
-                return
+            if self._thread is not None or self.closed or self._inherited:
+                return  # an inherited writer's records are its successor's, or refused (no rebuild)
             if self._delivery == "process":
                 self._child = self._spawn(self._child_env)
                 target: Callable[[], None] = self._read_child
@@ -324,7 +324,8 @@ class AuditObserver:
         if self.delivered_seq >= target:
             return True
         self._start()
-        assert self._thread is not None
+        if self._thread is None:
+            return False  # closed, or inherited from a parent process
         deadline = time.monotonic() + timeout
         next_kick = 0.0
         while self.delivered_seq < target and self._thread.is_alive():
@@ -393,9 +394,11 @@ class AuditObserver:
         if self._timer is not None:
             self._timer.join(EXIT_GRACE)  # it syncs the local spool only
         self._spool.close()  # releases the writer lock: the deliverer may now remove the files
-        # A deliverer whose last pass failed is likely inside another (a call to a key
-        # service that does not answer): it gets a moment, not the whole grace.
-        grace = _BLOCKED_GRACE if self.blocked_on else max(deadline - time.monotonic(), EXIT_GRACE)
+        # A deliverer of a writer that recorded nothing (it has only files to remove), or
+        # whose last pass failed (it is likely inside another: a call to a key service
+        # that does not answer), gets a moment, not the whole grace.
+        stuck = self.blocked_on is not None or not self._spool.seq
+        grace = _BLOCKED_GRACE if stuck else max(deadline - time.monotonic(), EXIT_GRACE)
         if self._thread is None:  # nothing was ever written: no deliverer to stop
             lock = try_lock(self.spool_dir, self.writer_id)
             if lock is not None:

@@ -120,7 +120,7 @@ def kmsguard_aws_env(
     yield {c: kms_region.create_key(f"alias/{app}-{c}-development") for c in ("general", "pii", "payment")}
     from kmsguard.audit.lifecycle import close_all  # here: the plugin loads in every pytest run
 
-    close_all(home)
+    close_all(home, timeout=30.0)  # delivery that fails ends the wait at once
 
 
 def offline_aws_env(region: KmsRegion, scratch: Path) -> dict[str, str]:
