@@ -128,8 +128,11 @@ def test_exit_is_prompt_with_kms_down_and_the_next_process_delivers(
     assert verified.returncode == 0, verified.stderr
 
 
+#: The stamp is taken once the modules a command on AWS loads are imported (start-up, which
+#: a loaded machine stretches): what remains is the command's own work, and its exit.
 CLI_WRAPPER = """
 import sys, time
+import boto3, kmsguard.aws, kmsguard.keyrings.aws_kms, kmsguard.audit.sqlite, kmsguard.metrics
 from kmsguard.cli.main import main
 with open(sys.argv[1], "w") as fh:
     fh.write(repr(time.monotonic()))
