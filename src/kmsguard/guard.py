@@ -93,6 +93,7 @@ class Guard:
         self.observers = tuple(observers)
         self.principal = principal
         self.settings = settings
+        self._closed = False
         # A cache lends its keys with their Budgets, which the plans keep (their lanes);
         # any other keyring's keys serve one message each.
         if isinstance(keyring, KeyLender):
@@ -134,7 +135,15 @@ class Guard:
         )
 
     def close(self) -> None:
-        """Flush and stop observers (the audit writer) and keyrings that hold resources."""
+        """Flush and stop observers (the audit writer) and keyrings that hold resources; once.
+
+        The audit writer is shared by the process's Guards (docs/audit.md): this Guard's
+        records are delivered (waiting at most ``[audit] close_timeout``), and the last
+        Guard to close stops it.
+        """
+        if self._closed:
+            return
+        self._closed = True
         for obj in (*self.observers, self.keyring):
             closer = getattr(obj, "close", None)
             if callable(closer):

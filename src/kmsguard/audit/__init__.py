@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from kmsguard.audit.chain import AuditKeys
 from kmsguard.audit.keys import audit_keys
+from kmsguard.audit.lifecycle import shared_writer
 from kmsguard.audit.record import AuditRecord
 from kmsguard.audit.settings import AuditSettings
 from kmsguard.audit.sink import JsonLinesSink, Query, Sink
@@ -56,24 +57,32 @@ def keys_for(settings: Settings, keyring: Keyring, sink: Sink) -> AuditKeys:
 
 
 def build_observer(settings: Settings, keyring: Keyring, telemetry: Telemetry = NULL_TELEMETRY) -> Observer:
+    """The audit observer for a Guard: this process's shared writer for these settings (see lifecycle.py)."""
     config = AuditSettings.of(settings)
     if config.sink == "none":
         return DisabledAudit(config.strict)
-    sink = open_sink(config) if config.delivery == "thread" else None
 
-    def keys() -> AuditKeys:
-        assert sink is not None
-        return keys_for(settings, keyring, sink)
+    def make() -> AuditObserver:
+        sink = open_sink(config) if config.delivery == "thread" else None
 
-    return AuditObserver(
-        sink,
-        keys,
-        config.spool_dir,
-        strict=config.strict,
-        delivery=config.delivery,
-        env=settings.env,
-        flush_interval=config.flush_interval,
-        max_spool_bytes=config.max_spool_bytes,
-        principal=settings.principal,
-        telemetry=telemetry,
-    )
+        def keys() -> AuditKeys:
+            assert sink is not None
+            return keys_for(settings, keyring, sink)
+
+        return AuditObserver(
+            sink,
+            keys,
+            config.spool_dir,
+            strict=config.strict,
+            delivery=config.delivery,
+            env=settings.env,
+            flush_interval=config.flush_interval,
+            max_spool_bytes=config.max_spool_bytes,
+            principal=settings.principal,
+            telemetry=telemetry,
+            close_timeout=config.close_timeout,
+        )
+
+    destination = (config.sink, config.path, config.dsn, config.schema)
+    options = (config.strict, config.delivery, config.flush_interval, config.max_spool_bytes, settings.principal)
+    return shared_writer((config.spool_dir, destination, options), make)

@@ -6,21 +6,29 @@ services): the chain's HMACs, the JSON encoding and the sink's driver then run o
 another core instead of under the application's GIL, and the application's only
 per-operation audit cost is the spool append.
 
-Either way it delivers its own writer's records in order, and also, once per start,
-the spools of writers on this host that died or could not finish (their lock is free):
+Either way it delivers its own writer's records in order, and also, on its first pass and
+every ORPHANS_EVERY seconds, the spools of writers on this host that died or could not
+finish (their lock is free; a forked child that exited without closing, say):
 it resumes each chain from the sink's last record of that writer, so every record is
 stored exactly once, in order, whatever crashed when.
 
 The child is ``python -m kmsguard.audit`` (see __main__.py). Its protocol: lines on
-stdin (``flush``; end of file = the writer closed or died:
-deliver everything, clean up, exit) and on stdout (``P <seq>`` delivered up
-to, ``H 0|1`` sink health).
+stdin (``flush``; end of file = the writer closed or died: deliver everything
+if delivery is working, clean up, exit) and on stdout (``P <seq>`` delivered up to,
+``F sink|key`` a pass failed, ``H`` delivering again, ``L <level> <message>`` a log
+record, which the writer logs through the application's ``logging``).
+
+Obtaining the audit key (which may call KMS) is the deliverer's first job, never the
+application's: while it cannot be had, delivery waits (``F key``, logged as "audit
+delivery waiting for the audit key"), the records stay spooled, and the sink is not
+reported as down.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +40,22 @@ from kmsguard.audit.spool import Entry, SegmentReader, remove_writer, try_lock, 
 
 log = logging.getLogger("kmsguard.audit")
 MAX_BACKOFF = 5.0
+#: Seconds between looks for spools that dead writers left (see Deliverer.run_once).
+ORPHANS_EVERY = 10.0
 Progress = Callable[[int], None]
+
+
+class KeyWait(Exception):
+    """The audit key could not be obtained (its cause says why): delivery waits for it."""
+
+
+def _describe(exc: BaseException | None) -> str:
+    """``CODE: first line`` of a kmsguard error, ``Type: first line`` of any other."""
+    if exc is None:
+        return "unknown error"
+    text = str(getattr(exc, "message", "") or exc)
+    first = text.splitlines()[0] if text else ""
+    return f"{getattr(exc, 'code', None) or type(exc).__name__}: {first}"
 
 
 class Deliverer:
@@ -56,26 +79,41 @@ class Deliverer:
         self._keys: AuditKeys | None = None
         self._reader = SegmentReader(directory, writer_id)
         self._chain: Chain | None = None
-        self._orphans_done = False
         self.healthy = True
         self.failures = 0
+        #: Why the last pass failed: "sink", "key" (the audit key could not be obtained), or None.
+        self.failure: str | None = None
+        self._orphans_at = 0.0
 
     def run_once(self, writer_alive: bool = True) -> bool:
-        """One delivery pass; False if the sink failed (the caller backs off and retries)."""
+        """One delivery pass; False if it failed (the caller backs off and retries).
+
+        Spools left by writers that died (or forked children that exited) are looked for
+        on the first pass and every ORPHANS_EVERY seconds after.
+        """
         try:
-            if not self._orphans_done:
+            if time.monotonic() >= self._orphans_at:
                 self._deliver_orphans()
-                self._orphans_done = True
+                self._orphans_at = time.monotonic() + ORPHANS_EVERY
             self._deliver_own(writer_alive)
+        except KeyWait as exc:
+            self._fail("key", exc.__cause__)
+            return False
         except Exception as exc:
-            self.failures += 1
-            self._health(False, exc)
+            self._fail("sink", exc)
             return False
         self._health(True)
         return True
 
+    def _fail(self, failure: str, exc: BaseException | None) -> None:
+        self.failures += 1
+        changed = failure != self.failure
+        self.failure = failure
+        self._health(False, exc, changed)
+
     def finish(self) -> bool:
-        """The writer is gone: deliver the rest and remove its files. False if the sink is down."""
+        """The writer is gone: deliver the rest (and any orphan) and remove its files. False if delivery failed."""
+        self._orphans_at = 0.0
         if not self.run_once(writer_alive=False):
             return False
         lock = try_lock(self.directory, self.writer_id)
@@ -83,20 +121,26 @@ class Deliverer:
             remove_writer(self.directory, self.writer_id, lock)
         return True
 
-    def _health(self, healthy: bool, exc: BaseException | None = None) -> None:
+    def _health(self, healthy: bool, exc: BaseException | None = None, changed: bool = False) -> None:
         if healthy and not self.healthy:
-            log.warning("audit sink %s is back; delivering spooled records", self.sink.name)
-        elif not healthy and self.healthy:
-            # The exception's type and first line only: records never go to the log.
-            first = str(exc).splitlines()[0] if exc is not None and str(exc) else ""
-            log.warning(
-                "audit sink %s unavailable, spooling locally (%s: %s)", self.sink.name, type(exc).__name__, first
-            )
+            log.warning("audit delivery to %s resumed; delivering spooled records", self.sink.name)
+            self.failure = None
+        elif not healthy and (self.healthy or changed):
+            # The error's first line only: records never go to the log.
+            if self.failure == "key":
+                log.warning("audit delivery waiting for the audit key: %s", _describe(exc))
+            else:
+                log.warning("audit sink %s unavailable, spooling locally (%s)", self.sink.name, _describe(exc))
         self.healthy = healthy
 
     def _audit_keys(self) -> AuditKeys:
+        """The audit key, obtained once; a failure (the key service, or the sink that stores the
+        wrapped key) is a KeyWait: delivery waits for it, the records stay spooled."""
         if self._keys is None:
-            self._keys = self._key_source()
+            try:
+                self._keys = self._key_source()
+            except Exception as exc:
+                raise KeyWait() from exc
         return self._keys
 
     def _resume(self, writer_id: str) -> Chain:

@@ -12,6 +12,7 @@
     delivery = "process"       # deliver from a child process (default) or "thread" (one-shot commands)
     flush_interval = 0.2       # seconds between background deliveries (and spool fsyncs)
     max_spool_mb = 256         # full: wait for a working sink; sink down: drop non-strict (counted), refuse strict
+    close_timeout = 2.0        # seconds Guard.close() waits for delivery (the rest stays spooled)
 
 ``KMSGUARD_AUDIT_SINK``, ``KMSGUARD_AUDIT_DSN`` and ``KMSGUARD_AUDIT_DELIVERY`` override
 ``sink``, ``dsn`` and ``delivery``.
@@ -38,6 +39,7 @@ _FIELDS = {
     "flush_interval",
     "max_spool_mb",
     "connect_timeout",
+    "close_timeout",
 }
 _DEFAULT_FILE = {"sqlite": "audit.db", "jsonl": "audit.jsonl"}
 
@@ -54,6 +56,7 @@ class AuditSettings:
     flush_interval: float
     max_spool_bytes: int
     connect_timeout: float
+    close_timeout: float = 2.0
 
     @classmethod
     def of(cls, settings: Settings) -> AuditSettings:
@@ -73,4 +76,5 @@ class AuditSettings:
             flush_interval=audit.number("flush_interval", 0.2, minimum=0.001, maximum=60),
             max_spool_bytes=audit.integer("max_spool_mb", 256, minimum=1) << 20,
             connect_timeout=audit.number("connect_timeout", 5.0, above=0),
+            close_timeout=audit.number("close_timeout", 2.0, minimum=0, maximum=600),
         )

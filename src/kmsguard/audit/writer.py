@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from kmsguard.audit.facts import Spooled
 from kmsguard.audit.frames import NOT_WRITTEN, HitWriter
 from kmsguard.audit.record import CLOSE_OPERATION
 from kmsguard.audit.sink import Sink
-from kmsguard.audit.spool import NotDurable, Spool, SpoolFull
+from kmsguard.audit.spool import NotDurable, Spool, SpoolFull, remove_writer, try_lock
 from kmsguard.errors import AuditUnavailable
 from kmsguard.operation import HitKind, Operation
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
@@ -63,6 +64,12 @@ _MAX_TEMPLATES = 10_000
 _STALL = 10.0
 #: Seconds between counts of the spool's files (see AuditObserver._tick).
 _MEASURE_EVERY = 1.0
+#: Seconds a closing writer gives its deliverer to finish before stopping it: at interpreter
+#: exit the whole wait (every record is in the spool; a deliverer stuck on the network is killed).
+EXIT_GRACE = 0.5
+_BLOCKED_GRACE = 0.1
+#: Every writer of this process, for the fork handler.
+_live: weakref.WeakSet[AuditObserver] = weakref.WeakSet()
 
 
 def new_writer_id() -> str:
@@ -88,53 +95,93 @@ class AuditObserver:
         principal: str = "unknown",
         telemetry: Telemetry = NULL_TELEMETRY,
         writer_id: str | None = None,
+        close_timeout: float = 10.0,
     ) -> None:
         """``delivery = "process"`` runs the deliverer as a child built from ``env`` (the Settings' environment).
 
-        ``keys`` is called once, by the thread deliverer, when first needed (it may call
-        KMS or the sink); ``sink`` is used only by the thread deliverer.
+        ``keys`` is called by the thread deliverer when first needed (it may call KMS or
+        the sink; a failure is a delivery delay, retried); ``sink`` is used only by the
+        thread deliverer. The process deliverer starts with the first record, so a writer
+        that records nothing costs no process.
         """
         self.writer_id = writer_id or new_writer_id()
         self.spool_dir = Path(spool_dir)
         self.strict = strict
         self.flush_interval = flush_interval
+        self.close_timeout = close_timeout
         self.principal = principal
         self.telemetry = telemetry
         self._spool = Spool(self.spool_dir, self.writer_id, max_spool_bytes)
         self._templates: dict[object, int] = {}  # HitKind or shape -> its template id (see frames.py)
         self._seen: set[tuple[Any, ...]] = set()  # shapes spooled once in full (see _compact)
         self._template_ids = itertools.count(1)
+        self._hits = HitWriter(self._spool.frames, self._templates, self._hit_slow)
         self.delivered_seq = 0
         self._delivered_at = time.monotonic()  # the deliverer's last progress (for the delivery lag)
         self._waiting_since: float | None = None  # since when records have been waiting
         self.dropped = 0
         self.sink_healthy = True
+        #: Why the last delivery pass failed: "sink", "key" (no audit key yet), or None.
+        self.blocked_on: str | None = None
+        self.key_failures = 0
         self._done = threading.Condition()
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._finishing = threading.Event()  # the spool is closed: the thread deliverer's last pass
         self._child_failures = 0
-        self._closed = False
+        self.closed = False
+        #: Guards sharing this writer (see lifecycle.py); the last one's close() closes it.
+        self.users = 1
+        self._users_lock = threading.Lock()
+        #: In a forked child: the writer that takes over this one's records (see _successor).
+        self.rebuild: Callable[[], AuditObserver] | None = None
+        self._inherited = False
+        self._next: AuditObserver | None = None
+        self._next_lock = threading.Lock()
         self._deliverer: Deliverer | None = None
         self.sink = sink
+        self._keys = keys
+        self._delivery = delivery
+        self._child_env = {**os.environ, **(env or {})}
         self._child: subprocess.Popen[str] | None = None
         self._child_pipe = threading.Lock()  # one writer of the child's stdin at a time; its replacement
-        if delivery == "process":
-            self._child_env = {**os.environ, **(env or {})}
-            self._child = self._spawn(self._child_env)
-            target: Callable[[], None] = self._read_child
-        else:
-            assert sink is not None
-            self._deliverer = Deliverer(sink, keys, self.spool_dir, self.writer_id, on_progress=self._progress)
-            target = self._run_thread
-        self._thread = threading.Thread(target=target, name=f"kmsguard-audit-{self.writer_id}", daemon=True)
-        self._thread.start()
-        self._timer = threading.Thread(target=self._tick, name="kmsguard-audit-sync", daemon=True)
-        self._timer.start()
-        atexit.register(self.close)
+        self._thread: threading.Thread | None = None
+        self._timer: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        _live.add(self)
+        atexit.register(self._at_exit)
+        if delivery == "thread":
+            # A thread costs no process, and started now it obtains the audit key while
+            # the first operation runs: a one-shot command then never waits for it.
+            self._start()
+
+    def _start(self) -> None:
+        """Start the deliverer and the timer, once (on the first record, or at once for a thread)."""
+        with self._start_lock:
+            if self._thread is not None or self.closed or self._inherited:
+                return  # an inherited writer's records are its successor's, or refused (no rebuild)
+            if self._delivery == "process":
+                self._child = self._spawn(self._child_env)
+                target: Callable[[], None] = self._read_child
+            else:
+                assert self.sink is not None
+                self._deliverer = Deliverer(
+                    self.sink, self._keys, self.spool_dir, self.writer_id, on_progress=self._progress
+                )
+                target = self._run_thread
+            self._thread = threading.Thread(target=target, name=f"kmsguard-audit-{self.writer_id}", daemon=True)
+            self._thread.start()
+            self._timer = threading.Thread(target=self._tick, name="kmsguard-audit-sync", daemon=True)
+            self._timer.start()
 
     # ------------------------------------------------------------------ hot path
 
     def operation_finished(self, op: Operation) -> None:
+        if self._thread is None:
+            if self._inherited and self.rebuild is not None:
+                self._successor().operation_finished(op)
+                return
+            self._start()
         strict = op.strict_audit if self.strict is None else self.strict
         if strict and not op.strict_audit:
             op.strict_audit = True  # [audit] strict = true: Guard must refuse what cannot be recorded
@@ -197,7 +244,7 @@ class AuditObserver:
         Hits are never strict (Guard reports only non-strict operations this way), so a
         hit that cannot be spooled is dropped and counted, as a non-strict record is.
         """
-        return HitWriter(self._spool.frames, self._templates, self._hit_slow)
+        return self._hits
 
     def _compact(self, shape: tuple[Any, ...], started_at: float, duration: float, size: int, request: int) -> None:
         """A non-strict operation as a hit frame, once its shape has been seen before.
@@ -220,6 +267,11 @@ class AuditObserver:
 
     def _hit_slow(self, kind: object, started: int, duration: int, size: int, request: int) -> None:
         """A template to write first (a new kind, or a new segment), a segment to start, or no room."""
+        if self._thread is None:
+            if self._inherited and self.rebuild is not None:
+                self._successor()._hit_slow(kind, started, duration, size, request)
+                return
+            self._start()
         template = self._templates.get(kind)
         if template is None:
             template = next(self._template_ids)
@@ -263,12 +315,25 @@ class AuditObserver:
 
     # ------------------------------------------------------------------ control
 
-    def flush(self, timeout: float = 30.0) -> bool:
-        """Deliver everything written so far; False if the sink did not take it within ``timeout``."""
+    def flush(self, timeout: float = 30.0, until_failing: bool = False) -> bool:
+        """Deliver everything written so far; False if the sink did not take it within ``timeout``.
+
+        With ``until_failing``, stop waiting as soon as delivery is failing (the sink down,
+        or no audit key yet): what is spooled then waits for the deliverer's next try.
+        """
+        if self._inherited and self.rebuild is not None:
+            return self._successor().flush(timeout, until_failing)
         target = self._spool.seq
+        if self.delivered_seq >= target:
+            return True
+        self._start()
+        if self._thread is None:
+            return False  # closed, or inherited from a parent process
         deadline = time.monotonic() + timeout
         next_kick = 0.0
         while self.delivered_seq < target and self._thread.is_alive():
+            if until_failing and self.blocked_on is not None:
+                return False
             now = time.monotonic()
             if now >= deadline:
                 return False
@@ -280,16 +345,44 @@ class AuditObserver:
                     self._done.wait(min(deadline - now, 0.05))
         return self.delivered_seq >= target
 
-    def close(self, timeout: float = 10.0) -> None:
-        """End the chain with a ``writer-closed`` record and deliver what is left.
+    def close(self, timeout: float | None = None) -> None:
+        """One Guard is done with this writer: deliver what it wrote, waiting at most ``timeout``
+        (default ``close_timeout``), and not at all while delivery is failing.
 
-        What the sink does not take within ``timeout`` stays in the spool, which the next
-        writer on this host delivers.
+        The last Guard's close also ends the chain with a ``writer-closed`` record and
+        stops the deliverer. What the sink did not take stays in the spool, which the next
+        process that opens it delivers.
         """
-        if self._closed:
+        if self._inherited:
+            if self._next is not None:
+                self._next.close(timeout)
             return
-        self._closed = True
-        atexit.unregister(self.close)
+        timeout = self.close_timeout if timeout is None else timeout
+        with self._users_lock:
+            if self.closed:
+                return
+            self.users -= 1
+            last = self.users <= 0
+            if last:
+                self.closed = True
+        if not last:
+            self.flush(timeout, until_failing=True)
+            return
+        self._stop(timeout, deliver=True)
+
+    def _at_exit(self) -> None:
+        """At interpreter exit: every record is in the spool already, so exit waits on no sink
+        and no key service, only for the deliverer to stop (within EXIT_GRACE)."""
+        with self._users_lock:
+            if self.closed or self._inherited:
+                return
+            self.closed = True
+        self._stop(0.0, deliver=False)
+
+    def _stop(self, timeout: float, deliver: bool) -> None:
+        """Close the spool and stop the deliverer; waits for delivery up to ``timeout`` if ``deliver``."""
+        deadline = time.monotonic() + timeout
+        atexit.unregister(self._at_exit)
         if self._spool.seq:
             closed = Spooled(time=time.time(), operation=CLOSE_OPERATION, classification=None, key_refs=(), regions=(),
                              principal=self.principal, outcome="ok", error_code=None, duration=0.0, kms_calls=0,
@@ -298,25 +391,76 @@ class AuditObserver:
                 self._spool.append(closed, durable=True)
             except AuditUnavailable:
                 log.error("audit: could not write the writer-closed record")
-        self.flush(timeout)
+        if deliver and self._thread is not None:
+            self.flush(max(0.0, deadline - time.monotonic()), until_failing=True)
         self._stopping.set()
-        self._timer.join(timeout)
+        if self._timer is not None:
+            self._timer.join(EXIT_GRACE)  # it syncs the local spool only
         self._spool.close()  # releases the writer lock: the deliverer may now remove the files
+        # A deliverer of a writer that recorded nothing (it has only files to remove), or
+        # whose last pass failed (it is likely inside another: a call to a key service
+        # that does not answer), gets a moment, not the whole grace.
+        stuck = self.blocked_on is not None or not self._spool.seq
+        grace = _BLOCKED_GRACE if stuck else max(deadline - time.monotonic(), EXIT_GRACE)
+        if self._thread is None:  # nothing was ever written: no deliverer to stop
+            lock = try_lock(self.spool_dir, self.writer_id)
+            if lock is not None:
+                remove_writer(self.spool_dir, self.writer_id, lock)
+            return
         if self._child is not None:
-            self._close_stdin(self._child)  # end of file: the child delivers the rest, cleans up, exits
+            self._close_stdin(self._child)  # end of file: the child delivers the rest if it can, and exits
             try:
-                self._child.wait(timeout)
+                self._child.wait(grace)
             except subprocess.TimeoutExpired:
-                self._child.kill()
+                self._child.kill()  # stuck on the network: its records stay spooled
+                self._child.wait()
         else:
-            self._kick()
-            self._thread.join(timeout)
-            if self._thread.is_alive():  # still delivering: two deliverers must never share a chain
-                log.warning("audit: delivery did not finish in %.0f s; the rest stays spooled", timeout)
-                return
-            assert self._deliverer is not None
-            self._deliverer.finish()
-            self._deliverer.sink.close()
+            self._finishing.set()  # the thread makes its last pass and closes the sink (_run_thread)
+            self._wake.set()
+        self._thread.join(grace if self._child is None else _BLOCKED_GRACE)  # the child's reports, once it ended
+        waiting = self._spool.seq - self.delivered_seq
+        if waiting > 0:
+            log.warning(
+                "audit: %d record(s) wait in the spool %s; the next process that opens it delivers them",
+                waiting,
+                self.spool_dir,
+            )
+
+    def _successor(self) -> AuditObserver:
+        """In a forked child: this process's own writer (own spool and chain), made on first use.
+
+        The Guards of the child still hold the parent's writer; its records go to the
+        successor, and so do its cache hits (the HitWriter the plans hold is pointed at the
+        successor's spool).
+        """
+        with self._next_lock:
+            successor = self._next
+            if successor is None or successor.closed:
+                assert self.rebuild is not None
+                successor = self._next = self.rebuild()
+                hits = self._hits
+                hits.frames, hits.templates = successor._spool.frames, successor._templates
+                hits.slow, hits.last = successor._hit_slow, (object(), 0)
+            return successor
+
+    def _forked(self) -> None:
+        """In a forked child: this writer, its threads and its deliverer are the parent's.
+
+        Locks another thread held at the fork would never be released here, so they are
+        replaced; the parent's child process and pipes are let go without touching them.
+        """
+        self._inherited = True
+        self._users_lock, self._next_lock, self._start_lock = threading.Lock(), threading.Lock(), threading.Lock()
+        self._child_pipe, self._done = threading.Lock(), threading.Condition()
+        self._thread = self._timer = None
+        child, self._child = self._child, None
+        if child is not None:
+            child.returncode = 0  # not ours to wait for: Popen must not warn that it still runs
+            for pipe in (child.stdin, child.stdout):  # no thread blocks holding their locks (_read_child)
+                if pipe is not None:
+                    with contextlib.suppress(OSError, ValueError):
+                        pipe.close()
+        atexit.unregister(self._at_exit)
 
     # ------------------------------------------------------------------ background
 
@@ -353,6 +497,7 @@ class AuditObserver:
             self.telemetry.gauge("audit_spool_bytes", self.spool_bytes)
             self.telemetry.gauge("audit_delivery_lag_seconds", self.delivery_lag())
             self.telemetry.gauge("audit_dropped_records", self.dropped)
+            self.telemetry.gauge("audit_key_failures", self.key_failures)
 
     def delivery_lag(self) -> float:
         """Seconds records have waited with no delivery progress (0 when none wait): a stalled sink's clock.
@@ -369,16 +514,34 @@ class AuditObserver:
         return now - max(self._waiting_since, self._delivered_at)
 
     def _run_thread(self) -> None:
-        assert self._deliverer is not None
+        """Deliver every interval (or when kicked), backing off while delivery fails; once
+        the spool is closed (_stop), one last pass that also removes the writer's files."""
+        deliverer = self._deliverer
+        assert deliverer is not None
         backoff = self.flush_interval
-        while not self._stopping.is_set():
+        while not self._finishing.is_set():
             self._wake.wait(backoff)
             self._wake.clear()
-            ok = self._deliverer.run_once()
-            self.sink_healthy = ok
+            if self._finishing.is_set():
+                break
+            ok = deliverer.run_once()
+            self._note_pass(deliverer.failure)
             backoff = self.flush_interval if ok else min(MAX_BACKOFF, max(backoff * 2, 0.05))
-            with self._done:
-                self._done.notify_all()
+        if self.blocked_on is None:  # delivering: the rest; a failing sink or key is not retried at close
+            deliverer.finish()
+            self._note_pass(deliverer.failure)
+        deliverer.sink.close()
+
+    def _note_pass(self, failure: str | None) -> None:
+        """A delivery pass ended: ``failure`` is None (delivered), "sink" or "key"."""
+        self.sink_healthy = failure is None
+        self.blocked_on = failure
+        if failure == "key":
+            self.key_failures += 1
+        elif failure == "sink":
+            self._child_failures += 1
+        with self._done:
+            self._done.notify_all()
 
     def _spawn(self, env: dict[str, str]) -> subprocess.Popen[str]:
         return subprocess.Popen(
@@ -398,19 +561,22 @@ class AuditObserver:
         )
 
     def _read_child(self) -> None:
-        """Follow the child's reports; if it dies while we write, log it and start another."""
+        """Follow the child's reports; if it dies while we write, log it and start another.
+
+        The pipe is read with os.read, never through its buffered file object: a thread
+        blocked inside that object's read holds its lock, which a forked child of this
+        process would then find held forever (and hang closing it).
+        """
         while True:
             child = self._child
             assert child is not None and child.stdout is not None
-            for line in child.stdout:
-                kind, *args = line.split()
-                if kind == "P":
-                    self._progress(int(args[0]))
-                elif kind == "H":
-                    self.sink_healthy = args[0] == "1"
-                    if not self.sink_healthy:
-                        self._child_failures += 1
-            child.stdout.close()  # at its end; this thread is its only reader
+            fd, pending = child.stdout.fileno(), b""
+            while chunk := _read_quietly(fd):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    self._report(line.decode("utf-8", "replace"))
+            with contextlib.suppress(OSError):
+                child.stdout.close()  # at its end; this thread is its only reader
             with self._done:
                 self._done.notify_all()
             if self._stopping.wait(1.0):
@@ -419,6 +585,19 @@ class AuditObserver:
             self._close_stdin(child)
             with self._child_pipe:
                 self._child = self._spawn(self._child_env)
+
+    def _report(self, line: str) -> None:
+        """One line of the child's protocol (see __main__.py)."""
+        kind, _, rest = line.partition(" ")
+        if kind == "P":
+            self._progress(int(rest))
+        elif kind == "F":
+            self._note_pass(rest)
+        elif kind == "H":
+            self._note_pass(None)
+        elif kind == "L":
+            level, _, message = rest.partition(" ")
+            log.log(int(level), "%s", message)
 
     def _close_stdin(self, child: subprocess.Popen[str]) -> None:
         """Close our end of a child's stdin, which may hold a "flush" the child never read.
@@ -432,6 +611,13 @@ class AuditObserver:
         assert child.stdin is not None
         with self._child_pipe, contextlib.suppress(BrokenPipeError):
             child.stdin.close()
+
+
+def _read_quietly(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
 
 
 class DisabledAudit:
@@ -450,3 +636,11 @@ class DisabledAudit:
         if op.strict_audit or self.strict:
             op.strict_audit = True
             raise AuditUnavailable('audit is disabled ([audit] sink = "none") and this classification is strict')
+
+
+def _after_fork_in_child() -> None:
+    for writer in list(_live):
+        writer._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -33,9 +33,12 @@ botocore's refreshing credentials, renewed before they expire.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -103,6 +106,7 @@ class ClientFactory:
         self._clients: dict[tuple[str, str | None, str | None, str | None], KMSClient] = {}
         self._workers: dict[str, DaemonWorkers] = {}
         redact.install()
+        _factories.add(self)
 
     # ------------------------------------------------------------------ clients
 
@@ -314,6 +318,15 @@ class ClientFactory:
                     )
         return workers
 
+    def _forked(self) -> None:
+        """In a forked child: the worker threads are the parent's (they do not exist here), and
+        the clients' connections are shared with it; both are made afresh on first use."""
+        self._lock = threading.Lock()
+        clients, self._clients, self._workers = list(self._clients.values()), {}, {}
+        for client in clients:
+            with contextlib.suppress(Exception):
+                client.close()  # this process's copies of the sockets only
+
     def close(self) -> None:
         """Stop the worker threads and close every client's connections."""
         with self._lock:
@@ -323,3 +336,15 @@ class ClientFactory:
             pool.close()
         for client in clients:
             client.close()
+
+
+#: Every factory of this process, for the fork handler.
+_factories: weakref.WeakSet[ClientFactory] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for factory in list(_factories):
+        factory._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

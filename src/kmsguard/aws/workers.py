@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -30,8 +31,12 @@ class DaemonWorkers:
         self._tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
+        self._started = [0]  # shared with the finalizer: how many threads to stop
         self._idle = 0  # started threads waiting for work that no submit has claimed
         self._closed = False
+        # Threads hold the queue and a weak reference to the pool, never the pool: a pool
+        # dropped without close() (a Guard never closed) stops its threads when collected.
+        weakref.finalize(self, _stop_threads, self._tasks, self._started)
 
     def submit(self, fn: Callable[[], R]) -> Future[R]:
         """Run ``fn`` on a worker; the future holds its result or exception."""
@@ -43,23 +48,15 @@ class DaemonWorkers:
                 self._idle -= 1
             elif self._threads < self._limit:
                 self._threads += 1
-                threading.Thread(target=self._run, name=f"{self._name}-{self._threads}", daemon=True).start()
+                self._started[0] = self._threads
+                name = f"{self._name}-{self._threads}"
+                threading.Thread(target=_serve, args=(self._tasks, weakref.ref(self)), name=name, daemon=True).start()
             self._tasks.put((future, fn))
         return future
 
-    def _run(self) -> None:
-        while True:
-            task = self._tasks.get()
-            if task is None:
-                return
-            future, fn = task
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
-            with self._lock:
-                self._idle += 1
+    def _ready(self) -> None:
+        with self._lock:
+            self._idle += 1
 
     def close(self) -> None:
         """Let every thread finish its current call and stop; queued calls are cancelled."""
@@ -75,3 +72,31 @@ class DaemonWorkers:
                 task[0].cancel()
         for _ in range(threads):
             self._tasks.put(None)
+        self._started[0] = 0
+
+
+Task = tuple[Future[Any], Callable[[], Any]]
+
+
+def _serve(tasks: queue.SimpleQueue[Task | None], pool_ref: weakref.ref[DaemonWorkers]) -> None:
+    """A worker thread: run tasks until a None (the pool closed or was collected)."""
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        future, fn = task
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+        del task, future, fn  # nothing of the caller's outlives its call here
+        pool = pool_ref()
+        if pool is not None:
+            pool._ready()
+            del pool
+
+
+def _stop_threads(tasks: queue.SimpleQueue[Task | None], started: list[int]) -> None:
+    for _ in range(started[0]):
+        tasks.put(None)

@@ -27,6 +27,9 @@ The cache lends its keys (:class:`~kmsguard.keyrings.base.KeyLender`): :meth:`le
 :meth:`lend_unwrapped` return each key with its Budget, which Guard's plan keeps and
 claims the next uses from without coming back here.
 
+After ``os.fork()`` the child's cache starts empty (``os.register_at_fork``), as does
+its nonce state (kmsguard.nonces): parent and child never share a data key's budget.
+
 Reuse trades KMS calls for exposure: whoever obtains one data key can open every message
 sealed under it. The limits bound that exposure; stricter classes get stricter limits
 (see :data:`kmsguard.policy.DEFAULT_CACHE_LIMITS`). docs/cache-sizing.md sizes it.
@@ -34,8 +37,10 @@ sealed under it. The limits bound that exposure; stricter classes get stricter l
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -168,6 +173,7 @@ class CachingKeyring:
         self._retired_hits: Counter[str] = Counter()
         telemetry.cache_hits(self.hits_by_classification)
         telemetry.cache_entries(self.entries_by_classification)
+        _caches.add(self)
 
     # ------------------------------------------------------------------ Keyring protocol
 
@@ -223,6 +229,14 @@ class CachingKeyring:
             for entry in list(self._index.items.values()):
                 self._drop(entry)
             self._expiry.clear()
+
+    def _forked(self) -> None:
+        """In a forked child: start empty, so the child's messages count against budgets of its
+        own (a key shared with the parent would serve each process its full limits). The
+        retired Budgets stop the plans that hold them too."""
+        self._lock = threading.Lock()
+        self._flights = {}  # a miss in flight in the parent completes there, not here
+        self.clear()
 
     def stats(self) -> CacheStats:
         with self._lock:
@@ -416,3 +430,15 @@ class CachingKeyring:
         caller counts the miss in the stats, under the lock)."""
         operation.note_cache(False)
         self._telemetry.cache_event("miss", classification)
+
+
+#: Every cache of this process, for the fork handler.
+_caches: weakref.WeakSet[CachingKeyring] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_caches):
+        cache._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

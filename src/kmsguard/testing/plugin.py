@@ -11,7 +11,9 @@ Installed with kmsguard, so an application's own tests can use it too. Fixtures:
                     instance metadata, ``AWS_REGION`` and ``AWS_ENDPOINT_URL_KMS`` -> ``kms_region``.
 ``kmsguard_aws_env`` ``aws_env`` plus ``KMSGUARD_BACKEND=aws``, a temporary ``KMSGUARD_HOME``, a
                     unique ``KMSGUARD_APP`` and a key with alias ``alias/<app>-<class>-development``
-                    for each default classification; returns ``{classification: key ARN}``.
+                    for each default classification; returns ``{classification: key ARN}``. At the
+                    end of the test it closes the audit writer of every Guard made in that home
+                    (a test need not close its Guards), while the region still answers.
 
 Proxies are per test, so faults never leak from one test into the next.
 """
@@ -101,16 +103,24 @@ def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kms_region: KmsRegi
 @pytest.fixture
 def kmsguard_aws_env(
     aws_env: dict[str, str], kms_region: KmsRegion, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> dict[str, str]:
-    """kmsguard configured for ``backend = "aws"`` against ``kms_region``, with one key per class."""
+) -> Iterator[dict[str, str]]:
+    """kmsguard configured for ``backend = "aws"`` against ``kms_region``, with one key per class.
+
+    Afterwards, every audit writer spooling in the test's home is closed (its records
+    delivered, its deliverer stopped) before the region goes away.
+    """
     app = f"t{uuid.uuid4().hex[:12]}"
+    home = tmp_path / "kmsguard-home"
     monkeypatch.setenv("KMSGUARD_BACKEND", "aws")
     monkeypatch.setenv("KMSGUARD_APP", app)
     monkeypatch.setenv("KMSGUARD_ENVIRONMENT", "development")
-    monkeypatch.setenv("KMSGUARD_HOME", str(tmp_path / "kmsguard-home"))
+    monkeypatch.setenv("KMSGUARD_HOME", str(home))
     for var in ("KMSGUARD_KEY_GENERAL", "KMSGUARD_KEY_PII", "KMSGUARD_KEY_PAYMENT"):
         monkeypatch.delenv(var, raising=False)
-    return {c: kms_region.create_key(f"alias/{app}-{c}-development") for c in ("general", "pii", "payment")}
+    yield {c: kms_region.create_key(f"alias/{app}-{c}-development") for c in ("general", "pii", "payment")}
+    from kmsguard.audit.lifecycle import close_all  # here: the plugin loads in every pytest run
+
+    close_all(home, timeout=30.0)  # delivery that fails ends the wait at once
 
 
 def offline_aws_env(region: KmsRegion, scratch: Path) -> dict[str, str]:
