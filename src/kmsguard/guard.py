@@ -284,7 +284,7 @@ class Guard:
     def encrypt_stream(
         self,
         src: stream.Source,
-        dst: IO[bytes],
+        dst: stream.Sink,
         classification: str,
         context: Context = None,
         *,
@@ -300,7 +300,7 @@ class Guard:
             "encrypt_stream", context, stream.encrypt, self, src, dst, classification, context, segment_size
         )
 
-    def decrypt_stream(self, src: stream.Source, dst: IO[bytes], context: Context = None) -> int:
+    def decrypt_stream(self, src: stream.Source, dst: stream.Sink, context: Context = None) -> int:
         """Open an envelope of either suite from ``src`` into ``dst``; returns the plaintext size.
 
         Suite 2 is decrypted segment by segment, each written only after its tag verifies;
@@ -325,7 +325,7 @@ class Guard:
         """
         ctx = plans.check_context(context)
         owned = isinstance(src, str | os.PathLike)
-        fh: IO[bytes] = open(src, "rb") if owned else src  # type: ignore[arg-type]  # noqa: SIM115
+        fh: IO[bytes] = open(src, "rb") if isinstance(src, str | os.PathLike) else src  # noqa: SIM115
         try:
             return self._observe("open_encrypted", ctx, stream.open_file, self, fh, ctx, owned)
         except BaseException:

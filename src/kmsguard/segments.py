@@ -52,7 +52,13 @@ TAIL_SIZE = COMMITMENT_SIZE + 4 + PREFIX_SIZE
 #: The most bytes a suite-2 header can take (every shared field at its maximum), so a
 #: reader knows how much to read before it can parse one.
 MAX_HEADER_SIZE = (
-    4 + 1 + 32 + envelope.MAX_CONTEXT_BYTES + 1 + envelope.MAX_WRAPPED_KEYS * (1 + 32 + 2 + 2048 + 2 + envelope.MAX_WRAPPED_SIZE) + TAIL_SIZE
+    4
+    + 1
+    + 32
+    + envelope.MAX_CONTEXT_BYTES
+    + 1
+    + envelope.MAX_WRAPPED_KEYS * (1 + 32 + 2 + 2048 + 2 + envelope.MAX_WRAPPED_SIZE)
+    + TAIL_SIZE
 )
 
 _INFO_ENC = b"kmsguard stream enc"
@@ -112,15 +118,13 @@ class StreamHeader:
         return self.header.classification
 
 
-def encode(shared: bytes, wrapped: bytes, commitment: bytes, segment_size: int, prefix: bytes) -> tuple[bytes, bytes]:
-    """(the header bytes, the segments' associated data) from suite 1's encoded header ``shared``
-    (magic through context) and wrapped-keys section ``wrapped``."""
+def encode(shared: bytes, wrapped: bytes, commitment: bytes, segment_size: int, prefix: bytes) -> bytes:
+    """A suite-2 header from suite 1's encoded header ``shared`` (magic through context) and
+    wrapped-keys section ``wrapped``."""
     if len(prefix) != PREFIX_SIZE:
         raise InvalidInput("a nonce prefix must be 7 bytes")
     check_segment_size(segment_size)
-    head = shared[:3] + bytes((SUITE,)) + shared[4:]
-    tail = commitment + _U32.pack(segment_size) + prefix
-    return head + wrapped + tail, head + tail
+    return b"".join((shared[:3], bytes((SUITE,)), shared[4:], wrapped, commitment, _U32.pack(segment_size), prefix))
 
 
 def parse(buf: bytes) -> StreamHeader:
@@ -187,12 +191,16 @@ def layout(header: StreamHeader, total: int) -> Layout:
     return Layout(header.segment_size, header.size, count, last)
 
 
-def seal_into(key: StreamKey, header: StreamHeader, index: int, last: bool, segment: memoryview, out: memoryview) -> None:
+def seal_into(
+    key: StreamKey, header: StreamHeader, index: int, last: bool, segment: memoryview, out: memoryview
+) -> None:
     """Seal one segment into ``out`` (exactly ``len(segment) + 16`` bytes)."""
     key.aead.encrypt_into(segment_nonce(header.nonce_prefix, index, last), segment, header.aad, out)
 
 
-def open_into(key: StreamKey, header: StreamHeader, index: int, last: bool, stored: memoryview, out: memoryview) -> None:
+def open_into(
+    key: StreamKey, header: StreamHeader, index: int, last: bool, stored: memoryview, out: memoryview
+) -> None:
     """Authenticate and decrypt one stored segment into ``out`` (``len(stored) - 16`` bytes)."""
     if index >= MAX_SEGMENTS:
         raise InvalidCiphertext()

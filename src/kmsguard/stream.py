@@ -23,7 +23,7 @@ import io
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from kmsguard import envelope, operation, plans, segments
 from kmsguard.datakey import DataKey
@@ -35,6 +35,14 @@ if TYPE_CHECKING:
 
 #: What a stream reads from: a binary file object, or an iterable of bytes-like chunks.
 Source = IO[bytes] | Iterable[bytes]
+
+
+class Sink(Protocol):
+    """What a stream writes to: anything with a binary file's ``write``."""
+
+    def write(self, data: Any, /) -> int | None: ...
+
+
 #: The size a stream of unknown length is announced to the data-key cache as: more than any
 #: ``max_bytes``, so it gets a key of its own.
 _UNKNOWN_SIZE = 2**62
@@ -101,7 +109,7 @@ class _Chunks:
         return True
 
 
-def _write_all(sink: IO[bytes], data: memoryview) -> None:
+def _write_all(sink: Sink, data: memoryview) -> None:
     """``sink.write`` until every byte is taken (a raw file may take fewer)."""
     while data:
         n = sink.write(data)
@@ -122,9 +130,7 @@ def _size_hint(source: Source) -> int:
 # --------------------------------------------------------------------------- sealing and opening
 
 
-def seal(
-    key: segments.StreamKey, head: bytes, header: segments.StreamHeader, source: Source, sink: IO[bytes]
-) -> int:
+def seal(key: segments.StreamKey, head: bytes, header: segments.StreamHeader, source: Source, sink: Sink) -> int:
     """Write suite-2 envelope ``head`` (its encoded header) and ``source`` sealed after it; the plaintext size."""
     size = header.segment_size
     chunks = _Chunks(source)
@@ -146,7 +152,7 @@ def seal(
         current, ahead, n = ahead, current, m
 
 
-def open_segments(key: segments.StreamKey, header: segments.StreamHeader, chunks: _Chunks, sink: IO[bytes]) -> int:
+def open_segments(key: segments.StreamKey, header: segments.StreamHeader, chunks: _Chunks, sink: Sink) -> int:
     """Verify and decrypt every segment after ``header`` into ``sink``; the plaintext size."""
     stored = header.segment_size + segments.TAG_SIZE
     current, ahead = memoryview(bytearray(stored)), memoryview(bytearray(stored))
@@ -184,7 +190,7 @@ def read_header(source: Source) -> tuple[bytes, _Chunks]:
 def encrypt(
     guard: Guard,
     source: Source,
-    sink: IO[bytes],
+    sink: Sink,
     classification: str,
     context: Mapping[str, str] | None,
     segment_size: int | None,
@@ -200,7 +206,7 @@ def encrypt(
     if op is not None:
         _note(op, plan.policy, plan.context, [w.key_ref for w in data_key.wrapped])
     key = segments.StreamKey(data_key.plaintext)
-    head, aad = segments.encode(
+    head = segments.encode(
         plan.header,
         envelope.encode_wrapped_keys(data_key.wrapped),
         key.commitment,
@@ -214,7 +220,7 @@ def encrypt(
     return total
 
 
-def decrypt(guard: Guard, first: bytes, chunks: _Chunks, sink: IO[bytes], ctx: Mapping[str, str]) -> int:
+def decrypt(guard: Guard, first: bytes, chunks: _Chunks, sink: Sink, ctx: Mapping[str, str]) -> int:
     """Guard.decrypt_stream of a suite-2 envelope whose first bytes are ``first``."""
     header = segments.parse(first)
     key = _key(guard, header, ctx)
@@ -289,7 +295,11 @@ def _plan_and_key(
         raise error
     if op is not None:
         _note(op, cls, ctx, [w.key_ref for w in head.wrapped_keys])
-    data_key: DataKey = guard.keyring.unwrap(head.wrapped_keys, plan.request) if rewrap else guard._unwrap(head.wrapped_keys, plan.request)[0]
+    # Rewrap asks the keyring itself, as Guard's rewrap of suite 1 does.
+    if rewrap:
+        data_key: DataKey = guard.keyring.unwrap(head.wrapped_keys, plan.request)
+    else:
+        data_key = guard._unwrap(head.wrapped_keys, plan.request)[0]
     key = segments.StreamKey(data_key.plaintext)
     segments.check_commitment(key, header)
     return plan, key
@@ -324,7 +334,12 @@ class EncryptedFile(io.RawIOBase):
     """
 
     def __init__(
-        self, source: IO[bytes], key: segments.StreamKey, header: segments.StreamHeader, layout: segments.Layout, owned: bool
+        self,
+        source: IO[bytes],
+        key: segments.StreamKey,
+        header: segments.StreamHeader,
+        layout: segments.Layout,
+        owned: bool,
     ) -> None:
         super().__init__()
         self._source = source
@@ -401,7 +416,7 @@ class EncryptedFile(io.RawIOBase):
         view = memoryview(self._stored)[:length]
         got = 0
         while got < length:
-            n = self._source.readinto(view[got:])
+            n = self._source.readinto(view[got:])  # type: ignore[attr-defined]
             if not n:
                 raise InvalidCiphertext()  # the file shrank since it was opened
             got += n
