@@ -57,7 +57,7 @@ class _Chunks:
         self._read = getattr(source, "read", None)
         self._chunks: Iterator[Any] | None = None
         if self._readinto is None and self._read is None:
-            if isinstance(source, bytes | bytearray | memoryview | str):
+            if isinstance(source, bytes | bytearray | memoryview | str) or not isinstance(source, Iterable):
                 raise InvalidInput("a stream's source is a binary file object or an iterable of bytes chunks")
             self._chunks = iter(source)
 
@@ -130,10 +130,12 @@ def _size_hint(source: Source) -> int:
 # --------------------------------------------------------------------------- sealing and opening
 
 
-def seal(key: segments.StreamKey, head: bytes, header: segments.StreamHeader, source: Source, sink: Sink) -> int:
+def seal(
+    key: segments.StreamKey, head: bytes, header: segments.StreamHeader, source: Source | _Chunks, sink: Sink
+) -> int:
     """Write suite-2 envelope ``head`` (its encoded header) and ``source`` sealed after it; the plaintext size."""
     size = header.segment_size
-    chunks = _Chunks(source)
+    chunks = source if isinstance(source, _Chunks) else _Chunks(source)
     current, ahead = memoryview(bytearray(size)), memoryview(bytearray(size))
     sealed = memoryview(bytearray(size + segments.TAG_SIZE))
     _write_all(sink, memoryview(head))
@@ -199,6 +201,7 @@ def encrypt(
     """Guard.encrypt_stream: a data key for the plan, then :func:`seal`. ``prefix`` is for tests."""
     size = segments.check_segment_size(segments.DEFAULT_SEGMENT_SIZE if segment_size is None else segment_size)
     plan = guard._plans.encrypt_plan(classification, context)
+    chunks = _Chunks(source)  # a bad source is refused before a key is made
     op = operation.current.get()
     if op is not None:
         _note(op, plan.policy, plan.context, ())
@@ -214,7 +217,7 @@ def encrypt(
         os.urandom(segments.PREFIX_SIZE) if prefix is None else prefix,
     )
     header = segments.parse(head)
-    total = seal(key, head, header, source, sink)
+    total = seal(key, head, header, chunks, sink)
     if op is not None:
         op.size = total
     return total
