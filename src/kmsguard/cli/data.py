@@ -7,8 +7,10 @@ either. Output to a file appears only once everything is verified (see io.output
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from typing import IO
@@ -110,8 +112,11 @@ def encrypt(
     threshold, default_size = _stream_settings()
     source = open_input(in_path)
     try:
-        # One byte past the threshold is read: more means a stream (of what was read, then the rest).
-        head = b"" if force_stream else _read_up_to(source, threshold + 1)
+        known = _regular_file_size(source)
+        if force_stream or (known is not None and known > threshold and not text):
+            head, force_stream = b"", True
+        else:  # one byte past the threshold is read: more means a stream (of what was read, then the rest)
+            head = _read_up_to(source, threshold + 1)
         with guard() as g, output(out_path) as sink:
             if force_stream or (len(head) > threshold and not text):
                 size = segment_size or default_size
@@ -122,6 +127,15 @@ def encrypt(
     finally:
         if source is not sys.stdin.buffer:
             source.close()
+
+
+def _regular_file_size(source: IO[bytes]) -> int | None:
+    """The size of ``source`` if it is a regular file (not a pipe or terminal), else None."""
+    try:
+        info = os.fstat(source.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
 
 
 def _read_up_to(source: IO[bytes], n: int) -> bytes:
