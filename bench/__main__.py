@@ -24,6 +24,7 @@ TOPICS: dict[str, str] = {
     "server": "bench.server",
     "fields": "bench.fields",
     "rewrap": "bench.rewrap",
+    "stream": "bench.stream",
 }
 
 

@@ -191,13 +191,6 @@ def layout(header: StreamHeader, total: int) -> Layout:
     return Layout(header.segment_size, header.size, count, last)
 
 
-def seal_into(
-    key: StreamKey, header: StreamHeader, index: int, last: bool, segment: memoryview, out: memoryview
-) -> None:
-    """Seal one segment into ``out`` (exactly ``len(segment) + 16`` bytes)."""
-    key.aead.encrypt_into(segment_nonce(header.nonce_prefix, index, last), segment, header.aad, out)
-
-
 def open_into(
     key: StreamKey, header: StreamHeader, index: int, last: bool, stored: memoryview, out: memoryview
 ) -> None:
