@@ -358,3 +358,13 @@ def test_each_stream_is_one_observed_operation_with_its_size(keyring: LocalKeyri
         for name in op.__slots__:
             value = getattr(op, name)
             assert not isinstance(value, bytes | bytearray | memoryview)
+
+
+def test_the_census_recognises_streams(plain_guard: Guard, sealed_sample: tuple[bytes, bytes]) -> None:
+    from kmsguard.rotation.census import skim
+
+    _, sealed = sealed_sample
+    assert skim(sealed) == (b"general", (b"local:general:v1",))
+    header = segments.parse(sealed)
+    assert skim(sealed[: header.size + 15]) is None  # not even one tag after the header
+    assert skim(sealed[: header.size + 16]) is not None

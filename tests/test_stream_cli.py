@@ -152,6 +152,9 @@ def test_a_bad_stream_leaves_no_output_file(cli: Cli, tmp_path: Path) -> None:
         cli("decrypt", "--in", str(path), "--out", str(existing), code=1)
         assert existing.read_bytes() == b"an earlier file"  # a failed decrypt never replaces a file
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    # To stdout the verified segments before the bad one are out already: the exit status says it failed.
+    out, _ = cli("decrypt", "--in", str(tmp_path / "flipped.kg"), code=1)
+    assert out == plain[: 3 * 4096]
 
 
 def test_cat_prints_byte_ranges(cli: Cli, tmp_path: Path) -> None:

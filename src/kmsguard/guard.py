@@ -312,13 +312,14 @@ class Guard:
         first, rest = stream.read_header(src)
         if first[3:4] != _SUITE_2:
             plain = self.decrypt(first + rest.drain(), ctx)
-            dst.write(plain)
+            stream.write_all(dst, memoryview(plain))
             return len(plain)
         return self._observe("decrypt_stream", ctx, stream.decrypt, self, first, rest, dst, ctx)
 
     def open_encrypted(self, src: str | os.PathLike[str] | IO[bytes], context: Context = None) -> stream.EncryptedFile:
         """A read-only, seekable binary file over a suite-2 envelope (a path, or a seekable binary
-        file object) that decrypts only the segments a read touches. One audited operation.
+        file object holding the envelope from its offset 0) that decrypts only the segments a
+        read touches. One audited operation.
 
         The key is unwrapped and the commitment and last segment checked here; a segment
         that fails its tag later raises InvalidCiphertext from that read.

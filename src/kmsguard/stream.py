@@ -111,7 +111,7 @@ class _Chunks:
         return True
 
 
-def _write_all(sink: Sink, data: memoryview) -> None:
+def write_all(sink: Sink, data: memoryview) -> None:
     """``sink.write`` until every byte is taken (a raw file may take fewer; a ``write`` that
     returns None, as many file-like objects' do, took them all)."""
     n = sink.write(data)
@@ -146,7 +146,7 @@ def seal(
     current, ahead = memoryview(bytearray(size)), memoryview(bytearray(size))
     sealed = memoryview(bytearray(size + TAG))
     fill, seal_into, aad, prefix = chunks.fill, key.aead.encrypt_into, header.aad, header.nonce_prefix
-    _write_all(sink, memoryview(head))
+    write_all(sink, memoryview(head))
     n = fill(current)
     total = 0
     index = 0
@@ -154,7 +154,7 @@ def seal(
         m = fill(ahead) if n == size else 0
         out = sealed if n == size else sealed[: n + TAG]
         seal_into(segments.segment_nonce(prefix, index, m == 0), current if n == size else current[:n], aad, out)
-        _write_all(sink, out)
+        write_all(sink, out)
         total += n
         if m == 0:
             return total
@@ -178,7 +178,7 @@ def open_segments(key: segments.StreamKey, header: segments.StreamHeader, chunks
             raise InvalidCiphertext()  # cut inside a tag, or an empty segment after others
         out = plain if n == stored else plain[: n - TAG]
         segments.open_into(key, header, index, last, current if n == stored else current[:n], out)
-        _write_all(sink, out)
+        write_all(sink, out)
         total += n - TAG
         if last:
             return total
