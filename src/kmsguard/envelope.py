@@ -42,7 +42,7 @@ from types import MappingProxyType
 
 from cryptography.exceptions import InvalidTag
 
-from kmsguard import nonces
+from kmsguard import fastpath, nonces
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import InvalidCiphertext, InvalidInput
 
@@ -192,6 +192,8 @@ class Sealer:
             nonce = _fresh_nonce()
         elif len(nonce) != NONCE_SIZE:
             raise InvalidInput("a nonce must be 12 bytes")
+        if type(plaintext) is bytes and len(plaintext) >= fastpath.SEAL_INTO_FROM:  # into the envelope itself
+            return fastpath.sealed(self._aead, self.out_prefix, nonce, plaintext, self.aad_prefix + nonce)
         return b"".join((self.out_prefix, nonce, self._aead.encrypt(nonce, plaintext, self.aad_prefix + nonce)))
 
 

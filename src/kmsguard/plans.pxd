@@ -2,14 +2,10 @@
 # fastpath.pxd). The .py file stays the source; this file only tells Cython which
 # classes are extension types and which fields are C numbers.
 import cython
-from cpython.buffer cimport PyBUF_WRITE
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.contextvars cimport get_value
-from cpython.memoryview cimport PyMemoryView_FromMemory
-from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from kmsguard.fastpath cimport Budget, HitSink, next_tick
+from kmsguard.fastpath cimport Budget, HitSink, next_tick, sealed
 
 cdef Py_ssize_t MAX_KINDS_PER_LANE
 cdef Py_ssize_t _TAG_SIZE
@@ -32,19 +28,6 @@ cdef inline double _clock() noexcept:
 
 cdef inline object _value_of(object var):
     return get_value(var)
-
-# prefix || nonce || AES-GCM(plaintext) built in the one bytes object returned: AESGCM
-# encrypts straight into it (encrypt_into), through a writable view of the new object's
-# memory, which nothing else can see until it is returned (plans.py: EncryptPlan.seal).
-cdef inline bytes _sealed(object aead, bytes prefix, bytes nonce, bytes plaintext, bytes aad):
-    cdef Py_ssize_t head = len(prefix) + len(nonce)
-    cdef Py_ssize_t body = len(plaintext) + _TAG_SIZE
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, head + body)
-    cdef char* buf = PyBytes_AS_STRING(out)
-    memcpy(buf, <char*>prefix, len(prefix))
-    memcpy(buf + len(prefix), <char*>nonce, len(nonce))
-    aead.encrypt_into(nonce, plaintext, aad, PyMemoryView_FromMemory(buf + head, body, PyBUF_WRITE))
-    return out
 
 cpdef object context_error(DecryptPlan plan, object given)
 

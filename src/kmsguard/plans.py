@@ -59,7 +59,7 @@ from kmsguard.errors import (
     KmsGuardError,
     UnknownClassification,
 )
-from kmsguard.fastpath import Budget, HitSink, next_tick
+from kmsguard.fastpath import SEAL_INTO_FROM, Budget, HitSink, next_tick, sealed
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.lru import LruIndex
 from kmsguard.policy import FIELD_CONTEXT_KEY, ClassPolicy, Policy
@@ -79,9 +79,7 @@ _NONCE_SIZE = envelope.NONCE_SIZE
 _COMMITMENT_SIZE = envelope.COMMITMENT_SIZE
 _MAX_PLAINTEXT = envelope.MAX_PLAINTEXT
 _COPY_BELOW = 16384
-#: From this plaintext size a compiled seal encrypts straight into the envelope (_sealed):
-#: below it, one AES-GCM call and a join cost less than setting up the view.
-_INTO_FROM = 16384
+_INTO_FROM = SEAL_INTO_FROM
 #: What a header lacks a key as; equal to nothing a caller can pass (None included).
 _ABSENT = object()
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
@@ -93,11 +91,6 @@ _join = b"".join
 # Set through globals() because Cython would compile a def of the same name.
 globals()["_clock"] = time.perf_counter
 globals()["_value_of"] = ContextVar.get
-# Compiled, the envelope is sealed straight into its bytes object (plans.pxd); interpreted,
-# with one copy, which plain Python cannot avoid for an immutable result.
-globals()["_sealed"] = lambda aead, prefix, nonce, plaintext, aad: _join(
-    (prefix, nonce, aead.encrypt(nonce, plaintext, aad))
-)
 
 
 class _ReservedKey(str):
@@ -222,7 +215,7 @@ class EncryptPlan:
         """
         nonce = _nonce()
         if len(plaintext) >= _INTO_FROM:
-            return _sealed(aead, lane.out_prefix, nonce, plaintext, lane.aad_prefix + nonce)  # type: ignore[name-defined, no-any-return]  # noqa: F821
+            return sealed(aead, lane.out_prefix, nonce, plaintext, lane.aad_prefix + nonce)
         return _join((lane.out_prefix, nonce, aead.encrypt(nonce, plaintext, lane.aad_prefix + nonce)))
 
     def lend(self, budget: Budget, data_key: DataKey) -> Lane:
