@@ -47,14 +47,14 @@ class Sink(Protocol):
 #: The size a stream of unknown length is announced to the data-key cache as: more than any
 #: ``max_bytes``, so it gets a key of its own.
 _UNKNOWN_SIZE = 2**62
-TAG = segments.TAG_SIZE
+_TAG = segments.TAG_SIZE
 
 
 class _Chunks:
     """Fills buffers from a file object or an iterable of chunks, after any bytes already read."""
 
-    def __init__(self, source: Source, pending: bytes = b"") -> None:
-        self._pending = memoryview(pending)
+    def __init__(self, source: Source) -> None:
+        self._pending = memoryview(b"")
         self._readinto = getattr(source, "readinto", None)
         self._read = getattr(source, "read", None)
         self._chunks: Iterator[Any] | None = None
@@ -144,7 +144,7 @@ def seal(
     size = header.segment_size
     chunks = source if isinstance(source, _Chunks) else _Chunks(source)
     current, ahead = memoryview(bytearray(size)), memoryview(bytearray(size))
-    sealed = memoryview(bytearray(size + TAG))
+    sealed = memoryview(bytearray(size + _TAG))
     fill, seal_into, aad, prefix = chunks.fill, key.aead.encrypt_into, header.aad, header.nonce_prefix
     write_all(sink, memoryview(head))
     n = fill(current)
@@ -152,7 +152,7 @@ def seal(
     index = 0
     while True:
         m = fill(ahead) if n == size else 0
-        out = sealed if n == size else sealed[: n + TAG]
+        out = sealed if n == size else sealed[: n + _TAG]
         seal_into(segments.segment_nonce(prefix, index, m == 0), current if n == size else current[:n], aad, out)
         write_all(sink, out)
         total += n
@@ -164,7 +164,7 @@ def seal(
 
 def open_segments(key: segments.StreamKey, header: segments.StreamHeader, chunks: _Chunks, sink: Sink) -> int:
     """Verify and decrypt every segment after ``header`` into ``sink``; the plaintext size."""
-    stored = header.segment_size + TAG
+    stored = header.segment_size + _TAG
     current, ahead = memoryview(bytearray(stored)), memoryview(bytearray(stored))
     plain = memoryview(bytearray(header.segment_size))
     fill = chunks.fill
@@ -174,12 +174,12 @@ def open_segments(key: segments.StreamKey, header: segments.StreamHeader, chunks
     while True:
         m = fill(ahead) if n == stored else 0
         last = m == 0
-        if n < TAG or (last and index and n == TAG):
+        if n < _TAG or (last and index and n == _TAG):
             raise InvalidCiphertext()  # cut inside a tag, or an empty segment after others
-        out = plain if n == stored else plain[: n - TAG]
+        out = plain if n == stored else plain[: n - _TAG]
         segments.open_into(key, header, index, last, current if n == stored else current[:n], out)
         write_all(sink, out)
-        total += n - TAG
+        total += n - _TAG
         if last:
             return total
         index += 1
@@ -205,9 +205,8 @@ def encrypt(
     classification: str,
     context: Mapping[str, str] | None,
     segment_size: int | None,
-    prefix: bytes | None = None,
 ) -> int:
-    """Guard.encrypt_stream: a data key for the plan, then :func:`seal`. ``prefix`` is for tests."""
+    """Guard.encrypt_stream: a data key for the plan, then :func:`seal`."""
     size = segments.check_segment_size(segments.DEFAULT_SEGMENT_SIZE if segment_size is None else segment_size)
     plan = guard._plans.encrypt_plan(classification, context)
     chunks = _Chunks(source)  # a bad source is refused before a key is made
@@ -223,7 +222,7 @@ def encrypt(
         envelope.encode_wrapped_keys(data_key.wrapped),
         key.commitment,
         size,
-        os.urandom(segments.PREFIX_SIZE) if prefix is None else prefix,
+        os.urandom(segments.PREFIX_SIZE),
     )
     header = segments.parse(head)
     total = seal(key, head, header, chunks, sink)
