@@ -113,12 +113,12 @@ def encrypt(
     source = open_input(in_path)
     try:
         known = _regular_file_size(source)
-        if force_stream or (known is not None and known > threshold and not text):
-            head, force_stream = b"", True
-        else:  # one byte past the threshold is read: more means a stream (of what was read, then the rest)
-            head = _read_up_to(source, threshold + 1)
+        streamed = force_stream or (not text and known is not None and known > threshold)
+        # Else one byte past the threshold is read: more means a stream (of what was read, then the rest).
+        head = b"" if streamed else _read_up_to(source, threshold + 1)
+        streamed = streamed or (not text and len(head) > threshold)
         with guard() as g, output(out_path) as sink:
-            if force_stream or (len(head) > threshold and not text):
+            if streamed:
                 size = segment_size or default_size
                 g.encrypt_stream(_chain(head, source), sink, classification, ctx, segment_size=size)
             else:
