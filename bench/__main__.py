@@ -25,6 +25,7 @@ TOPICS: dict[str, str] = {
     "fields": "bench.fields",
     "rewrap": "bench.rewrap",
     "otel": "bench.otel",
+    "stream": "bench.stream",
 }
 
 

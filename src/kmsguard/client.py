@@ -189,6 +189,8 @@ def _info(doc: Mapping[str, Any]) -> EnvelopeInfo:
         keys=[dict(k) for k in doc["keys"]],
         size=int(doc["size"]),
         body_size=int(doc["body_size"]),
+        segment_size=doc.get("segment_size"),
+        segments=doc.get("segments"),
     )
 
 

@@ -27,7 +27,7 @@ from kmsguard.policy import CLASSIFICATION_RE, DEFAULT_CLASSIFICATIONS, CacheLim
 CONFIG_FILE_NAME = "kmsguard.toml"
 BACKENDS = ("local", "aws")
 ENVIRONMENTS = ("development", "staging", "production")
-COMPONENT_SECTIONS = ("aws", "audit", "metrics", "server", "selftest")
+COMPONENT_SECTIONS = ("aws", "audit", "metrics", "server", "selftest", "stream")
 _TOP_LEVEL = {"backend", "app", "environment", "principal", "classifications", "cache", *COMPONENT_SECTIONS}
 _CLASS_FIELDS = {"key", "required_context", "kms_context_keys", "strict_audit", "regions", "cache"}
 _CACHE_FIELDS = {"reuse", "max_age", "max_messages", "max_bytes", "decrypt_ttl"}

@@ -42,7 +42,7 @@ from types import MappingProxyType
 
 from cryptography.exceptions import InvalidTag
 
-from kmsguard import nonces
+from kmsguard import fastpath, nonces
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import InvalidCiphertext, InvalidInput
 
@@ -192,6 +192,8 @@ class Sealer:
             nonce = _fresh_nonce()
         elif len(nonce) != NONCE_SIZE:
             raise InvalidInput("a nonce must be 12 bytes")
+        if type(plaintext) is bytes and len(plaintext) >= fastpath.SEAL_INTO_FROM:  # into the envelope itself
+            return fastpath.sealed(self._aead, self.out_prefix, nonce, plaintext, self.aad_prefix + nonce)
         return b"".join((self.out_prefix, nonce, self._aead.encrypt(nonce, plaintext, self.aad_prefix + nonce)))
 
 
@@ -209,10 +211,62 @@ def parse(data: bytes | bytearray | memoryview) -> Envelope:
 
 
 def _parse(buf: bytes) -> Envelope:
-    end = len(buf)
     # Smallest possible: fixed 4 + class 2 + context 2 + one wrapped key 1+2+3+2+1
     # + commitment + nonce + tag. Checked first so short inputs cost nothing.
-    if end < 4 + 2 + 2 + 9 + COMMITMENT_SIZE + NONCE_SIZE + TAG_SIZE or buf[:4] != _FIXED_PREFIX:
+    if len(buf) < 4 + 2 + 2 + 9 + COMMITMENT_SIZE + NONCE_SIZE + TAG_SIZE or buf[:4] != _FIXED_PREFIX:
+        raise InvalidCiphertext()
+    head = _parse_header(buf)
+    pos = head.wrapped_end
+    if len(buf) - pos < COMMITMENT_SIZE + NONCE_SIZE + TAG_SIZE:
+        raise InvalidCiphertext()
+    commitment = buf[pos : pos + COMMITMENT_SIZE]
+    nonce = buf[pos + COMMITMENT_SIZE : pos + COMMITMENT_SIZE + NONCE_SIZE]
+    body_start = pos + COMMITMENT_SIZE + NONCE_SIZE
+    return Envelope(
+        classification=head.classification,
+        context=head.context,
+        wrapped_keys=head.wrapped_keys,
+        commitment=commitment,
+        nonce=nonce,
+        aad=buf[: head.wrapped_start] + buf[pos:body_start],
+        raw=buf,
+        body_offset=body_start,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The part every suite shares, magic through wrapped keys, parsed (see :func:`parse_header`).
+
+    ``wrapped_start`` and ``wrapped_end`` delimit the wrapped-keys section, which no
+    suite's associated data covers.
+    """
+
+    suite: int
+    classification: str
+    context: Mapping[str, str]
+    wrapped_keys: tuple[WrappedKey, ...]
+    wrapped_start: int
+    wrapped_end: int
+
+
+def parse_header(buf: bytes) -> Header:
+    """Parse the shared header at the start of ``buf`` strictly; what follows it is the caller's.
+
+    ``buf`` may hold more than the header (a stream's first bytes): the suite's own
+    fields start at ``wrapped_end``. The suite byte is returned, not checked.
+    """
+    try:
+        return _parse_header(buf)
+    except InvalidCiphertext:
+        raise
+    except (IndexError, ValueError, struct.error, TypeError):
+        raise InvalidCiphertext() from None
+
+
+def _parse_header(buf: bytes) -> Header:
+    end = len(buf)
+    if end < 5 or buf[:3] != _FIXED_PREFIX[:3]:
         raise InvalidCiphertext()
     pos = 4
 
@@ -266,22 +320,13 @@ def _parse(buf: bytes) -> Envelope:
         ):
             raise InvalidCiphertext()
         wrapped.append(WrappedKey(provider.decode("ascii"), ref.decode("ascii"), blob))
-    wrapped_end = pos
-
-    if end - pos < COMMITMENT_SIZE + NONCE_SIZE + TAG_SIZE:
-        raise InvalidCiphertext()
-    commitment = buf[pos : pos + COMMITMENT_SIZE]
-    nonce = buf[pos + COMMITMENT_SIZE : pos + COMMITMENT_SIZE + NONCE_SIZE]
-    body_start = pos + COMMITMENT_SIZE + NONCE_SIZE
-    return Envelope(
+    return Header(
+        suite=buf[3],
         classification=name.decode("ascii"),
         context=MappingProxyType(context),
         wrapped_keys=tuple(wrapped),
-        commitment=commitment,
-        nonce=nonce,
-        aad=buf[:wrapped_start] + buf[wrapped_end:body_start],
-        raw=buf,
-        body_offset=body_start,
+        wrapped_start=wrapped_start,
+        wrapped_end=pos,
     )
 
 

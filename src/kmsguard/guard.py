@@ -13,12 +13,13 @@ kmsguard.plans), safe to share: one Guard serves all threads of a process.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, TypeVar, overload
+from typing import IO, Any, TypeVar, overload
 
-from kmsguard import batch, envelope, operation, plans
+from kmsguard import batch, envelope, operation, plans, segments, stream
 from kmsguard.config import Settings, load_settings
 from kmsguard.datakey import WrappedKey
 from kmsguard.errors import AuditUnavailable, InvalidInput, KmsGuardError
@@ -44,10 +45,15 @@ class EnvelopeInfo:
     keys: list[dict[str, str]]
     size: int
     body_size: int
+    #: Suite 2 only: plaintext bytes per segment, and how many segments.
+    segment_size: int | None = None
+    segments: int | None = None
 
     @classmethod
     def of(cls, data: EnvelopeInput) -> EnvelopeInfo:
         raw = envelope.coerce(data)
+        if raw[3:4] == _SUITE_2:
+            return cls.of_stream(raw[: segments.MAX_HEADER_SIZE], len(raw))
         env = envelope.parse(raw)
         return cls(
             version=env.version,
@@ -59,6 +65,24 @@ class EnvelopeInfo:
             body_size=env.plaintext_size,
         )
 
+    @classmethod
+    def of_stream(cls, first: bytes, size: int) -> EnvelopeInfo:
+        """The info of a suite-2 envelope of ``size`` bytes from its first bytes (a file's, say)."""
+        header = segments.parse(first)
+        layout = segments.layout(header, size)
+        head = header.header
+        return cls(
+            version=envelope.VERSION,
+            suite=segments.SUITE,
+            classification=head.classification,
+            context=dict(head.context),
+            keys=[{"provider": w.provider, "key_ref": w.key_ref} for w in head.wrapped_keys],
+            size=size,
+            body_size=layout.plaintext_size,
+            segment_size=layout.segment_size,
+            segments=layout.count,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -68,7 +92,7 @@ class EnvelopeInfo:
             "keys": self.keys,
             "size": self.size,
             "body_size": self.body_size,
-        }
+        } | ({"segment_size": self.segment_size, "segments": self.segments} if self.suite == segments.SUITE else {})
 
 
 class Guard:
@@ -264,6 +288,61 @@ class Guard:
         """``rewrap`` for a ``kg1:`` token (kept for symmetry with encrypt_text/decrypt_text)."""
         return self.rewrap(token, context)
 
+    # ------------------------------------------------------------------ streams (kmsguard.stream)
+
+    def encrypt_stream(
+        self,
+        src: stream.Source,
+        dst: stream.Sink,
+        classification: str,
+        context: Context = None,
+        *,
+        segment_size: int | None = None,
+    ) -> int:
+        """Seal ``src`` (a binary file object or an iterable of bytes chunks) into ``dst`` as
+        envelope suite 2, in memory bounded by a few segments; returns the plaintext size.
+
+        ``segment_size`` (4096 to 16 MiB, default 64 KiB) is the plaintext per segment,
+        the unit of random access (:meth:`open_encrypted`). One audited operation.
+        """
+        return self._observe(
+            "encrypt_stream", context, stream.encrypt, self, src, dst, classification, context, segment_size
+        )
+
+    def decrypt_stream(self, src: stream.Source, dst: stream.Sink, context: Context = None) -> int:
+        """Open an envelope of either suite from ``src`` into ``dst``; returns the plaintext size.
+
+        Suite 2 is decrypted segment by segment, each written only after its tag verifies;
+        a bad stream raises InvalidCiphertext *after* the segments before the bad one were
+        written, so write to a temporary file and keep it only when this returns. A suite-1
+        envelope is read whole (it is one AES-GCM message). One audited operation.
+        """
+        ctx = plans.check_context(context)
+        first, rest = stream.read_header(src)
+        if first[3:4] != _SUITE_2:
+            plain = self.decrypt(first + rest.drain(), ctx)
+            stream.write_all(dst, memoryview(plain))
+            return len(plain)
+        return self._observe("decrypt_stream", ctx, stream.decrypt, self, first, rest, dst, ctx)
+
+    def open_encrypted(self, src: str | os.PathLike[str] | IO[bytes], context: Context = None) -> stream.EncryptedFile:
+        """A read-only, seekable binary file over a suite-2 envelope (a path, or a seekable binary
+        file object holding the envelope from its offset 0) that decrypts only the segments a
+        read touches. One audited operation.
+
+        The key is unwrapped and the commitment and last segment checked here; a segment
+        that fails its tag later raises InvalidCiphertext from that read.
+        """
+        ctx = plans.check_context(context)
+        owned = isinstance(src, str | os.PathLike)
+        fh: IO[bytes] = open(src, "rb") if isinstance(src, str | os.PathLike) else src  # noqa: SIM115
+        try:
+            return self._observe("open_encrypted", ctx, stream.open_file, self, fh, ctx, owned)
+        except BaseException:
+            if owned:
+                fh.close()
+            raise
+
     def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
         """The header of an envelope: version, classification, context, key references."""
         return EnvelopeInfo.of(data)
@@ -306,6 +385,8 @@ class Guard:
 
     def _decrypt(self, data: EnvelopeInput, ctx: Mapping[str, str], unwrap: Unwrap) -> bytes:
         raw = data if type(data) is bytes and not data.startswith(_TEXT_PREFIX) else envelope.coerce(data)
+        if raw[3:4] == _SUITE_2:
+            return stream.decrypt_bytes(self, raw, ctx)
         plan = self._plans.decrypt_plan(raw)
         op = operation.current.get()
         if op is not None:
@@ -332,6 +413,8 @@ class Guard:
 
     def _rewrap(self, data: EnvelopeInput, ctx: Mapping[str, str]) -> bytes:
         raw = envelope.coerce(data)
+        if raw[3:4] == _SUITE_2:
+            return stream.rewrap_bytes(self, raw, ctx)
         plan = self._plans.decrypt_plan(raw)
         op = operation.current.get()
         if op is not None:
@@ -454,6 +537,7 @@ def _note_keys(op: Operation, key_refs: Sequence[str]) -> None:
 
 
 _TEXT_PREFIX = envelope.TEXT_PREFIX.encode("ascii")
+_SUITE_2 = bytes((segments.SUITE,))
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 
 

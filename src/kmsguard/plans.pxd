@@ -5,7 +5,7 @@ import cython
 from cpython.contextvars cimport get_value
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from kmsguard.fastpath cimport Budget, HitSink, next_tick
+from kmsguard.fastpath cimport Budget, HitSink, next_tick, sealed
 
 cdef Py_ssize_t MAX_KINDS_PER_LANE
 cdef Py_ssize_t _TAG_SIZE
@@ -13,6 +13,7 @@ cdef Py_ssize_t _NONCE_SIZE
 cdef Py_ssize_t _COMMITMENT_SIZE
 cdef Py_ssize_t _MAX_PLAINTEXT
 cdef Py_ssize_t _COPY_BELOW
+cdef Py_ssize_t _INTO_FROM
 cdef object _ABSENT
 cdef object _NO_CONTEXT
 cdef object _nonce

@@ -59,7 +59,7 @@ from kmsguard.errors import (
     KmsGuardError,
     UnknownClassification,
 )
-from kmsguard.fastpath import Budget, HitSink, next_tick
+from kmsguard.fastpath import SEAL_INTO_FROM, Budget, HitSink, next_tick, sealed
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.lru import LruIndex
 from kmsguard.policy import FIELD_CONTEXT_KEY, SELFTEST_CONTEXT_KEY, ClassPolicy, Policy
@@ -79,6 +79,7 @@ _NONCE_SIZE = envelope.NONCE_SIZE
 _COMMITMENT_SIZE = envelope.COMMITMENT_SIZE
 _MAX_PLAINTEXT = envelope.MAX_PLAINTEXT
 _COPY_BELOW = 16384
+_INTO_FROM = SEAL_INTO_FROM
 #: What a header lacks a key as; equal to nothing a caller can pass (None included).
 _ABSENT = object()
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
@@ -207,8 +208,15 @@ class EncryptPlan:
         self.last_used = next_tick()
 
     def seal(self, lane: Lane, aead: Any, plaintext: bytes) -> bytes:
-        """``plaintext`` sealed with ``aead``, the key ``lane`` names (claimed from its Budget)."""
+        """``plaintext`` sealed with ``aead``, the key ``lane`` names (claimed from its Budget).
+
+        A large message is encrypted into the envelope itself, not into a buffer copied
+        behind the header: at megabytes the copy (on fresh pages each call) would cost
+        more than AES-GCM.
+        """
         nonce = _nonce()
+        if len(plaintext) >= _INTO_FROM:
+            return sealed(aead, lane.out_prefix, nonce, plaintext, lane.aad_prefix + nonce)
         return _join((lane.out_prefix, nonce, aead.encrypt(nonce, plaintext, lane.aad_prefix + nonce)))
 
     def lend(self, budget: Budget, data_key: DataKey) -> Lane:

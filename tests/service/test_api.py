@@ -189,3 +189,23 @@ def test_no_plaintext_or_token_in_any_error(local_service: Service) -> None:
         assert r.status_code == 400
         assert secret not in r.text and token not in r.text and "Traceback" not in r.text
         json.loads(r.text)
+
+
+def test_a_stream_token_is_inspected_and_decrypted(local_service: Service) -> None:
+    """A suite-2 envelope (a stream) in text form: inspect shows its segments, decrypt opens it."""
+    import io
+
+    from kmsguard import Guard, envelope
+
+    plain = bytes(range(256)) * 40
+    out = io.BytesIO()
+    with Guard.from_env({**local_service.env, "KMSGUARD_AUDIT_DELIVERY": "thread"}) as guard:
+        guard.encrypt_stream(io.BytesIO(plain), out, "general", {"doc": "x"}, segment_size=4096)
+    token = envelope.to_text(out.getvalue())
+    with local_service.client() as c:
+        info = c.post("/v1/inspect", json={"token": token}).json()
+        assert (info["suite"], info["segment_size"], info["segments"], info["body_size"]) == (2, 4096, 3, len(plain))
+        opened = c.post("/v1/decrypt", json={"token": token, "context": {"doc": "x"}}).json()
+        assert base64.b64decode(opened["plaintext_b64"]) == plain
+        cut = {"token": token[:-8], "context": {"doc": "x"}}  # six bytes short of its last tag
+        _error(c.post("/v1/decrypt", json=cut), 400, "INVALID_CIPHERTEXT")

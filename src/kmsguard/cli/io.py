@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import click
 
@@ -57,6 +61,42 @@ def write_output(path: str, data: bytes) -> None:
             fh.write(data)
     except OSError as exc:
         raise InvalidInput(f"cannot write {path}: {exc.strerror}") from None
+
+
+def open_input(path: str) -> IO[bytes]:
+    """stdin, or the file at ``path`` opened for reading (InvalidInput if it cannot be)."""
+    if path == "-":
+        return sys.stdin.buffer
+    try:
+        return open(path, "rb")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+
+
+@contextmanager
+def output(path: str) -> Iterator[IO[bytes]]:
+    """stdout, or a new file at ``path`` (mode 0600) that appears only if the block succeeds.
+
+    The data goes to a temporary file in the same directory, renamed into place when the
+    block returns; on any error the temporary file is removed and no output file remains
+    (an existing file at ``path`` is left as it was). stdout gets the data as it comes.
+    """
+    if path == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent or ".")
+    except OSError as exc:
+        raise InvalidInput(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def settings() -> Settings:

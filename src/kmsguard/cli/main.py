@@ -85,7 +85,7 @@ def _register() -> None:
     from kmsguard.cli import fields as field_commands
 
     cli.add_command(setup.init)
-    for command in (data.encrypt, data.decrypt, data.inspect):
+    for command in (data.encrypt, data.decrypt, data.inspect, data.cat):
         cli.add_command(command)
     cli.add_command(keys.keys)
     for command in (rotation.census, rotation.rewrap, rotation.migrate):

@@ -27,15 +27,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kmsguard import envelope
+from kmsguard import envelope, segments
 from kmsguard.rotation.sources import Source, Value
 
 CENSUS_FILE = "census.json"
 #: Values read per round trip to the source.
 SCAN_BATCH = 10_000
 
-_MIN_TAIL = envelope.COMMITMENT_SIZE + envelope.NONCE_SIZE + envelope.TAG_SIZE
-_FIXED = envelope.MAGIC + bytes((envelope.VERSION, envelope.SUITE))
+#: Per suite: the fixed first bytes, and the fewest bytes after the wrapped keys.
+_SUITES = {
+    envelope.MAGIC + bytes((envelope.VERSION, envelope.SUITE)): envelope.COMMITMENT_SIZE
+    + envelope.NONCE_SIZE
+    + envelope.TAG_SIZE,
+    envelope.MAGIC + bytes((envelope.VERSION, segments.SUITE)): segments.TAIL_SIZE + segments.TAG_SIZE,
+}
 _TEXT = envelope.TEXT_PREFIX
 _TEXT_BYTES = _TEXT.encode("ascii")
 _U16 = struct.Struct(">H")
@@ -56,9 +61,10 @@ def skim(value: Value) -> Group | None:
     return None if found is None else found[0]
 
 
-def _skim(value: Value) -> tuple[Group, int, int] | None:
-    """:func:`skim`, the header's length in bytes through the wrapped keys, and the length
-    of the prefix of ``value`` (text or binary) that holds those bytes."""
+def _skim(value: Value) -> tuple[Group, int, int, int] | None:
+    """:func:`skim`, the header's length in bytes through the wrapped keys, the length of
+    the prefix of ``value`` (text or binary) that holds those bytes, and the fewest bytes
+    its suite needs after them."""
     if type(value) is str:
         if not value.startswith(_TEXT):
             return None
@@ -69,7 +75,8 @@ def _skim(value: Value) -> tuple[Group, int, int] | None:
         found = _walk(buf)
         if found is None:
             return None
-        return found[0], found[1], 4 + 4 * -(-found[1] // 3)  # the characters that decode to those bytes
+        group, header, min_tail = found
+        return group, header, 4 + 4 * -(-header // 3), min_tail  # the characters that decode to those bytes
     buf = value if type(value) is bytes else bytes(value)  # type: ignore[arg-type]
     if buf[:4] == _TEXT_BYTES:
         try:
@@ -77,11 +84,12 @@ def _skim(value: Value) -> tuple[Group, int, int] | None:
         except UnicodeDecodeError:
             return None
     walked = _walk(buf)
-    return None if walked is None else (walked[0], walked[1], walked[1])
+    return None if walked is None else (walked[0], walked[1], walked[1], walked[2])
 
 
-def _walk(buf: bytes) -> tuple[Group, int] | None:
-    if buf[:4] != _FIXED:
+def _walk(buf: bytes) -> tuple[Group, int, int] | None:
+    min_tail = _SUITES.get(buf[:4])
+    if min_tail is None:
         return None
     try:
         pos = 5 + buf[4]
@@ -103,9 +111,9 @@ def _walk(buf: bytes) -> tuple[Group, int] | None:
             pos += 2 + _U16.unpack_from(buf, pos)[0]
     except (IndexError, struct.error):
         return None
-    if len(buf) - pos < _MIN_TAIL:
+    if len(buf) - pos < min_tail:
         return None
-    return (cls, tuple(refs)), pos
+    return (cls, tuple(refs)), pos, min_tail
 
 
 class _Skimmer:
@@ -118,23 +126,23 @@ class _Skimmer:
     LIMIT = 4096
 
     def __init__(self) -> None:
-        #: prefix length -> prefix -> (group, header bytes through the wrapped keys)
+        #: prefix length -> prefix -> (group, the fewest bytes an envelope with that header has)
         self._seen: dict[int, dict[Value, tuple[Group, int]]] = {}
         self._size = 0
 
     def __call__(self, value: Value) -> Group | None:
         for length, known in self._seen.items():
             hit = known.get(value[:length])
-            if hit is not None and _size(value) - hit[1] >= _MIN_TAIL:
+            if hit is not None and _size(value) >= hit[1]:
                 return hit[0]
         found = _skim(value)
         if found is None:
             return None
-        group, header, length = found
+        group, header, length, min_tail = found
         if self._size >= self.LIMIT:
             self._seen.clear()
             self._size = 0
-        self._seen.setdefault(length, {})[value[:length]] = (group, header)
+        self._seen.setdefault(length, {})[value[:length]] = (group, header + min_tail)
         self._size += 1
         return group
 

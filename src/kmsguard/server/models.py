@@ -93,6 +93,9 @@ class InspectResponse(BaseModel):
     keys: list[KeyInfo]
     size: int
     body_size: int
+    #: Suite 2 (a stream) only: plaintext bytes per segment, and how many segments.
+    segment_size: int | None = None
+    segments: int | None = None
 
 
 class Health(BaseModel):
