@@ -38,15 +38,14 @@ from kmsguard.server.models import (
 router = APIRouter(prefix="/v1", responses=error_responses(400, 401, 403, 404, 413, 429, 500, 502, 503, 504))
 
 
-def _plaintext(body: EncryptRequest) -> bytearray:
-    """The bytes to seal. A bytearray, not bytes: Guard then takes its full path, whose audit
-    record carries the HTTP request's id (a cache-hit lane draws a request number of its own)."""
+def _plaintext(body: EncryptRequest) -> bytes:
+    """The bytes to seal."""
     if (body.plaintext is None) == (body.plaintext_b64 is None):
         raise InvalidInput("plaintext: give exactly one of plaintext and plaintext_b64")
     if body.plaintext is not None:
-        return bytearray(body.plaintext.encode("utf-8"))
+        return body.plaintext.encode("utf-8")
     try:
-        return bytearray(base64.b64decode(body.plaintext_b64 or "", validate=True))
+        return base64.b64decode(body.plaintext_b64 or "", validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput("plaintext_b64: not valid base64") from None
 
@@ -67,7 +66,7 @@ async def encrypt(body: EncryptRequest, request: Request, who: Authorized) -> di
     who.require("encrypt", body.classification)
     data = _plaintext(body)
     with who.acting():
-        sealed = await service_of(request).aguard.encrypt(data, body.classification, body.context)  # type: ignore[arg-type]
+        sealed = await service_of(request).aguard.encrypt(data, body.classification, body.context)
     return {"token": envelope.to_text(sealed)}
 
 
@@ -88,7 +87,7 @@ async def encrypt_batch(body: EncryptBatchRequest, request: Request, who: Author
     for classification in {item.classification for item in body.items}:
         who.require("encrypt", classification)
     results: list[dict[str, Any] | None] = [None] * len(body.items)
-    groups: dict[str, list[tuple[int, bytearray]]] = {}
+    groups: dict[str, list[tuple[int, bytes]]] = {}
     for i, item in enumerate(body.items):
         try:
             groups.setdefault(item.classification, []).append((i, _plaintext(item)))
@@ -98,7 +97,7 @@ async def encrypt_batch(body: EncryptBatchRequest, request: Request, who: Author
         contexts = [body.items[i].context for i, _ in members]
         with who.acting():
             done = await service.aguard.encrypt_many(
-                cast(list[bytes], [data for _, data in members]),
+                [data for _, data in members],
                 classification,
                 contexts=cast(list[Mapping[str, str] | None], contexts),
             )
