@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import pybase64
 from cryptography.exceptions import InvalidTag
 
 from kmsguard import nonces
@@ -65,7 +66,6 @@ _PROVIDER_RE = re.compile(rb"[a-z0-9-]{1,32}")
 _KEY_REF_RE = re.compile(rb"[\x21-\x7e]{1,2048}")
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 _TEXT_PREFIX_BYTES = TEXT_PREFIX.encode("ascii")
-_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 _U16 = struct.Struct(">H")
 #: Every sealed message's nonce: uniformly random, from the OS CSPRNG (drawn in bulk, see kmsguard.nonces).
@@ -338,7 +338,7 @@ def to_text(data: bytes) -> str:
 
 def to_text_bytes(data: bytes) -> bytes:
     """:func:`to_text` as ASCII bytes, for output built as bytes (the service's batch answers)."""
-    return _TEXT_PREFIX_BYTES + binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
+    return _TEXT_PREFIX_BYTES + pybase64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 def from_text(token: str) -> bytes:
