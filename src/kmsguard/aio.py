@@ -168,12 +168,15 @@ class AsyncGuard:
 def _in_turn(
     guard: Guard, items: Sequence[bytes], classification: str, contexts: Sequence[Context]
 ) -> list[batch.Result[bytes]]:
+    result, encrypt = batch.Result, guard.encrypt  # looked up once: a warm item costs little more
     out: list[batch.Result[bytes]] = []
     for item, context in zip(items, contexts, strict=True):
         try:
-            out.append(batch.Result(value=guard.encrypt(item, classification, context)))
+            value = encrypt(item, classification, context)
         except KmsGuardError as exc:
-            out.append(batch.Result(error=exc))
+            out.append(result(error=exc))
+            continue
+        out.append(result(value))
     return out
 
 
@@ -199,7 +202,11 @@ def _kind(name: str, classification: object, context: Context) -> Hashable | Non
 def _kinds(name: str, classification: object, contexts: Sequence[Context]) -> set[Hashable | None]:
     """``_kind`` of each context, worked out once per distinct context (a batch's items often share one)."""
     seen: dict[Hashable, Hashable | None] = {}
+    last: object = seen  # no context is this
     for context in contexts:
+        if context is last:
+            continue
+        last = context
         try:
             key: Hashable = tuple(context.items()) if context else ()
             if key not in seen:
