@@ -44,7 +44,7 @@ CALLER_ID_VERSION = 3
 #: What a request id may be (a caller's own comes from outside, e.g. an HTTP header):
 #: 1 to REQUEST_ID_MAX characters of this set, so it is safe in logs, headers and queries.
 REQUEST_ID_MAX = 128
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,%d}" % REQUEST_ID_MAX)
+REQUEST_ID = re.compile(rf"[A-Za-z0-9._:/+=-]{{1,{REQUEST_ID_MAX}}}")
 #: The operation name of the record that ends a writer's chain when it closes cleanly.
 CLOSE_OPERATION = "writer-closed"
 #: One record of a run: start (microseconds since the epoch), duration (ns), size, request number.

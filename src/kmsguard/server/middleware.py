@@ -34,14 +34,15 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request: int | str | None = None
+        caller_id: str | None = None
         for name, value in scope["headers"]:
             if name == b"x-request-id" and _CALLER_ID_RE.fullmatch(value):
-                request = value.decode("ascii")
-        if request is None:
+                caller_id = value.decode("ascii")
+        request: int | str
+        if caller_id is None:
             request, request_id = operation.new_request_id()
         else:
-            request_id = request
+            request = request_id = caller_id
         echoed = request_id.encode("ascii")
 
         async def send_with_id(message: Message) -> None:

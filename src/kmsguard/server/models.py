@@ -129,7 +129,8 @@ async def parse(request: Request, model: type[Body]) -> Body:
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_context=False, include_input=False)) from None
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError(errors) from None
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
