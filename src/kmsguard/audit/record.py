@@ -279,7 +279,7 @@ def canonical(signed: str, last_seq: int | None = None, items: bytes = b"") -> b
     ``signed`` is :func:`signed_json` of the row's record fields, so the JSON part is the
     canonical JSON of the array ``[version, *fields, last_seq]``::
 
-        version 3 (a run sharing a caller's request id):  [3,<fields>,<last_seq>] LF <items>
+        version 3 (a run with a caller's request ids):    [3,<fields>,<last_seq>] LF <items>
         version 2 (every other row written now):          [2,<fields>,<last_seq>] LF <items>
         version 1 (last_seq None; read only):             [1,<fields>]
 
