@@ -70,6 +70,28 @@ def test_malformed_bodies_are_400_naming_the_field(local_service: Service, body:
         assert message.startswith(field)
 
 
+def test_batch_bodies_are_checked_as_single_ones_are(local_service: Service) -> None:
+    """The batch routes parse their bodies themselves (one pass): the same 400s, naming the field."""
+    json_type = {"content-type": "application/json"}
+    item = {"classification": "general", "plaintext": "x"}
+    with local_service.client() as c:
+        for path in ("/v1/encrypt/batch", "/v1/decrypt/batch"):
+            assert _error(c.post(path, content=b'{"items": [', headers=json_type), 400, "INVALID_INPUT") == (
+                "body: not valid JSON"
+            )
+            _error(c.post(path, content=b'{"items": []}', headers={"content-type": "text/plain"}), 400, "INVALID_INPUT")
+            assert _error(c.post(path, content=b"", headers=json_type), 400, "INVALID_INPUT").startswith("body")
+            assert _error(c.post(path, json={"itemz": []}), 400, "INVALID_INPUT").startswith("items")
+            deep = b'{"items": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+            _error(c.post(path, content=deep, headers=json_type), 400, "INVALID_INPUT")
+        bad = c.post("/v1/encrypt/batch", json={"items": [item, {**item, "plaintext": 5}]})
+        assert _error(bad, 400, "INVALID_INPUT") == "items[1].plaintext: must be a string"
+        typo = c.post("/v1/decrypt/batch", json={"items": [{"tokn": "kg1:x"}]})
+        assert _error(typo, 400, "INVALID_INPUT").startswith("items[0]")
+        with_charset = {"content-type": "application/json; charset=utf-8"}
+        assert c.post("/v1/encrypt/batch", json={"items": [item]}, headers=with_charset).status_code == 200
+
+
 def test_not_json_wrong_type_404_405(local_service: Service) -> None:
     with local_service.client() as c:
         bad = c.post("/v1/encrypt", content=b'{"classification": ', headers={"content-type": "application/json"})
