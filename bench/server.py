@@ -59,8 +59,9 @@ def _wrk(url: str, body: dict[str, object], token: str, workdir: Path) -> tuple[
     if non_2xx:
         raise RuntimeError(f"{url}: {non_2xx.group(1)} answers were not 2xx")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = re.search(r"50%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    # Anchored at a line's start: the latency's "+/- Stdev" column (e.g. 89.99%) also ends in 99%.
+    p50 = re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1)  # type: ignore[union-attr]
+    p99 = re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1)  # type: ignore[union-attr]
     return rps, p50, p99
 
 

@@ -393,3 +393,12 @@ def test_from_text_accepts_only_canonical_tokens(token: str) -> None:
     except InvalidCiphertext:
         return
     assert envelope.to_text(data) == token
+
+
+@given(st.binary(max_size=3000))
+def test_the_text_form_is_kg1_and_unpadded_base64url(data: bytes) -> None:
+    """As RFC 4648's base64url without padding spells it (the standard library's encoder here)."""
+    expected = "kg1:" + base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    assert envelope.to_text(data) == expected and envelope.to_text_bytes(data) == expected.encode("ascii")
+    if data:
+        assert envelope.from_text(expected) == data

@@ -7,9 +7,10 @@ AsyncGuard runs the first kind on the event loop and the second in a thread pool
 * an encrypt of a (classification, context), or a decrypt of an envelope under given
   wrapped keys and context, is *warm* once an operation of that kind finished without
   a key-service call (kmsguard.operation.kms_tally counts them); warm kinds run inline;
-* everything else, and every rewrap and batch, runs in the pool (a batch whose kinds are
-  all warm in one thread, item after item; any other batch as Guard runs it, on several
-  threads, so that its KMS calls overlap);
+* a batch whose kinds are all warm runs inline too, item after item (in the pool it
+  would cost a thread hand-off and then hold the GIL the loop needs all the same);
+* everything else, and every rewrap and any other batch, runs in the pool (a batch as
+  Guard runs it, on several threads, so that its KMS calls overlap);
 * an inline operation that did call the key service (its cached key expired or was used
   up) turns its kind cold again, so a kind costs the loop at most one such call per
   refresh of its cached key, never one per operation.
@@ -74,15 +75,15 @@ class AsyncGuard:
         contexts: Sequence[Context] | None = None,
         max_concurrency: int = batch.DEFAULT_CONCURRENCY,
     ) -> list[batch.Result[bytes]]:
-        """In the pool: one thread taking the items in turn when every kind in the batch is warm
-        (no thread hand-off per item), else Guard's own batch, which overlaps the KMS calls."""
+        """Inline, item after item, when every kind in the batch is warm; else in the pool,
+        Guard's own batch, which overlaps the KMS calls."""
         if contexts is not None and len(contexts) != len(items):
             raise InvalidInput("contexts must have one entry per item")
         each = [context] * len(items) if contexts is None else list(contexts)
-        kinds = {_kind("encrypt", classification, c) for c in each}
+        kinds = _kinds("encrypt", classification, each)
         results: list[batch.Result[bytes]]
         if None not in kinds and all(self._warm.get(k) for k in kinds):
-            results, calls = await self._in_pool(_counted, _in_turn, self.guard, items, classification, each)
+            results, calls = _counted(_in_turn, self.guard, items, classification, each)
         else:
             many = self.guard.encrypt_many
             args = (items, classification, context, contexts, max_concurrency)
@@ -167,12 +168,15 @@ class AsyncGuard:
 def _in_turn(
     guard: Guard, items: Sequence[bytes], classification: str, contexts: Sequence[Context]
 ) -> list[batch.Result[bytes]]:
+    result, encrypt = batch.Result, guard.encrypt  # looked up once: a warm item costs little more
     out: list[batch.Result[bytes]] = []
     for item, context in zip(items, contexts, strict=True):
         try:
-            out.append(batch.Result(value=guard.encrypt(item, classification, context)))
+            value = encrypt(item, classification, context)
         except KmsGuardError as exc:
-            out.append(batch.Result(error=exc))
+            out.append(result(error=exc))
+            continue
+        out.append(result(value))
     return out
 
 
@@ -193,6 +197,23 @@ def _kind(name: str, classification: object, context: Context) -> Hashable | Non
         return (name, classification, items) if isinstance(classification, str) else None
     except (AttributeError, TypeError):
         return None
+
+
+def _kinds(name: str, classification: object, contexts: Sequence[Context]) -> set[Hashable | None]:
+    """``_kind`` of each context, worked out once per distinct context (a batch's items often share one)."""
+    seen: dict[Hashable, Hashable | None] = {}
+    last: object = seen  # no context is this
+    for context in contexts:
+        if context is last:
+            continue
+        last = context
+        try:
+            key: Hashable = tuple(context.items()) if context else ()
+            if key not in seen:
+                seen[key] = _kind(name, classification, context)
+        except (AttributeError, TypeError):  # not a mapping, or unhashable values
+            return {None}
+    return set(seen.values())
 
 
 def _decrypt_kind(data: object, context: Context) -> Hashable | None:

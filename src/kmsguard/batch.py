@@ -11,6 +11,7 @@ service in parallel, while items served from memory cost no thread hand-off each
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,7 +66,9 @@ def settle(run: Callable[[I], T], items: Sequence[I], max_concurrency: int) -> l
         lane(0, 1)
         return results
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kmsguard-batch") as pool:
-        for future in [pool.submit(lane, w, workers) for w in range(workers)]:
+        # Each thread in a copy of the caller's context: the operations run for the same
+        # principal (operation.acting_as) and request (operation.serving) as the caller's.
+        for future in [pool.submit(contextvars.copy_context().run, lane, w, workers) for w in range(workers)]:
             future.result()
     return results
 

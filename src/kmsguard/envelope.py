@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import pybase64
 from cryptography.exceptions import InvalidTag
 
 from kmsguard import fastpath, nonces
@@ -64,6 +65,7 @@ _CLASSIFICATION_RE = re.compile(rb"[a-z0-9_-]{1,32}")
 _PROVIDER_RE = re.compile(rb"[a-z0-9-]{1,32}")
 _KEY_REF_RE = re.compile(rb"[\x21-\x7e]{1,2048}")
 _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+_TEXT_PREFIX_BYTES = TEXT_PREFIX.encode("ascii")
 
 _U16 = struct.Struct(">H")
 #: Every sealed message's nonce: uniformly random, from the OS CSPRNG (drawn in bulk, see kmsguard.nonces).
@@ -376,7 +378,12 @@ def replace_wrapped_keys(data: bytes, wrapped: tuple[WrappedKey, ...]) -> bytes:
 
 def to_text(data: bytes) -> str:
     """``kg1:`` + base64url without padding: safe in database columns, JSON and URLs."""
-    return TEXT_PREFIX + base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return to_text_bytes(data).decode("ascii")
+
+
+def to_text_bytes(data: bytes) -> bytes:
+    """:func:`to_text` as ASCII bytes, for output built as bytes (the service's batch answers)."""
+    return _TEXT_PREFIX_BYTES + pybase64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 def from_text(token: str) -> bytes:

@@ -100,17 +100,25 @@ class Operation:
 
     @property
     def request_id(self) -> str:
+        """The audit record's request id: the caller's own inside ``serving(<str>)``, else one made here."""
+        served = request.get()
+        if isinstance(served, str):
+            return served
         return request_id_of(self.request_number())
 
     def request_number(self) -> int:
         """The process' request number in this operation's id; the audit writer spools the number.
 
         Inside :func:`serving` it is the front-end request's number, so every operation
-        of one HTTP request carries that request's id.
+        of one HTTP request carries that request's id; 0 when that request has the
+        caller's own id (:attr:`request_id` is then that text).
         """
         number = self._request_number
         if number == 0:
-            number = self._request_number = request.get() or next_request()
+            served = request.get()
+            if isinstance(served, str):
+                return 0
+            number = self._request_number = served or next_request()
         return number
 
     def shape(self) -> tuple[Any, ...]:
@@ -211,8 +219,10 @@ def acting_as(who: str) -> Iterator[None]:
         principal.reset(token)
 
 
-#: The request number of the front-end request the current code serves (see serving).
-request: ContextVar[int | None] = ContextVar("kmsguard_request", default=None)
+#: The front-end request the current code serves (see serving): its number (an id made by
+#: request_id_of), or the caller's own request id (text). Guard's plans' lanes read it too:
+#: the audit writer's hit recorder (kmsguard.audit.frames.HitWriter) records hits under it.
+request: ContextVar[int | str | None] = ContextVar("kmsguard_request", default=None)
 
 
 def new_request_id() -> tuple[int, str]:
@@ -222,15 +232,20 @@ def new_request_id() -> tuple[int, str]:
 
 
 @contextmanager
-def serving(number: int) -> Iterator[None]:
-    """Record the operations in this block under request ``number`` (from :func:`new_request_id`).
+def serving(request_id: int | str) -> Iterator[None]:
+    """Record the operations in this block under one request id: a number from
+    :func:`new_request_id`, or a caller's own id (a str that
+    kmsguard.audit.record.check_request_id accepts; anything else raises InvalidInput).
 
-    The HTTP service makes one id per HTTP request, answers it as ``X-Request-Id`` and
-    runs the request's operations in this block, so their audit records carry it. Cache
-    hits served by Guard's plans' lanes (kmsguard.plans) draw their own number; a front end
-    that needs every record to carry its id passes data the lanes do not take.
+    The HTTP service runs each HTTP request's operations in this block under the caller's
+    ``X-Request-Id`` (or one it made) and answers it, so the audit records of the
+    request, cache hits included, carry that id.
     """
-    token = request.set(number)
+    if isinstance(request_id, str):
+        from kmsguard.audit.record import check_request_id  # the record's rule; audit imports this module
+
+        check_request_id(request_id)
+    token = request.set(request_id)
     try:
         yield
     finally:

@@ -227,10 +227,13 @@ _shapes = st.tuples(
 def test_a_hit_reads_back_as_the_record_its_full_facts_give(
     shape: tuple, prefix: str, started_us: int, duration_ns: int, size: int, request: int, writer: str
 ) -> None:
-    """A hit frame is the same record as the full path would have spooled: only the row differs."""
+    """A hit frame is the same record as the full path would have spooled: only the row differs.
+
+    Request 0 is a hit under a caller's own request id: the template's prefix is the whole id."""
     keys = AuditKeys(b"k" * 32)
     hits = Hits(Template(shape, prefix), RUN_ITEM.pack(started_us, duration_ns, size, request), started_us)
-    facts = Spooled.of(shape, started_us / 1e6, duration_ns / 1e9, size, f"{prefix}{request:010x}")
+    request_id = f"{prefix}{request:010x}" if request else prefix
+    facts = Spooled.of(shape, started_us / 1e6, duration_ns / 1e9, size, request_id)
     run = Chain(keys, writer, 6, "ab" * 32).link(7, hits)
     lone = Chain(keys, writer, 6, "ab" * 32).link(7, facts)
     [from_hit] = run.records()

@@ -343,6 +343,12 @@ def test_the_worked_example_of_format_md() -> None:
     assert [(r.seq, r.duration_us, r.request_id) for r in run.records()] == [
         (2, 2, "0123456789ab0000000002"), (3, 3, "0123456789ab0000000003")
     ]
+    items = RUN_ITEM.pack(1764300002000000, 4000, 512, 0) + RUN_ITEM.pack(1764300002000250, 4200, 256, 0)
+    shared = chain.link(4, Hits(Template(shape, "abc-123"), items, 1764300002000250))  # a caller's request id
+    assert shared.canonical().startswith(b"[3,") and shared.hash == (
+        "4605bfd429a4678197929106086fa2b78146a2fbeb5b147e9112d56ec0f28789"
+    )
+    assert [(r.seq, r.size, r.request_id) for r in shared.records()] == [(4, 512, "abc-123"), (5, 256, "abc-123")]
     assert KEYS.fingerprint == "cdbcc23085da09db"
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import base64
+import collections
 import json
+import re
 import time
 
 import httpx
 import pytest
 
-from .conftest import Service
+from kmsguard.audit import AuditRecord
+
+from .conftest import Service, kmsguard_cli
 
 
 def _error(response: httpx.Response, status: int, code: str) -> str:
@@ -64,6 +68,28 @@ def test_malformed_bodies_are_400_naming_the_field(local_service: Service, body:
     with local_service.client() as c:
         message = _error(c.post("/v1/encrypt", json=body), 400, "INVALID_INPUT")
         assert message.startswith(field)
+
+
+def test_batch_bodies_are_checked_as_single_ones_are(local_service: Service) -> None:
+    """The batch routes parse their bodies themselves (one pass): the same 400s, naming the field."""
+    json_type = {"content-type": "application/json"}
+    item = {"classification": "general", "plaintext": "x"}
+    with local_service.client() as c:
+        for path in ("/v1/encrypt/batch", "/v1/decrypt/batch"):
+            assert _error(c.post(path, content=b'{"items": [', headers=json_type), 400, "INVALID_INPUT") == (
+                "body: not valid JSON"
+            )
+            _error(c.post(path, content=b'{"items": []}', headers={"content-type": "text/plain"}), 400, "INVALID_INPUT")
+            assert _error(c.post(path, content=b"", headers=json_type), 400, "INVALID_INPUT").startswith("body")
+            assert _error(c.post(path, json={"itemz": []}), 400, "INVALID_INPUT").startswith("items")
+            deep = b'{"items": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+            _error(c.post(path, content=deep, headers=json_type), 400, "INVALID_INPUT")
+        bad = c.post("/v1/encrypt/batch", json={"items": [item, {**item, "plaintext": 5}]})
+        assert _error(bad, 400, "INVALID_INPUT") == "items[1].plaintext: must be a string"
+        typo = c.post("/v1/decrypt/batch", json={"items": [{"tokn": "kg1:x"}]})
+        assert _error(typo, 400, "INVALID_INPUT").startswith("items[0]")
+        with_charset = {"content-type": "application/json; charset=utf-8"}
+        assert c.post("/v1/encrypt/batch", json={"items": [item]}, headers=with_charset).status_code == 200
 
 
 def test_not_json_wrong_type_404_405(local_service: Service) -> None:
@@ -153,24 +179,55 @@ def test_health_ready_metrics(service: Service) -> None:
         assert "kmsguard_operations" in text
 
 
-def test_request_ids_are_echoed_and_audited(local_service: Service) -> None:
-    with local_service.client() as c:
-        made = c.post("/v1/encrypt", json={"classification": "general", "plaintext": "id-test"})
-        audit_id = made.headers["x-request-id"]
-        assert made.headers["x-audit-request-id"] == audit_id
-        body = {"classification": "general", "plaintext": "id-test"}
-        given = c.post("/v1/encrypt", json=body, headers={"X-Request-Id": "trace-7"})
-        assert given.headers["x-request-id"] == "trace-7"
-        evil = c.post("/healthz", headers={"X-Request-Id": "bad\tid"})
-        assert evil.headers["x-request-id"] != "bad\tid"
-        ids = {audit_id, given.headers["x-audit-request-id"]}
-    for _ in range(100):
-        records = {r.request_id: r for r in local_service.audit_records() if r.request_id in ids}
-        if len(records) == 2:
+def _records_of_requests(service: Service, ids: set[str], count: int) -> list[AuditRecord]:
+    """The audit records carrying one of ``ids``, once ``count`` of them are in the sink."""
+    records: list[AuditRecord] = []
+    for _ in range(200):
+        records = [r for r in service.audit_records() if r.request_id in ids]
+        if len(records) >= count:
             break
         time.sleep(0.1)  # the deliverer takes the records to the sink in the background
-    assert set(records) == ids
-    assert all(r.principal == "app" and r.operation == "encrypt" and r.outcome == "ok" for r in records.values())
+    return records
+
+
+def test_request_ids_are_echoed_and_recorded_for_every_operation(local_service: Service) -> None:
+    """Cache hits too: the kinds are warm (served by the plans' lanes) before the ids are sent."""
+    body = {"classification": "general", "context": {"app": "ids"}, "plaintext": "id-test"}
+    with local_service.client() as c:
+        tokens = [c.post("/v1/encrypt", json=body).json()["token"] for _ in range(3)]
+        for token in tokens:
+            c.post("/v1/decrypt", json={"token": token, "context": {"app": "ids"}})
+        made = c.post("/v1/encrypt", json=body).headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{22}", made)
+        for _ in range(2):
+            r = c.post("/v1/encrypt", json=body, headers={"X-Request-Id": "abc-123"})
+            assert r.status_code == 200 and r.headers["x-request-id"] == "abc-123"
+        r = c.post("/v1/decrypt", json={"token": tokens[0], "context": {"app": "ids"}},
+                   headers={"X-Request-Id": "abc-123"})
+        assert r.json() == {"plaintext": "id-test"}
+        r = c.post("/v1/encrypt/batch", json={"items": [body] * 5}, headers={"X-Request-Id": "batch-42"})
+        assert r.headers["x-request-id"] == "batch-42" and all("token" in x for x in r.json()["results"])
+        items = [{"token": t, "context": {"app": "ids"}} for t in tokens]
+        r = c.post("/v1/decrypt/batch", json={"items": items}, headers={"X-Request-Id": "batch-43"})
+        assert [x["plaintext"] for x in r.json()["results"]] == ["id-test"] * 3
+        replaced = {}
+        for bad in ("bad\tid", "x" * 129, "semi;colon"):
+            r = c.post("/v1/encrypt", json=body, headers={"X-Request-Id": bad})
+            assert r.status_code == 200 and r.headers["x-request-id"] != bad
+            replaced[bad] = r.headers["x-request-id"]
+    assert all(re.fullmatch(r"[0-9a-f]{22}", v) for v in replaced.values())
+    ids = {made, "abc-123", "batch-42", "batch-43", *replaced.values()}
+    records = _records_of_requests(local_service, ids, 15)
+    by_id = collections.Counter(r.request_id for r in records)
+    assert by_id == {made: 1, "abc-123": 3, "batch-42": 5, "batch-43": 3, **dict.fromkeys(replaced.values(), 1)}
+    assert all(r.principal == "app" and r.outcome == "ok" for r in records)
+    assert [r.operation for r in records if r.request_id == "batch-43"] == ["decrypt"] * 3
+    shown = kmsguard_cli(local_service.env, "audit", "query", "--request-id", "abc-123", "--json")
+    assert shown.returncode == 0, shown.stderr
+    lines = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert [(x["operation"], x["request_id"]) for x in lines] == [("encrypt", "abc-123")] * 2 + [("decrypt", "abc-123")]
+    verified = kmsguard_cli(local_service.env, "audit", "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
 def test_no_plaintext_or_token_in_any_error(local_service: Service) -> None:

@@ -136,7 +136,7 @@ def test_revoked_key_is_refused_by_every_worker_within_5_seconds(two_workers: Se
         while time.monotonic() < deadline and len(workers) < 2:
             r = c.post("/v1/encrypt", json=body)
             if r.status_code == 200:
-                workers.add(r.headers["x-audit-request-id"][:12])  # each process has its own id prefix
+                workers.add(r.headers["x-request-id"][:12])  # each process has its own id prefix
         assert len(workers) == 2, "both workers should have served the key"
         revoke = kmsguard_cli(two_workers.env, "apikey", "revoke", "short-lived")
         assert revoke.returncode == 0, revoke.stderr
@@ -146,7 +146,7 @@ def test_revoked_key_is_refused_by_every_worker_within_5_seconds(two_workers: Se
                 break
         else:
             pytest.fail("a worker still accepted the revoked key 5 s after revocation")
-        refused = {c.post("/v1/encrypt", json=body).headers["x-audit-request-id"][:12] for _ in range(30)}
+        refused = {c.post("/v1/encrypt", json=body).headers["x-request-id"][:12] for _ in range(30)}
         assert len(refused) == 2  # both workers were asked, and (above) all refused
 
 

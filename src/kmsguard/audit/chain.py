@@ -147,7 +147,7 @@ class Chain:
             "kms_calls": shape.kms_calls,
             "cache_hit": shape.cache_hit,
             "size": first.size,
-            "request_id": f"{hits.template.prefix}{first.request:010x}",
+            "request_id": hits.template.request_id(first.request),
             "context": hits.template.hashed_context(self.keys),
         }
 

@@ -69,7 +69,9 @@ class Spooled(NamedTuple):
 
 
 class Template:
-    """A template frame: the Shape that hit frames name, and their request ids' prefix.
+    """A template frame: the Shape that hit frames name, and their request ids' prefix: a hit's
+    id is the prefix and its request number as 10 hex digits, or (request 0) the prefix
+    alone, a caller's own request id.
 
     The context's keyed hash is worked out once per audit key: every record of the
     template shares it.
@@ -82,6 +84,10 @@ class Template:
         self.prefix = prefix
         self._keys: AuditKeys | None = None
         self._context: Mapping[str, str] = {}
+
+    def request_id(self, request: int) -> str:
+        """The request id of a hit with request number ``request``."""
+        return f"{self.prefix}{request:010x}" if request else self.prefix
 
     def hashed_context(self, keys: AuditKeys) -> Mapping[str, str]:
         if self._keys is not keys:

@@ -3,6 +3,7 @@
 import cython
 from kmsguard.fastpath cimport HitSink, next_request
 from libc.string cimport memcpy
+from cpython.contextvars cimport get_value
 
 cdef extern from *:
     unsigned long long _bswap64 "__builtin_bswap64"(unsigned long long) noexcept nogil
@@ -26,6 +27,9 @@ cdef inline unsigned int _get32(const unsigned char* view, Py_ssize_t at) noexce
     cdef unsigned int word
     memcpy(&word, view + at, 4)
     return _bswap32(word)
+
+cdef inline object _value_of(object var):
+    return get_value(var)
 
 cdef inline void _copy(unsigned char[::1] out, Py_ssize_t to, const unsigned char* view, Py_ssize_t at,
                        Py_ssize_t n) noexcept:
@@ -76,7 +80,8 @@ cdef class HitWriter(HitSink):
     cdef public Frames frames
     cdef public dict templates
     cdef public object slow
+    cdef public object served
     cdef public tuple last
     @cython.locals(at="unsigned long long", took="unsigned long long", request="unsigned long long",
-                   last=tuple, template="unsigned long long")
+                   last=tuple, template="unsigned long long", served=object, caller_id=object)
     cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *

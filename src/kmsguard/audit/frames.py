@@ -30,7 +30,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextvars import ContextVar
+from typing import Any, NamedTuple
 
 from kmsguard.errors import AuditUnavailable
 from kmsguard.fastpath import HitSink, next_request
@@ -62,7 +63,7 @@ _FRAME = HIT_FRAME
 _HEADER_WORD = HIT_FLAG | HIT_PAYLOAD
 _NOT_WRITTEN = NOT_WRITTEN
 #: HitWriter.last before any kind (an object no caller's kind is).
-_NO_KIND = (object(), 0)
+_NO_KIND = (object(), None, 0)
 
 
 def hit_check(seq: int, template: int, started: int, duration: int, size: int, request: int) -> int:
@@ -89,6 +90,7 @@ globals()["_put32"] = lambda view, at, value: _put(view, at, value, 4)
 globals()["_get64"] = lambda view, at: int.from_bytes(view[at : at + 8], "big")
 globals()["_get32"] = lambda view, at: int.from_bytes(view[at : at + 4], "big")
 globals()["_copy"] = lambda out, to, view, at, n: out.__setitem__(slice(to, to + n), view[at : at + n])
+globals()["_value_of"] = ContextVar.get
 
 
 def take_hits(data: bytes, pos: int, seq: int, template: int, limit: int) -> tuple[int, bytes, int]:
@@ -228,6 +230,17 @@ class Frames:
         return seq
 
 
+class CallerKind(NamedTuple):
+    """A kind of operation (a HitKind or a shape) under a caller's own request id.
+
+    Its hits get a template of their own whose prefix is that id, and request number 0
+    (FORMAT.md, "Hit frame"): every record of the kind in that request carries the id.
+    """
+
+    kind: object
+    request_id: str
+
+
 class HitWriter(HitSink):
     """The audit side of a cache hit: a hit frame, or the spool's slow path when it cannot.
 
@@ -236,9 +249,13 @@ class HitWriter(HitSink):
     kind, a template to write into a new segment, a segment to start, a full spool).
     Request numbers come from kmsguard.fastpath.next_request, the process' counter.
 
-    ``last`` is the last (kind, template id) found, read and replaced as one tuple (so
-    atomically, threads or not): a loop of one kind skips the dictionary. The slow path
-    may give a kind another id, so it forgets it.
+    ``served`` is kmsguard.operation.request, the request the caller serves: a hit inside
+    one takes its number, or, for a caller's own id, is recorded as a
+    :class:`CallerKind` with number 0; outside one it draws the next number.
+
+    ``last`` is the last (kind, caller's id or None, template id) found, read and replaced
+    as one tuple (so atomically, threads or not): a loop of one kind skips the dictionary.
+    The slow path may give a kind another id, so it forgets it.
     """
 
     def __init__(
@@ -246,26 +263,37 @@ class HitWriter(HitSink):
         frames: Frames,
         templates: dict[object, int],
         slow: Callable[[object, int, int, int, int], None],
+        served: ContextVar[int | str | None],
     ) -> None:
         self.frames = frames
         self.templates = templates
         self.slow = slow
-        self.last: tuple[Any, int] = _NO_KIND
+        self.served = served
+        self.last: tuple[Any, Any, int] = _NO_KIND
 
     def record(self, kind: Any, started: float, duration: float, size: int) -> None:
-        request = next_request()
+        served = _value_of(self.served)  # type: ignore[name-defined]  # noqa: F821
+        caller_id = None
+        if served is None:
+            request = next_request()
+        elif isinstance(served, str):
+            request = 0
+            caller_id = served
+        else:
+            request = served
         at = int(started * 1e6)
         took = int(duration * 1e9)
         last = self.last
-        if last[0] is kind:
-            template = last[1]
+        if last[0] is kind and last[1] is caller_id:
+            template = last[2]
         else:
-            found = self.templates.get(kind)
+            key = kind if caller_id is None else CallerKind(kind, caller_id)
+            found = self.templates.get(key)
             if found is None:
-                self.slow(kind, at, took, size, request)
+                self.slow(key, at, took, size, request)
                 return
             template = found
-            self.last = (kind, template)
+            self.last = (kind, caller_id, template)
         if self.frames.hit(template, at, took, size, request) == _NOT_WRITTEN:
             self.last = _NO_KIND
-            self.slow(kind, at, took, size, request)
+            self.slow(kind if caller_id is None else CallerKind(kind, caller_id), at, took, size, request)

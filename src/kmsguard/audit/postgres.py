@@ -158,8 +158,8 @@ class PostgresSink:
         where, params = query.sql_where("%s")
         # Constant columns; the filter values are bound parameters.
         text = "SELECT {} FROM {}" + where + " ORDER BY time DESC, writer_id DESC, seq DESC"  # noqa: S608
-        if query.limit:
-            text += f" LIMIT {int(query.limit)}"
+        if query.row_limit:
+            text += f" LIMIT {int(query.row_limit)}"
         stmt = sql.SQL(text).format(self._columns, self._table)
         rows = self._run(lambda conn: conn.execute(stmt, params).fetchall())
         return newest((r for row in rows for r in records_from_row(row)), query)  # exact: see SqliteSink.query

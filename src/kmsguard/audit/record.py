@@ -22,6 +22,7 @@ verified with the same encoder at version 1.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -30,12 +31,20 @@ from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore
 from operator import attrgetter
 from typing import Any, NamedTuple
 
+from kmsguard.errors import InvalidInput
+
 #: prev_hash of a chain's first record.
 GENESIS = "0" * 64
 #: The canonical encoding of a row written before runs existed (read only: last_seq NULL).
 RECORD_VERSION = 1
-#: The canonical encoding of every row written now: a run, of one record or many.
+#: The canonical encoding of every row written now: a run, of one record or many...
 RUN_VERSION = 2
+#: ...except a run holding records of a caller's own request id (items whose request is 0).
+CALLER_ID_VERSION = 3
+#: What a request id may be (a caller's own comes from outside, e.g. an HTTP header):
+#: 1 to REQUEST_ID_MAX characters of this set, so it is safe in logs, headers and queries.
+REQUEST_ID_MAX = 128
+REQUEST_ID = re.compile(rf"[A-Za-z0-9._:/+=-]{{1,{REQUEST_ID_MAX}}}")
 #: The operation name of the record that ends a writer's chain when it closes cleanly.
 CLOSE_OPERATION = "writer-closed"
 #: One record of a run: start (microseconds since the epoch), duration (ns), size, request number.
@@ -80,6 +89,8 @@ class AuditRecord:
     kms_calls: int = column("int")
     cache_hit: bool | None = column("bool", null=True)
     size: int = column("bigint")
+    #: The request the operation served: kmsguard's own id (``<process prefix><10 hex digits>``)
+    #: or a caller's (check_request_id); None for a writer's own records.
     request_id: str | None = column("text", null=True)
     context: Mapping[str, str] = column("text", json=True)
     #: The chain MAC of the row this record is stored in (a run's records share it).
@@ -183,8 +194,11 @@ class AuditRun:
         count = self.last_seq - head.seq + 1
         if count < 1 or len(items) != count * RUN_ITEM.size:
             return [replace(head, run=self)]
-        first_number = f"{RUN_ITEM.unpack_from(items)[3]:010x}"
-        prefix = (head.request_id or "").removesuffix(first_number)  # the head's id is the first record's
+        listed = [Item._make(i) for i in RUN_ITEM.iter_unpack(items)]
+        # The head's id is the first record's: the prefix, and its number unless that is 0.
+        first_number = f"{listed[0].request:010x}" if listed[0].request else ""
+        prefix = (head.request_id or "").removesuffix(first_number)
+        ids = [f"{prefix}{item.request:010x}" if item.request else prefix for item in listed]
         try:
             return [
                 replace(
@@ -193,13 +207,27 @@ class AuditRun:
                     time=format_time_us(item.started_us),
                     duration_us=duration_us(item.duration_ns),
                     size=item.size,
-                    request_id=f"{prefix}{item.request:010x}",
+                    request_id=request_id,
                     run=self,
                 )
-                for i, item in enumerate(map(Item._make, RUN_ITEM.iter_unpack(items)))
+                for i, (item, request_id) in enumerate(zip(listed, ids, strict=True))
             ]
         except (ValueError, OverflowError, OSError):  # a start no calendar holds: tampered with
             return [replace(head, run=self)]
+
+
+def check_request_id(text: str) -> str:
+    """``text`` if it may be a record's request id (REQUEST_ID), else InvalidInput (which does not repeat it)."""
+    if not isinstance(text, str) or not REQUEST_ID.fullmatch(text):
+        raise InvalidInput(f"a request id is 1 to {REQUEST_ID_MAX} characters of A-Z a-z 0-9 . _ : / + = -")
+    return text
+
+
+def _has_caller_ids(items: bytes) -> bool:
+    """A run with an item whose request is 0, a record carrying a caller's id, the prefix alone (format 3)."""
+    if not items or len(items) % RUN_ITEM.size:
+        return False
+    return 0 in memoryview(items).cast("Q")[3::4]  # each item's request (0 in either byte order)
 
 
 def _columns() -> tuple[Column, ...]:
@@ -251,12 +279,16 @@ def canonical(signed: str, last_seq: int | None = None, items: bytes = b"") -> b
     ``signed`` is :func:`signed_json` of the row's record fields, so the JSON part is the
     canonical JSON of the array ``[version, *fields, last_seq]``::
 
-        version 2 (every row written now):     [2,<fields>,<last_seq>] LF <items>
-        version 1 (last_seq None; read only):  [1,<fields>]
+        version 3 (a run with a caller's request ids):    [3,<fields>,<last_seq>] LF <items>
+        version 2 (every other row written now):          [2,<fields>,<last_seq>] LF <items>
+        version 1 (last_seq None; read only):             [1,<fields>]
+
+    The version follows from the items (see AuditRun.records), so it needs no column.
     """
     if last_seq is None:
         return f"[{RECORD_VERSION},{signed}]".encode("ascii")
-    return f"[{RUN_VERSION},{signed},{last_seq}]\n".encode("ascii") + items
+    version = CALLER_ID_VERSION if _has_caller_ids(items) else RUN_VERSION
+    return f"[{version},{signed},{last_seq}]\n".encode("ascii") + items
 
 
 def duration_us(duration_ns: int) -> int:

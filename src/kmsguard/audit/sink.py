@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class Query:
     operation: str | None = None
     outcome: str | None = None
     principal: str | None = None
+    request_id: str | None = None
     limit: int | None = None
 
     def matches(self, r: AuditRecord) -> bool:
@@ -39,7 +41,14 @@ class Query:
             and (self.operation is None or r.operation == self.operation)
             and (self.outcome is None or r.outcome == self.outcome)
             and (self.principal is None or r.principal == self.principal)
+            and (self.request_id is None or r.request_id == self.request_id)
         )
+
+    @property
+    def row_limit(self) -> int | None:
+        """Rows the SQL sinks may stop at: a row holds at least one record matching sql_where,
+        except for a request id, where it may only be a run whose other records have it."""
+        return None if self.request_id is not None else self.limit
 
     def sql_where(self, placeholder: str) -> tuple[str, list[Any]]:
         """A WHERE clause (or "") and its parameters, for the SQL sinks."""
@@ -54,7 +63,20 @@ class Query:
             if value is not None:
                 clauses.append(f"{column} {op} {placeholder}")
                 params.append(value)
+        if self.request_id is not None:
+            # The row's own id is its first record's; a run of kmsguard's own ids
+            # (<prefix><10 hex digits>, record.AuditRun) holds others with the same prefix.
+            clause = f"request_id = {placeholder}"
+            params.append(self.request_id)
+            if _MADE_ID.fullmatch(self.request_id):
+                clause = f"({clause} OR (last_seq > seq AND request_id LIKE {placeholder} ESCAPE '!'))"
+                params.append(self.request_id[:-10].replace("_", "!_") + "_" * 10)
+            clauses.append(clause)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+#: A request id that may be one of kmsguard's own, numbered in a run.
+_MADE_ID = re.compile(r".+[0-9a-f]{10}")
 
 
 class Sink(Protocol):

@@ -84,8 +84,8 @@ class SqliteSink:
         # filtered again per record, they give exactly those. Constant columns; the
         # filter values are bound parameters.
         sql = f"SELECT {_COLUMNS} FROM audit_records{where} ORDER BY time DESC, writer_id DESC, seq DESC"  # noqa: S608
-        if query.limit:
-            sql += f" LIMIT {int(query.limit)}"
+        if query.row_limit:
+            sql += f" LIMIT {int(query.row_limit)}"
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
         return newest((r for row in rows for r in records_from_row(row)), query)

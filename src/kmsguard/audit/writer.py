@@ -49,7 +49,7 @@ from kmsguard import operation
 from kmsguard.audit.chain import AuditKeys
 from kmsguard.audit.deliver import MAX_BACKOFF, Deliverer
 from kmsguard.audit.facts import Spooled
-from kmsguard.audit.frames import NOT_WRITTEN, HitWriter
+from kmsguard.audit.frames import NOT_WRITTEN, CallerKind, HitWriter
 from kmsguard.audit.record import CLOSE_OPERATION
 from kmsguard.audit.sink import Sink
 from kmsguard.audit.spool import NotDurable, Spool, SpoolFull, remove_writer, try_lock
@@ -113,9 +113,9 @@ class AuditObserver:
         self.telemetry = telemetry
         self._spool = Spool(self.spool_dir, self.writer_id, max_spool_bytes)
         self._templates: dict[object, int] = {}  # HitKind or shape -> its template id (see frames.py)
-        self._seen: set[tuple[Any, ...]] = set()  # shapes spooled once in full (see _compact)
+        self._seen: set[object] = set()  # shapes (or CallerKinds) spooled once in full (see _compact)
         self._template_ids = itertools.count(1)
-        self._hits = HitWriter(self._spool.frames, self._templates, self._hit_slow)
+        self._hits = HitWriter(self._spool.frames, self._templates, self._hit_slow, operation.request)
         self.delivered_seq = 0
         self._delivered_at = time.monotonic()  # the deliverer's last progress (for the delivery lag)
         self._waiting_since: float | None = None  # since when records have been waiting
@@ -186,7 +186,9 @@ class AuditObserver:
         if strict and not op.strict_audit:
             op.strict_audit = True  # [audit] strict = true: Guard must refuse what cannot be recorded
         if not strict:
-            self._compact(op.shape(), op.started_at, op.duration, op.size, op.request_number())
+            number = op.request_number()
+            kind = op.shape() if number else CallerKind(op.shape(), op.request_id)
+            self._compact(kind, op.started_at, op.duration, op.size, number)
             return
         # Strict, in full: the record is synced before the operation returns, and a
         # refusal must be able to follow it.
@@ -246,24 +248,27 @@ class AuditObserver:
         """
         return self._hits
 
-    def _compact(self, shape: tuple[Any, ...], started_at: float, duration: float, size: int, request: int) -> None:
-        """A non-strict operation as a hit frame, once its shape has been seen before.
+    def _compact(self, kind: object, started_at: float, duration: float, size: int, request: int) -> None:
+        """A non-strict operation (its shape, or a CallerKind of it) as a hit frame, once its
+        kind has been seen before.
 
-        The first operation of a shape is spooled in full and only remembered: a shape
-        that never recurs (a context value unique to each call) would otherwise cost a
-        template as well as a frame.
+        The first operation of a kind is spooled in full and only remembered: a kind that
+        never recurs (a context value unique to each call, a caller's id unique to each
+        request) would otherwise cost a template as well as a frame.
         """
-        template = self._templates.get(shape)
+        template = self._templates.get(kind)
         at, took = round(started_at * 1e6), round(duration * 1e9)
         if template is not None and self._spool.frames.hit(template, at, took, size, request) != NOT_WRITTEN:
             return
-        if template is None and shape not in self._seen:
+        if template is None and kind not in self._seen:
             if len(self._seen) >= _MAX_TEMPLATES:
                 self._seen.clear()
-            self._seen.add(shape)
-            self._append_quietly(Spooled.of(shape, started_at, duration, size, operation.request_id_of(request)))
+            self._seen.add(kind)
+            shape, prefix = _template_of(kind)
+            request_id = operation.request_id_of(request) if request else prefix
+            self._append_quietly(Spooled.of(shape, started_at, duration, size, request_id))
             return
-        self._hit_slow(shape, at, took, size, request)
+        self._hit_slow(kind, at, took, size, request)
 
     def _hit_slow(self, kind: object, started: int, duration: int, size: int, request: int) -> None:
         """A template to write first (a new kind, or a new segment), a segment to start, or no room."""
@@ -275,10 +280,8 @@ class AuditObserver:
         template = self._templates.get(kind)
         if template is None:
             template = next(self._template_ids)
-        shape = kind.shape if isinstance(kind, HitKind) else kind
-        assert isinstance(shape, tuple)
+        shape, prefix = _template_of(kind)
         try:
-            prefix = operation.REQUEST_PREFIX
             self._with_room(self._spool.hit, template, shape, prefix, started, duration, size, request)
         except AuditUnavailable:
             self._drop()
@@ -618,6 +621,16 @@ def _read_quietly(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:
         return b""
+
+
+def _template_of(kind: object) -> tuple[tuple[Any, ...], str]:
+    """The shape and request-id prefix of a kind's template: a caller's id (CallerKind) is its own prefix."""
+    prefix = operation.REQUEST_PREFIX
+    if type(kind) is CallerKind:
+        kind, prefix = kind
+    shape = kind.shape if isinstance(kind, HitKind) else kind
+    assert isinstance(shape, tuple)
+    return shape, prefix
 
 
 class DisabledAudit:

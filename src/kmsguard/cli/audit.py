@@ -102,6 +102,7 @@ def tail(count: int, as_json: bool) -> None:
 @click.option("--op", "operation", help="encrypt, decrypt, rewrap, ...")
 @click.option("--outcome", type=click.Choice(["ok", "error"]))
 @click.option("--principal")
+@click.option("--request-id", help="Records of one request (an HTTP request's X-Request-Id).")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the newest N matches.")
 @_output
 def query(
@@ -110,6 +111,7 @@ def query(
     operation: str | None,
     outcome: str | None,
     principal: str | None,
+    request_id: str | None,
     limit: int | None,
     as_json: bool,
 ) -> None:
@@ -122,6 +124,7 @@ def query(
         operation=operation,
         outcome=outcome,
         principal=principal,
+        request_id=request_id,
         limit=limit,
     )
     _show(q, as_json)

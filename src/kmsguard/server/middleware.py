@@ -12,19 +12,19 @@ import re
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kmsguard import operation
+from kmsguard.audit.record import REQUEST_ID
 from kmsguard.errors import KmsGuardError, RequestTooLarge
 
-#: A caller's own X-Request-Id is echoed when it is this shape; anything else is replaced.
-_CALLER_ID_RE = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+_CALLER_ID_RE = re.compile(REQUEST_ID.pattern.encode("ascii"))
 
 
 class RequestIdMiddleware:
-    """Gives each request a kmsguard request id and runs it under ``operation.serving``.
+    """Runs each request under its request id (``operation.serving``) and answers it as ``X-Request-Id``.
 
-    The audit records of the request's operations carry that id; the response carries it
-    as ``X-Audit-Request-Id``, and as ``X-Request-Id`` unless the caller sent its own
-    X-Request-Id, which is echoed instead (so a caller's tracing id comes back unchanged,
-    and the audit id says which records the request made).
+    The id is the caller's own ``X-Request-Id`` when it is a valid audit request id
+    (kmsguard.audit.record.REQUEST_ID); otherwise — none sent, or one too long or with
+    other characters — one kmsguard makes. Either way the audit records of the request's
+    operations carry it, and the answer says which it was.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -34,23 +34,23 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        number, audit_id = operation.new_request_id()
-        own = audit_id.encode("ascii")
-        echoed = own
+        caller_id: str | None = None
         for name, value in scope["headers"]:
             if name == b"x-request-id" and _CALLER_ID_RE.fullmatch(value):
-                echoed = value
-        scope.setdefault("state", {})["request_id"] = audit_id
+                caller_id = value.decode("ascii")
+        request: int | str
+        if caller_id is None:
+            request, request_id = operation.new_request_id()
+        else:
+            request = request_id = caller_id
+        echoed = request_id.encode("ascii")
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", ()))
-                headers.append((b"x-request-id", echoed))
-                headers.append((b"x-audit-request-id", own))
-                message["headers"] = headers
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", echoed)]
             await send(message)
 
-        with operation.serving(number):
+        with operation.serving(request):
             await self.app(scope, receive, send_with_id)
 
 

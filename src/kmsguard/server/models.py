@@ -6,9 +6,11 @@ client's typo (``plantext``) is a 400 naming it rather than an empty encryption.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
 from pydantic import Field as PydanticField
 
 Context = dict[StrictStr, StrictStr] | None
@@ -101,6 +103,37 @@ class InspectResponse(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = {}
+
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` that documents ``model`` as the JSON body of a route reading it with :func:`parse`."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)  # the models it refers to are documented by the single-item routes
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def parse(request: Request, model: type[Body]) -> Body:
+    """The request's body as ``model``, parsed and validated from the bytes in one pass.
+
+    For the batch routes, whose bodies are large: FastAPI decodes JSON into Python objects
+    and then validates those, which costs about twice pydantic's own parser. The answers
+    are FastAPI's: a body that is not ``application/json`` (or ``+json``), missing or
+    not valid JSON, or not of the model, raises RequestValidationError.
+    """
+    raw = await request.body()
+    if not raw:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",)}])
+    kind, _, subtype = request.headers.get("content-type", "").partition(";")[0].strip().lower().partition("/")
+    if kind != "application" or not (subtype == "json" or subtype.endswith("+json")):
+        raise RequestValidationError([{"type": "model_attributes_type", "loc": ("body",)}])
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError(errors) from None
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
