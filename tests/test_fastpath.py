@@ -216,10 +216,12 @@ def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(pl: Modu
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     hits: list[tuple[object, float, float, int]] = []
+    requests: list[int] = []
 
     class Sink(fastpath.HitSink):  # type: ignore[misc]
-        def record(self, kind: Any, started: float, duration: float, size: int) -> None:
+        def record(self, kind: Any, started: float, duration: float, size: int, request: int) -> None:
             hits.append((kind, started, duration, size))
+            requests.append(request)
 
     acting: ContextVar[str | None] = ContextVar("acting", default=None)
     policy = Policy.defaults({n: f"local:{n}" for n in NAMES})
@@ -249,6 +251,7 @@ def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(pl: Modu
     pl.bind_kind(lane, "svc", "svc-kind-2")
     assert lanes.seal(b"x", "general", None) is not None
     assert [kind for kind, _, _, _ in hits[2:]] == ["svc-kind", "svc-kind-2"]
+    assert requests == sorted(set(requests))  # a request number of its own per hit
 
 
 @settings(max_examples=150, deadline=None)

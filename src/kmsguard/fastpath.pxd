@@ -2,6 +2,7 @@
 # The .py file stays the source; this file only tells Cython which classes are
 # extension types and which fields are C numbers, so Budget._take runs as C code
 # without releasing the GIL.
+import cython
 
 cdef long long _NO_LIMIT
 cdef long long _tick
@@ -25,5 +26,18 @@ cdef class Budget:
     cdef object _lock
     cdef object _take(self, long long size, double now)
 
+@cython.freelist(16)
+cdef class OperationEvent:
+    cdef readonly object kind
+    cdef readonly double started_at
+    cdef readonly double duration
+    cdef readonly Py_ssize_t size
+    cdef readonly unsigned long long request
+
 cdef class HitSink:
-    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *
+    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size,
+                      unsigned long long request) except *
+
+cdef class EventSink(HitSink):
+    cdef readonly object observe
+    cdef readonly object report

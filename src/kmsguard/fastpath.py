@@ -10,7 +10,14 @@ AESGCM object, so a plan that outlives its cache entry holds no key.
 tick of its last use, and so does a plan, so that :class:`kmsguard.lru.LruIndex` can
 find the least recently used without any hit touching it.
 
-**HitSink** is where an observer (audit, metrics) takes cache hits in compact form.
+**OperationEvent** is what every observer receives, once per operation
+(kmsguard.operation.Observer): what operations of one kind share (a
+kmsguard.operation.EventKind) and what is this operation's own (start, duration, size,
+request number). A cache hit's event is built here, on the lanes' path (kmsguard.plans).
+
+**HitSink** is how a cache hit reaches an observer: :class:`EventSink` builds the
+OperationEvent and calls the observer's ``observe``; the audit writer and the metrics
+registry have sinks of their own that record a hit without building it.
 
 This module is compiled with Cython when the package is built (``fastpath.pxd`` gives
 the C types): then a claim, a tick and a request number are C code that never releases
@@ -109,14 +116,111 @@ class Budget:
         self.aead = None
 
 
-class HitSink:
-    """Where an observer takes cache hits in compact form (kmsguard.operation.HitKind).
+class OperationEvent:
+    """One finished operation, as every observer receives it. Never changed once made.
 
-    The audit writer and the metrics registry subclass it (compiled, they are called
-    from kmsguard.plans as C, with no Python call in between).
+    ``kind`` (a kmsguard.operation.EventKind) is what all operations of one kind share, and
+    is shared by them: its fields are read through this event's properties. The event's
+    own fields are ``started_at`` (epoch seconds), ``duration`` (seconds), ``size``
+    (plaintext bytes) and ``request`` (the process' request number; ``request_id`` is its
+    text). It holds names, counts and the context (never secret, it is in every envelope's
+    header); never plaintext, ciphertext or keys.
     """
 
-    def record(self, kind: Any, started: float, duration: float, size: int) -> None:
-        """One hit of ``kind``: started at ``started`` (epoch seconds), took ``duration`` s, ``size`` bytes.
+    def __init__(self, kind: Any, started_at: float, duration: float, size: int, request: int) -> None:
+        self.kind = kind
+        self.started_at = started_at
+        self.duration = duration
+        self.size = size
+        self.request = request
 
-        The base records nothing."""
+    @property
+    def operation(self) -> str:
+        """``encrypt``, ``decrypt``, ``rewrap`` (or an admin operation such as ``keys.rotate``)."""
+        return self.kind.operation  # type: ignore[no-any-return]
+
+    @property
+    def classification(self) -> str | None:
+        """The classification, once the policy accepted it; None when the operation failed before."""
+        return self.kind.classification  # type: ignore[no-any-return]
+
+    @property
+    def principal(self) -> str:
+        return self.kind.principal  # type: ignore[no-any-return]
+
+    @property
+    def outcome(self) -> str:
+        """``ok`` or ``error``."""
+        return self.kind.outcome  # type: ignore[no-any-return]
+
+    @property
+    def error_code(self) -> str | None:
+        """The error's stable code (kmsguard.errors) when ``outcome`` is ``error``."""
+        return self.kind.error_code  # type: ignore[no-any-return]
+
+    @property
+    def cache_hit(self) -> bool | None:
+        """True: served from the data-key cache; False: a miss; None: no cache took part."""
+        return self.kind.cache_hit  # type: ignore[no-any-return]
+
+    @property
+    def kms_calls(self) -> int:
+        """Key-service calls the operation made (retries are counted by the AWS layer)."""
+        return self.kind.kms_calls  # type: ignore[no-any-return]
+
+    @property
+    def key_refs(self) -> tuple[str, ...]:
+        return self.kind.key_refs  # type: ignore[no-any-return]
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        return self.kind.regions  # type: ignore[no-any-return]
+
+    @property
+    def context(self) -> Any:
+        """The checked encryption context (a read-only mapping)."""
+        return self.kind.context
+
+    @property
+    def strict(self) -> bool:
+        """Whether Guard refuses this operation when an observer raises (the policy's strict audit)."""
+        return self.kind.strict  # type: ignore[no-any-return]
+
+    @property
+    def request_id(self) -> str:
+        from kmsguard.operation import request_id_of
+
+        return request_id_of(self.request)
+
+    def __repr__(self) -> str:
+        return f"OperationEvent({self.kind!r}, size={self.size}, duration={self.duration!r})"
+
+
+class HitSink:
+    """How cache hits reach one observer (the lanes of kmsguard.plans call ``record`` per hit).
+
+    A subclass compiled with this module (the audit writer's, the metrics registry's)
+    is called as C. The base records nothing.
+    """
+
+    def record(self, kind: Any, started: float, duration: float, size: int, request: int) -> None:
+        """One hit of ``kind`` (an EventKind): started at ``started`` (epoch seconds), took
+        ``duration`` s, ``size`` bytes, request number ``request``."""
+
+
+class EventSink(HitSink):
+    """Hits as OperationEvents to an observer's ``observe`` (any observer without a sink of its own).
+
+    What ``observe`` raises on a hit is ``report``'s: a hit is never strict (Guard serves
+    strict operations on the full route), so its result stands.
+    """
+
+    def __init__(self, observe: Callable[[OperationEvent], None], report: Callable[[BaseException], None]) -> None:
+        self.observe = observe
+        self.report = report
+
+    def record(self, kind: Any, started: float, duration: float, size: int, request: int) -> None:
+        try:
+            self.observe(OperationEvent(kind, started, duration, size, request))
+        except Exception as exc:
+            self.report(exc)

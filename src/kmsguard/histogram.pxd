@@ -16,4 +16,5 @@ cdef class HitTally(HitSink):
     cdef public dict by_kind
     cdef public tuple last
     @cython.locals(series=Histogram, last=tuple)
-    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *
+    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size,
+                      unsigned long long request) except *

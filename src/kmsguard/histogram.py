@@ -5,7 +5,7 @@ reads them when scraped. :meth:`Histogram.add` runs once per Guard operation, ca
 included, so it is compiled with Cython when the package is built (``histogram.pxd``):
 then it is a few C additions that never release the GIL, atomic without a lock. As plain
 Python (no compiler) it takes a lock. :class:`HitTally` is the metrics side of a cache
-hit (see kmsguard.operation.HitKind): a dict lookup and an ``add``.
+hit (see kmsguard.operation.EventKind): a dict lookup and an ``add``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class HitTally(HitSink):
         self.by_kind: dict[object, Histogram] = {}
         self.last: tuple[Any, Any] = _NO_KIND
 
-    def record(self, kind: Any, started: float, duration: float, size: int) -> None:
+    def record(self, kind: Any, started: float, duration: float, size: int, request: int) -> None:
         last = self.last
         if last[0] is kind:
             series = last[1]

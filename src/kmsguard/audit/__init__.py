@@ -58,7 +58,7 @@ def keys_for(settings: Settings, keyring: Keyring, sink: Sink) -> AuditKeys:
 def build_observer(settings: Settings, keyring: Keyring, telemetry: Telemetry = NULL_TELEMETRY) -> Observer:
     config = AuditSettings.of(settings)
     if config.sink == "none":
-        return DisabledAudit(config.strict)
+        return DisabledAudit()
     sink = open_sink(config) if config.delivery == "thread" else None
 
     def keys() -> AuditKeys:
@@ -69,7 +69,6 @@ def build_observer(settings: Settings, keyring: Keyring, telemetry: Telemetry = 
         sink,
         keys,
         config.spool_dir,
-        strict=config.strict,
         delivery=config.delivery,
         env=settings.env,
         flush_interval=config.flush_interval,

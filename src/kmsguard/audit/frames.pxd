@@ -1,7 +1,7 @@
 # C types for frames.py when Cython compiles it (see that module's docstring and
 # kmsguard/fastpath.pxd): Frames.hit becomes C stores into the memory map.
 import cython
-from kmsguard.fastpath cimport HitSink, next_request
+from kmsguard.fastpath cimport HitSink
 from libc.string cimport memcpy
 
 cdef extern from *:
@@ -77,6 +77,6 @@ cdef class HitWriter(HitSink):
     cdef public dict templates
     cdef public object slow
     cdef public tuple last
-    @cython.locals(at="unsigned long long", took="unsigned long long", request="unsigned long long",
-                   last=tuple, template="unsigned long long")
-    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *
+    @cython.locals(at="unsigned long long", took="unsigned long long", last=tuple, template="unsigned long long")
+    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size,
+                      unsigned long long request) except *

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from kmsguard.errors import AuditUnavailable
-from kmsguard.fastpath import HitSink, next_request
+from kmsguard.fastpath import HitSink
 
 #: True when this module runs compiled (Frames.hit is then atomic under the GIL).
 COMPILED = not __file__.endswith(".py")
@@ -231,10 +231,9 @@ class Frames:
 class HitWriter(HitSink):
     """The audit side of a cache hit: a hit frame, or the spool's slow path when it cannot.
 
-    ``templates`` maps a HitKind (or a shape) to its template id once the spool has one for it;
+    ``templates`` maps an EventKind (or a shape) to its template id once the spool has one for it;
     ``slow(kind, started, duration, size, request)`` handles everything else (a new
     kind, a template to write into a new segment, a segment to start, a full spool).
-    Request numbers come from kmsguard.fastpath.next_request, the process' counter.
 
     ``last`` is the last (kind, template id) found, read and replaced as one tuple (so
     atomically, threads or not): a loop of one kind skips the dictionary. The slow path
@@ -252,8 +251,7 @@ class HitWriter(HitSink):
         self.slow = slow
         self.last: tuple[Any, int] = _NO_KIND
 
-    def record(self, kind: Any, started: float, duration: float, size: int) -> None:
-        request = next_request()
+    def record(self, kind: Any, started: float, duration: float, size: int, request: int) -> None:
         at = int(started * 1e6)
         took = int(duration * 1e9)
         last = self.last
