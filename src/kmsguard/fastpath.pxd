@@ -1,18 +1,37 @@
 # C types for fastpath.py when Cython compiles it (see that module's docstring).
 # The .py file stays the source; this file only tells Cython which classes are
-# extension types and which fields are C numbers, so Budget._take runs as C code
-# without releasing the GIL.
+# extension types and which fields are C numbers, so a claim or a tick runs as C code
+# under the owner's spin lock (kmsguard/locks.pxd).
 import cython
+from kmsguard.locks cimport spin_acquire, spin_release
 
 cdef long long _NO_LIMIT
-cdef long long _tick
-cdef unsigned long long _requests
-cdef object _counter_lock
 
+cdef class Mutexed:
+    cdef char _mutex
+
+# The lock of a Mutexed (fastpath.py gives their interpreted stand-ins).
+cdef inline void _hold(Mutexed owner) noexcept:
+    spin_acquire(&owner._mutex)
+
+cdef inline void _free(Mutexed owner) noexcept:
+    spin_release(&owner._mutex)
+
+cdef inline void _new_mutex(Mutexed owner) noexcept:
+    spin_release(&owner._mutex)  # unlocked (as a new Mutexed is: allocated zeroed)
+
+cdef class _Counters(Mutexed):
+    cdef long long tick
+    cdef unsigned long long requests
+
+cdef _Counters _counters
+
+@cython.locals(counters=_Counters, tick="long long")
 cpdef long long next_tick() noexcept
+@cython.locals(counters=_Counters, number="unsigned long long")
 cpdef unsigned long long next_request() noexcept
 
-cdef class Budget:
+cdef class Budget(Mutexed):
     cdef public object aead
     cdef public object clock
     cdef public double expires
@@ -23,7 +42,6 @@ cdef class Budget:
     cdef public long long hits
     cdef public bint live
     cdef public long long last_used
-    cdef object _lock
     cdef object _take(self, long long size, double now)
 
 @cython.freelist(16)

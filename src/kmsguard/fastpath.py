@@ -19,10 +19,14 @@ request number). A cache hit's event is built here, on the lanes' path (kmsguard
 OperationEvent and calls the observer's ``observe``; the audit writer and the metrics
 registry have sinks of their own that record a hit without building it.
 
-This module is compiled with Cython when the package is built (``fastpath.pxd`` gives
-the C types): then a claim, a tick and a request number are C code that never releases
-the GIL. Imported as plain Python (no compiler at install time), each takes a lock
-instead; :data:`COMPILED` says which.
+**Mutexed** is the base of every object the compiled hot path shares between threads
+(Budget, the counters, kmsguard.histogram.Histogram, kmsguard.audit.frames.Frames): one
+lock per object, taken with ``_hold`` and released with ``_free`` around each step that
+changes its fields, compiled or not, so the code is correct without the GIL (free-threaded
+CPython). Compiled with Cython when the package is built (``fastpath.pxd``), the lock is
+a one-byte spin lock (kmsguard/locks.pxd) held for a few C statements; imported as plain
+Python (no compiler at install time, or ``KMSGUARD_PURE=1``), it is a threading.Lock.
+:data:`COMPILED` says which.
 """
 
 from __future__ import annotations
@@ -35,34 +39,65 @@ from typing import Any
 COMPILED = not __file__.endswith(".py")
 
 _NO_LIMIT = 2**62
-_tick = 0
-_requests = 0
-_counter_lock = threading.Lock()
+
+
+def _plain_hold(owner: Any) -> None:
+    owner._mutex.acquire()
+
+
+def _plain_free(owner: Any) -> None:
+    owner._mutex.release()
+
+
+def _plain_new_mutex(owner: Any) -> None:
+    owner._mutex = threading.Lock()
+
+
+# Compiled, these three are C functions from fastpath.pxd (the spin lock); interpreted,
+# these stand-ins. Set through globals() because Cython would compile a def of the same name.
+globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
+
+
+class Mutexed:
+    """An object with a lock of its own (see the module docstring); subclasses call ``__init__``."""
+
+    def __init__(self) -> None:
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
+
+
+class _Counters(Mutexed):
+    """The process' use ticks and request numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tick = 0
+        self.requests = 0
+
+
+_counters = _Counters()
 
 
 def next_tick() -> int:
     """The next use tick: larger than every tick handed out before in this process."""
-    global _tick
-    if COMPILED:
-        _tick += 1
-        return _tick
-    with _counter_lock:
-        _tick += 1
-        return _tick
+    counters = _counters
+    _hold(counters)  # type: ignore[name-defined]  # noqa: F821
+    counters.tick += 1
+    tick = counters.tick
+    _free(counters)  # type: ignore[name-defined]  # noqa: F821
+    return tick
 
 
 def next_request() -> int:
     """The process' next request number (kmsguard.operation.request_id_of), for full operations and hits alike."""
-    global _requests
-    if COMPILED:
-        _requests += 1
-        return _requests
-    with _counter_lock:
-        _requests += 1
-        return _requests
+    counters = _counters
+    _hold(counters)  # type: ignore[name-defined]  # noqa: F821
+    counters.requests += 1
+    number = counters.requests
+    _free(counters)  # type: ignore[name-defined]  # noqa: F821
+    return number
 
 
-class Budget:
+class Budget(Mutexed):
     """How much longer, and for how many more messages and bytes, one data key may be used.
 
     ``aead`` is the key's AESGCM object; :meth:`claim` hands it out with each use and
@@ -79,6 +114,7 @@ class Budget:
         max_bytes: int = _NO_LIMIT,
         first_size: int = 0,
     ) -> None:
+        super().__init__()
         self.aead = aead
         self.clock = clock
         self.expires = expires
@@ -89,15 +125,14 @@ class Budget:
         self.hits = 0
         self.live = True
         self.last_used = next_tick()
-        self._lock = threading.Lock()
 
     def claim(self, size: int) -> Any:
         """One use for a message of ``size`` bytes: the AESGCM object, or None if spent, expired or retired."""
-        now = self.clock()  # before the atomic part: a Python call may switch threads
-        if COMPILED:
-            return self._take(size, now)
-        with self._lock:
-            return self._take(size, now)
+        now = self.clock()  # before the lock: nothing that calls Python is done holding it
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        aead = self._take(size, now)
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        return aead
 
     def _take(self, size: int, now: float) -> Any:
         if not self.live or now >= self.expires or self.messages >= self.max_messages:
@@ -112,8 +147,10 @@ class Budget:
 
     def retire(self) -> None:
         """No more uses, by anyone; the key object goes with the last operation using it."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
         self.live = False
-        self.aead = None
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        self.aead = None  # after: dropping the last reference may run Python
 
 
 class OperationEvent:

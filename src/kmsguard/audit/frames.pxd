@@ -1,7 +1,7 @@
 # C types for frames.py when Cython compiles it (see that module's docstring and
 # kmsguard/fastpath.pxd): Frames.hit becomes C stores into the memory map.
 import cython
-from kmsguard.fastpath cimport HitSink
+from kmsguard.fastpath cimport HitSink, Mutexed, _free, _hold, _new_mutex
 from libc.string cimport memcpy
 
 cdef extern from *:
@@ -52,7 +52,7 @@ cpdef unsigned int hit_check(unsigned long long seq, unsigned long long template
 cpdef tuple take_hits(bytes data, Py_ssize_t pos, unsigned long long seq, unsigned long long template,
                       Py_ssize_t limit)
 
-cdef class Frames:
+cdef class Frames(Mutexed):
     cdef public object lock
     cdef public Py_ssize_t size
     cdef public long long limit

@@ -33,10 +33,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from kmsguard.errors import AuditUnavailable
-from kmsguard.fastpath import HitSink
+from kmsguard.fastpath import HitSink, Mutexed, _plain_free, _plain_hold, _plain_new_mutex
 
-#: True when this module runs compiled (Frames.hit is then atomic under the GIL).
+#: True when this module runs compiled.
 COMPILED = not __file__.endswith(".py")
+# Compiled, C functions from kmsguard/fastpath.pxd; interpreted, these stand-ins.
+globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
 HIT_FLAG = 0x80000000
 HIT_PAYLOAD = 48
 HIT_FRAME = 8 + HIT_PAYLOAD
@@ -130,20 +132,23 @@ def take_hits(data: bytes, pos: int, seq: int, template: int, limit: int) -> tup
     return count, bytes(out), latest
 
 
-class Frames:
+class Frames(Mutexed):
     """The write position in the current segment's memory map, shared by spool.py and hits.
 
     spool.py changes these fields only under its lock and with ``busy`` set (see
     :meth:`exclusive`); ``limit`` is the value of ``written`` past which the spool is
     full, ``emitted`` the template ids already written into the current segment.
 
-    :meth:`hit` takes no lock when compiled: it reads ``busy`` and writes its frame in
-    one stretch of C that never releases the GIL, so it runs entirely before or after
-    any other thread's step; while spool.py is busy it steps aside (returns 0) and the
-    caller takes the spool's lock instead. As plain Python it takes the lock.
+    :meth:`hit` reads ``busy`` and writes its frame under this object's own lock
+    (kmsguard.fastpath.Mutexed: a spin lock held for a few C stores when compiled, a
+    threading.Lock as plain Python), never the spool's; spool.py sets and clears ``busy``
+    under it too (:meth:`enter`, :meth:`leave`), so a hit runs entirely before or after
+    spool.py's change. While spool.py is busy a hit steps aside (returns 0) and the caller
+    takes the spool's lock instead.
     """
 
     def __init__(self, lock: threading.Lock, segment_bytes: int, limit: int) -> None:
+        super().__init__()
         self.lock = lock
         self.size = segment_bytes
         self.limit = limit
@@ -161,11 +166,23 @@ class Frames:
     def exclusive(self) -> Iterator[Frames]:
         """The lock, and no hit written until it is released: for spool.py's multi-step changes."""
         with self.lock:
-            self.busy = True
+            self.enter()
             try:
                 yield self
             finally:
-                self.busy = self.closed
+                self.leave()
+
+    def enter(self) -> None:
+        """Hits step aside from now on (the caller holds ``lock``)."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        self.busy = True
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+
+    def leave(self) -> None:
+        """Hits write again, unless closed (the caller holds ``lock``)."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        self.busy = self.closed
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
 
     def attach(self, mapped: Any) -> None:
         """Write into ``mapped`` (a new segment) from its start. Exclusive."""
@@ -182,20 +199,25 @@ class Frames:
 
     def close(self) -> None:
         """No more frames: hits step aside for good (to a slow path that refuses). Under the lock."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
         self.closed = self.busy = True
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
         self.view = None
+
+    def renew_lock(self) -> None:
+        """In a forked child: a lock no thread holds (the parent's may have been held at the fork)."""
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
 
     def hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
         """Append a hit frame and return its seq; or return NOT_WRITTEN, and the caller takes
         spool.py's slow path (Spool.hit), which finds out why: spool.py is busy, the
         template is not in this segment yet, the segment has no room left, or the spool
         is full (which Spool.hit raises as SpoolFull)."""
-        if self.busy:
-            return _NOT_WRITTEN
-        if COMPILED:
-            return self._hit(template, started, duration, size, request)
-        with self.lock:
-            return self._hit(template, started, duration, size, request)
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        try:
+            return _NOT_WRITTEN if self.busy else self._hit(template, started, duration, size, request)
+        finally:
+            _free(self)  # type: ignore[name-defined]  # noqa: F821
 
     def write_hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
         """:meth:`hit` for spool.py, which holds the spool exclusively."""

@@ -1,0 +1,15 @@
+# C types for nonces.py when Cython compiles it (see that module's docstring): a
+# nonce's offset is taken under the pool's spin lock (kmsguard/fastpath.pxd).
+import cython
+from kmsguard.fastpath cimport Mutexed, _free, _hold
+
+cdef class _Pool(Mutexed):
+    cdef readonly bytes data
+    cdef Py_ssize_t offset
+    @cython.locals(start=Py_ssize_t)
+    cdef Py_ssize_t take(self) noexcept
+
+cdef _Pool _pool
+
+@cython.locals(pool=_Pool, start=Py_ssize_t)
+cpdef bytes nonce()
