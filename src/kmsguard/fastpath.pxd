@@ -59,3 +59,6 @@ cdef class HitSink:
 cdef class EventSink(HitSink):
     cdef readonly object observe
     cdef readonly object report
+    @cython.locals(event=OperationEvent)
+    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size,
+                      unsigned long long request) except *

@@ -59,17 +59,19 @@ globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mut
 
 
 class Mutexed:
-    """An object with a lock of its own (see the module docstring); subclasses call ``__init__``."""
+    """An object with a lock of its own (see the module docstring).
 
-    def __init__(self) -> None:
-        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
+    A subclass's ``__init__`` calls its module's ``_new_mutex(self)`` (these stand-ins, or
+    the C ones): the module's own, so that a subclass run as plain Python over a compiled
+    base (as the tests do) still gets its threading.Lock.
+    """
 
 
 class _Counters(Mutexed):
     """The process' use ticks and request numbers."""
 
     def __init__(self) -> None:
-        super().__init__()
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
         self.tick = 0
         self.requests = 0
 
@@ -114,7 +116,7 @@ class Budget(Mutexed):
         max_bytes: int = _NO_LIMIT,
         first_size: int = 0,
     ) -> None:
-        super().__init__()
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
         self.aead = aead
         self.clock = clock
         self.expires = expires
@@ -257,7 +259,14 @@ class EventSink(HitSink):
         self.report = report
 
     def record(self, kind: Any, started: float, duration: float, size: int, request: int) -> None:
+        # Made without __init__: compiled, the fields are stored as C numbers, never boxed.
+        event = OperationEvent.__new__(OperationEvent)
+        event.kind = kind
+        event.started_at = started
+        event.duration = duration
+        event.size = size
+        event.request = request
         try:
-            self.observe(OperationEvent(kind, started, duration, size, request))
+            self.observe(event)
         except Exception as exc:
             self.report(exc)

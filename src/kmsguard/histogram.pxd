@@ -1,6 +1,6 @@
 # C types for histogram.py when Cython compiles it (see that module's docstring).
 import cython
-from kmsguard.fastpath cimport HitSink, Mutexed, _free, _hold
+from kmsguard.fastpath cimport HitSink, Mutexed, _free, _hold, _new_mutex
 
 cdef class Histogram(Mutexed):
     cdef public double[::1] bounds

@@ -14,11 +14,11 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kmsguard.fastpath import HitSink, Mutexed, _plain_free, _plain_hold
+from kmsguard.fastpath import HitSink, Mutexed, _plain_free, _plain_hold, _plain_new_mutex
 
 COMPILED = not __file__.endswith(".py")
 # Compiled, C functions from kmsguard/fastpath.pxd; interpreted, these stand-ins.
-globals().update(_hold=_plain_hold, _free=_plain_free)
+globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
 #: HitTally.last before any kind (an object no caller's kind is).
 _NO_KIND = (object(), None)
 
@@ -27,7 +27,7 @@ class Histogram(Mutexed):
     """``bounds`` are the buckets' upper bounds (inclusive, as Prometheus' ``le``), ascending."""
 
     def __init__(self, bounds: Sequence[float]) -> None:
-        super().__init__()
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
         self.bounds = array("d", bounds)
         self.buckets = array("q", [0] * (len(bounds) + 1))  # the last is +Inf
         self.total = 0.0

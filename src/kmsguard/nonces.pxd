@@ -1,7 +1,7 @@
 # C types for nonces.py when Cython compiles it (see that module's docstring): a
 # nonce's offset is taken under the pool's spin lock (kmsguard/fastpath.pxd).
 import cython
-from kmsguard.fastpath cimport Mutexed, _free, _hold
+from kmsguard.fastpath cimport Mutexed, _free, _hold, _new_mutex
 
 cdef class _Pool(Mutexed):
     cdef readonly bytes data

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 
-from kmsguard.fastpath import Mutexed, _plain_free, _plain_hold
+from kmsguard.fastpath import Mutexed, _plain_free, _plain_hold, _plain_new_mutex
 
 #: True when this module runs compiled (nonces.pxd).
 COMPILED = not __file__.endswith(".py")
@@ -37,14 +37,14 @@ NONCE_SIZE = 12
 NONCES_PER_DRAW = 1024
 
 # Compiled, C functions from kmsguard/fastpath.pxd; interpreted, these stand-ins.
-globals().update(_hold=_plain_hold, _free=_plain_free)
+globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
 
 
 class _Pool(Mutexed):
     """One draw of nonces and the offset of the next one to hand out."""
 
     def __init__(self, data: bytes) -> None:
-        super().__init__()
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
         self.data = data
         self.offset = 0
 

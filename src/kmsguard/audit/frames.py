@@ -148,7 +148,7 @@ class Frames(Mutexed):
     """
 
     def __init__(self, lock: threading.Lock, segment_bytes: int, limit: int) -> None:
-        super().__init__()
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
         self.lock = lock
         self.size = segment_bytes
         self.limit = limit
