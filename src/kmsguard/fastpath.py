@@ -151,8 +151,8 @@ class Budget(Mutexed):
         """No more uses, by anyone; the key object goes with the last operation using it."""
         _hold(self)  # type: ignore[name-defined]  # noqa: F821
         self.live = False
+        self.aead = None  # under the lock, as claim reads it (freeing the key object runs no Python)
         _free(self)  # type: ignore[name-defined]  # noqa: F821
-        self.aead = None  # after: dropping the last reference may run Python
 
 
 class OperationEvent:

@@ -6,10 +6,11 @@ from kmsguard.fastpath cimport Mutexed, _free, _hold, _new_mutex
 cdef class _Pool(Mutexed):
     cdef readonly bytes data
     cdef Py_ssize_t offset
-    @cython.locals(start=Py_ssize_t)
-    cdef Py_ssize_t take(self) noexcept
+    @cython.locals(data=bytes, start=Py_ssize_t)
+    cdef bytes next(self)
+    cdef void refill(self, bytes spent, bytes fresh) noexcept
 
 cdef _Pool _pool
 
-@cython.locals(pool=_Pool, start=Py_ssize_t)
+@cython.locals(pool=_Pool, value=bytes, spent=bytes)
 cpdef bytes nonce()

@@ -9,11 +9,11 @@ keeping upcoming ones in memory exposes nothing.
 
 What matters is that no slice is ever handed out twice:
 
-* **threads**: the buffer and the offset of its next nonce are one :class:`_Pool`,
-  whose offset is taken and advanced in one step under the pool's lock
-  (kmsguard.fastpath.Mutexed: a spin lock compiled, a threading.Lock as plain Python),
-  so each slice goes to exactly one caller; a caller that runs past the end draws a new
-  buffer (outside any lock) and installs it unless another thread already did;
+* **threads**: the buffer and the offset of its next nonce are one :class:`_Pool`'s,
+  read and advanced in one step under its lock (kmsguard.fastpath.Mutexed: a spin lock
+  compiled, a threading.Lock as plain Python), so each slice goes to exactly one
+  caller; a caller that runs past the end draws a new buffer (outside the lock) and
+  installs it, under the lock, unless another thread already did;
 * **fork**: a child process starts with a copy of the parent's buffer, so it would
   repeat the nonces the parent hands out next. ``os.register_at_fork`` discards the
   child's copy (and its locks, which another thread may have held at fork time), so the
@@ -25,7 +25,6 @@ What matters is that no slice is ever handed out twice:
 from __future__ import annotations
 
 import os
-import threading
 
 from kmsguard.fastpath import Mutexed, _plain_free, _plain_hold, _plain_new_mutex
 
@@ -41,50 +40,51 @@ globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mut
 
 
 class _Pool(Mutexed):
-    """One draw of nonces and the offset of the next one to hand out."""
+    """The current draw of nonces and the offset of the next one to hand out, replaced together."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self) -> None:
         _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
-        self.data = data
+        self.data = b""  # empty: the first call draws
         self.offset = 0
 
-    def take(self) -> int:
-        """The offset of a nonce no other caller gets; past the end when the pool is spent."""
+    def next(self) -> bytes | None:
+        """A nonce no other caller gets, or None when this draw is spent."""
         _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        data = self.data
         start = self.offset
         self.offset = start + NONCE_SIZE
         _free(self)  # type: ignore[name-defined]  # noqa: F821
-        return start
+        if start + NONCE_SIZE <= len(data):
+            return data[start : start + NONCE_SIZE]
+        return None
+
+    def refill(self, spent: bytes, fresh: bytes) -> None:
+        """Install ``fresh`` (drawn outside the lock) unless another thread already replaced ``spent``."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        if self.data is spent:
+            self.data = fresh
+            self.offset = 0
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
 
 
-_pool = _Pool(b"")  # empty: the first call draws
-_lock = threading.Lock()
+_pool = _Pool()
 
 
 def nonce() -> bytes:
     """A fresh, uniformly random 12-byte nonce that no other caller of this process gets."""
     while True:
         pool = _pool
-        start = pool.take()
-        if start + NONCE_SIZE <= len(pool.data):
-            return pool.data[start : start + NONCE_SIZE]
-        _refill(pool)
-
-
-def _refill(spent: _Pool) -> None:
-    """Replace ``spent`` with a new draw, unless another thread already did."""
-    global _pool
-    fresh = _Pool(os.urandom(NONCE_SIZE * NONCES_PER_DRAW))
-    with _lock:
-        if _pool is spent:
-            _pool = fresh
+        value = pool.next()
+        if value is not None:
+            return value
+        spent = pool.data
+        pool.refill(spent, os.urandom(NONCE_SIZE * NONCES_PER_DRAW))
 
 
 def _discard_after_fork() -> None:
-    """In a forked child: forget the parent's buffer so no nonce is used by both."""
-    global _pool, _lock
-    _pool = _Pool(b"")
-    _lock = threading.Lock()
+    """In a forked child: forget the parent's buffer (and its lock) so no nonce is used by both."""
+    global _pool
+    _pool = _Pool()
 
 
 os.register_at_fork(after_in_child=_discard_after_fork)
