@@ -10,11 +10,14 @@ SITE   := site
 # The supported versions (pyproject's classifiers): noxfile.py has a session for each.
 PYTHON_VERSIONS := 3.11 3.12 3.13
 
-.PHONY: demo test lint docs docs-build bench clean prometheus-tools $(addprefix test-,$(PYTHON_VERSIONS))
+# Each version's suite, and once more on 3.11 with the hot path as plain Python (test-pure).
+TEST_SESSIONS := $(addprefix test-,$(PYTHON_VERSIONS)) test-pure
+
+.PHONY: demo test lint docs docs-build bench clean prometheus-tools $(TEST_SESSIONS)
 
 # The hot path is compiled in place (setup.py): a changed source must rebuild it, or
 # Python would keep importing the stale extension next to it.
-COMPILED_SOURCES := setup.py $(wildcard src/kmsguard/*.pxd src/kmsguard/*/*.pxd) $(patsubst %.pxd,%.py,$(wildcard src/kmsguard/*.pxd src/kmsguard/*/*.pxd)) src/kmsguard/nonces.py
+COMPILED_SOURCES := setup.py $(wildcard src/kmsguard/*.pxd src/kmsguard/*/*.pxd) $(wildcard $(patsubst %.pxd,%.py,$(wildcard src/kmsguard/*.pxd src/kmsguard/*/*.pxd)))
 
 $(VENV)/.installed: pyproject.toml $(COMPILED_SOURCES)
 	$(PYTHON) -m venv $(VENV)
@@ -46,10 +49,14 @@ docs: $(VENV)/.installed-test
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # Lint, type checks and the docs build once; the whole suite on every supported Python
-# the machine has (noxfile.py), the versions in parallel. -O prints each version's output
-# whole when it ends; nox names a version the machine lacks as skipped.
+# the machine has (noxfile.py), and on the plain-Python build (KMSGUARD_PURE=1), all in
+# parallel. -O prints each session's output whole when it ends; nox names a version the
+# machine lacks as skipped.
 test: lint docs-build prometheus-tools
-	$(MAKE) --no-print-directory -O -j$(words $(PYTHON_VERSIONS)) $(addprefix test-,$(PYTHON_VERSIONS))
+	$(MAKE) --no-print-directory -O -j$(words $(TEST_SESSIONS)) $(TEST_SESSIONS)
+
+test-pure: $(VENV)/.installed-test
+	$(BIN)/nox --session tests-pure
 
 # One version: `make test-3.12`, or pytest options through nox, e.g.
 # `.venv/bin/nox -s tests-3.12 -- tests/audit -x`.

@@ -3,6 +3,9 @@
 One session per version, ``tests-3.11``, ``tests-3.12``, ``tests-3.13``: each builds the
 sdist and from it a wheel (Cython-compiled, as a user's pip would), installs it
 into the session's own venv and runs pytest against that install, not against src/.
+``tests-pure`` runs the suite once more on 3.11 with ``KMSGUARD_PURE=1``: the same
+install, with the compiled hot path's modules imported from their Python sources
+(kmsguard.pure), so both builds are tested (the packaging tests only once).
 
 nox finds an interpreter as ``python3.X`` on ``PATH``. pyenv's shims answer to that name
 only for the versions pyenv has selected (any other exits with "command not found"), so
@@ -26,7 +29,7 @@ import nox
 PYTHONS = ["3.11", "3.12", "3.13"]
 
 ROOT = Path(__file__).parent
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["tests", "tests-pure"]
 nox.options.reuse_venv = "yes"  # dependencies stay; the package itself is rebuilt every run
 nox.options.error_on_missing_interpreters = False  # reported as skipped, by name
 
@@ -64,9 +67,8 @@ def _build_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-@nox.session(python=PYTHONS)
-def tests(session: nox.Session) -> None:
-    """Build and install the wheel for this Python, then run the whole suite on it."""
+def _install_wheel(session: nox.Session) -> Path:
+    """Build the sdist, a wheel from it, and install the wheel (with the test extra); the dist directory."""
     dist = Path(session.create_tmp()) / "dist"
     for old in dist.glob("*"):
         old.unlink()
@@ -81,7 +83,21 @@ def tests(session: nox.Session) -> None:
     (wheel,) = dist.glob("*.whl")
     session.install(f"{wheel}[test]")
     session.install("--no-deps", "--force-reinstall", str(wheel))
+    return dist
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Build and install the wheel for this Python, then run the whole suite on it."""
+    dist = _install_wheel(session)
     # From the root, so pytest finds its configuration; src/ is not on sys.path (pytest puts
     # tests/ there), so the suite imports the installed wheel. tests/test_distribution.py
     # installs this same sdist and wheel into fresh venvs.
     session.run("pytest", *session.posargs, env={"KMSGUARD_TEST_DIST": str(dist)})
+
+
+@nox.session(python=PYTHONS[0], name="tests-pure")
+def tests_pure(session: nox.Session) -> None:
+    """The whole suite on the plain-Python build of the hot path (KMSGUARD_PURE=1), packaging aside."""
+    _install_wheel(session)
+    session.run("pytest", "--ignore=tests/test_distribution.py", *session.posargs, env={"KMSGUARD_PURE": "1"})

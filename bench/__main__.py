@@ -16,6 +16,7 @@ TOPICS: dict[str, str] = {
     "hotpath": "bench.hotpath",
     "kms_calls": "bench.kms_calls",
     "audit": "bench.audit",
+    "observer": "bench.observer",
     "audit_instructions": "bench.audit_instructions",
     "aws_client": "bench.aws_client",
     "failover": "bench.failover",

@@ -3,8 +3,8 @@ Prometheus registry alone (kmsguard's default observer), in the same run.
 
 The bridge runs on the SDK as an application would set it up: a TracerProvider with a
 BatchSpanProcessor (its exporter discards the batches, so export costs nothing here) and a
-MeterProvider with a reader that is never collected during the timing. With the bridge every
-operation is reported in full (a span each), so Guard's cache-hit lanes are off.
+MeterProvider with a reader that is never collected during the timing. The bridge is an
+ordinary observer: cache hits stay on Guard's lanes and reach it as events, a span each.
 """
 
 from __future__ import annotations

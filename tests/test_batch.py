@@ -6,9 +6,9 @@ import pytest
 
 from kmsguard import Guard, InvalidCiphertext, InvalidInput, KmsGuardError, RateLimited, envelope
 from kmsguard.batch import Result
+from kmsguard.fastpath import OperationEvent
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.keyrings.local import LocalKeyring
-from kmsguard.operation import Operation
 from kmsguard.policy import CacheLimits, ClassPolicy, Policy
 from test_caching import Counting
 
@@ -59,10 +59,10 @@ def test_decrypt_many_unwraps_each_distinct_key_once_even_without_a_cache(keyrin
 
 
 def test_decrypt_many_isolates_bad_envelopes_and_audits_each(keyring: LocalKeyring) -> None:
-    finished: list[Operation] = []
+    finished: list[OperationEvent] = []
 
     class Collect:
-        def operation_finished(self, op: Operation) -> None:
+        def observe(self, op: OperationEvent) -> None:
             finished.append(op)
 
     guard, counting = no_cache_guard(keyring, [Collect()])

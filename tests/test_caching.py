@@ -15,10 +15,10 @@ import pytest
 from kmsguard import Guard, KeyDisabled, RateLimited, envelope
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import InvalidInput
+from kmsguard.fastpath import OperationEvent
 from kmsguard.keyrings.base import KeyRequest, backend_of
 from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
-from kmsguard.operation import Operation
 from kmsguard.policy import CacheLimits, ClassPolicy, Policy
 from kmsguard.telemetry import Telemetry
 
@@ -324,10 +324,10 @@ def test_expired_keys_leave_memory_at_the_next_miss(counting: Counting) -> None:
 def test_reports_hits_and_misses_to_telemetry_and_the_operation(keyring: LocalKeyring) -> None:
     policy = Policy.defaults({n: f"local:{n}" for n in ("general", "pii", "payment")})
     telemetry = Recorder()
-    finished: list[Operation] = []
+    finished: list[OperationEvent] = []
 
     class Collect:
-        def operation_finished(self, op: Operation) -> None:
+        def observe(self, op: OperationEvent) -> None:
             finished.append(op)
 
     guard = Guard(policy, CachingKeyring(keyring, policy, telemetry=telemetry), observers=[Collect()])

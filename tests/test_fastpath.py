@@ -7,7 +7,11 @@ result or steps aside (None), and the cache's limits hold across both routes.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +24,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmsguard import ContextMismatch, ContextRequired, Guard, InvalidCiphertext, InvalidInput, envelope, fastpath, plans
+from kmsguard import (
+    ContextMismatch,
+    ContextRequired,
+    Guard,
+    InvalidCiphertext,
+    InvalidInput,
+    envelope,
+    fastpath,
+    plans,
+    pure,
+)
 from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.policy import CacheLimits, Policy
@@ -57,15 +71,37 @@ class Clock:
         return self.now
 
 
-def test_the_installed_build_compiled_the_hot_path() -> None:
-    """setup.py's extensions are optional; a build that silently fell back to Python fails here."""
+def test_the_installed_build_compiled_the_hot_path_unless_kmsguard_pure_asks_for_python() -> None:
+    """setup.py's extensions are optional; a build that silently fell back to Python fails here.
+
+    With KMSGUARD_PURE=1 (noxfile.py's tests-pure session) every one runs from its source."""
     from kmsguard import histogram, nonces
     from kmsguard.audit import frames
 
-    for module in (fastpath, plans, nonces, histogram, frames):
-        assert not module.__file__.endswith(".py"), f"{module.__name__} runs as plain Python from {module.__file__}"
-    assert fastpath.COMPILED and plans.COMPILED and histogram.COMPILED and frames.COMPILED
+    modules = (fastpath, plans, nonces, histogram, frames)
+    assert sorted(m.__name__ for m in modules) == sorted(pure.MODULES)
+    compiled = not pure.requested()
+    for module in modules:
+        assert module.__file__.endswith(".py") is not compiled, f"{module.__name__} from {module.__file__}"
+    assert {fastpath.COMPILED, plans.COMPILED, histogram.COMPILED, frames.COMPILED} == {compiled}
     assert not _source_module(fastpath).COMPILED and not _source_module(plans).COMPILED
+
+
+def test_kmsguard_pure_imports_every_compiled_module_from_its_source() -> None:
+    probe = (
+        "import kmsguard.fastpath, kmsguard.plans, kmsguard.nonces, kmsguard.histogram, kmsguard.audit.frames, sys\n"
+        "print(sorted(n for n in sys.modules if n.startswith('kmsguard') and sys.modules[n].__file__.endswith('.py')"
+        " and hasattr(sys.modules[n], 'COMPILED') and not sys.modules[n].COMPILED))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True,
+                         env={**os.environ, "KMSGUARD_PURE": "1"}).stdout
+    assert out.strip() == str(sorted(pure.MODULES))
+
+
+def test_pure_names_the_modules_setup_py_compiles() -> None:
+    setup = ast.parse((Path(__file__).parent.parent / "setup.py").read_text())
+    [modules] = [n.value for n in setup.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "MODULES"]
+    assert ast.literal_eval(modules) == pure.MODULES
 
 
 def test_budget_counts_messages_bytes_and_age(fp: ModuleType) -> None:
@@ -216,14 +252,17 @@ def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(pl: Modu
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     hits: list[tuple[object, float, float, int]] = []
+    requests: list[tuple[int, object]] = []
 
     class Sink(fastpath.HitSink):  # type: ignore[misc]
-        def record(self, kind: Any, started: float, duration: float, size: int) -> None:
+        def record(self, kind: Any, started: float, duration: float, size: int, request: int, caller: Any) -> None:
             hits.append((kind, started, duration, size))
+            requests.append((request, caller))
 
     acting: ContextVar[str | None] = ContextVar("acting", default=None)
+    served: ContextVar[int | str | None] = ContextVar("served", default=None)
     policy = Policy.defaults({n: f"local:{n}" for n in NAMES})
-    tables = pl.Plans(policy, observed=True, sinks=(Sink(),), principal="svc", acting=acting)
+    tables = pl.Plans(policy, observed=True, sinks=(Sink(),), principal="svc", acting=acting, served=served)
     plan = tables.encrypt_plan("general", None)
     lane = plan.lane = pl.Lane(fastpath.Budget(AESGCM(bytes(32)), Clock(), expires=2000.0), (), b"prefix", b"aad")
     pl.bind_kind(lane, "svc", "svc-kind")
@@ -249,6 +288,16 @@ def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(pl: Modu
     pl.bind_kind(lane, "svc", "svc-kind-2")
     assert lanes.seal(b"x", "general", None) is not None
     assert [kind for kind, _, _, _ in hits[2:]] == ["svc-kind", "svc-kind-2"]
+    numbers = [number for number, caller in requests]
+    assert numbers == sorted(set(numbers)) and all(caller is None for _, caller in requests)  # a number per hit
+
+    # Inside a served request: its number, or 0 and the caller's own id, for every hit.
+    del requests[:]
+    served.set(7)
+    assert lanes.seal(b"x", "general", None) is not None
+    served.set("caller-id-1")
+    assert lanes.seal(b"x", "general", None) is not None
+    assert requests == [(7, None), (0, "caller-id-1")]
 
 
 @settings(max_examples=150, deadline=None)

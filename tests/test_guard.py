@@ -22,9 +22,9 @@ from kmsguard import (
     UnknownClassification,
     envelope,
 )
+from kmsguard.fastpath import OperationEvent
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
-from kmsguard.operation import Operation
 from kmsguard.policy import ClassPolicy, Policy
 
 KEYS = {"general": "local:general", "pii": "local:pii", "payment": "local:payment"}
@@ -155,10 +155,10 @@ def test_bad_context_and_classification_are_refused_before_any_key_is_made(guard
 def test_an_invalid_context_is_refused_alike_with_observers_and_unobserved(keyring: LocalKeyring, bad: object) -> None:
     # With observers, encrypt leaves a dict context to the plan lookup to check: the
     # refusal must still be check_context's own, and no observer may see the context.
-    seen: list[Operation] = []
+    seen: list[OperationEvent] = []
 
     class Observer:
-        def operation_finished(self, op: Operation) -> None:
+        def observe(self, op: OperationEvent) -> None:
             seen.append(op)
 
     policy = Policy.defaults(KEYS)

@@ -12,15 +12,20 @@ from typing import Any
 import boto3
 import pytest
 
+from kmsguard.fastpath import OperationEvent
 from kmsguard.metrics import MAX_VALUES_PER_CALL, CloudWatchExport, Metrics, Sample, batches, emf_lines, metric_data
 from kmsguard.operation import Operation
 from kmsguard.testing.moto_server import MotoServer, free_port
 
 
-def finished(name: str = "encrypt", cls: str = "general", error: Exception | None = None) -> Operation:
+def finished(
+    name: str = "encrypt", cls: str = "general", error: Exception | None = None, duration: float | None = None
+) -> OperationEvent:
     op = Operation(name, cls, {}, "p")
     op.finish(error)
-    return op
+    if duration is not None:
+        op.duration = duration
+    return op.event()
 
 
 def test_telemetry_feeds_the_registry() -> None:
@@ -50,8 +55,8 @@ def test_operations_by_operation_classification_and_outcome() -> None:
 
     m = Metrics()
     for _ in range(3):
-        m.operation_finished(finished())
-    m.operation_finished(finished("decrypt", "pii", KeyDisabled()))
+        m.observe(finished())
+    m.observe(finished("decrypt", "pii", KeyDisabled()))
     text = m.exposition().decode()
     assert 'kmsguard_operations_total{classification="general",operation="encrypt",outcome="ok"} 3.0' in text
     assert 'kmsguard_operations_total{classification="pii",operation="decrypt",outcome="error"} 1.0' in text
@@ -89,7 +94,7 @@ def test_put_metric_data_batches_hold_at_most_1000_values() -> None:
 def test_a_full_buffer_drops_and_counts_without_blocking() -> None:
     m = Metrics(CloudWatchExport("ns", emf=io.StringIO(), flush_interval=3600, max_buffer=5))
     for _ in range(8):
-        m.operation_finished(finished())
+        m.observe(finished())
     assert m.exporter is not None and m.exporter.dropped == 3
     assert "kmsguard_cloudwatch_dropped_total 3.0" in m.exposition().decode()
     m.close()
@@ -152,11 +157,9 @@ def test_publisher_sends_batches_to_cloudwatch(moto_url: str, cloudwatch_env: No
     client = CountingClient(boto3.client("cloudwatch", endpoint_url=moto_url, region_name="us-east-1"))
     m = Metrics(CloudWatchExport(namespace, client_factory=lambda: client, flush_interval=3600, max_buffer=100_000))
     for i in range(3000):
-        op = Operation("encrypt", "payment", {}, "p")
-        op.finish(None)
-        op.duration = (i % 400) / 1e5  # 400 distinct durations: more than one datum's 150 values
-        m.operation_finished(op)
-    m.operation_finished(finished("decrypt", "pii", RuntimeError()))
+        # 400 distinct durations: more than one datum's 150 values
+        m.observe(finished("encrypt", "payment", duration=(i % 400) / 1e5))
+    m.observe(finished("decrypt", "pii", RuntimeError()))
     m.close()
     assert client.values and max(client.values) <= MAX_VALUES_PER_CALL and len(client.values) >= 1
     pages = client.client.get_paginator("list_metrics").paginate(Namespace=namespace)
@@ -196,7 +199,7 @@ def test_publisher_failures_are_counted_not_raised(cloudwatch_env: None) -> None
         )
     )
     for _ in range(10):
-        m.operation_finished(finished())  # never blocks on the dead endpoint
+        m.observe(finished())  # never blocks on the dead endpoint
     m.close()
     assert m.exporter is not None and m.exporter.dropped == 10
     assert "kmsguard_cloudwatch_dropped_total 10.0" in m.exposition().decode()
@@ -205,9 +208,7 @@ def test_publisher_failures_are_counted_not_raised(cloudwatch_env: None) -> None
 def test_operation_histogram_buckets_are_cumulative() -> None:
     m = Metrics()
     for seconds in (0.0001, 0.003, 2.0, 100.0):
-        op = finished()
-        op.duration = seconds
-        m.operation_finished(op)
+        m.observe(finished(duration=seconds))
     text = m.exposition().decode()
     series = 'classification="general",le="{}",operation="encrypt",outcome="ok"'
     assert f"kmsguard_operation_duration_seconds_bucket{{{series.format('0.0001')}}} 1.0" in text  # le is inclusive

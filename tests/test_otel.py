@@ -27,9 +27,12 @@ from opentelemetry.trace import StatusCode
 from kmsguard import metrics
 from kmsguard.config import load_settings
 from kmsguard.errors import ContextMismatch
+from kmsguard.fastpath import OperationEvent
 from kmsguard.guard import Guard
+from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.otel import OtelBridge
+from kmsguard.policy import Policy
 from kmsguard.stack import build_telemetry
 from kmsguard.telemetry import Telemetries
 
@@ -102,6 +105,23 @@ def test_an_operation_is_a_span_under_the_callers_with_a_child_per_kms_call(guar
     assert failed.attributes is not None and failed.attributes["kmsguard.outcome"] == "error"
     assert failed.attributes["kmsguard.error_code"] == "CONTEXT_MISMATCH"
     assert failed.status.status_code is StatusCode.ERROR
+
+
+def test_the_bridge_keeps_cache_hits_on_the_lanes_and_each_is_a_span(keyring: LocalKeyring) -> None:
+    policy = Policy.defaults({n: f"local:{n}" for n in ("general", "pii", "payment")})
+    seen: list[OperationEvent] = []
+
+    class Collect:
+        def observe(self, event: OperationEvent) -> None:
+            seen.append(event)
+
+    guard = Guard(policy, CachingKeyring(keyring, policy), observers=[OtelBridge(), Collect()])
+    SPANS.clear()
+    for _ in range(4):
+        guard.encrypt(PLAINTEXT, "general")
+    spans = SPANS.get_finished_spans()
+    assert [s.attributes["kmsguard.cache_hit"] for s in spans if s.attributes] == [False, True, True, True]
+    assert seen[2].kind is seen[1].kind and seen[3].kind is seen[1].kind  # served by the plan's lane
 
 
 def test_no_context_value_plaintext_or_key_in_any_span(guard: Guard) -> None:

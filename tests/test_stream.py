@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from kmsguard import Guard, segments
 from kmsguard.errors import ContextMismatch, ContextRequired, InvalidCiphertext, InvalidInput
+from kmsguard.fastpath import OperationEvent
 from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
-from kmsguard.operation import Operation
 from kmsguard.policy import Policy
 
 KEYS = {"general": "local:general", "pii": "local:pii", "payment": "local:payment"}
@@ -327,11 +327,11 @@ def test_rewrap_keeps_the_segments_byte_for_byte(guard: Guard, keyring: LocalKey
 
 
 def test_each_stream_is_one_observed_operation_with_its_size(keyring: LocalKeyring) -> None:
-    seen: list[Operation] = []
+    seen: list[OperationEvent] = []
 
     class Observer:
-        def operation_finished(self, op: Operation) -> None:
-            seen.append(op)
+        def observe(self, event: OperationEvent) -> None:
+            seen.append(event)
 
     guard = Guard(Policy.defaults(KEYS), keyring, observers=[Observer()])
     data = pattern(3 * S + 1, 9)
@@ -342,18 +342,19 @@ def test_each_stream_is_one_observed_operation_with_its_size(keyring: LocalKeyri
     bad = sealed[:-1]
     with pytest.raises(InvalidCiphertext):
         open_all(guard, bad)
-    assert [(op.name, op.outcome, op.size, op.classification) for op in seen] == [
+    assert [(e.operation, e.outcome, e.size, e.classification) for e in seen] == [
         ("encrypt_stream", "ok", len(data), "general"),
         ("decrypt_stream", "ok", len(data), "general"),
         ("open_encrypted", "ok", len(data), "general"),
         ("decrypt_stream", "error", 0, "general"),
     ]
     assert seen[-1].error_code == "INVALID_CIPHERTEXT"
-    assert all(op.key_refs == ["local:general:v1"] for op in seen)
+    assert all(e.key_refs == ("local:general:v1",) for e in seen)
     assert seen[0].context == {"doc": "x"}
-    for op in seen:  # names and counts only: no plaintext or key material
-        for name in op.__slots__:
-            value = getattr(op, name)
+    for e in seen:  # names and counts only: no plaintext or key material
+        kind = e.kind
+        for name in kind.__slots__:
+            value = getattr(kind, name)
             assert not isinstance(value, bytes | bytearray | memoryview)
 
 

@@ -8,6 +8,11 @@ Hold one :class:`Guard`; it encrypts under AWS KMS or the embedded local keyring
     guard.decrypt_text(token, {"purpose": "refund"})
 """
 
+from kmsguard import pure
+
+if pure.requested():  # before anything imports the compiled modules (see kmsguard.pure)
+    pure.install()
+
 from kmsguard.errors import (
     AccessDenied,
     AllRegionsFailed,

@@ -1,7 +1,9 @@
 # C types for fastpath.py when Cython compiles it (see that module's docstring).
 # The .py file stays the source; this file only tells Cython which classes are
-# extension types and which fields are C numbers, so Budget._take runs as C code
-# without releasing the GIL.
+# extension types and which fields are C numbers, so a claim or a tick runs as C code
+# under the owner's spin lock (kmsguard/locks.pxd).
+import cython
+from kmsguard.locks cimport spin_acquire, spin_release
 
 from cpython.buffer cimport PyBUF_WRITE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -9,14 +11,32 @@ from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.string cimport memcpy
 
 cdef long long _NO_LIMIT
-cdef long long _tick
-cdef unsigned long long _requests
-cdef object _counter_lock
 
+cdef class Mutexed:
+    cdef char _mutex
+
+# The lock of a Mutexed (fastpath.py gives their interpreted stand-ins).
+cdef inline void _hold(Mutexed owner) noexcept:
+    spin_acquire(&owner._mutex)
+
+cdef inline void _free(Mutexed owner) noexcept:
+    spin_release(&owner._mutex)
+
+cdef inline void _new_mutex(Mutexed owner) noexcept:
+    spin_release(&owner._mutex)  # unlocked (as a new Mutexed is: allocated zeroed)
+
+cdef class _Counters(Mutexed):
+    cdef long long tick
+    cdef unsigned long long requests
+
+cdef _Counters _counters
+
+@cython.locals(counters=_Counters, tick="long long")
 cpdef long long next_tick() noexcept
+@cython.locals(counters=_Counters, number="unsigned long long")
 cpdef unsigned long long next_request() noexcept
 
-cdef class Budget:
+cdef class Budget(Mutexed):
     cdef public object aead
     cdef public object clock
     cdef public double expires
@@ -27,11 +47,27 @@ cdef class Budget:
     cdef public long long hits
     cdef public bint live
     cdef public long long last_used
-    cdef object _lock
     cdef object _take(self, long long size, double now)
 
+@cython.freelist(16)
+cdef class OperationEvent:
+    cdef readonly object kind
+    cdef readonly double started_at
+    cdef readonly double duration
+    cdef readonly Py_ssize_t size
+    cdef readonly unsigned long long request
+    cdef readonly object caller_id
+
 cdef class HitSink:
-    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *
+    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size,
+                      unsigned long long request, object caller_id) except *
+
+cdef class EventSink(HitSink):
+    cdef readonly object observe
+    cdef readonly object report
+    @cython.locals(event=OperationEvent)
+    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size,
+                      unsigned long long request, object caller_id) except *
 
 # prefix || nonce || AES-GCM(plaintext) built in the one bytes object returned: AESGCM
 # encrypts straight into it (encrypt_into), through a writable view of the new object's

@@ -4,8 +4,10 @@ Guard is the only place where data keys (from a keyring) meet data (through the
 envelope). Every operation goes through its plan (kmsguard.plans): the policy's
 decisions for that classification and context, or that envelope prefix, made once.
 A cache hit is served by the plan's lane in one call; anything else takes the full
-route, which applies the policy, asks the keyring for a key and reports an
-:class:`~kmsguard.operation.Operation` to the observers (audit, metrics).
+route, which applies the policy and asks the keyring for a key. Either way, each
+observer (audit, metrics, a user's own) is told once per operation, with one
+:class:`~kmsguard.fastpath.OperationEvent` (see kmsguard.operation.Observer); a
+strict-audit classification's operation is refused when an observer raises.
 
 Guard's mutable state is its plan tables (bounded, least recently used out; see
 kmsguard.plans), safe to share: one Guard serves all threads of a process.
@@ -13,6 +15,7 @@ kmsguard.plans), safe to share: one Guard serves all threads of a process.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,12 +25,13 @@ from typing import IO, Any, TypeVar, overload
 from kmsguard import batch, envelope, operation, plans, segments, stream
 from kmsguard.config import Settings, load_settings
 from kmsguard.datakey import WrappedKey
-from kmsguard.errors import AuditUnavailable, InvalidInput, KmsGuardError
+from kmsguard.errors import AuditUnavailable, InvalidInput
+from kmsguard.fastpath import OperationEvent
 from kmsguard.keyrings.base import KeyLender, KeyRequest, Keyring, Loan
-from kmsguard.operation import Observer, Operation
-from kmsguard.plans import Lane
+from kmsguard.operation import EventKind, Observer, Operation
 from kmsguard.policy import ClassPolicy, Policy
 
+log = logging.getLogger("kmsguard")
 T = TypeVar("T")
 Context = Mapping[str, str] | None
 EnvelopeInput = bytes | bytearray | memoryview | str
@@ -126,10 +130,9 @@ class Guard:
         else:
             self._lend = lambda request, _size: (keyring.generate(request), None)
             self._unwrap = lambda wrapped, request: (keyring.unwrap(wrapped, request), None)
-        # Cache hits take a plan's lane, observed or not, if every observer takes hits in
-        # compact form; with another observer, every operation takes the full route.
-        sinks = [o.hit_recorder() for o in self.observers if isinstance(o, operation.HitObserver)]
-        self._lanes_serve = len(sinks) == len(self.observers)
+        # Cache hits take a plan's lane, observed or not: each observer gets them through
+        # its HitSink (kmsguard.operation.hit_sink).
+        sinks = [operation.hit_sink(o, _report) for o in self.observers]
         self._plans = plans.Plans(
             policy,
             max_plans,
@@ -137,6 +140,7 @@ class Guard:
             sinks=tuple(sink for sink in sinks if sink is not None),
             principal=principal,
             acting=operation.principal,
+            served=operation.request,
         )
 
     @classmethod
@@ -145,12 +149,12 @@ class Guard:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Guard:
-        from kmsguard.stack import build_keyring, build_observers, build_telemetry
+        from kmsguard.stack import build_keyring, build_observers, build_policy, build_telemetry
 
         telemetry = build_telemetry(settings)
         keyring = build_keyring(settings, telemetry)
         return cls(
-            settings.policy,
+            build_policy(settings),
             keyring,
             observers=build_observers(settings, keyring, telemetry),
             principal=settings.principal,
@@ -188,10 +192,9 @@ class Guard:
         to the key service); it is not secret. The classification's required context
         keys must be present.
         """
-        if self._lanes_serve:
-            out = self._plans.seal(plaintext, classification, context)
-            if out is not None:
-                return out
+        out = self._plans.seal(plaintext, classification, context)
+        if out is not None:
+            return out
         return self._observe("encrypt", context, self._encrypt, plaintext, classification, context)
 
     def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
@@ -201,10 +204,9 @@ class Guard:
         classification's required keys must be among them: a caller states why it
         decrypts payment data as it did when encrypting.
         """
-        if self._lanes_serve:
-            plain = self._plans.open(data, context)
-            if plain is not None:
-                return plain
+        plain = self._plans.open(data, context)
+        if plain is not None:
+            return plain
         ctx = plans.check_context(context)
         return self._observe("decrypt", ctx, self._decrypt, data, ctx, self._unwrap)
 
@@ -431,53 +433,66 @@ class Guard:
         return envelope.replace_wrapped_keys(raw, wrapped)
 
     def _observe(self, name: str, context: Any, run: Callable[..., T], *args: Any) -> T:
-        """Run ``run(*args)`` as one operation; with observers, record it and let strict audit veto it.
+        """Run ``run(*args)`` as one operation; with observers, tell them and refuse it if strict audit fails.
 
         The classification is recorded once the policy accepts it (see _note_class): an
         arbitrary string a caller passed must not reach audit records or metric labels;
-        nor does an invalid context (a failed operation's is checked, see _checked).
+        nor does an invalid context (a failed operation's is checked, see _checked). The
+        operation stays kmsguard.operation.current while the observers are told, so one
+        can relate what was noted under it (the OpenTelemetry bridge's KMS-call spans).
         """
         if not self.observers:
             return run(*args)
         op = Operation(name, None, _NO_CONTEXT, operation.principal.get() or self.principal)
         token = operation.current.set(op)
         try:
-            result = run(*args)
-        except BaseException as exc:
-            op.context = _checked(context)
-            op.finish(exc)
-            self._notify(op)
-            raise
+            try:
+                result = run(*args)
+            except BaseException as exc:
+                op.context = _checked(context)
+                op.finish(exc)
+                self._notify(op.event())
+                raise
+            op.finish(None)
+            event = op.event()
+            self._notify(event)
         finally:
             operation.current.reset(token)
-        op.finish(None)
-        self._notify(op)
-        if op.lane is not None and op.cache_hit and not op.kms_calls and not op.strict_audit:
-            self._bind_kind(op)
+        if isinstance(op.lane, plans.Lane) and op.cache_hit and not op.kms_calls and not op.strict_audit:
+            # The next operations of this kind are served by the lane, reported as this one was.
+            key = op.principal if name == "encrypt" else (op.principal, tuple(op.context.items()))
+            plans.bind_kind(op.lane, key, event.kind)
         return result
 
-    def _bind_kind(self, op: Operation) -> None:
-        """Let the next operations of this kind be recorded as hits (see kmsguard.operation.HitKind)."""
-        lane: Lane = op.lane  # type: ignore[assignment]
-        key = op.principal if op.name == "encrypt" else (op.principal, tuple(op.context.items()))
-        plans.bind_kind(lane, key, operation.HitKind(op))
+    def _notify(self, event: OperationEvent) -> None:
+        """Tell every observer. On a strict operation that succeeded, an observer's failure refuses it.
 
-    def _notify(self, op: Operation) -> None:
-        """Tell every observer; a strict operation whose record could not be made durable fails.
-
-        The veto is raised only after all observers have seen the operation, marked as
-        refused, so metrics count a refused operation as the error the caller gets.
+        The refusal is raised after every observer has been told; the observers after the
+        one that failed see the operation refused (AUDIT_UNAVAILABLE), so metrics count it
+        as the error the caller gets. Any other failure is logged and the result stands.
         """
-        veto: AuditUnavailable | None = None
+        refusal: AuditUnavailable | None = None
+        cause: Exception | None = None
         for observer in self.observers:
             try:
-                observer.operation_finished(op)
-            except KmsGuardError as exc:
-                if op.strict_audit and op.outcome == "ok":
-                    veto = exc if isinstance(exc, AuditUnavailable) else AuditUnavailable()
-                    op.outcome, op.error_code = "error", veto.code
-        if veto is not None:
-            raise veto
+                observer.observe(event)
+            except Exception as exc:
+                if not (event.strict and event.outcome == "ok"):
+                    _report(exc)
+                    continue
+                refusal = exc if isinstance(exc, AuditUnavailable) else AuditUnavailable()
+                cause = None if refusal is exc else exc
+                kind: EventKind = event.kind
+                event = OperationEvent(
+                    kind.refused(refusal.code),
+                    event.started_at,
+                    event.duration,
+                    event.size,
+                    event.request,
+                    event.caller_id,
+                )
+        if refusal is not None:
+            raise refusal from cause
 
     # ------------------------------------------------------------------ JSON fields (kmsguard.fields)
     # Thin delegates: the logic sits a layer above, in kmsguard.fields and kmsguard.blindindex.
@@ -534,6 +549,11 @@ def _note_keys(op: Operation, key_refs: Sequence[str]) -> None:
     for ref in key_refs:
         if ref not in op.key_refs:
             op.key_refs.append(ref)
+
+
+def _report(error: BaseException) -> None:
+    """An observer failed on an operation that is not strict: logged, the operation's result stands."""
+    log.error("an observer failed: %r", error)
 
 
 _TEXT_PREFIX = envelope.TEXT_PREFIX.encode("ascii")

@@ -3,40 +3,39 @@
 One :class:`Histogram` per (operation, classification, outcome) series; Metrics' collector
 reads them when scraped. :meth:`Histogram.add` runs once per Guard operation, cache hits
 included, so it is compiled with Cython when the package is built (``histogram.pxd``):
-then it is a few C additions that never release the GIL, atomic without a lock. As plain
-Python (no compiler) it takes a lock. :class:`HitTally` is the metrics side of a cache
-hit (see kmsguard.operation.HitKind): a dict lookup and an ``add``.
+then it is a few C additions under the histogram's spin lock; as plain Python, the same
+steps under a threading.Lock (kmsguard.fastpath.Mutexed). :class:`HitTally` is the metrics side of a cache
+hit (see kmsguard.operation.EventKind): a dict lookup and an ``add``.
 """
 
 from __future__ import annotations
 
-import threading
 from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kmsguard.fastpath import HitSink
+from kmsguard.fastpath import HitSink, Mutexed, _plain_free, _plain_hold, _plain_new_mutex
 
 COMPILED = not __file__.endswith(".py")
+# Compiled, C functions from kmsguard/fastpath.pxd; interpreted, these stand-ins.
+globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
 #: HitTally.last before any kind (an object no caller's kind is).
 _NO_KIND = (object(), None)
 
 
-class Histogram:
+class Histogram(Mutexed):
     """``bounds`` are the buckets' upper bounds (inclusive, as Prometheus' ``le``), ascending."""
 
     def __init__(self, bounds: Sequence[float]) -> None:
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
         self.bounds = array("d", bounds)
         self.buckets = array("q", [0] * (len(bounds) + 1))  # the last is +Inf
         self.total = 0.0
-        self._lock = threading.Lock()
 
     def add(self, value: float) -> None:
-        if COMPILED:
-            self._add(value)
-        else:
-            with self._lock:
-                self._add(value)
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        self._add(value)
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
 
     def _add(self, value: float) -> None:
         bounds = self.bounds
@@ -50,9 +49,21 @@ class Histogram:
     def snapshot(self) -> tuple[int, float, list[int]]:
         """(count, sum, per-bucket counts). The count is the buckets' sum, so the +Inf
         bucket always equals it, even when an add runs while the buckets are copied."""
-        with self._lock:  # as plain Python: against add; compiled, adds do not wait for it
-            buckets = list(self.buckets)
-            return sum(buckets), self.total, buckets
+        copy = array("q", bytes(8 * len(self.buckets)))  # made before the lock: no Python while held
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        total = self._copy(copy)
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        buckets = list(copy)
+        return sum(buckets), total, buckets
+
+    def _copy(self, into: Any) -> float:
+        """The buckets into ``into`` (as long), and the total: read together, under the lock."""
+        n = len(self.buckets)
+        i = 0
+        while i < n:
+            into[i] = self.buckets[i]
+            i += 1
+        return self.total
 
 
 class HitTally(HitSink):
@@ -67,7 +78,7 @@ class HitTally(HitSink):
         self.by_kind: dict[object, Histogram] = {}
         self.last: tuple[Any, Any] = _NO_KIND
 
-    def record(self, kind: Any, started: float, duration: float, size: int) -> None:
+    def record(self, kind: Any, started: float, duration: float, size: int, request: int, caller_id: Any) -> None:
         last = self.last
         if last[0] is kind:
             series = last[1]

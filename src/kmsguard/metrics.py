@@ -38,9 +38,10 @@ from prometheus_client.registry import Collector
 from kmsguard.config import Settings
 from kmsguard.config_table import ConfigTable
 from kmsguard.errors import ConfigurationError
+from kmsguard.fastpath import OperationEvent
 from kmsguard.histogram import Histogram as Series
 from kmsguard.histogram import HitTally
-from kmsguard.operation import HitKind, Operation
+from kmsguard.operation import EventKind
 from kmsguard.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -109,12 +110,13 @@ class Metrics(Telemetry):
 
     # ------------------------------------------------------------------ Observer (hot path)
 
-    def operation_finished(self, op: Operation) -> None:
-        self.operation_stats.observe((op.name, op.classification or "none", op.outcome), op.duration)
-        if op.error_code is not None:
-            self.operation_errors.labels(op.name, op.error_code).inc()
+    def observe(self, event: OperationEvent) -> None:
+        kind: EventKind = event.kind
+        self.operation_stats.observe((kind.operation, kind.classification or "none", kind.outcome), event.duration)
+        if kind.error_code is not None:
+            self.operation_errors.labels(kind.operation, kind.error_code).inc()
         if self.exporter is not None:
-            self.exporter.add(op.name, op.outcome == "ok", op.classification, op.duration)
+            self.exporter.add(kind.operation, kind.outcome == "ok", kind.classification, event.duration)
 
     def count_recorded(self, record: AuditRecord) -> None:
         """Count an operation read back from the audit trail (``kmsguard metrics`` in a one-shot process)."""
@@ -126,7 +128,7 @@ class Metrics(Telemetry):
             self.cache_events.count("hit" if record.cache_hit else "miss", cls)
 
     def hit_recorder(self) -> HitTally:
-        """Cache hits (see kmsguard.operation.HitKind) go into the same series as full operations."""
+        """Cache hits (see kmsguard.operation.EventKind) go into the same series as full operations."""
         lookup = lambda kind: self.operation_stats.series(_hit_series(kind))  # noqa: E731
         return HitTally(lookup) if self.exporter is None else _ExportedHits(lookup, self.exporter)
 
@@ -240,20 +242,22 @@ class OperationStats(Collector):
         yield latency
 
 
-def _hit_series(kind: HitKind) -> tuple[str, str, str]:
-    return (kind.name, kind.classification or "none", "ok")
+def _hit_series(kind: EventKind) -> tuple[str, str, str]:
+    return (kind.operation, kind.classification or "none", "ok")
 
 
 class _ExportedHits(HitTally):
     """Hits counted and, as full operations are, handed to the CloudWatch export."""
 
-    def __init__(self, lookup: Callable[[HitKind], Series], exporter: CloudWatchExport) -> None:
+    def __init__(self, lookup: Callable[[EventKind], Series], exporter: CloudWatchExport) -> None:
         super().__init__(lookup)
         self.exporter = exporter
 
-    def record(self, kind: HitKind, started: float, duration: float, size: int) -> None:
-        super().record(kind, started, duration, size)
-        self.exporter.add(kind.name, True, kind.classification, duration)
+    def record(
+        self, kind: EventKind, started: float, duration: float, size: int, request: int, caller_id: object
+    ) -> None:
+        super().record(kind, started, duration, size, request, caller_id)
+        self.exporter.add(kind.operation, True, kind.classification, duration)
 
 
 class CacheEvents(Collector):

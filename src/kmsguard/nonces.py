@@ -9,13 +9,14 @@ keeping upcoming ones in memory exposes nothing.
 
 What matters is that no slice is ever handed out twice:
 
-* **threads**: the buffer and its slice counter are one tuple, read in one step and
-  replaced whole under a lock when the buffer runs out; ``next()`` on an
-  ``itertools.count`` is atomic under the GIL, so each index of a buffer goes to exactly
-  one caller, and a caller that runs past the end draws (or waits for) a new buffer;
+* **threads**: the buffer and the offset of its next nonce are one :class:`_Pool`'s,
+  read and advanced in one step under its lock (kmsguard.fastpath.Mutexed: a spin lock
+  compiled, a threading.Lock as plain Python), so each slice goes to exactly one
+  caller; a caller that runs past the end draws a new buffer (outside the lock) and
+  installs it, under the lock, unless another thread already did;
 * **fork**: a child process starts with a copy of the parent's buffer, so it would
   repeat the nonces the parent hands out next. ``os.register_at_fork`` discards the
-  child's copy (and its lock, which another thread may have held at fork time), so the
+  child's copy (and its locks, which another thread may have held at fork time), so the
   child's first nonce comes from a fresh draw. This covers ``os.fork`` and
   ``multiprocessing``'s fork start method; C code that calls ``fork()`` and then runs
   Python in the child without ``PyOS_AfterFork_Child`` is outside what it can see.
@@ -23,46 +24,67 @@ What matters is that no slice is ever handed out twice:
 
 from __future__ import annotations
 
-import itertools
 import os
-import threading
-from collections.abc import Iterator
 
+from kmsguard.fastpath import Mutexed, _plain_free, _plain_hold, _plain_new_mutex
+
+#: True when this module runs compiled (nonces.pxd).
+COMPILED = not __file__.endswith(".py")
 #: Size of an AES-GCM nonce in kmsguard's envelope (96 bits).
 NONCE_SIZE = 12
 #: Nonces per ``os.urandom`` call (12 KiB); enough to make the system call negligible.
 NONCES_PER_DRAW = 1024
 
-_Pool = tuple[bytes, Iterator[int]]
+# Compiled, C functions from kmsguard/fastpath.pxd; interpreted, these stand-ins.
+globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
 
-_pool: _Pool = (b"", itertools.count())  # empty: the first call draws
-_lock = threading.Lock()
+
+class _Pool(Mutexed):
+    """The current draw of nonces and the offset of the next one to hand out, replaced together."""
+
+    def __init__(self) -> None:
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
+        self.data = b""  # empty: the first call draws
+        self.offset = 0
+
+    def next(self) -> bytes | None:
+        """A nonce no other caller gets, or None when this draw is spent."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        data = self.data
+        start = self.offset
+        self.offset = start + NONCE_SIZE
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        if start + NONCE_SIZE <= len(data):
+            return data[start : start + NONCE_SIZE]
+        return None
+
+    def refill(self, spent: bytes, fresh: bytes) -> None:
+        """Install ``fresh`` (drawn outside the lock) unless another thread already replaced ``spent``."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        if self.data is spent:
+            self.data = fresh
+            self.offset = 0
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+
+
+_pool = _Pool()
 
 
 def nonce() -> bytes:
     """A fresh, uniformly random 12-byte nonce that no other caller of this process gets."""
     while True:
         pool = _pool
-        start = next(pool[1]) * NONCE_SIZE
-        value = pool[0][start : start + NONCE_SIZE]
-        if len(value) == NONCE_SIZE:
+        value = pool.next()
+        if value is not None:
             return value
-        _refill(pool)
-
-
-def _refill(spent: _Pool) -> None:
-    """Replace ``spent`` with a new draw, unless another thread already did."""
-    global _pool
-    with _lock:
-        if _pool is spent:
-            _pool = (os.urandom(NONCE_SIZE * NONCES_PER_DRAW), itertools.count())
+        spent = pool.data
+        pool.refill(spent, os.urandom(NONCE_SIZE * NONCES_PER_DRAW))
 
 
 def _discard_after_fork() -> None:
-    """In a forked child: forget the parent's buffer so no nonce is used by both."""
-    global _pool, _lock
-    _pool = (b"", itertools.count())
-    _lock = threading.Lock()
+    """In a forked child: forget the parent's buffer (and its lock) so no nonce is used by both."""
+    global _pool
+    _pool = _Pool()
 
 
 os.register_at_fork(after_in_child=_discard_after_fork)

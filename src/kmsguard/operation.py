@@ -1,28 +1,31 @@
-"""What happened during one Guard operation, gathered for audit and metrics.
+"""What happened during one Guard operation, and the observers that are told of it.
 
-Guard opens an :class:`Operation` around every encrypt, decrypt and rewrap, and makes it
-the *current* operation (a context variable, so threads and batch workers each see
-their own). Keyrings deep in the stack report into it with :func:`note_kms_call` and
-:func:`note_cache` without knowing who listens; observers (the audit writer, the
-metrics registry) receive the finished record. With no observers, Guard skips all of it
-and these calls are a context-variable read.
+Guard opens an :class:`Operation` around every encrypt, decrypt and rewrap that takes the
+full route, and makes it the *current* operation (a context variable, so threads and
+batch workers each see their own). Keyrings deep in the stack report into it with
+:func:`note_kms_call` and :func:`note_cache` without knowing who listens. Finished, it
+becomes one :class:`~kmsguard.fastpath.OperationEvent`, which every :class:`Observer`
+(the audit writer, the metrics registry, a user's own) receives: one call per
+operation, cache hits served by a plan's lane included. With no observers, Guard skips
+all of it and these calls are a context-variable read.
 
-An Operation carries names, counts and the context (never secret: every envelope
-carries it in its unencrypted header, see FORMAT.md); never plaintext, ciphertext bodies
-or keys.
+Events carry names, counts and the context (never secret: every envelope carries it in
+its unencrypted header, see FORMAT.md); never plaintext, ciphertext bodies or keys.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Protocol, runtime_checkable
 
-from kmsguard.fastpath import HitSink, next_request
+from kmsguard.fastpath import EventSink, HitSink, OperationEvent, next_request
 
 #: Request ids are ``<process prefix><counter>``: unique, and cheap enough to make for
 #: every operation, cache hits included (a uuid4 each would not be); the numbers come
@@ -44,11 +47,12 @@ os.register_at_fork(after_in_child=_new_prefix_in_child)
 
 
 class Operation:
-    """One operation's record. Mutable while it runs; observers get it once, finished.
+    """One operation's record while it runs on the full route; Guard's, never an observer's.
 
-    A plain class with ``__slots__`` rather than a dataclass: one is built per operation
-    whenever anyone observes, so its construction is hot-path cost. The request id is
-    numbered only when first asked for.
+    Guard and the keyrings below it note into it; finished, :meth:`event` is what the
+    observers get. A plain class with ``__slots__`` rather than a dataclass: one is built
+    per observed operation, so its construction is cost on that route. ``strict_audit``
+    is the policy's, set by Guard. The request id is numbered only when first asked for.
     """
 
     __slots__ = (
@@ -121,25 +125,12 @@ class Operation:
             number = self._request_number = served or next_request()
         return number
 
-    def shape(self) -> tuple[Any, ...]:
-        """The record's fields that operations of one kind share: all but start, duration, size and request id.
-
-        (operation, classification, key_refs, regions, principal, outcome, error_code,
-        kms_calls, cache_hit, context items): the audit writer spools one template per
-        shape and each operation as a compact frame naming it (kmsguard.audit.frames).
-        """
-        return (
-            self.name,
-            self.classification,
-            tuple(self.key_refs),
-            tuple(self.regions),
-            self.principal,
-            self.outcome,
-            self.error_code,
-            self.kms_calls,
-            self.cache_hit,
-            tuple(self.context.items()),
-        )
+    def event(self) -> OperationEvent:
+        """The finished operation as observers receive it (a new EventKind of its own)."""
+        served = request.get()
+        caller_id = served if isinstance(served, str) else None
+        number = self.request_number()
+        return OperationEvent(EventKind(self), self.started_at, self.duration, self.size, number, caller_id)
 
     def finish(self, error: BaseException | None) -> None:
         self.duration = time.perf_counter() - self._t0
@@ -153,50 +144,102 @@ class Operation:
         return f"Operation({self.name!r}, {self.classification!r}, outcome={self.outcome!r})"
 
 
-class HitKind:
-    """What every cache-hit operation of one kind shares, so that it is worked out once.
+class EventKind:
+    """What every operation of one kind shares: all of an OperationEvent but start, duration, size and request.
 
-    Once an operation has been served from the cache with no key-service call, Guard
-    keeps one HitKind on the plan's lane that served it (kmsguard.plans); later operations
-    of the same kind are reported with only what differs — start time, duration and
-    size — to each observer's hit recorder (see :class:`HitObserver`). Built from the
-    first such operation's record, so a hit is recorded exactly as that operation was.
+    Built from a finished Operation; never changed. Once an operation has been served from
+    the cache with no key-service call, Guard keeps its EventKind on the plan's lane that
+    served it (kmsguard.plans); later operations of that kind are served by the lane and
+    reported with the same kind, so a hit is recorded exactly as that operation was.
+    ``shape`` is the same facts as one tuple in the audit record's order
+    (kmsguard.audit.facts.Shape), which the audit writer spools once per kind.
     """
 
-    __slots__ = ("classification", "name", "shape")
+    __slots__ = (
+        "cache_hit",
+        "classification",
+        "context",
+        "error_code",
+        "key_refs",
+        "kms_calls",
+        "operation",
+        "outcome",
+        "principal",
+        "regions",
+        "shape",
+        "strict",
+    )
 
     def __init__(self, op: Operation) -> None:
-        self.name = op.name
+        self.operation = op.name
         self.classification = op.classification
-        #: Operation.shape() of every hit of this kind (the first one's, which was "ok" with no KMS call).
-        self.shape = op.shape()
+        self.principal = op.principal
+        self.outcome = op.outcome
+        self.error_code = op.error_code
+        self.cache_hit = op.cache_hit
+        self.kms_calls = op.kms_calls
+        self.key_refs = tuple(op.key_refs)
+        self.regions = tuple(op.regions)
+        self.context: Mapping[str, str] = MappingProxyType(dict(op.context))
+        self.strict = op.strict_audit
+        self.shape = (
+            self.operation,
+            self.classification,
+            self.key_refs,
+            self.regions,
+            self.principal,
+            self.outcome,
+            self.error_code,
+            self.kms_calls,
+            self.cache_hit,
+            tuple(self.context.items()),
+        )
+
+    def refused(self, error_code: str) -> EventKind:
+        """This kind as an error: what the observers after a strict refusal see (see Guard)."""
+        kind = copy.copy(self)
+        kind.outcome, kind.error_code = "error", error_code
+        kind.shape = (*self.shape[:5], "error", error_code, *self.shape[7:])
+        return kind
 
     def __repr__(self) -> str:
-        return f"HitKind({self.name!r}, {self.classification!r})"
+        return f"EventKind({self.operation!r}, {self.classification!r}, outcome={self.outcome!r})"
+
+
+@runtime_checkable
+class Observer(Protocol):
+    """Receives one :class:`~kmsguard.fastpath.OperationEvent` per finished operation.
+
+    ``observe`` runs in the caller's thread, after the operation's work and before it
+    returns, cache hits included: it must be quick and must not block (hand slow work to
+    a thread of its own, as the audit writer does). It reports a failure by raising; it
+    never changes the event. What a raise does is Guard's decision, from the policy: an
+    operation whose classification has strict audit (``event.strict``) is refused with
+    AuditUnavailable, and the observers after it see it refused; on any other
+    operation the failure is logged (logger ``kmsguard``) and the result stands.
+    """
+
+    def observe(self, event: OperationEvent) -> None: ...
 
 
 @runtime_checkable
 class HitObserver(Protocol):
-    """An Observer that can also take cache hits in compact form (audit, metrics).
+    """An Observer that records cache hits through a compiled sink of its own (audit, metrics).
 
-    ``hit_recorder()`` returns the HitSink whose ``record(kind, started_at, duration,
-    size)`` takes each hit, or None when this observer records nothing for hits. Only
-    non-strict operations are reported this way: a strict one must be made durable in
-    full before it returns.
+    ``hit_recorder()`` returns the HitSink whose ``record(kind, started, duration, size,
+    request)`` takes each hit instead of ``observe`` -- the same facts, without building an
+    event -- or None when this observer records nothing for hits. Any other observer gets
+    hits as events (kmsguard.fastpath.EventSink).
     """
 
     def hit_recorder(self) -> HitSink | None: ...
 
 
-@runtime_checkable
-class Observer(Protocol):
-    """Receives every finished operation. Must not block the caller, unless strict.
-
-    For an operation with ``strict_audit`` set, an observer that cannot make its record
-    durable raises ``AuditUnavailable`` and Guard refuses the operation.
-    """
-
-    def operation_finished(self, op: Operation) -> None: ...
+def hit_sink(observer: Observer, report: Callable[[BaseException], None]) -> HitSink | None:
+    """How cache hits reach ``observer``: its own sink, or its ``observe`` through an EventSink."""
+    if isinstance(observer, HitObserver):
+        return observer.hit_recorder()
+    return EventSink(observer.observe, report)
 
 
 current: ContextVar[Operation | None] = ContextVar("kmsguard_operation", default=None)

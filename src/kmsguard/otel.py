@@ -8,12 +8,14 @@ operation observer, next to the Prometheus registry (``stack`` hands both the sa
 Spans: one per operation, ``kmsguard.<operation>``, a child of the caller's current span
 (observers run on the caller's thread, in its context), with a child ``kms.<API>`` span per
 KMS call the operation made. The operation's span is made when the operation has finished
-(observers see finished operations), with its real start and end times; KMS calls are held
-until then. Attributes are names and counts: never a context value, plaintext,
-ciphertext or key.
+(observers see finished operations, :class:`~kmsguard.fastpath.OperationEvent`), with its
+real start and end times. KMS calls are held until then under the running operation
+(kmsguard.operation.current), which is still current while Guard tells its observers; a
+cache hit served by a plan's lane makes no KMS call and runs under none. Attributes are
+names and counts: never a context value, plaintext, ciphertext or key.
 
-The bridge depends on the shape of what observers receive in :func:`facts_of` (and
-:func:`_current_operation`) only: they turn Guard's record into :class:`OperationFacts`.
+The bridge is an ordinary observer: Guard's cache-hit lanes stay on, and each hit reaches
+it as an event (kmsguard.fastpath.EventSink).
 """
 
 from __future__ import annotations
@@ -31,48 +33,12 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from kmsguard import __version__, operation
-from kmsguard.operation import Operation
+from kmsguard.fastpath import OperationEvent
 from kmsguard.telemetry import Telemetry
 
 #: KMS calls held for operations still running; beyond this many operations, the oldest are forgotten
 #: (an operation that never finishes must not hold memory forever).
 _MAX_PENDING = 10_000
-
-
-@dataclass(frozen=True)
-class OperationFacts:
-    """What the bridge needs of one finished operation."""
-
-    key: object  # identifies the operation the KMS calls were noted under (_current_operation)
-    name: str
-    classification: str
-    outcome: str
-    error_code: str | None
-    cache_hit: bool | None
-    kms_calls: int
-    start_ns: int
-    end_ns: int
-
-
-def facts_of(op: Operation) -> OperationFacts:
-    """The adapter from Guard's observer record to the bridge: the one place that knows its shape."""
-    start = int(op.started_at * 1e9)
-    return OperationFacts(
-        key=op,
-        name=op.name,
-        classification=op.classification or "none",
-        outcome=op.outcome,
-        error_code=op.error_code,
-        cache_hit=op.cache_hit,
-        kms_calls=op.kms_calls,
-        start_ns=start,
-        end_ns=start + int(op.duration * 1e9),
-    )
-
-
-def _current_operation() -> object | None:
-    """The running operation a KMS call belongs to (the same object facts_of gives as ``key``)."""
-    return operation.current.get()
 
 
 @dataclass(frozen=True)
@@ -121,34 +87,39 @@ class OtelBridge(Telemetry):
 
     # ------------------------------------------------------------------ Observer
 
-    def operation_finished(self, op: Operation) -> None:
-        self.record(facts_of(op))
-
-    def record(self, f: OperationFacts) -> None:
-        labels = {"operation": f.name, "classification": f.classification, "outcome": f.outcome}
-        self._duration.record((f.end_ns - f.start_ns) / 1e9, labels)
-        if f.error_code is not None:
-            self._errors.add(1, {"operation": f.name, "code": f.error_code})
-        with self._lock:
-            calls = self._pending.pop(f.key, [])
+    def observe(self, event: OperationEvent) -> None:
+        name, outcome, error_code = event.operation, event.outcome, event.error_code
+        classification = event.classification or "none"
+        labels = {"operation": name, "classification": classification, "outcome": outcome}
+        self._duration.record(event.duration, labels)
+        if error_code is not None:
+            self._errors.add(1, {"operation": name, "code": error_code})
+        running = operation.current.get()
+        calls: list[_KmsCall] = []
+        if running is not None:
+            with self._lock:
+                calls = self._pending.pop(running, calls)
         attributes: dict[str, str | bool | int] = {
-            "kmsguard.operation": f.name,
-            "kmsguard.classification": f.classification,
-            "kmsguard.outcome": f.outcome,
-            "kmsguard.kms_calls": f.kms_calls,
+            "kmsguard.operation": name,
+            "kmsguard.classification": classification,
+            "kmsguard.outcome": outcome,
+            "kmsguard.kms_calls": event.kms_calls,
         }
-        if f.error_code is not None:
-            attributes["kmsguard.error_code"] = f.error_code
-        if f.cache_hit is not None:
-            attributes["kmsguard.cache_hit"] = f.cache_hit
-        span = self.tracer.start_span(f"kmsguard.{f.name}", kind=SpanKind.INTERNAL, attributes=attributes,
-                                      start_time=f.start_ns)
+        if error_code is not None:
+            attributes["kmsguard.error_code"] = error_code
+        cache_hit = event.cache_hit
+        if cache_hit is not None:
+            attributes["kmsguard.cache_hit"] = cache_hit
+        start = int(event.started_at * 1e9)
+        span = self.tracer.start_span(
+            f"kmsguard.{name}", kind=SpanKind.INTERNAL, attributes=attributes, start_time=start
+        )
         parent = trace.set_span_in_context(span)
         for call in calls:
             self._call_span(call, parent)
-        if f.outcome != "ok":
-            span.set_status(Status(StatusCode.ERROR, f.error_code))
-        span.end(end_time=f.end_ns)
+        if outcome != "ok":
+            span.set_status(Status(StatusCode.ERROR, error_code))
+        span.end(end_time=start + int(event.duration * 1e9))
 
     def _call_span(self, call: _KmsCall, parent: Any = None) -> None:
         span = self.tracer.start_span(
@@ -183,7 +154,7 @@ class OtelBridge(Telemetry):
             self._kms_throttles.add(throttles, labels)
         end = time.time_ns()
         call = _KmsCall(api, region, outcome, attempts, end - int(duration * 1e9), end)
-        key = _current_operation()
+        key = operation.current.get()
         if key is None:  # not inside an operation (a readiness probe, the audit key): a span of its own
             self._call_span(call)
             return

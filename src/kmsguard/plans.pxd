@@ -5,7 +5,7 @@ import cython
 from cpython.contextvars cimport get_value
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from kmsguard.fastpath cimport Budget, HitSink, next_tick, sealed
+from kmsguard.fastpath cimport Budget, HitSink, next_request, next_tick, sealed
 
 cdef Py_ssize_t MAX_KINDS_PER_LANE
 cdef Py_ssize_t _TAG_SIZE
@@ -74,6 +74,7 @@ cdef class Plans:
     cdef public tuple sinks
     cdef public object principal
     cdef object _acting
+    cdef object _served
     cdef double _synced_at
     cdef double _wall_offset
     @cython.locals(plan=EncryptPlan, lane=Lane, t0=double, t1=double, last=tuple)
@@ -81,7 +82,7 @@ cdef class Plans:
     @cython.locals(plan=DecryptPlan, lane=Lane, n=Py_ssize_t, t0=double, t1=double)
     cpdef object open(self, object raw, object context)
     cdef object _principal(self)
-    @cython.locals(sink=HitSink)
+    @cython.locals(sink=HitSink, request="unsigned long long", served=object, caller_id=object)
     cdef void _record(self, object kind, double t0, double duration, Py_ssize_t size) except *
 
 @cython.locals(end=Py_ssize_t, pos=Py_ssize_t, count=Py_ssize_t, keys=Py_ssize_t, _i=Py_ssize_t)

@@ -28,12 +28,11 @@ retiring the Budget drops. Only successful work is kept, so every error is raise
 afresh. Each table holds at most ``max_plans`` plans and gives up the least recently
 used one at a time (kmsguard.lru).
 
-**Observed hits.** With observers (audit, metrics) that take hits in compact form
-(kmsguard.fastpath.HitSink), a lane serves an operation only once the full route has
-taught it that operation's kind (kmsguard.operation.HitKind: principal, classification,
-keys, context), then reports each hit to the sinks with its start, duration and size; an
-operation of a kind it does not know, or a strict one, takes the full route and is
-observed in full.
+**Observed hits.** With observers, a lane serves an operation only once the full route
+has taught it that operation's kind (kmsguard.operation.EventKind: principal,
+classification, keys, context), then reports each hit to every observer's HitSink
+(kmsguard.fastpath) with its start, duration, size and request number; an operation of a
+kind it does not know, or a strict one, takes the full route and is observed in full.
 
 Compiled with Cython when the package is built (``plans.pxd``), like kmsguard.fastpath.
 """
@@ -59,7 +58,7 @@ from kmsguard.errors import (
     KmsGuardError,
     UnknownClassification,
 )
-from kmsguard.fastpath import SEAL_INTO_FROM, Budget, HitSink, next_tick, sealed
+from kmsguard.fastpath import SEAL_INTO_FROM, Budget, HitSink, next_request, next_tick, sealed
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.lru import LruIndex
 from kmsguard.policy import FIELD_CONTEXT_KEY, SELFTEST_CONTEXT_KEY, ClassPolicy, Policy
@@ -69,7 +68,7 @@ COMPILED = not __file__.endswith(".py")
 
 #: Plans each table (encrypt, decrypt) keeps by default before giving up the least recently used.
 DEFAULT_MAX_PLANS = 16_384
-#: HitKinds a lane keeps (principals, and callers' contexts on decrypt); beyond, the full route.
+#: EventKinds a lane keeps (principals, and callers' contexts on decrypt); beyond, the full route.
 MAX_KINDS_PER_LANE = 64
 #: Context keys under this prefix are kmsguard's own (see KeyRequest.bound_context).
 RESERVED_CONTEXT_PREFIX = "kmsguard:"
@@ -169,7 +168,10 @@ def context_error(plan: DecryptPlan, given: Any) -> KmsGuardError | None:
 
 
 def _required(plan: DecryptPlan, given: Mapping[str, str]) -> ContextRequired:
-    missing = [key for key in plan.required if key not in given]
+    # The attribute read first: Cython 3.3 compiles a comprehension over ``plan.required``
+    # (plan a module-level def's argument) into a read of a NULL pointer.
+    required = plan.required
+    missing = [key for key in required if key not in given]
     return ContextRequired(
         f"classification {plan.policy.name!r} requires context keys at decrypt: {', '.join(missing)}"
     )
@@ -180,9 +182,9 @@ class Lane:
 
     Never changed once made, except ``kinds`` (a dictionary that only grows, up to
     MAX_KINDS_PER_LANE) and ``last`` (one tuple, replaced whole): a plan swaps its lane in
-    one store, so a reader sees one whole lane. ``kinds``: the HitKind per principal
-    (encrypt) or per (principal, caller's context items) (decrypt), for recording hits;
-    ``last``: the last (principal, HitKind) an encrypt found.
+    one store, so a reader sees one whole lane. ``kinds``: the EventKind per principal
+    (encrypt) or per (principal, caller's context items) (decrypt), for reporting hits;
+    ``last``: the last (principal, EventKind) an encrypt found.
     """
 
     def __init__(
@@ -285,10 +287,11 @@ class Plans:
     """One Guard's plans: encrypt plans by (classification, context items), decrypt plans by prefix.
 
     Lookups read dictionaries without a lock; adding a plan (and giving up the least
-    recently used) takes ``_lock``. With ``observed`` set (Guard's observers all take
-    hits, see kmsguard.operation.HitObserver), a lane serves only operations of a kind it
-    has a HitKind for -- per principal: the ``acting`` context variable's, else
-    ``principal`` -- and reports each to ``sinks``.
+    recently used) takes ``_lock``. With ``observed`` set (Guard has observers), a lane
+    serves only operations of a kind it has an EventKind for -- per principal: the
+    ``acting`` context variable's, else ``principal`` -- and reports each to ``sinks``
+    (one per observer that records hits, see kmsguard.operation.hit_sink) under the
+    request the ``served`` context variable names (see _record).
     """
 
     def __init__(
@@ -299,6 +302,7 @@ class Plans:
         sinks: tuple[HitSink, ...] = (),
         principal: str = "",
         acting: ContextVar[str | None] | None = None,
+        served: ContextVar[int | str | None] | None = None,
     ) -> None:
         self._policy = policy
         self.encrypt: LruIndex[object, EncryptPlan] = LruIndex(max_plans, _last_used)
@@ -310,6 +314,7 @@ class Plans:
         self.sinks = sinks
         self.principal = principal
         self._acting = acting
+        self._served = served
         self._synced_at = -2.0  # _clock() time of the last wall-clock reading (see _record)
         self._wall_offset = 0.0
 
@@ -435,7 +440,10 @@ class Plans:
         return (_value_of(acting) if acting is not None else None) or self.principal  # type: ignore[name-defined]  # noqa: F821
 
     def _record(self, kind: object, t0: float, duration: float, size: int) -> None:
-        """Report a hit that started at ``t0`` (the monotonic clock) to every sink, with its wall-clock start.
+        """Report a hit that started at ``t0`` (the monotonic clock) to every sink, with its wall-clock
+        start and its request: read once from ``served`` (kmsguard.operation.request) for
+        every sink alike -- the front-end request's number, or 0 and the caller's own id --
+        or, outside a served request, a number of its own.
 
         The wall clock is read once a second, not per hit: between readings a start time
         is the last reading plus the monotonic time since, off by the clocks' drift
@@ -447,8 +455,17 @@ class Plans:
             # (and any time the thread was descheduled) into every start for a second.
             self._wall_offset = _wall() - _clock()  # type: ignore[name-defined]  # noqa: F821
         started = t0 + self._wall_offset
+        served = _value_of(self._served) if self._served is not None else None  # type: ignore[name-defined]  # noqa: F821
+        caller_id = None
+        if served is None:
+            request = next_request()
+        elif isinstance(served, str):
+            request = 0
+            caller_id = served
+        else:
+            request = served
         for sink in self.sinks:
-            sink.record(kind, started, duration, size)
+            sink.record(kind, started, duration, size, request, caller_id)
 
 
 def _prefix_len(raw: bytes) -> int:

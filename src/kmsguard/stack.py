@@ -11,13 +11,27 @@ with ``reuse = false`` (encrypt) and ``decrypt_ttl = 0`` (decrypt).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from kmsguard.config import Settings
 from kmsguard.errors import ConfigurationError, InvalidInput
 from kmsguard.keyrings.base import Keyring
 from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring, key_name_of
 from kmsguard.operation import Observer
+from kmsguard.policy import Policy
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetries, Telemetry
+
+
+def build_policy(settings: Settings) -> Policy:
+    """The policy Guard applies: the settings' classifications, with ``[audit] strict`` (when
+    set) overriding every classification's ``strict_audit``."""
+    from kmsguard.audit.settings import AuditSettings
+
+    strict = AuditSettings.of(settings).strict
+    if strict is None:
+        return settings.policy
+    return Policy([replace(cls, strict_audit=strict) for cls in settings.policy])
 
 
 def build_telemetry(settings: Settings) -> Telemetry:

@@ -352,14 +352,14 @@ def test_the_worked_example_of_format_md() -> None:
     assert KEYS.fingerprint == "cdbcc23085da09db"
 
 
-def test_a_shape_names_the_fields_of_operation_shape() -> None:
-    """Template frames store Operation.shape() as it is: Shape must name its fields in its order."""
+def test_a_shape_names_the_fields_of_an_event_kinds_shape() -> None:
+    """Template frames store EventKind.shape as it is: Shape must name its fields in its order."""
     op = Operation("encrypt", "pii", {"tenant": "t"}, "svc")
     op.key_refs.append("local:pii:v1")
     op.regions.append("eu-west-1")
     op.kms_calls, op.cache_hit = 2, False
     op.finish(None)
-    assert Shape._make(op.shape()) == Shape(
+    assert Shape._make(op.event().kind.shape) == Shape(
         operation="encrypt", classification="pii", key_refs=("local:pii:v1",), regions=("eu-west-1",),
         principal="svc", outcome="ok", error_code=None, kms_calls=2, cache_hit=False, context=(("tenant", "t"),),
     )

@@ -8,8 +8,9 @@ import threading
 from kmsguard import Guard
 from kmsguard.aio import AsyncGuard
 from kmsguard.config import load_settings
+from kmsguard.fastpath import OperationEvent
 from kmsguard.keyrings.caching import CachingKeyring
-from kmsguard.operation import Operation, acting_as
+from kmsguard.operation import acting_as
 from kmsguard.stack import build_keyring
 
 
@@ -19,8 +20,8 @@ class Threads:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str, str]] = []
 
-    def operation_finished(self, op: Operation) -> None:
-        self.seen.append((op.name, threading.current_thread().name, op.principal))
+    def observe(self, event: OperationEvent) -> None:
+        self.seen.append((event.operation, threading.current_thread().name, event.principal))
 
 
 def test_kms_work_in_the_pool_cache_hits_inline(kmsguard_aws_env: dict[str, str]) -> None:

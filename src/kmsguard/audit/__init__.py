@@ -60,7 +60,7 @@ def build_observer(settings: Settings, keyring: Keyring, telemetry: Telemetry = 
     """The audit observer for a Guard: this process's shared writer for these settings (see lifecycle.py)."""
     config = AuditSettings.of(settings)
     if config.sink == "none":
-        return DisabledAudit(config.strict)
+        return DisabledAudit()
 
     def make() -> AuditObserver:
         sink = open_sink(config) if config.delivery == "thread" else None
@@ -73,7 +73,6 @@ def build_observer(settings: Settings, keyring: Keyring, telemetry: Telemetry = 
             sink,
             keys,
             config.spool_dir,
-            strict=config.strict,
             delivery=config.delivery,
             env=settings.env,
             flush_interval=config.flush_interval,
@@ -84,5 +83,5 @@ def build_observer(settings: Settings, keyring: Keyring, telemetry: Telemetry = 
         )
 
     destination = (config.sink, config.path, config.dsn, config.schema)
-    options = (config.strict, config.delivery, config.flush_interval, config.max_spool_bytes, settings.principal)
+    options = (config.delivery, config.flush_interval, config.max_spool_bytes, settings.principal)
     return shared_writer((config.spool_dir, destination, options), make)

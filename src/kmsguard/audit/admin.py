@@ -27,10 +27,10 @@ def audited(settings: Settings, keyring: Keyring, name: str, classification: str
             yield op
         except BaseException as exc:
             op.finish(exc)
-            observer.operation_finished(op)
+            observer.observe(op.event())
             raise
         op.finish(None)
-        observer.operation_finished(op)
+        observer.observe(op.event())
     finally:
         closer = getattr(observer, "close", None)
         if callable(closer):

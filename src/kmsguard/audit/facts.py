@@ -19,9 +19,9 @@ if TYPE_CHECKING:
 
 
 class Shape(NamedTuple):
-    """What every operation of one kind shares: kmsguard.operation.Operation.shape(), by name.
+    """What every operation of one kind shares: kmsguard.operation.EventKind.shape, by name.
 
-    Hashes and compares as the plain tuple Operation.shape() returns, so either keys the
+    Hashes and compares as the plain tuple EventKind.shape is, so either keys the
     audit writer's templates.
     """
 
@@ -64,7 +64,7 @@ class Spooled(NamedTuple):
     @classmethod
     def of(cls, shape: tuple[object, ...], started: float, duration: float, size: int,
            request_id: str | None) -> Spooled:
-        """The facts of one operation of ``shape`` (an Operation.shape() tuple)."""
+        """The facts of one operation of ``shape`` (an EventKind.shape tuple)."""
         return cls(time=started, duration=duration, size=size, request_id=request_id, **Shape._make(shape)._asdict())
 
 

@@ -1,9 +1,8 @@
 # C types for frames.py when Cython compiles it (see that module's docstring and
 # kmsguard/fastpath.pxd): Frames.hit becomes C stores into the memory map.
 import cython
-from kmsguard.fastpath cimport HitSink, next_request
+from kmsguard.fastpath cimport HitSink, Mutexed, _free, _hold, _new_mutex
 from libc.string cimport memcpy
-from cpython.contextvars cimport get_value
 
 cdef extern from *:
     unsigned long long _bswap64 "__builtin_bswap64"(unsigned long long) noexcept nogil
@@ -27,9 +26,6 @@ cdef inline unsigned int _get32(const unsigned char* view, Py_ssize_t at) noexce
     cdef unsigned int word
     memcpy(&word, view + at, 4)
     return _bswap32(word)
-
-cdef inline object _value_of(object var):
-    return get_value(var)
 
 cdef inline void _copy(unsigned char[::1] out, Py_ssize_t to, const unsigned char* view, Py_ssize_t at,
                        Py_ssize_t n) noexcept:
@@ -56,7 +52,7 @@ cpdef unsigned int hit_check(unsigned long long seq, unsigned long long template
 cpdef tuple take_hits(bytes data, Py_ssize_t pos, unsigned long long seq, unsigned long long template,
                       Py_ssize_t limit)
 
-cdef class Frames:
+cdef class Frames(Mutexed):
     cdef public object lock
     cdef public Py_ssize_t size
     cdef public long long limit
@@ -80,8 +76,7 @@ cdef class HitWriter(HitSink):
     cdef public Frames frames
     cdef public dict templates
     cdef public object slow
-    cdef public object served
     cdef public tuple last
-    @cython.locals(at="unsigned long long", took="unsigned long long", request="unsigned long long",
-                   last=tuple, template="unsigned long long", served=object, caller_id=object)
-    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size) except *
+    @cython.locals(at="unsigned long long", took="unsigned long long", last=tuple, template="unsigned long long")
+    cpdef void record(self, object kind, double started, double duration, Py_ssize_t size,
+                      unsigned long long request, object caller_id) except *

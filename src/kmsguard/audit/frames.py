@@ -8,7 +8,7 @@ or none (see spool.py). Three kinds:
   check its CRC-32 (spool.py): a strict operation, or the first of its kind;
 * a **template**: payload ``marshal(("T", template_id, shape, request_prefix))``,
   check its CRC-32, no sequence number. ``shape`` is what every operation of one kind
-  shares (kmsguard.operation.Operation.shape: operation, classification, keys,
+  shares (kmsguard.operation.EventKind.shape: operation, classification, keys,
   principal, outcome, KMS calls, cache hit, context...). It is written into a segment
   before the first hit frame of that segment that names it, so each segment reads on
   its own;
@@ -20,7 +20,7 @@ or none (see spool.py). Three kinds:
   every other non-strict operation whose kind it has seen before.
 
 :meth:`Frames.hit` writes a hit frame with no Python in between: compiled (Cython,
-``frames.pxd``), it is a few dozen C stores and no lock. That is the whole audit cost
+``frames.pxd``), it is a few dozen C stores under the Frames' spin lock. That is the whole audit cost
 of a cache hit in the caller's thread; the deliverer expands the frame into the same
 record the full path would have spooled.
 """
@@ -30,14 +30,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 from kmsguard.errors import AuditUnavailable
-from kmsguard.fastpath import HitSink, next_request
+from kmsguard.fastpath import HitSink, Mutexed, _plain_free, _plain_hold, _plain_new_mutex
 
-#: True when this module runs compiled (Frames.hit is then atomic under the GIL).
+#: True when this module runs compiled.
 COMPILED = not __file__.endswith(".py")
+# Compiled, C functions from kmsguard/fastpath.pxd; interpreted, these stand-ins.
+globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
 HIT_FLAG = 0x80000000
 HIT_PAYLOAD = 48
 HIT_FRAME = 8 + HIT_PAYLOAD
@@ -90,7 +91,6 @@ globals()["_put32"] = lambda view, at, value: _put(view, at, value, 4)
 globals()["_get64"] = lambda view, at: int.from_bytes(view[at : at + 8], "big")
 globals()["_get32"] = lambda view, at: int.from_bytes(view[at : at + 4], "big")
 globals()["_copy"] = lambda out, to, view, at, n: out.__setitem__(slice(to, to + n), view[at : at + n])
-globals()["_value_of"] = ContextVar.get
 
 
 def take_hits(data: bytes, pos: int, seq: int, template: int, limit: int) -> tuple[int, bytes, int]:
@@ -132,20 +132,23 @@ def take_hits(data: bytes, pos: int, seq: int, template: int, limit: int) -> tup
     return count, bytes(out), latest
 
 
-class Frames:
+class Frames(Mutexed):
     """The write position in the current segment's memory map, shared by spool.py and hits.
 
     spool.py changes these fields only under its lock and with ``busy`` set (see
     :meth:`exclusive`); ``limit`` is the value of ``written`` past which the spool is
     full, ``emitted`` the template ids already written into the current segment.
 
-    :meth:`hit` takes no lock when compiled: it reads ``busy`` and writes its frame in
-    one stretch of C that never releases the GIL, so it runs entirely before or after
-    any other thread's step; while spool.py is busy it steps aside (returns 0) and the
-    caller takes the spool's lock instead. As plain Python it takes the lock.
+    :meth:`hit` reads ``busy`` and writes its frame under this object's own lock
+    (kmsguard.fastpath.Mutexed: a spin lock held for a few C stores when compiled, a
+    threading.Lock as plain Python), never the spool's; spool.py sets and clears ``busy``
+    under it too (:meth:`enter`, :meth:`leave`), so a hit runs entirely before or after
+    spool.py's change. While spool.py is busy a hit steps aside (returns 0) and the caller
+    takes the spool's lock instead.
     """
 
     def __init__(self, lock: threading.Lock, segment_bytes: int, limit: int) -> None:
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
         self.lock = lock
         self.size = segment_bytes
         self.limit = limit
@@ -163,11 +166,23 @@ class Frames:
     def exclusive(self) -> Iterator[Frames]:
         """The lock, and no hit written until it is released: for spool.py's multi-step changes."""
         with self.lock:
-            self.busy = True
+            self.enter()
             try:
                 yield self
             finally:
-                self.busy = self.closed
+                self.leave()
+
+    def enter(self) -> None:
+        """Hits step aside from now on (the caller holds ``lock``)."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        self.busy = True
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+
+    def leave(self) -> None:
+        """Hits write again, unless closed (the caller holds ``lock``)."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        self.busy = self.closed
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
 
     def attach(self, mapped: Any) -> None:
         """Write into ``mapped`` (a new segment) from its start. Exclusive."""
@@ -184,20 +199,25 @@ class Frames:
 
     def close(self) -> None:
         """No more frames: hits step aside for good (to a slow path that refuses). Under the lock."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
         self.closed = self.busy = True
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
         self.view = None
+
+    def renew_lock(self) -> None:
+        """In a forked child: a lock no thread holds (the parent's may have been held at the fork)."""
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
 
     def hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
         """Append a hit frame and return its seq; or return NOT_WRITTEN, and the caller takes
         spool.py's slow path (Spool.hit), which finds out why: spool.py is busy, the
         template is not in this segment yet, the segment has no room left, or the spool
         is full (which Spool.hit raises as SpoolFull)."""
-        if self.busy:
-            return _NOT_WRITTEN
-        if COMPILED:
-            return self._hit(template, started, duration, size, request)
-        with self.lock:
-            return self._hit(template, started, duration, size, request)
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        try:
+            return _NOT_WRITTEN if self.busy else self._hit(template, started, duration, size, request)
+        finally:
+            _free(self)  # type: ignore[name-defined]  # noqa: F821
 
     def write_hit(self, template: int, started: int, duration: int, size: int, request: int) -> int:
         """:meth:`hit` for spool.py, which holds the spool exclusively."""
@@ -231,7 +251,7 @@ class Frames:
 
 
 class CallerKind(NamedTuple):
-    """A kind of operation (a HitKind or a shape) under a caller's own request id.
+    """A kind of operation (an EventKind or a shape) under a caller's own request id.
 
     Its hits get a template of their own whose prefix is that id, and request number 0
     (FORMAT.md, "Hit frame"): every record of the kind in that request carries the id.
@@ -244,14 +264,13 @@ class CallerKind(NamedTuple):
 class HitWriter(HitSink):
     """The audit side of a cache hit: a hit frame, or the spool's slow path when it cannot.
 
-    ``templates`` maps a HitKind (or a shape) to its template id once the spool has one for it;
+    ``templates`` maps an EventKind (or a shape) to its template id once the spool has one for it;
     ``slow(kind, started, duration, size, request)`` handles everything else (a new
     kind, a template to write into a new segment, a segment to start, a full spool).
-    Request numbers come from kmsguard.fastpath.next_request, the process' counter.
 
-    ``served`` is kmsguard.operation.request, the request the caller serves: a hit inside
-    one takes its number, or, for a caller's own id, is recorded as a
-    :class:`CallerKind` with number 0; outside one it draws the next number.
+    Each hit comes with its request (kmsguard.plans reads it once for every sink): a
+    number, or, for a caller's own id, number 0 and that id, recorded as a
+    :class:`CallerKind` of the kind.
 
     ``last`` is the last (kind, caller's id or None, template id) found, read and replaced
     as one tuple (so atomically, threads or not): a loop of one kind skips the dictionary.
@@ -263,24 +282,13 @@ class HitWriter(HitSink):
         frames: Frames,
         templates: dict[object, int],
         slow: Callable[[object, int, int, int, int], None],
-        served: ContextVar[int | str | None],
     ) -> None:
         self.frames = frames
         self.templates = templates
         self.slow = slow
-        self.served = served
         self.last: tuple[Any, Any, int] = _NO_KIND
 
-    def record(self, kind: Any, started: float, duration: float, size: int) -> None:
-        served = _value_of(self.served)  # type: ignore[name-defined]  # noqa: F821
-        caller_id = None
-        if served is None:
-            request = next_request()
-        elif isinstance(served, str):
-            request = 0
-            caller_id = served
-        else:
-            request = served
+    def record(self, kind: Any, started: float, duration: float, size: int, request: int, caller_id: Any) -> None:
         at = int(started * 1e6)
         took = int(duration * 1e9)
         last = self.last

@@ -214,6 +214,7 @@ def _close_in_child() -> None:
     """
     for spool in list(_open_spools):
         spool._lock = spool.frames.lock = threading.Lock()
+        spool.frames.renew_lock()
         spool._sync_cond = threading.Condition()
         spool._syncing = False
         spool.frames.close()
@@ -337,14 +338,14 @@ class Spool:
         """
         frames = self.frames
         with self._lock:  # frames.exclusive(), without a generator's cost on every full record
-            frames.busy = True
+            frames.enter()
             try:
                 seq = frames.seq + 1
                 self._put(marshal.dumps((seq, *facts)))
                 frames.seq = seq
                 mark = frames.written
             finally:
-                frames.busy = frames.closed
+                frames.leave()
         if durable:
             self.sync(mark)
         return seq

@@ -54,7 +54,8 @@ from kmsguard.audit.record import CLOSE_OPERATION
 from kmsguard.audit.sink import Sink
 from kmsguard.audit.spool import NotDurable, Spool, SpoolFull, remove_writer, try_lock
 from kmsguard.errors import AuditUnavailable
-from kmsguard.operation import HitKind, Operation
+from kmsguard.fastpath import OperationEvent
+from kmsguard.operation import EventKind
 from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 log = logging.getLogger("kmsguard.audit")
@@ -87,7 +88,6 @@ class AuditObserver:
         keys: Callable[[], AuditKeys],
         spool_dir: Path,
         *,
-        strict: bool | None = None,
         delivery: str = "thread",
         env: Mapping[str, str] | None = None,
         flush_interval: float = 0.2,
@@ -106,16 +106,15 @@ class AuditObserver:
         """
         self.writer_id = writer_id or new_writer_id()
         self.spool_dir = Path(spool_dir)
-        self.strict = strict
         self.flush_interval = flush_interval
         self.close_timeout = close_timeout
         self.principal = principal
         self.telemetry = telemetry
         self._spool = Spool(self.spool_dir, self.writer_id, max_spool_bytes)
-        self._templates: dict[object, int] = {}  # HitKind or shape -> its template id (see frames.py)
+        self._templates: dict[object, int] = {}  # EventKind (or CallerKind) -> its template id (see frames.py)
         self._seen: set[object] = set()  # shapes (or CallerKinds) spooled once in full (see _compact)
         self._template_ids = itertools.count(1)
-        self._hits = HitWriter(self._spool.frames, self._templates, self._hit_slow, operation.request)
+        self._hits = HitWriter(self._spool.frames, self._templates, self._hit_slow)
         self.delivered_seq = 0
         self._delivered_at = time.monotonic()  # the deliverer's last progress (for the delivery lag)
         self._waiting_since: float | None = None  # since when records have been waiting
@@ -176,30 +175,27 @@ class AuditObserver:
 
     # ------------------------------------------------------------------ hot path
 
-    def operation_finished(self, op: Operation) -> None:
+    def observe(self, event: OperationEvent) -> None:
         if self._thread is None:
             if self._inherited and self.rebuild is not None:
-                self._successor().operation_finished(op)
+                self._successor().observe(event)
                 return
             self._start()
-        strict = op.strict_audit if self.strict is None else self.strict
-        if strict and not op.strict_audit:
-            op.strict_audit = True  # [audit] strict = true: Guard must refuse what cannot be recorded
-        if not strict:
-            number = op.request_number()
-            kind = op.shape() if number else CallerKind(op.shape(), op.request_id)
-            self._compact(kind, op.started_at, op.duration, op.size, number)
+        if not event.strict:
+            shape = event.kind.shape
+            kind = shape if event.caller_id is None else CallerKind(shape, event.caller_id)
+            self._compact(kind, event.started_at, event.duration, event.size, event.request)
             return
         # Strict, in full: the record is synced before the operation returns, and a
         # refusal must be able to follow it.
-        facts = Spooled.of(op.shape(), op.started_at, op.duration, op.size, op.request_id)
+        facts = Spooled.of(event.kind.shape, event.started_at, event.duration, event.size, event.request_id)
         try:
             self._with_room(self._spool.append, facts, True)
         except NotDurable:
             # The record is in the spool and may yet be delivered, but Guard refuses the
             # operation: follow it with the refusal (same request id), so the trail never
             # shows as done what the caller was told failed.
-            if op.outcome == "ok":
+            if event.outcome == "ok":
                 self._append_quietly(facts._replace(outcome="error", error_code=NotDurable.code))
             raise
 
@@ -241,7 +237,7 @@ class AuditObserver:
         return False
 
     def hit_recorder(self) -> HitWriter:
-        """Cache hits (kmsguard.operation.HitKind) as compact hit frames: see frames.py.
+        """Cache hits (kmsguard.operation.EventKind) as compact hit frames: see frames.py.
 
         Hits are never strict (Guard reports only non-strict operations this way), so a
         hit that cannot be spooled is dropped and counted, as a non-strict record is.
@@ -443,7 +439,7 @@ class AuditObserver:
                 successor = self._next = self.rebuild()
                 hits = self._hits
                 hits.frames, hits.templates = successor._spool.frames, successor._templates
-                hits.slow, hits.last = successor._hit_slow, (object(), 0)
+                hits.slow, hits.last = successor._hit_slow, (object(), None, 0)
             return successor
 
     def _forked(self) -> None:
@@ -628,26 +624,20 @@ def _template_of(kind: object) -> tuple[tuple[Any, ...], str]:
     prefix = operation.REQUEST_PREFIX
     if type(kind) is CallerKind:
         kind, prefix = kind
-    shape = kind.shape if isinstance(kind, HitKind) else kind
+    shape = kind.shape if isinstance(kind, EventKind) else kind
     assert isinstance(shape, tuple)
     return shape, prefix
 
 
 class DisabledAudit:
-    """``[audit] sink = "none"``: nothing is recorded, so strict classifications are refused."""
-
-    def __init__(self, strict: bool | None = None) -> None:
-        self.strict = strict
+    """``[audit] sink = "none"``: nothing is recorded, so strict operations are refused."""
 
     def hit_recorder(self) -> None:
         """Hits are non-strict operations, which a disabled audit lets through unrecorded."""
         return None
 
-    def operation_finished(self, op: Operation) -> None:
-        if self.strict is False:
-            return
-        if op.strict_audit or self.strict:
-            op.strict_audit = True
+    def observe(self, event: OperationEvent) -> None:
+        if event.strict:
             raise AuditUnavailable('audit is disabled ([audit] sink = "none") and this classification is strict')
 
 

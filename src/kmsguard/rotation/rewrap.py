@@ -150,7 +150,7 @@ def batch_guard(settings: Settings) -> tuple[Guard, BatchKeys]:
     """A Guard over the configured stack with :class:`BatchKeys` on top and :class:`KeyCalls`
     under the data-key cache, and that BatchKeys."""
     from kmsguard.keyrings.caching import CachingKeyring
-    from kmsguard.stack import backend_keyring, build_observers, build_telemetry
+    from kmsguard.stack import backend_keyring, build_observers, build_policy, build_telemetry
 
     telemetry = build_telemetry(settings)
     backend = backend_keyring(settings, telemetry)
@@ -160,7 +160,8 @@ def batch_guard(settings: Settings) -> tuple[Guard, BatchKeys]:
     # The audit trail gets its key from the backend itself: the local keyring's secret store
     # (which the counter would hide), and no call of its own counted as the job's.
     observers = build_observers(settings, backend, telemetry)
-    return Guard(settings.policy, keys, observers=observers, principal=settings.principal, settings=settings), keys
+    guard = Guard(build_policy(settings), keys, observers=observers, principal=settings.principal, settings=settings)
+    return guard, keys
 
 
 class Rewrap:
