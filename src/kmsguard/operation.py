@@ -217,6 +217,9 @@ class Observer(Protocol):
     operation whose classification has strict audit (``event.strict``) is refused with
     AuditUnavailable, and the observers after it see it refused; on any other
     operation the failure is logged (logger ``kmsguard``) and the result stands.
+    For an operation on the full route, :data:`current` is still that operation while
+    ``observe`` runs (so what was noted under it can be related to the event); for a
+    cache hit served by a plan's lane there is no Operation (current is left as it was).
     """
 
     def observe(self, event: OperationEvent) -> None: ...
