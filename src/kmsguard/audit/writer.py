@@ -305,6 +305,7 @@ class AuditObserver:
                 self._child.wait(timeout)
             except subprocess.TimeoutExpired:
                 self._child.kill()
+                self._child.wait()  # reaped: a killed child left unwaited is a zombie until exit
         else:
             self._kick()
             self._thread.join(timeout)
