@@ -252,3 +252,15 @@ def test_chain_hashes_are_hmac_sha256_under_the_derived_chain_key() -> None:
     keys = AuditKeys(secret)
     for message in (b"", b"[1]", os.urandom(500)):
         assert keys.chain_hash(message) == hmac.digest(chain_key, message, "sha256").hex()
+
+
+def test_a_file_that_is_not_a_database_is_refused_and_its_connection_closed(
+    tmp_path: Path, sqlite_connections: list[sqlite3.Connection]
+) -> None:
+    path = tmp_path / "audit.db"
+    path.write_bytes(b"not a database, " * 256)
+    with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+        SqliteSink(path)
+    [refused] = sqlite_connections
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        refused.execute("SELECT 1")

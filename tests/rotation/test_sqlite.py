@@ -6,7 +6,6 @@ import json
 import sqlite3
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -86,22 +85,14 @@ def test_garbled_headers_are_failures_not_crashes(local_home: Path, tmp_path: Pa
 
 
 def test_a_table_without_the_column_is_refused_and_its_connection_closed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sqlite_connections: list[sqlite3.Connection]
 ) -> None:
     db = tmp_path / "app.db"
     with closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
-    opened: list[sqlite3.Connection] = []
-    real_connect = sqlite3.connect
-
-    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        opened.append(real_connect(*args, **kwargs))
-        return opened[-1]
-
-    monkeypatch.setattr(sqlite3, "connect", connect)
     source = open_source(f"sqlite:///{db}?table=t&column=v&key=id")
     with pytest.raises(InvalidInput, match="no column 'id' / 'v'"):
         list(source.values(10))
-    [refused] = opened
+    [_table_made, refused] = sqlite_connections
     with pytest.raises(sqlite3.ProgrammingError, match="closed"):
         refused.execute("SELECT 1")
