@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kmsguard import Guard
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """After each test, once its other fixtures are closed, collect garbage.
+
+    Whatever the test left open (a file, a socket, a SQLite connection, a child process
+    never waited for) warns now, in its finalizer, and pyproject's filterwarnings make that
+    this test's error, rather than that of whichever later test the collector runs in.
+    """
+    yield
+    gc.collect()
+
+
+@pytest.fixture
+def sqlite_connections(monkeypatch: pytest.MonkeyPatch) -> list[sqlite3.Connection]:
+    """Every ``sqlite3`` connection opened during the test, in order: to check that code closes them."""
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def spied(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        opened.append(connect(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(sqlite3, "connect", spied)
+    return opened
 
 
 @pytest.fixture

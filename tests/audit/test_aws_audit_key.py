@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import closing
 from pathlib import Path
 
 from kmsguard import Guard
@@ -20,9 +21,8 @@ def test_two_writers_share_one_wrapped_audit_key(kmsguard_aws_env: dict[str, str
     for _ in range(2):
         with Guard.from_env() as guard:
             guard.encrypt(b"x", "general", {"order": "1"})
-    sink = open_sink(AuditSettings.of(load_settings()))
-    blob = sink.load_key()
-    sink.close()
+    with closing(open_sink(AuditSettings.of(load_settings()))) as sink:
+        blob = sink.load_key()
     assert blob is not None
     [entry] = json.loads(blob)
     assert entry["provider"] == "aws-kms" and entry["key_ref"] == kmsguard_aws_env["general"]

@@ -6,6 +6,7 @@ import hmac
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -50,11 +51,11 @@ def keys() -> AuditKeys:
 
 
 @pytest.fixture
-def db(tmp_path: Path, keys: AuditKeys) -> SqliteSink:
-    sink = SqliteSink(tmp_path / "audit.db")
-    sink.write(chain_records(keys, "w1", 6))
-    sink.write(chain_records(keys, "w2", 3))
-    return sink
+def db(tmp_path: Path, keys: AuditKeys) -> Iterator[SqliteSink]:
+    with closing(SqliteSink(tmp_path / "audit.db")) as sink:
+        sink.write(chain_records(keys, "w1", 6))
+        sink.write(chain_records(keys, "w2", 3))
+        yield sink
 
 
 def sql(sink: SqliteSink, statement: str, *params: object) -> None:
@@ -120,8 +121,13 @@ def test_renumbering_to_hide_a_deletion_is_detected(db: SqliteSink, keys: AuditK
     assert (problem.seq, problem.kind) == (5, "moved")
 
 
-def test_a_cut_tail_of_a_closed_chain_is_detected_and_open_chains_are_listed(tmp_path: Path, keys: AuditKeys) -> None:
-    sink = SqliteSink(tmp_path / "a.db")
+@pytest.fixture
+def sink(tmp_path: Path) -> Iterator[SqliteSink]:
+    with closing(SqliteSink(tmp_path / "a.db")) as sink:
+        yield sink
+
+
+def test_a_cut_tail_of_a_closed_chain_is_detected_and_open_chains_are_listed(sink: SqliteSink, keys: AuditKeys) -> None:
     sink.write(chain_records(keys, "closed", 4))
     sink.write(chain_records(keys, "running", 4, close=False))
     report = verify(sink.records(), keys)
@@ -130,9 +136,10 @@ def test_a_cut_tail_of_a_closed_chain_is_detected_and_open_chains_are_listed(tmp
     assert verify(sink.records(), keys).open_writers == ["closed", "running"]
 
 
-def test_an_anchor_catches_a_deleted_chain_and_a_cut_open_tail(tmp_path: Path, keys: AuditKeys) -> None:
+def test_an_anchor_catches_a_deleted_chain_and_a_cut_open_tail(
+    tmp_path: Path, keys: AuditKeys, sink: SqliteSink
+) -> None:
     """What a chain cannot vouch for by itself: its own existence, and an open chain's tail."""
-    sink = SqliteSink(tmp_path / "a.db")
     sink.write(chain_records(keys, "closed", 3))
     sink.write(chain_records(keys, "running", 4, close=False))
     first = verify(sink.records(), keys)
@@ -181,8 +188,7 @@ def test_time_format_is_fixed_width_utc() -> None:
     assert format_time(1_700_000_000.000001) == "2023-11-14T22:13:20.000001Z"
 
 
-def test_duplicate_delivery_is_stored_once(tmp_path: Path, keys: AuditKeys) -> None:
-    sink = SqliteSink(tmp_path / "a.db")
+def test_duplicate_delivery_is_stored_once(sink: SqliteSink, keys: AuditKeys) -> None:
     batch = chain_records(keys, "w", 3)
     sink.write(batch)
     sink.write(batch[1:])
@@ -249,3 +255,15 @@ def test_chain_hashes_are_hmac_sha256_under_the_derived_chain_key() -> None:
     keys = AuditKeys(secret)
     for message in (b"", b"[1]", os.urandom(500)):
         assert keys.chain_hash(message) == hmac.digest(chain_key, message, "sha256").hex()
+
+
+def test_a_file_that_is_not_a_database_is_refused_and_its_connection_closed(
+    tmp_path: Path, sqlite_connections: list[sqlite3.Connection]
+) -> None:
+    path = tmp_path / "audit.db"
+    path.write_bytes(b"not a database, " * 256)
+    with pytest.raises(sqlite3.DatabaseError, match="not a database"):
+        SqliteSink(path)
+    [refused] = sqlite_connections
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        refused.execute("SELECT 1")

@@ -14,7 +14,7 @@ import shutil
 import sqlite3
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -53,13 +53,15 @@ def expected() -> list[dict[str, Any]]:
     return rows
 
 
-def old_sqlite(tmp_path: Path) -> SqliteSink:
+@pytest.fixture
+def old_sqlite(tmp_path: Path) -> Iterator[SqliteSink]:
     shutil.copy(DATA / "trail-0.1.0.db", tmp_path / "audit.db")
-    return SqliteSink(tmp_path / "audit.db")
+    with closing(SqliteSink(tmp_path / "audit.db")) as sink:
+        yield sink
 
 
-def test_a_sqlite_trail_of_release_0_1_0_reads_and_verifies(tmp_path: Path) -> None:
-    sink = old_sqlite(tmp_path)
+def test_a_sqlite_trail_of_release_0_1_0_reads_and_verifies(old_sqlite: SqliteSink) -> None:
+    sink = old_sqlite
     records = list(sink.records())
     assert [r.to_dict() for r in records] == expected()
     report = verify(records, KEYS)
@@ -85,9 +87,9 @@ def test_a_jsonl_trail_of_release_0_1_0_reads_and_verifies(tmp_path: Path) -> No
     ids=["edited-record", "edited-run", "deleted", "renumbered"],
 )
 def test_tampering_with_a_trail_of_release_0_1_0_is_named(
-    tmp_path: Path, statements: list[str], seq: int, kind: str
+    old_sqlite: SqliteSink, statements: list[str], seq: int, kind: str
 ) -> None:
-    sink = old_sqlite(tmp_path)
+    sink = old_sqlite
     with closing(sqlite3.connect(sink.path)) as conn, conn:
         for statement in statements:
             conn.execute(statement)
@@ -106,17 +108,17 @@ def test_a_spool_of_release_0_1_0_is_delivered_as_that_release_delivered_it(tmp_
     shutil.copy(DATA / "spool-0.1.0.bin", spool_dir / f"{WRITER}.00000001.spool")
     entries, _used = SegmentReader(spool_dir, WRITER).read(1 << 20, writer_alive=False)
     assert [type(e).__name__ for _seq, e in entries] == ["Spooled", "Hits", "Hits", "Spooled", "Hits", "Spooled"]
-    sink = SqliteSink(tmp_path / "audit.db")
     rows = link_batch(Chain(KEYS, WRITER), entries)
     assert all(row.last_seq is not None for row in rows)  # every row a run now, of one record or many
-    sink.write(rows)
-    records = list(sink.records())
+    with closing(SqliteSink(tmp_path / "audit.db")) as sink:
+        sink.write(rows)
+        records = list(sink.records())
     assert [without_chain(r.to_dict()) for r in records] == [without_chain(r) for r in expected()]
     assert verify(records, KEYS).intact
 
 
-def test_a_trail_of_release_0_1_0_continues_in_todays_format(tmp_path: Path) -> None:
-    sink = old_sqlite(tmp_path)
+def test_a_trail_of_release_0_1_0_continues_in_todays_format(old_sqlite: SqliteSink) -> None:
+    sink = old_sqlite
     head = sink.head(WRITER)
     assert head is not None
     chain = Chain(KEYS, WRITER, *head)

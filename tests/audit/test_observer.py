@@ -155,7 +155,7 @@ def test_kill_9_after_operations_returned_loses_nothing(keyring: LocalKeyring, h
     assert worker.stdout is not None
     assert worker.stdout.readline().strip() == "returned 40"
     os.kill(worker.pid, signal.SIGKILL)
-    worker.wait()
+    worker.communicate()  # reaped, and its pipe closed
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:  # the next writer on this host
         guard.encrypt(b"x", "general")
         assert observer_of(guard).flush(timeout=30)

@@ -36,7 +36,8 @@ def pg(schema: str, statement: str, *params: object) -> list[tuple]:  # type: ig
 def test_four_writer_processes_then_verify(pg_home: Path, pg_schema: str) -> None:
     workers = [start_worker(pg_home, 60, "close") for _ in range(4)]
     for w in workers:
-        assert w.wait(timeout=120) == 0
+        w.communicate(timeout=120)  # read to its end and closed: the pipe never fills, nor leaks
+        assert w.returncode == 0
     records = records_of(pg_home)
     writers = {r.writer_id for r in records}
     assert len(writers) == 4 and len(records) == 4 * 61
@@ -161,7 +162,7 @@ def test_kill_9_of_a_writer_loses_nothing(pg_home: Path, pg_schema: str) -> None
     worker = start_worker(pg_home, 50, "hang")
     assert worker.stdout is not None and worker.stdout.readline().strip() == "returned 50"
     os.kill(worker.pid, signal.SIGKILL)
-    worker.wait()
+    worker.communicate()  # reaped, and its pipe closed
     with Guard.from_env({"KMSGUARD_HOME": str(pg_home)}) as guard:
         guard.encrypt(b"x", "general")
         assert observer_of(guard).flush(timeout=30)

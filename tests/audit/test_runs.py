@@ -186,15 +186,15 @@ def test_a_run_moved_to_hide_a_deletion_is_named(sql_sink: Sink, keys: AuditKeys
 
 
 def test_an_anchor_on_a_run_catches_its_deletion(tmp_path: Path, keys: AuditKeys) -> None:
-    sink = SqliteSink(tmp_path / "audit.db")
-    stored(sink, keys)
-    anchor = verify(sink.records(), keys).heads
-    assert anchor["w"][0] == 9
-    assert verify(sink.records(), keys, anchor).intact
-    _sql(sink, "DELETE FROM audit_records WHERE seq = 8")  # the last run: an open chain's tail
-    assert verify(sink.records(), keys).intact
-    [problem] = verify(sink.records(), keys, anchor).problems
-    assert (problem.seq, problem.kind) == (9, "removed")
+    with closing(SqliteSink(tmp_path / "audit.db")) as sink:
+        stored(sink, keys)
+        anchor = verify(sink.records(), keys).heads
+        assert anchor["w"][0] == 9
+        assert verify(sink.records(), keys, anchor).intact
+        _sql(sink, "DELETE FROM audit_records WHERE seq = 8")  # the last run: an open chain's tail
+        assert verify(sink.records(), keys).intact
+        [problem] = verify(sink.records(), keys, anchor).problems
+        assert (problem.seq, problem.kind) == (9, "removed")
 
 
 def test_a_jsonl_run_that_is_not_base64_is_altered(tmp_path: Path, keys: AuditKeys) -> None:
@@ -230,13 +230,12 @@ def test_a_database_from_before_runs_is_migrated(tmp_path: Path, keys: AuditKeys
     with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(PRE_RUNS_TABLE.format(schema="", bool="INTEGER"))
         conn.executemany(f"INSERT INTO audit_records VALUES ({', '.join('?' * 18)})", old)
-    sink = SqliteSink(path)
-    assert sink.head("old") == (3, old[-1][17])
-    sink.write(_continued(keys, "old", (3, old[-1][17])))
-    stored(sink, keys, "new")
-    report = verify(sink.records(), keys)
-    assert report.intact and report.records == 6 + 9 and sink.head("old") == (6, report.heads["old"][1])
-    sink.close()
+    with closing(SqliteSink(path)) as sink:
+        assert sink.head("old") == (3, old[-1][17])
+        sink.write(_continued(keys, "old", (3, old[-1][17])))
+        stored(sink, keys, "new")
+        report = verify(sink.records(), keys)
+        assert report.intact and report.records == 6 + 9 and sink.head("old") == (6, report.heads["old"][1])
 
 
 def test_a_postgres_table_from_before_runs_is_migrated(pg_schema: str, keys: AuditKeys) -> None:

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 from kmsguard import Guard, envelope
@@ -30,7 +31,7 @@ def test_key_change_census_rewrap_retire(
 ) -> None:
     old = kmsguard_aws_env["pii"]
     db = tmp_path / "app.db"
-    with Guard.from_env() as guard, sqlite3.connect(db) as conn:
+    with Guard.from_env() as guard, closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("CREATE TABLE people (id INTEGER PRIMARY KEY, passport BLOB)")
         conn.executemany(
             "INSERT INTO people VALUES (?, ?)", [(n, guard.encrypt(f"P{n}".encode(), "pii")) for n in range(ROWS)]
@@ -46,7 +47,7 @@ def test_key_change_census_rewrap_retire(
     assert refused.returncode == 1 and "KEY_IN_USE" in refused.stderr and f"{ROWS} envelope(s)" in refused.stderr
     assert kms_region.admin.describe_key(KeyId=old)["KeyMetadata"]["KeyState"] == "Enabled"
 
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         distinct = len({envelope.parse(v).wrapped_keys for (v,) in conn.execute("SELECT passport FROM people")})
     kms_region.proxy.reset_counts()
     done = run("rewrap", url, "--batch", "100", "--json", **moved)
@@ -63,7 +64,7 @@ def test_key_change_census_rewrap_retire(
 
     census = json.loads(run("census", url, "--json", **moved).stdout)
     assert [(g["keys"], g["count"]) for g in census["groups"]] == [([new], ROWS)]
-    with Guard.from_env(dict(os.environ, **moved)) as guard, sqlite3.connect(db) as conn:
+    with Guard.from_env(dict(os.environ, **moved)) as guard, closing(sqlite3.connect(db)) as conn, conn:
         for n, value in conn.execute("SELECT id, passport FROM people"):
             assert guard.decrypt(value) == f"P{n}".encode()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import psycopg
@@ -73,7 +74,7 @@ def test_postgres_text_with_where_and_status(local_home: Path, pg: psycopg.Conne
 
 def test_sqlite_counts_exact(local_home: Path, tmp_path: Path) -> None:
     db = tmp_path / "app.db"
-    with sqlite3.connect(db) as conn:
+    with closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
         conn.executemany("INSERT INTO t (v) VALUES (?)", [(v,) for v in _versions(local_home, binary=True)])
     doc = json.loads(cli(local_home, "census", f"sqlite:///{db}?table=t&column=v&key=id", "--json").stdout)

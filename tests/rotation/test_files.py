@@ -36,7 +36,7 @@ def test_directory_killed_and_restarted(local_home: Path, tmp_path: Path) -> Non
     _wait_for(data / ".kmsguard-journal.json")
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # reaped, and its pipes closed
     # Killed mid-run: every file is whole, old or new; none is left half-written.
     moved = 0
     with Guard.from_env({"KMSGUARD_HOME": str(local_home)}) as guard:
@@ -83,7 +83,7 @@ def test_jsonl_killed_and_restarted(local_home: Path, tmp_path: Path) -> None:
     _wait_for(tmp_path / ".people.jsonl-journal.json")
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()  # reaped, and its pipes closed
     assert path.read_bytes() == original  # the file is replaced once, at the end: untouched so far
 
     done = cli(local_home, "rewrap", url, "--json")

@@ -37,7 +37,7 @@ def test_two_workers_one_killed_context_from_row(local_home: Path, pg: psycopg.C
         if row[0] >= 3:
             break
     workers[0].send_signal(signal.SIGKILL)
-    workers[0].wait()
+    workers[0].communicate()  # reaped, and its pipes closed
     workers[0] = start(local_home, *args)
     for w in workers:
         out, err = w.communicate(timeout=300)

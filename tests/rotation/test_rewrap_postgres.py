@@ -61,7 +61,7 @@ def test_three_workers_one_killed_and_an_application_writing(
         if done >= 3:
             break
     workers[0].send_signal(signal.SIGKILL)
-    workers[0].wait()
+    workers[0].communicate()  # reaped, and its pipes closed
     # Restarted as another host would name the database: the same job, joined.
     other_spelling = url.replace("postgresql://", "postgres://", 1)
     workers[0] = start(local_home, "rewrap", other_spelling, *args[2:])

@@ -31,6 +31,14 @@ class SqliteSink:
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        try:
+            self._prepare()
+        except BaseException:
+            self._db.close()  # not a database, or locked too long: the caller gets no sink to close
+            raise
+
+    def _prepare(self) -> None:
+        """WAL, durable commits, and the tables, with any columns added since they were made."""
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         for statement in create_statements("sqlite"):

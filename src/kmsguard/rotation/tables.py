@@ -111,7 +111,11 @@ class PgTable:
         self.col = sql.Identifier(spec.column)
         self.key = sql.Identifier(spec.key)
         self.where = sql.SQL(f" AND ({spec.where})" if spec.where else "")
-        self.key_type, self.col_type = self._types()
+        try:
+            self.key_type, self.col_type = self._types()
+        except BaseException:
+            self.conn.close()  # not a table of envelopes: the caller gets no table to close
+            raise
         self.binary = self.col_type == "bytea"
 
     def close(self) -> None:
@@ -271,9 +275,13 @@ class SqliteTable:
         self.jobs = (f"{_quote(schema)}." if schema else "") + _quote(JOB_TABLE)
         self.col, self.key = _quote(spec.column), _quote(spec.key)
         self.where = f" AND ({spec.where})" if spec.where else ""
-        cols = {r[1]: str(r[2]).upper() for r in self._run(f"PRAGMA table_info({self.table})").fetchall()}
-        if spec.key not in cols or spec.column not in cols:
-            raise InvalidInput(f"{source.label}: no such table, or no column {spec.key!r} / {spec.column!r}")
+        try:
+            cols = {r[1]: str(r[2]).upper() for r in self._run(f"PRAGMA table_info({self.table})").fetchall()}
+            if spec.key not in cols or spec.column not in cols:
+                raise InvalidInput(f"{source.label}: no such table, or no column {spec.key!r} / {spec.column!r}")
+        except BaseException:
+            self.conn.close()  # not a table of envelopes: the caller gets no table to close
+            raise
         self.binary = cols[spec.column] == "BLOB"
 
     def close(self) -> None:
