@@ -124,7 +124,11 @@ class Run:
         return self._factory
 
     def close(self, audit_timeout: float) -> None:
-        """Close the Guard under test; its audit writer gets ``audit_timeout`` to deliver what is left."""
+        """Close the Guard under test; its audit writer gets ``audit_timeout`` to deliver what is left.
+
+        The writer may be shared with other Guards of the process (the service's own, under
+        ``/v1/selftest``): it is flushed, and ``guard.close()`` gives up this Guard's use of it.
+        """
         from kmsguard.audit.writer import AuditObserver
 
         factory, self._factory = self._factory, None
@@ -135,7 +139,7 @@ class Run:
             return
         for observer in guard.observers:
             if isinstance(observer, AuditObserver):
-                observer.close(timeout=audit_timeout)
+                observer.flush(audit_timeout, until_failing=True)
         guard.close()
 
 
