@@ -46,7 +46,9 @@ def test_three_workers_one_killed_and_an_application_writing(
         text=True,
         cwd=ROOT,
     )
-    args = ("rewrap", url, "--batch", str(BATCH), "--max-rate", "400", "--json")
+    # Slow enough (3 x 150 rows/s: about 7 s) that the restarted worker, whose start-up takes
+    # seconds on a loaded machine, joins the job before the others finish it.
+    args = ("rewrap", url, "--batch", str(BATCH), "--max-rate", "150", "--json")
     workers = [start(local_home, *args) for _ in range(3)]
     # Kill one worker once the job is under way, mid-batch or between batches.
     deadline = time.monotonic() + 60
