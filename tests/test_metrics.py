@@ -111,13 +111,17 @@ def test_cache_hits_reach_the_cloudwatch_export_too(tmp_path: Path) -> None:
     policy = Policy.defaults({n: f"local:{n}" for n in names})
     emf = io.StringIO()
     m = Metrics(CloudWatchExport("ns", emf=emf, flush_interval=3600))
-    guard = Guard(policy, CachingKeyring(keyring, policy), observers=[m])
+    guard = Guard(policy, CachingKeyring(keyring, policy, telemetry=m), observers=[m])
     for _ in range(6):  # a miss, a hit in full, then hits through the lane
         guard.encrypt(b"x", "general")
     assert m.exporter is not None
     m.exporter.flush()
-    values = [v for line in emf.getvalue().splitlines() for v in json.loads(line)["OperationDuration"]]
+    docs = [json.loads(line) for line in emf.getvalue().splitlines()]
+    values = [v for doc in docs for v in doc.get("OperationDuration", ())]
     assert len(values) == 6
+    # The cache's own counts, read at the flush: one miss, five hits.
+    cache = {(name, doc["KeyType"]): doc[name] for doc in docs for name in ("CacheHits", "CacheMisses") if name in doc}
+    assert cache == {("CacheHits", "general"): 5.0, ("CacheMisses", "general"): 1.0}
     m.close()
 
 
