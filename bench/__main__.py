@@ -27,6 +27,7 @@ TOPICS: dict[str, str] = {
     "rewrap": "bench.rewrap",
     "otel": "bench.otel",
     "stream": "bench.stream",
+    "cloudwatch": "bench.cloudwatch",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import timeit
 from collections.abc import Callable, Sequence
 
 
@@ -19,6 +20,15 @@ def ops_per_second(fn: Callable[[], object], seconds: float = 0.4) -> float:
         if elapsed >= seconds:
             return calls / elapsed
         batch = min(batch * 2, 1024)
+
+
+def best_us(calls: Sequence[Callable[[], object]], repeat: int, number: int) -> list[float]:
+    """Best-of-``repeat`` microseconds per call for each of ``calls``, timed in turn so load hits all alike."""
+    best = [float("inf")] * len(calls)
+    for _ in range(repeat):
+        for i, call in enumerate(calls):
+            best[i] = min(best[i], timeit.timeit(call, number=number) / number * 1e6)
+    return best
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-import timeit
 from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from bench.common import table
+from bench.common import best_us, table
 from kmsguard import Guard
 from kmsguard.keyrings.caching import CachingKeyring
 from kmsguard.keyrings.local import LocalKeyring
@@ -34,11 +33,7 @@ def _pair(baseline: Callable[[], object], guard: Callable[[], object]) -> tuple[
 
 def _best(*calls: Callable[[], object]) -> list[float]:
     """Best-of-REPEAT microseconds per call for each, timed in turn so load hits all alike."""
-    best = [float("inf")] * len(calls)
-    for _ in range(REPEAT):
-        for i, call in enumerate(calls):
-            best[i] = min(best[i], timeit.timeit(call, number=NUMBER) / NUMBER * 1e6)
-    return best
+    return best_us(calls, REPEAT, NUMBER)
 
 
 def measure() -> dict[str, float]:

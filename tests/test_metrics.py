@@ -11,9 +11,24 @@ from typing import Any
 
 import boto3
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kmsguard.fastpath import OperationEvent
-from kmsguard.metrics import MAX_VALUES_PER_CALL, CloudWatchExport, Metrics, Sample, batches, emf_lines, metric_data
+from kmsguard.metrics import (
+    EMF_MAX_VALUES,
+    MAX_VALUES_PER_CALL,
+    MAX_VALUES_PER_DATUM,
+    CloudWatchExport,
+    Metrics,
+    Point,
+    Sample,
+    batches,
+    emf_lines,
+    metric_data,
+    point_data,
+    point_lines,
+)
 from kmsguard.operation import Operation
 from kmsguard.testing.moto_server import MotoServer, free_port
 
@@ -111,14 +126,94 @@ def test_cache_hits_reach_the_cloudwatch_export_too(tmp_path: Path) -> None:
     policy = Policy.defaults({n: f"local:{n}" for n in names})
     emf = io.StringIO()
     m = Metrics(CloudWatchExport("ns", emf=emf, flush_interval=3600))
-    guard = Guard(policy, CachingKeyring(keyring, policy), observers=[m])
+    guard = Guard(policy, CachingKeyring(keyring, policy, telemetry=m), observers=[m])
     for _ in range(6):  # a miss, a hit in full, then hits through the lane
         guard.encrypt(b"x", "general")
     assert m.exporter is not None
     m.exporter.flush()
-    values = [v for line in emf.getvalue().splitlines() for v in json.loads(line)["OperationDuration"]]
+    docs = [json.loads(line) for line in emf.getvalue().splitlines()]
+    values = [v for doc in docs for v in doc.get("OperationDuration", ())]
     assert len(values) == 6
+    # The cache's own counts, read at the flush: one miss, five hits.
+    cache = {(name, doc["KeyType"]): doc[name] for doc in docs for name in ("CacheHits", "CacheMisses") if name in doc}
+    assert cache == {("CacheHits", "general"): 5.0, ("CacheMisses", "general"): 1.0}
     m.close()
+
+
+def _emf(emf: io.StringIO) -> list[dict[str, Any]]:
+    docs = [json.loads(line) for line in emf.getvalue().splitlines()]
+    emf.seek(0)
+    emf.truncate()
+    return docs
+
+
+def test_operational_metrics_are_published_as_increases_and_levels() -> None:
+    emf = io.StringIO()
+    m = Metrics(CloudWatchExport("ns", emf=emf, flush_interval=3600))
+    assert m.exporter is not None
+    for _ in range(2):
+        m.kms_call("GenerateDataKey", "us-east-1", "ok", 0.012)
+    m.gauge("audit_queue_depth", 5)
+    m.exporter.flush()
+    first = _emf(emf)
+    m.kms_call("GenerateDataKey", "us-east-1", "ThrottlingException", 0.7, throttles=1)
+    m.gauge("audit_queue_depth", 3)
+    m.exporter.flush()
+    second = _emf(emf)
+
+    def values(docs: list[dict[str, Any]], name: str) -> list[float]:
+        out = [d[name] for d in docs if name in d]
+        return [v for x in out for v in (x if isinstance(x, list) else [x])]
+
+    assert values(first, "KmsCalls") == [2.0] and values(second, "KmsCalls") == [1.0]  # increases, not totals
+    assert values(first, "KmsErrors") == [0.0] and values(second, "KmsErrors") == [1.0]
+    assert values(first, "KmsThrottles") == [] and values(second, "KmsThrottles") == [1.0]  # from its first on
+    # Each call at its latency bucket's upper bound, in ms: 12 ms -> 25, 700 ms -> 1000.
+    assert values(first, "KmsLatency") == [25.0, 25.0] and values(second, "KmsLatency") == [1000.0]
+    assert values(first, "AuditQueueDepth") == [5.0] and values(second, "AuditQueueDepth") == [3.0]  # levels
+    calls = next(d for d in second if "KmsCalls" in d)
+    assert (calls["Api"], calls["Region"]) == ("GenerateDataKey", "us-east-1")
+    assert calls["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["Api", "Region"], ["Region"], []]
+    m.close()
+
+
+def test_rollups_carry_every_point_value() -> None:
+    """Under a rollup, PutMetricData sends each point's value (as EMF's documents do), so Sum, Minimum and
+    Maximum over the rollup are those over the points."""
+    points = [
+        Point("KmsCalls", (("Api", "Decrypt"), ("Region", "us-east-1")), {3.0: 1}),
+        Point("KmsCalls", (("Api", "Encrypt"), ("Region", "us-east-1")), {3.0: 1}),
+        Point("KmsCalls", (("Api", "Decrypt"), ("Region", "eu-west-1")), {4.0: 1}),
+    ]
+    data = {(d["MetricName"], tuple(x["Value"] for x in d["Dimensions"])): d for d in point_data(points)}
+    assert sorted(data) == [
+        ("KmsCalls", ()),
+        ("KmsCalls", ("Decrypt", "eu-west-1")),
+        ("KmsCalls", ("Decrypt", "us-east-1")),
+        ("KmsCalls", ("Encrypt", "us-east-1")),
+        ("KmsCalls", ("eu-west-1",)),
+        ("KmsCalls", ("us-east-1",)),
+    ]
+    assert (data[("KmsCalls", ("us-east-1",))]["Values"], data[("KmsCalls", ("us-east-1",))]["Counts"]) == (
+        [3.0], [2.0]
+    )
+    assert data[("KmsCalls", ())]["Values"] == [3.0, 4.0] and data[("KmsCalls", ())]["Counts"] == [2.0, 1.0]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["us-east-1", "eu-west-1"]),
+                          st.dictionaries(st.floats(0, 60_000, allow_nan=False), st.integers(1, 400), max_size=30)),
+                max_size=6))
+def test_latency_points_keep_every_call_within_the_limits(series: list[tuple[str, dict[float, int]]]) -> None:
+    points = [Point("KmsLatency", (("Api", "Decrypt"), ("Region", r)), v) for r, v in series if v]
+    expected = sum(n for p in points for n in p.values.values())
+    data = point_data(points)
+    assert all(len(d["Values"]) <= MAX_VALUES_PER_DATUM for d in data)
+    assert sum(sum(d["Counts"]) for d in data) == expected
+    assert all(sum(len(d["Values"]) for d in call) <= MAX_VALUES_PER_CALL for call in batches(data))
+    docs = [json.loads(line) for line in point_lines("ns", points, 0)]
+    emf_values = [d["KmsLatency"] if isinstance(d["KmsLatency"], list) else [d["KmsLatency"]] for d in docs]
+    assert all(len(v) <= EMF_MAX_VALUES for v in emf_values)
+    assert sum(len(v) for v in emf_values) == expected
 
 
 # ---------------------------------------------------------------------- moto's CloudWatch over HTTP

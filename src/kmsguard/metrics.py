@@ -13,7 +13,10 @@ CloudWatch: ``[metrics] emf`` writes embedded-metric-format JSON lines (for a lo
 agent or Lambda to turn into metrics), ``[metrics] cloudwatch = true`` publishes with
 PutMetricData. Both are fed by one bounded buffer that a background thread drains
 every ``flush_interval``; the caller only appends to it, and what does not fit is
-dropped and counted (``kmsguard_cloudwatch_dropped_total``), never waited for.
+dropped and counted (``kmsguard_cloudwatch_dropped_total``), never waited for. At each
+flush the same thread also reads this registry (as a scrape would) and publishes the
+series the alerts watch under CloudWatch names (:data:`MIRRORS`): counters as their
+increase since the last flush, levels as they are. Nothing is added to an operation.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -107,6 +110,7 @@ class Metrics(Telemetry):
         self.exporter = exporter
         if exporter is not None:
             exporter.on_drop = self.cloudwatch_dropped.inc
+            exporter.levels = self.cloudwatch_levels
 
     # ------------------------------------------------------------------ Observer (hot path)
 
@@ -191,6 +195,39 @@ class Metrics(Telemetry):
     def exposition(self) -> bytes:
         """The Prometheus text format: what ``kmsguard metrics`` prints and a scrape endpoint serves."""
         return generate_latest(self.registry)
+
+    def cloudwatch_levels(self) -> Levels:
+        """The registry read as :data:`MIRRORS` and :data:`KMS_LATENCY` name it, for the CloudWatch export.
+
+        A CloudWatch series exists as soon as its Prometheus family has a sample with its
+        labels; the mirror's filter decides only what it counts (so ``KmsErrors`` is 0, not
+        absent, while every call succeeds).
+        """
+        mirrors: dict[str, list[Mirror]] = {}
+        for m in MIRRORS:
+            mirrors.setdefault(m.sample, []).append(m)
+        totals: dict[tuple[str, Dims, float | None], float] = {}
+        levels: dict[tuple[str, Dims], float] = {}
+        buckets: dict[Dims, list[tuple[float, float]]] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name == _KMS_LATENCY_BUCKET:
+                    api_region: Dims = (("Api", sample.labels["api"]), ("Region", sample.labels["region"]))
+                    buckets.setdefault(api_region, []).append((float(sample.labels["le"]), sample.value))
+                for m in mirrors.get(sample.name, ()):
+                    dims = tuple((dim, sample.labels[label]) for label, dim in m.dims)
+                    value = sample.value if m.where is None or m.where(sample.labels) else 0.0
+                    if m.counter:
+                        totals[(m.metric, dims, None)] = totals.get((m.metric, dims, None), 0.0) + value
+                    else:
+                        levels[(m.metric, dims)] = levels.get((m.metric, dims), 0.0) + value
+        for api_region, cumulative in buckets.items():  # each call at its bucket's upper bound, in milliseconds
+            below = 0.0
+            for le, n in sorted(cumulative):
+                bound = KMS_LATENCY_OVERFLOW_MS if le == float("inf") else le * 1000.0
+                totals[(KMS_LATENCY, api_region, bound)] = n - below
+                below = n
+        return Levels(totals, levels)
 
     def close(self) -> None:
         if self.exporter is not None:
@@ -326,6 +363,150 @@ class BreakerStates(Collector):
 
 # ---------------------------------------------------------------------- CloudWatch
 
+Dims = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """One CloudWatch metric read from the registry at each flush.
+
+    ``sample`` is the Prometheus sample it reads, ``dims`` maps its labels to CloudWatch
+    dimensions (the labels left out are summed over), ``where`` picks the samples that
+    count; a counter is published as its increase since the last flush, a level as it
+    is. ``rollups`` are the further dimension sets it is published under, because an
+    alarm cannot aggregate over a dimension (``()``: one series for the namespace).
+    """
+
+    metric: str
+    sample: str
+    unit: str
+    dims: tuple[tuple[str, str], ...] = ()
+    counter: bool = True
+    where: Callable[[Mapping[str, str]], bool] | None = None
+    rollups: tuple[tuple[str, ...], ...] = ()
+
+
+_API_REGION = (("api", "Api"), ("region", "Region"))
+_KMS_LATENCY_BUCKET = "kmsguard_kms_latency_seconds_bucket"
+#: The operational metrics, after OperationCount and OperationDuration: what the alerts
+#: of kmsguard.monitoring.prometheus watch, under CloudWatch names.
+MIRRORS = (
+    Mirror("KmsCalls", "kmsguard_kms_calls_total", "Count", _API_REGION, rollups=(("Region",), ())),
+    Mirror("KmsErrors", "kmsguard_kms_calls_total", "Count", _API_REGION,
+           where=lambda labels: labels["outcome"] != "ok", rollups=((),)),
+    Mirror("KmsThrottles", "kmsguard_kms_throttles_total", "Count", _API_REGION, rollups=(("Region",),)),
+    Mirror("Failovers", "kmsguard_failovers_total", "Count", (("from_region", "FromRegion"),)),
+    Mirror("RegionBreakerOpen", "kmsguard_region_breaker_state", "Count", (("region", "Region"),), counter=False,
+           where=lambda labels: labels["state"] != "closed"),
+    Mirror("RegionsAvailable", "kmsguard_region_breaker_state", "Count", counter=False,
+           where=lambda labels: labels["state"] == "closed"),
+    Mirror("CacheHits", "kmsguard_cache_events_total", "Count", (("classification", "KeyType"),),
+           where=lambda labels: labels["event"] == "hit"),
+    Mirror("CacheMisses", "kmsguard_cache_events_total", "Count", (("classification", "KeyType"),),
+           where=lambda labels: labels["event"] == "miss"),
+    Mirror("AuditQueueDepth", "kmsguard_audit_queue_depth", "Count", counter=False),
+    Mirror("AuditSpoolBytes", "kmsguard_audit_spool_bytes", "Bytes", counter=False),
+    Mirror("AuditDeliveryLag", "kmsguard_audit_delivery_lag_seconds", "Seconds", counter=False),
+    Mirror("AuditRecordsDropped", "kmsguard_audit_dropped_records", "Count"),
+    Mirror("StrictAuditRefusals", "kmsguard_operation_errors_total", "Count", (("operation", "Operation"),),
+           where=lambda labels: labels["code"] == "AUDIT_UNAVAILABLE"),
+    Mirror("SelftestFailedChecks", "kmsguard_selftest_failed_checks", "Count", (("critical", "Critical"),),
+           counter=False),
+    Mirror("KeyRotationEnabled", "kmsguard_key_rotation_enabled", "None",
+           (("classification", "KeyType"), ("region", "Region")), counter=False, rollups=((),)),
+    Mirror("HttpRequests", "kmsguard_http_requests_total", "Count"),
+    Mirror("HttpErrors", "kmsguard_http_requests_total", "Count",
+           where=lambda labels: labels["status"].startswith("5")),
+    Mirror("ExportDropped", "kmsguard_cloudwatch_dropped_total", "Count"),
+)
+#: KMS call latency by Api and Region, from kmsguard_kms_latency_seconds's buckets: each
+#: call at its bucket's upper bound (an alarm's p99 is exact when its threshold is a bound).
+KMS_LATENCY = "KmsLatency"
+KMS_LATENCY_OVERFLOW_MS = 2 * _KMS_BUCKETS[-1] * 1000.0
+_UNITS = {m.metric: m.unit for m in MIRRORS} | {KMS_LATENCY: "Milliseconds"}
+_ROLLUPS = {m.metric: m.rollups for m in MIRRORS}
+
+
+class Levels(NamedTuple):
+    """The registry at one moment: counters' lifetime totals, keyed (metric, dims, value) where
+    value is the latency bucket a count is of (None: the total is the value), and levels."""
+
+    totals: dict[tuple[str, Dims, float | None], float]
+    levels: dict[tuple[str, Dims], float]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One operational series for one flush: each value and how many times it occurred."""
+
+    metric: str
+    dims: Dims
+    values: Mapping[float, float]
+
+
+def dimension_sets(p: Point) -> list[Dims]:
+    """The point's own dimensions, then each rollup's."""
+    return [p.dims, *(tuple(d for d in p.dims if d[0] in names) for names in _ROLLUPS.get(p.metric, ()))]
+
+
+def point_lines(namespace: str, points: Iterable[Point], now_ms: int) -> list[str]:
+    """Embedded-metric-format documents: one per point and up to 100 values, under all its dimension sets."""
+    lines = []
+    for p in points:
+        values = [v for v, n in sorted(p.values.items()) for _ in range(int(n))]
+        for chunk in _chunks(values, EMF_MAX_VALUES):
+            value = chunk[0] if len(chunk) == 1 else chunk
+            lines.append(_emf_doc(namespace, now_ms, p.dims, dimension_sets(p), {p.metric: (value, _UNITS[p.metric])}))
+    return lines
+
+
+def _emf_doc(namespace: str, now_ms: int, dims: Dims, sets: list[Dims], metrics: dict[str, tuple[Any, str]]) -> str:
+    """One EMF document: ``metrics`` maps each name to its value(s) and unit."""
+    doc: dict[str, Any] = {
+        "_aws": {
+            "Timestamp": now_ms,
+            "CloudWatchMetrics": [
+                {
+                    "Namespace": namespace,
+                    "Dimensions": [[name for name, _ in d] for d in sets],
+                    "Metrics": [{"Name": name, "Unit": unit} for name, (_, unit) in metrics.items()],
+                }
+            ],
+        },
+        **dict(dims),
+        **{name: value for name, (value, _) in metrics.items()},
+    }
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    return (items[i : i + size] for i in range(0, len(items), size))
+
+
+def point_data(points: Iterable[Point]) -> list[dict[str, Any]]:
+    """PutMetricData datums: per metric and dimension set (rollups included), its values and counts."""
+    groups: dict[tuple[str, Dims], Tally[float]] = {}
+    for p in points:
+        for dims in dimension_sets(p):
+            groups.setdefault((p.metric, dims), Tally()).update(p.values)
+    return [d for (metric, dims), tally in groups.items() for d in _value_sets(metric, _UNITS[metric], dims, tally)]
+
+
+def _value_sets(metric: str, unit: str, dims: Dims, tally: Tally[float]) -> list[dict[str, Any]]:
+    """Datums of at most MAX_VALUES_PER_DATUM values (each with its count) for one series."""
+    cw_dims = [{"Name": n, "Value": v} for n, v in dims]
+    items = sorted(tally.items())
+    return [
+        {
+            "MetricName": metric,
+            "Dimensions": cw_dims,
+            "Values": [v for v, _ in chunk],
+            "Counts": [float(c) for _, c in chunk],
+            "Unit": unit,
+        }
+        for chunk in _chunks(items, MAX_VALUES_PER_DATUM)
+    ]
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -346,27 +527,9 @@ def emf_lines(namespace: str, samples: Iterable[Sample], now_ms: int) -> list[st
         groups.setdefault(dimensions(s), []).append(round(s.duration_ms, 3))
     lines = []
     for dims, values in groups.items():
-        for start in range(0, len(values), EMF_MAX_VALUES):
-            chunk = values[start : start + EMF_MAX_VALUES]
-            doc: dict[str, Any] = {
-                "_aws": {
-                    "Timestamp": now_ms,
-                    "CloudWatchMetrics": [
-                        {
-                            "Namespace": namespace,
-                            "Dimensions": [[name for name, _ in dims]],
-                            "Metrics": [
-                                {"Name": "OperationDuration", "Unit": "Milliseconds"},
-                                {"Name": "OperationCount", "Unit": "Count"},
-                            ],
-                        }
-                    ],
-                },
-                **dict(dims),
-                "OperationDuration": chunk,
-                "OperationCount": len(chunk),
-            }
-            lines.append(json.dumps(doc, separators=(",", ":")))
+        for chunk in _chunks(values, EMF_MAX_VALUES):
+            metrics = {"OperationDuration": (chunk, "Milliseconds"), "OperationCount": (len(chunk), "Count")}
+            lines.append(_emf_doc(namespace, now_ms, dims, [dims], metrics))
     return lines
 
 
@@ -379,18 +542,7 @@ def metric_data(samples: Iterable[Sample]) -> list[dict[str, Any]]:
     for dims, tally in groups.items():
         cw_dims = [{"Name": n, "Value": v} for n, v in dims]
         data.append({"MetricName": "OperationCount", "Dimensions": cw_dims, "Value": tally.total(), "Unit": "Count"})
-        items = sorted(tally.items())
-        for start in range(0, len(items), MAX_VALUES_PER_DATUM):
-            chunk = items[start : start + MAX_VALUES_PER_DATUM]
-            data.append(
-                {
-                    "MetricName": "OperationDuration",
-                    "Dimensions": cw_dims,
-                    "Values": [v for v, _ in chunk],
-                    "Counts": [float(c) for _, c in chunk],
-                    "Unit": "Milliseconds",
-                }
-            )
+        data.extend(_value_sets("OperationDuration", "Milliseconds", dims, tally))
     return data
 
 
@@ -416,7 +568,12 @@ def batches(data: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 class CloudWatchExport:
-    """A bounded buffer of operation samples, drained by a background thread to EMF and/or PutMetricData."""
+    """A bounded buffer of operation samples, drained by a background thread to EMF and/or PutMetricData.
+
+    With ``levels`` (``Metrics`` sets it to its ``cloudwatch_levels``) each flush also
+    publishes the operational metrics: counters as their increase since the previous
+    flush (a publication that fails loses that increase, as it loses its samples).
+    """
 
     def __init__(
         self,
@@ -434,6 +591,9 @@ class CloudWatchExport:
         self.max_buffer = max_buffer
         self.dropped = 0
         self.on_drop: Callable[[float], None] = lambda n: None
+        self.levels: Callable[[], Levels] | None = None
+        self._published: dict[tuple[str, Dims, float | None], float] = {}
+        self._flush_lock = threading.Lock()
         self._buffer: deque[Sample] = deque()
         self._client: Any = None
         self._wake = threading.Event()
@@ -449,27 +609,49 @@ class CloudWatchExport:
         self._buffer.append(Sample(operation, success, classification or "none", duration * 1000.0))
 
     def flush(self) -> None:
-        """Export everything buffered now (the background thread does this every interval)."""
-        samples = []
-        while self._buffer:
-            samples.append(self._buffer.popleft())
-        if not samples:
-            return
-        if self.emf is not None:
-            lines = emf_lines(self.namespace, samples, int(time.time() * 1000))
-            self.emf.write("".join(line + "\n" for line in lines))
-            self.emf.flush()
-        if self.client_factory is not None:
-            self._publish(samples)
+        """Export everything buffered now and the operational metrics (the background thread does this every
+        interval)."""
+        with self._flush_lock:
+            samples = []
+            while self._buffer:
+                samples.append(self._buffer.popleft())
+            points = self._points()
+            if not samples and not points:
+                return
+            if self.emf is not None:
+                now_ms = int(time.time() * 1000)
+                lines = emf_lines(self.namespace, samples, now_ms) + point_lines(self.namespace, points, now_ms)
+                self.emf.write("".join(line + "\n" for line in lines))
+                self.emf.flush()
+            if self.client_factory is not None:
+                self._publish(metric_data(samples) + point_data(points))
 
-    def _publish(self, samples: list[Sample]) -> None:
-        for batch in batches(metric_data(samples)):
+    def _points(self) -> list[Point]:
+        """The operational metrics now: levels as read, counters as their increase since the last flush."""
+        if self.levels is None:
+            return []
+        now = self.levels()
+        values: dict[tuple[str, Dims], dict[float, float]] = {}
+        for key, total in now.totals.items():
+            metric, dims, bound = key
+            increase = max(0.0, total - self._published.get(key, 0.0))
+            self._published[key] = total
+            if bound is None:
+                values.setdefault((metric, dims), {})[increase] = 1
+            elif increase:
+                values.setdefault((metric, dims), {})[bound] = increase
+        for (metric, dims), level in now.levels.items():
+            values[(metric, dims)] = {level: 1}
+        return [Point(metric, dims, v) for (metric, dims), v in sorted(values.items()) if v]
+
+    def _publish(self, data: list[dict[str, Any]]) -> None:
+        for batch in batches(data):
             try:
                 if self._client is None:
                     self._client = self.client_factory() if self.client_factory else None
                 self._client.put_metric_data(Namespace=self.namespace, MetricData=batch)
             except Exception as exc:
-                lost = sum(int(sum(d.get("Counts", ()))) for d in batch)
+                lost = sum(int(sum(d["Counts"])) for d in batch if d["MetricName"] == "OperationDuration")
                 self._drop(lost)
                 log.warning("CloudWatch PutMetricData failed (%s); %d samples dropped", type(exc).__name__, lost)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from kmsguard.aws.admin import KeyStatus
-from kmsguard.metrics import Metrics
+from kmsguard.metrics import CloudWatchExport, Metrics
 from kmsguard.operation import Operation
 from kmsguard.server.observability import request_counter
 
 
-def fed_registry() -> Metrics:
+def fed_registry(exporter: CloudWatchExport | None = None) -> Metrics:
     """A registry that has seen one of everything kmsguard reports (in process, no KMS)."""
-    m = Metrics()
+    m = Metrics(exporter)
     op = Operation("encrypt", "pii", {}, "tester")
     op.finish(None)
     m.observe(op.event())

@@ -30,7 +30,12 @@ def base_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _serve(home: Path, east: KmsRegion, west: KmsRegion) -> ServiceProcess:
+#: What the traffic encrypts and the context it sends: distinctive, so that a scan can tell they leaked nowhere.
+PLAINTEXT = "plaintext-7c41e9"
+CONTEXT_VALUE = "ctx-value-d2b80f"
+
+
+def _serve(home: Path, east: KmsRegion, west: KmsRegion, extra_config: str = "") -> ServiceProcess:
     app = f"m{uuid.uuid4().hex[:12]}"
     for region in (east, west):
         for cls in ("general", "pii", "payment"):
@@ -42,6 +47,7 @@ def _serve(home: Path, east: KmsRegion, west: KmsRegion) -> ServiceProcess:
         f'[aws]\nregions = ["{east.name}", "{west.name}"]\nbreaker_failures = 1\nbreaker_cooldown = 600\n'
         "max_attempts = 2\nhedge = false\n"
         f'[aws.endpoints]\n"{east.name}" = "{east.endpoint}"\n"{west.name}" = "{west.endpoint}"\n'
+        + extra_config
     )
     env = base_env(home)
     env.update(offline_aws_env(east, home))
@@ -53,7 +59,7 @@ def _traffic(url: str, east: KmsRegion) -> None:
     """Operations of every kind, errors, throttling, a failover and an open breaker."""
     with httpx.Client(base_url=url, timeout=60) as http:
         def encrypt(cls: str, n: int) -> str:
-            body = {"classification": cls, "context": {"purpose": "m", "n": str(n)}, "plaintext": "x"}
+            body = {"classification": cls, "context": {"purpose": CONTEXT_VALUE, "n": str(n)}, "plaintext": PLAINTEXT}
             answer = http.post("/v1/encrypt", json=body)
             assert answer.status_code == 200, answer.text
             return str(answer.json()["token"])
@@ -61,9 +67,10 @@ def _traffic(url: str, east: KmsRegion) -> None:
         assert http.get("/v1/selftest", timeout=120).status_code in (200, 503)  # kmsguard_selftest_failed_checks
         tokens = [encrypt(cls, 0) for cls in ("general", "pii", "payment")]
         tokens += [encrypt("general", 0) for _ in range(3)]  # cache hits
+        context = {"purpose": CONTEXT_VALUE, "n": "0"}
         for token in tokens:
-            assert http.post("/v1/decrypt", json={"token": token, "context": {"purpose": "m", "n": "0"}}).is_success
-        assert http.post("/v1/rewrap", json={"token": tokens[0], "context": {"purpose": "m", "n": "0"}}).is_success
+            assert http.post("/v1/decrypt", json={"token": token, "context": context}).is_success
+        assert http.post("/v1/rewrap", json={"token": tokens[0], "context": context}).is_success
         wrong = {"token": tokens[0], "context": {"purpose": "other", "n": "0"}}
         assert http.post("/v1/decrypt", json=wrong).status_code == 400  # CONTEXT_MISMATCH
         east.proxy.throttle(count=1)

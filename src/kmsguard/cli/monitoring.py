@@ -65,12 +65,17 @@ def apply(dry_run: bool, alarm_topic: str | None, dashboard: str, alarm_prefix: 
     """Create or update the dashboard (PutDashboard) and alarms (PutMetricAlarm); a second run changes nothing.
 
     Namespace, region and endpoint come from [metrics] (namespace, region, endpoint_url); one
-    series per operation and configured classification.
+    series per operation and configured classification, and (backend "aws") per KMS region of [aws].
     """
     from kmsguard.metrics import cloudwatch_client
     from kmsguard.monitoring import cloudwatch as cw
 
     s = settings()
+    regions: tuple[str, ...] = ()
+    if s.backend == "aws":
+        from kmsguard.aws import AwsSettings
+
+        regions = AwsSettings.from_section(s.section("aws"), s.env, s.environment).regions
     with cw.aws_errors():
         namespace, client = cloudwatch_client(s)
     target = cw.Target(
@@ -81,6 +86,7 @@ def apply(dry_run: bool, alarm_topic: str | None, dashboard: str, alarm_prefix: 
         alarm_prefix=alarm_prefix,
         alarm_topic=alarm_topic,
         thresholds=Thresholds(**thresholds),
+        regions=regions,
     )
     if dry_run:
         click.echo(json.dumps(cw.plan(target), indent=2))
