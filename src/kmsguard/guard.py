@@ -380,7 +380,7 @@ class Guard:
         Read from the decrypt plan of the envelope's prefix, kept or made now (the decrypt
         that follows uses it), where ``inspect`` parses the whole header every time.
         """
-        raw = envelope.coerce(data)
+        raw = data if type(data) is bytes and not data.startswith(_TEXT_PREFIX) else envelope.coerce(data)
         if raw[3:4] != _SUITE_2:
             try:
                 return self._plans.decrypt_plan(raw).policy.name
