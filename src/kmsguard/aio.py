@@ -17,8 +17,7 @@ AsyncGuard runs the first kind on the event loop and the second in a thread pool
   up) turns its kind cold again, so a kind costs the loop at most one such call per
   refresh of its cached key, never one per operation.
 
-``inspect`` and ``classification_of`` read a header and ``mask`` uses no key; none
-calls KMS: always inline.
+``inspect`` parses a header and ``mask`` uses no key; neither calls KMS: always inline.
 ``protect`` and ``unprotect`` of a record always run in the pool. Errors are Guard's own.
 The operations run in a copy of the caller's context, so ``operation.acting_as`` and
 ``operation.serving`` apply to them.
@@ -154,9 +153,6 @@ class AsyncGuard:
 
     async def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
         return self.guard.inspect(data)
-
-    async def classification_of(self, data: EnvelopeInput) -> str:
-        return self.guard.classification_of(data)
 
     async def protect(
         self,
