@@ -102,3 +102,13 @@ def test_a_throttled_unwrap_fails_one_item_not_its_group(keyring: LocalKeyring) 
     results = guard.decrypt_many(group, max_concurrency=1)
     assert [r.ok for r in results] == [False, True, True, True, True]
     assert counting.calls["unwrap"] == 2
+
+
+def test_decrypt_many_leaves_its_data_keys_to_later_cache_hits(guard: Guard) -> None:
+    """With the data-key cache on, the batch's unwrap lends the key to its plan: later
+    decrypts of envelopes under it are cache hits served on the fast route."""
+    sealed = [guard.encrypt(b"m%d" % i, "general", {"t": "1"}) for i in range(5)]
+    assert guard.decrypt_if_cached(sealed[0], {"t": "1"}) is None
+    expected = [b"m%d" % i for i in range(5)]
+    assert [r.get() for r in guard.decrypt_many(sealed, {"t": "1"}, max_concurrency=1)] == expected
+    assert [guard.decrypt_if_cached(s, {"t": "1"}) for s in sealed] == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,10 +23,12 @@ from kmsguard import (
     UnknownClassification,
     envelope,
 )
+from kmsguard.config import load_settings
 from kmsguard.fastpath import OperationEvent
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.policy import ClassPolicy, Policy
+from kmsguard.stack import build_keyring
 
 KEYS = {"general": "local:general", "pii": "local:pii", "payment": "local:payment"}
 
@@ -368,3 +371,63 @@ def test_no_plaintext_or_data_key_in_errors_or_reprs(guard: Guard) -> None:
 
 def test_keyring_request_binds_the_classification() -> None:
     assert KeyRequest("pii", "local:pii", {"a": "b"}).bound_context() == {"a": "b", "kmsguard:classification": "pii"}
+
+
+def test_if_cached_serves_cache_hits_only_and_tokens_like_envelopes(guard: Guard) -> None:
+    """encrypt_if_cached / decrypt_if_cached: what an event loop may run inline. None (nothing
+    done) until a full-route operation has left the key on its plan; a ``kg1:`` token is
+    served as its binary envelope is, and a bad one is left to the full route."""
+    context = {"tenant": "t1"}
+    assert guard.encrypt_if_cached(b"a", "general", context) is None
+    sealed = guard.encrypt(b"a", "general", context)
+    guard.encrypt(b"b", "general", context)  # a cache hit on the full route: its kind is known now
+    hit = guard.encrypt_if_cached(b"c", "general", context)
+    assert hit is not None and guard.decrypt(hit, context) == b"c"
+    token = envelope.to_text(sealed)
+    assert guard.decrypt_if_cached(token, context) is None
+    assert guard.decrypt(token, context) == b"a"
+    guard.decrypt(token, context)
+    assert guard.decrypt_if_cached(token, context) == b"a"
+    assert guard.decrypt_if_cached(sealed, context) == b"a"
+    assert guard.decrypt_if_cached(token, {"tenant": "t2"}) is None  # the full route says why
+    with pytest.raises(ContextMismatch):
+        guard.decrypt(token, {"tenant": "t2"})
+    tampered = envelope.to_text(sealed[:-1] + bytes([sealed[-1] ^ 1]))
+    for bad in ("kg1:!!", token + "A", tampered):
+        assert guard.decrypt_if_cached(bad, context) is None
+        with pytest.raises(InvalidCiphertext):
+            guard.decrypt(bad, context)
+
+
+def test_a_body_that_fails_under_a_cached_key_is_refused_audited(tmp_path: Path) -> None:
+    seen: list[OperationEvent] = []
+
+    class Collect:
+        def observe(self, event: OperationEvent) -> None:
+            seen.append(event)
+
+    LocalKeyring.create(tmp_path / KEY_FILE_NAME, ["general", "pii", "payment"])
+    settings = load_settings({"KMSGUARD_HOME": str(tmp_path)})
+    guard = Guard(settings.policy, build_keyring(settings), observers=[Collect()])  # the data-key cache on
+    sealed = guard.encrypt(b"a", "general")
+    for _ in range(3):
+        guard.decrypt(sealed)  # the key is on its plan: cache hits on the fast route from now on
+    seen.clear()
+    for data in (sealed[:-1] + bytes([sealed[-1] ^ 1]), envelope.to_text(sealed[:-1] + bytes([sealed[-1] ^ 1]))):
+        with pytest.raises(InvalidCiphertext):
+            guard.decrypt(data)
+    assert [(e.operation, e.outcome, e.error_code) for e in seen] == [("decrypt", "error", "INVALID_CIPHERTEXT")] * 2
+
+
+def test_classification_of_is_what_inspect_says(guard: Guard, tmp_path: Path) -> None:
+    sealed = guard.encrypt(b"x", "pii", {"user": "1"})
+    stream_out = io.BytesIO()
+    guard.encrypt_stream(io.BytesIO(b"y" * 100), stream_out, "payment", {"purpose": "refund"})
+    other = Guard(Policy([ClassPolicy("archive", "local:archive")]), LocalKeyring.create(tmp_path / "k", ["archive"]))
+    foreign = other.encrypt(b"z", "archive")  # a classification this guard's policy lacks
+    for data in (sealed, envelope.to_text(sealed), stream_out.getvalue(), foreign):
+        assert guard.classification_of(data) == guard.inspect(data).classification
+        assert guard.classification_of(data) == guard.classification_of(data)  # kept, or parsed again
+    for bad in (b"garbage", "kg1:!!", sealed[:40]):
+        with pytest.raises(InvalidCiphertext):
+            guard.classification_of(bad)

@@ -7,8 +7,10 @@ AsyncGuard runs the first kind on the event loop and the second in a thread pool
 * an encrypt of a (classification, context), or a decrypt of an envelope under given
   wrapped keys and context, is *warm* once an operation of that kind finished without
   a key-service call (kmsguard.operation.kms_tally counts them); warm kinds run inline;
-* a batch whose kinds are all warm runs inline too, item after item (in the pool it
-  would cost a thread hand-off and then hold the GIL the loop needs all the same);
+* an encrypt batch whose kinds are all warm runs inline too, item after item (in the
+  pool it would cost a thread hand-off and then hold the GIL the loop needs all the same);
+* an operation, or a batch's item, that a cache hit serves on its fast route
+  (Guard.encrypt_if_cached, Guard.decrypt_if_cached) runs inline first, whatever its kind;
 * everything else, and every rewrap and any other batch, runs in the pool (a batch as
   Guard runs it, on several threads, so that its KMS calls overlap);
 * an inline operation that did call the key service (its cached key expired or was used
@@ -54,10 +56,16 @@ class AsyncGuard:
         self._owns = owns
 
     async def encrypt(self, plaintext: bytes, classification: str, context: Context = None) -> bytes:
+        sealed = self.guard.encrypt_if_cached(plaintext, classification, context)
+        if sealed is not None:
+            return sealed
         kind = _kind("encrypt", classification, context)
         return await self._run(kind, self.guard.encrypt, plaintext, classification, context)
 
     async def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
+        plain = self.guard.decrypt_if_cached(data, context)
+        if plain is not None:
+            return plain
         return await self._run(_decrypt_kind(data, context), self.guard.decrypt, data, context)
 
     async def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
@@ -75,18 +83,37 @@ class AsyncGuard:
         contexts: Sequence[Context] | None = None,
         max_concurrency: int = batch.DEFAULT_CONCURRENCY,
     ) -> list[batch.Result[bytes]]:
-        """Inline, item after item, when every kind in the batch is warm; else in the pool,
-        Guard's own batch, which overlaps the KMS calls."""
+        """Cache hits inline (Guard.encrypt_if_cached: no key-service call); the rest inline,
+        item after item, when every kind among them is warm; else in the pool, Guard's own
+        batch, which overlaps the KMS calls."""
         if contexts is not None and len(contexts) != len(items):
             raise InvalidInput("contexts must have one entry per item")
         each = [context] * len(items) if contexts is None else list(contexts)
-        kinds = _kinds("encrypt", classification, each)
+        result, hit = batch.Result, self.guard.encrypt_if_cached
+        results: list[batch.Result[bytes]] = []
+        missed: list[int] = []
+        for i, (item, item_context) in enumerate(zip(items, each, strict=True)):
+            sealed = hit(item, classification, item_context)
+            if sealed is None:
+                missed.append(i)
+            results.append(result(sealed))
+        if missed:
+            rest = [items[i] for i in missed]
+            done = await self._encrypt_rest(rest, classification, [each[i] for i in missed], max_concurrency)
+            for i, settled in zip(missed, done, strict=True):
+                results[i] = settled
+        return results
+
+    async def _encrypt_rest(
+        self, items: Sequence[bytes], classification: str, contexts: list[Context], max_concurrency: int
+    ) -> list[batch.Result[bytes]]:
+        kinds = _kinds("encrypt", classification, contexts)
         results: list[batch.Result[bytes]]
         if None not in kinds and all(self._warm.get(k) for k in kinds):
-            results, calls = _counted(_in_turn, self.guard, items, classification, each)
+            results, calls = _counted(_in_turn, self.guard, items, classification, contexts)
         else:
             many = self.guard.encrypt_many
-            args = (items, classification, context, contexts, max_concurrency)
+            args = (items, classification, None, contexts, max_concurrency)
             results, calls = await self._in_pool(_counted, many, *args)
         if None not in kinds:
             for kind in kinds:
@@ -99,7 +126,26 @@ class AsyncGuard:
         context: Context = None,
         max_concurrency: int = batch.DEFAULT_CONCURRENCY,
     ) -> list[batch.Result[bytes]]:
-        return await self._in_pool(self.guard.decrypt_many, envelopes, context, max_concurrency)
+        """Cache hits inline (Guard.decrypt_if_cached: no key-service call), the rest in the
+        pool, Guard's own batch."""
+        result, hit = batch.Result, self.guard.decrypt_if_cached
+        results: list[batch.Result[bytes]] = []
+        missed: list[int] = []
+        for i, data in enumerate(envelopes):
+            try:
+                plain = hit(data, context)
+            except KmsGuardError as exc:
+                results.append(result(error=exc))
+                continue
+            if plain is None:
+                missed.append(i)
+            results.append(result(plain))
+        if missed:
+            rest = [envelopes[i] for i in missed]
+            done = await self._in_pool(self.guard.decrypt_many, rest, context, max_concurrency)
+            for i, settled in zip(missed, done, strict=True):
+                results[i] = settled
+        return results
 
     async def rewrap(self, data: EnvelopeInput, context: Context = None) -> bytes | str:
         """Always a key-service call: in the pool."""

@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 from kmsguard import operation
 from kmsguard.datakey import DataKey, WrappedKey
 from kmsguard.errors import KmsGuardError
-from kmsguard.keyrings.base import KeyRequest, Keyring
+from kmsguard.keyrings.base import KeyRequest, Loan
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741
@@ -81,34 +81,37 @@ class UnwrapOnce:
     key, or get the same error, without another call. A retryable failure (throttled,
     timed out) is shared only after ``RETRYABLE_ATTEMPTS`` items of the group tried, so one
     throttled call does not fail a whole group. Lives only as long as the batch.
+    ``unwrap`` is Guard's (a data-key cache's ``lend_unwrapped``): the item that unwrapped
+    gets the key's Budget, so its plan keeps the key for the cache hits of later decrypts.
     """
 
     RETRYABLE_ATTEMPTS = 3
 
-    def __init__(self, keyring: Keyring) -> None:
-        self._keyring = keyring
+    def __init__(self, unwrap: Callable[[Sequence[WrappedKey], KeyRequest], Loan]) -> None:
+        self._unwrap = unwrap
         self._lock = threading.Lock()
         self._slots: dict[Hashable, _Slot] = {}
 
-    def __call__(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> DataKey:
+    def __call__(self, wrapped: Sequence[WrappedKey], request: KeyRequest) -> Loan:
+        """The data key, with its Budget (a data-key cache's) for the item that unwrapped it only."""
         key = (tuple(wrapped), request.partition)
         with self._lock:
             slot = self._slots.setdefault(key, _Slot())
         with slot.lock:
             if slot.data_key is None and slot.error is None:
                 try:
-                    slot.data_key = self._keyring.unwrap(wrapped, request)
+                    slot.data_key, budget = self._unwrap(wrapped, request)
                 except KmsGuardError as exc:
                     slot.attempts += 1
                     if not exc.retryable or slot.attempts >= self.RETRYABLE_ATTEMPTS:
                         slot.error = exc
                     raise
-                return slot.data_key
+                return slot.data_key, budget
         if slot.error is not None:
             raise slot.error
         operation.note_cache(True)
         assert slot.data_key is not None
-        return slot.data_key
+        return slot.data_key, None
 
 
 class _Slot:

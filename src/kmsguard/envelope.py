@@ -31,8 +31,6 @@ for anything wrong, so no caller (or attacker) learns which check failed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 import re
 import struct
@@ -64,8 +62,10 @@ MAX_PLAINTEXT = 2**31 - 1 - TAG_SIZE
 _CLASSIFICATION_RE = re.compile(rb"[a-z0-9_-]{1,32}")
 _PROVIDER_RE = re.compile(rb"[a-z0-9-]{1,32}")
 _KEY_REF_RE = re.compile(rb"[\x21-\x7e]{1,2048}")
-_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 _TEXT_PREFIX_BYTES = TEXT_PREFIX.encode("ascii")
+_B64URL_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+#: The bits of a text's last character that hold no data, by how many characters end it (len % 4).
+_SPARE_BITS = {2: 0b1111, 3: 0b11}
 
 _U16 = struct.Struct(">H")
 #: Every sealed message's nonce: uniformly random, from the OS CSPRNG (drawn in bulk, see kmsguard.nonces).
@@ -383,23 +383,29 @@ def to_text(data: bytes) -> str:
 
 def to_text_bytes(data: bytes) -> bytes:
     """:func:`to_text` as ASCII bytes, for output built as bytes (the service's batch answers)."""
-    return _TEXT_PREFIX_BYTES + pybase64.urlsafe_b64encode(data).rstrip(b"=")
+    return _TEXT_PREFIX_BYTES + pybase64.b64encode(data, altchars=b"-_").rstrip(b"=")
 
 
 def from_text(token: str) -> bytes:
-    """Decode the text form strictly: right prefix, URL alphabet, no padding, canonical."""
+    """Decode the text form strictly: right prefix, URL alphabet, no padding, canonical.
+
+    One strict decoding pass: pybase64 refuses any character outside base64 (the standard
+    alphabet's ``+/`` and padding are refused before). Of the texts that decode, only the
+    canonical one of its bytes is accepted: the bits of the last character past the last
+    byte (4 of them when 2 characters are left over, 2 when 3 are) must be zero.
+    """
     if not isinstance(token, str) or not token.startswith(TEXT_PREFIX):
         raise InvalidCiphertext()
     payload = token[len(TEXT_PREFIX) :]
-    if not payload or len(payload) % 4 == 1 or not _B64URL_RE.fullmatch(payload):
+    tail = len(payload) % 4
+    if not payload or tail == 1 or "+" in payload or "/" in payload or "=" in payload:
+        raise InvalidCiphertext()
+    if tail and _B64URL_ALPHABET.find(payload[-1]) & _SPARE_BITS[tail]:  # find: -1 sets every bit
         raise InvalidCiphertext()
     try:
-        data = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-    except (binascii.Error, ValueError):
+        return pybase64.b64decode(payload + "=" * (4 - tail if tail else 0), altchars=b"-_", validate=True)
+    except ValueError:  # binascii.Error, or a non-ASCII character
         raise InvalidCiphertext() from None
-    if to_text(data) != token:  # non-zero padding bits: two texts for one envelope
-        raise InvalidCiphertext()
-    return data
 
 
 def coerce(value: bytes | bytearray | memoryview | str) -> bytes:

@@ -25,7 +25,7 @@ from typing import IO, Any, TypeVar, overload
 from kmsguard import batch, envelope, operation, plans, segments, stream
 from kmsguard.config import Settings, load_settings
 from kmsguard.datakey import WrappedKey
-from kmsguard.errors import AuditUnavailable, InvalidInput
+from kmsguard.errors import AuditUnavailable, InvalidCiphertext, InvalidInput
 from kmsguard.fastpath import OperationEvent
 from kmsguard.keyrings.base import KeyLender, KeyRequest, Keyring, Loan
 from kmsguard.operation import EventKind, Observer, Operation
@@ -197,6 +197,15 @@ class Guard:
             return out
         return self._observe("encrypt", context, self._encrypt, plaintext, classification, context)
 
+    def encrypt_if_cached(self, plaintext: bytes, classification: str, context: Context = None) -> bytes | None:
+        """``encrypt(plaintext, classification, context)`` when a cache hit serves it on its
+        fast route, else None (and nothing was done: call ``encrypt``).
+
+        Such an encrypt never calls the key service, so an event loop may run it inline
+        (AsyncGuard does).
+        """
+        return self._plans.seal(plaintext, classification, context)
+
     def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
         """Open an envelope (binary or ``kg1:`` text).
 
@@ -204,11 +213,29 @@ class Guard:
         classification's required keys must be among them: a caller states why it
         decrypts payment data as it did when encrypting.
         """
-        plain = self._plans.open(data, context)
+        if type(data) is str:  # decoded once, here: a cache hit's lane takes binary envelopes
+            data = _decoded(data)
+        plain = self._open_cached(data, context)
         if plain is not None:
             return plain
         ctx = plans.check_context(context)
         return self._observe("decrypt", ctx, self._decrypt, data, ctx, self._unwrap)
+
+    def decrypt_if_cached(self, data: EnvelopeInput, context: Context = None) -> bytes | None:
+        """``decrypt(data, context)`` when a cache hit serves it on its fast route, else None
+        (and nothing was done: call ``decrypt``).
+
+        Such a decrypt never calls the key service, so an event loop may run it inline
+        (AsyncGuard does). Anything it cannot serve (a bad envelope, one whose body fails
+        under its cached key) is None too: ``decrypt`` refuses it as an audited operation.
+        """
+        return self._open_cached(_decoded(data) if type(data) is str else data, context)
+
+    def _open_cached(self, data: EnvelopeInput, context: Context) -> bytes | None:
+        try:
+            return self._plans.open(data, context)
+        except InvalidCiphertext:  # the full route refuses it again, with an audit record
+            return None
 
     def encrypt_many(
         self,
@@ -247,13 +274,11 @@ class Guard:
         operation. A bad envelope yields its error and the rest go on.
         """
         ctx = plans.check_context(context)
-        once = batch.UnwrapOnce(self.keyring)
-
-        def unwrap(wrapped: Sequence[WrappedKey], request: KeyRequest) -> Loan:
-            return once(wrapped, request), None
+        unwrap = batch.UnwrapOnce(self._unwrap)
 
         def one(data: EnvelopeInput) -> bytes:
-            return self._observe("decrypt", ctx, self._decrypt, data, ctx, unwrap)
+            plain = self.decrypt_if_cached(data, ctx)
+            return plain if plain is not None else self._observe("decrypt", ctx, self._decrypt, data, ctx, unwrap)
 
         return batch.settle(one, envelopes, max_concurrency)
 
@@ -348,6 +373,20 @@ class Guard:
     def inspect(self, data: EnvelopeInput) -> EnvelopeInfo:
         """The header of an envelope: version, classification, context, key references."""
         return EnvelopeInfo.of(data)
+
+    def classification_of(self, data: EnvelopeInput) -> str:
+        """``inspect(data).classification``, what an access check needs before a decrypt.
+
+        Read from the decrypt plan of the envelope's prefix, kept or made now (the decrypt
+        that follows uses it), where ``inspect`` parses the whole header every time.
+        """
+        raw = data if type(data) is bytes and not data.startswith(_TEXT_PREFIX) else envelope.coerce(data)
+        if raw[3:4] != _SUITE_2:
+            try:
+                return self._plans.decrypt_plan(raw).policy.name
+            except InvalidCiphertext:  # malformed, or naming a classification the policy lacks
+                pass
+        return EnvelopeInfo.of(raw).classification
 
     # ------------------------------------------------------------------ internals
 
@@ -559,6 +598,15 @@ def _report(error: BaseException) -> None:
 _TEXT_PREFIX = envelope.TEXT_PREFIX.encode("ascii")
 _SUITE_2 = bytes((segments.SUITE,))
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
+
+
+def _decoded(token: str) -> EnvelopeInput:
+    """The binary envelope of ``token``; ``token`` itself when it is not one (the full route
+    refuses it as an audited operation)."""
+    try:
+        return envelope.from_text(token)
+    except InvalidCiphertext:
+        return token
 
 
 def _checked(ctx: Any) -> Mapping[str, str]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 from kmsguard import Guard
 from kmsguard.aio import AsyncGuard
 from kmsguard.config import load_settings
 from kmsguard.fastpath import OperationEvent
 from kmsguard.keyrings.caching import CachingKeyring
+from kmsguard.keyrings.local import LocalKeyring
 from kmsguard.operation import acting_as
 from kmsguard.stack import build_keyring
 
@@ -51,6 +53,34 @@ def test_kms_work_in_the_pool_cache_hits_inline(kmsguard_aws_env: dict[str, str]
         await aguard.close()
         where = ["loop" if t == loop_thread else "pool" for _, t, _ in threads.seen]
         assert where == ["pool", "pool", "loop", "pool", "pool", "loop", "loop", "pool", "loop", "pool"]
+        assert {p for _, _, p in threads.seen} == {"app-key"}
+
+    asyncio.run(run())
+    guard.close()
+
+
+def test_batches_serve_cache_hits_inline_and_the_rest_in_the_pool(keyring: LocalKeyring, home: Path) -> None:
+    settings = load_settings({"KMSGUARD_HOME": str(home)})
+    threads = Threads()
+    guard = Guard(settings.policy, build_keyring(settings), observers=[threads], principal="svc")
+
+    async def run() -> None:
+        aguard = AsyncGuard(guard)
+        loop_thread = threading.current_thread().name
+        with acting_as("app-key"):
+            # A new kind: the pool (a data key is made, then a cache hit on the full route).
+            first = await aguard.encrypt_many([b"a", b"b"], "pii", {"u": "1"}, max_concurrency=1)
+            second = await aguard.encrypt_many([b"c", b"d"], "pii", {"u": "1"})  # cache hits: inline
+            sealed = [r.get() for r in first + second]
+            # No key on the envelopes' decrypt plan yet: the pool, the garbage refused there.
+            opened = await aguard.decrypt_many([*sealed, b"garbage"], {"u": "1"}, max_concurrency=1)
+            assert [r.ok for r in opened] == [True] * 4 + [False]
+            again = await aguard.decrypt_many(sealed, {"u": "1"})  # cache hits: inline
+            assert [r.get() for r in again] == [b"a", b"b", b"c", b"d"]
+        await aguard.close()
+        where = ["loop" if t == loop_thread else "pool" for _, t, _ in threads.seen]
+        assert where == ["pool"] * 2 + ["loop"] * 2 + ["pool"] * 5 + ["loop"] * 4
+        assert [op for op, _, _ in threads.seen] == ["encrypt"] * 4 + ["decrypt"] * 9
         assert {p for _, _, p in threads.seen} == {"app-key"}
 
     asyncio.run(run())
