@@ -381,9 +381,10 @@ class Plans:
 
     Lookups read dictionaries without a lock (compiled, with a lookup that owns its result,
     kmsguard/locks.pxd); adding a plan (and giving up the least recently used) takes
-    ``_lock``; a plan's lane and last use are read and changed under the plan's own lock. With ``observed`` set (Guard has observers), a lane
-    serves only operations of a kind it has an EventKind for -- per principal: the
-    ``acting`` context variable's, else ``principal`` -- and reports each to ``sinks``
+    ``_lock``; a plan's lane and last use are read and changed under the plan's own lock.
+    With ``observed`` set (Guard has observers), a lane serves only operations of a kind it
+    has an EventKind for -- per principal: the ``acting`` context variable's, else
+    ``principal`` -- and reports each to ``sinks``
     (one per observer that records hits, see kmsguard.operation.hit_sink) under the
     request the ``served`` context variable names (see _record).
     """
