@@ -10,7 +10,8 @@ SITE   := site
 # The supported versions (pyproject's classifiers): noxfile.py has a session for each.
 PYTHON_VERSIONS := 3.11 3.12 3.13
 
-# Each version's suite, and once more on 3.11 with the hot path as plain Python (test-pure).
+# Each version's whole suite, and the whole suite once more on 3.11 with the hot path as
+# plain Python (test-pure).
 TEST_SESSIONS := $(addprefix test-,$(PYTHON_VERSIONS)) test-pure
 
 .PHONY: demo test lint docs docs-build bench clean prometheus-tools $(TEST_SESSIONS)
@@ -49,11 +50,12 @@ docs: $(VENV)/.installed-test
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # Lint, type checks and the docs build once; the whole suite on every supported Python
-# the machine has (noxfile.py), and on the plain-Python build (KMSGUARD_PURE=1), all in
-# parallel. -O prints each session's output whole when it ends; nox names a version the
-# machine lacks as skipped.
+# the machine has (noxfile.py), and once more on 3.11's plain-Python build (KMSGUARD_PURE=1),
+# all in parallel. -O prints each session's output whole when it ends; nox names a version
+# the machine lacks as skipped. KMSGUARD_NOX_RUN lets the sessions share one sdist and one
+# wheel per interpreter (test-3.11 and test-pure install the same one).
 test: lint docs-build prometheus-tools
-	$(MAKE) --no-print-directory -O -j$(words $(TEST_SESSIONS)) $(TEST_SESSIONS)
+	KMSGUARD_NOX_RUN=$$(date +%s%N) $(MAKE) --no-print-directory -O -j$(words $(TEST_SESSIONS)) $(TEST_SESSIONS)
 
 test-pure: $(VENV)/.installed-test
 	$(BIN)/nox --session tests-pure

@@ -2,13 +2,13 @@
 
 One session per version, ``tests-3.11``, ``tests-3.12``, ``tests-3.13``: each builds the
 sdist and from it a wheel (Cython-compiled, as a user's pip would), installs it
-into the session's own venv and runs pytest against that install, not against src/.
-``tests-pure`` runs the library's own tests once more on 3.11 with ``KMSGUARD_PURE=1``:
-the same install, with the compiled hot path's modules imported from their Python sources
-(kmsguard.pure), so both builds are tested where the compiled modules are used (the
-top-level tests and the audit trail's hit recording; the AWS, service, rotation,
-monitoring and self-test suites run on the compiled build only, to keep ``make test``
-within its time budget on two cores).
+into the session's own venv and runs the whole suite against that install, not against src/.
+``tests-pure`` runs the whole suite once more on 3.11 with ``KMSGUARD_PURE=1``: the same
+install, with the compiled hot path's modules imported from their Python sources
+(kmsguard.pure), so both builds are tested throughout (tests/test_distribution.py, which
+tests the sdist and the wheel as files and in fresh venvs, only in the version sessions).
+Under ``make test`` the sessions share one sdist, and tests-3.11 and tests-pure one wheel
+(see _builds).
 
 nox finds an interpreter as ``python3.X`` on ``PATH``. pyenv's shims answer to that name
 only for the versions pyenv has selected (any other exits with "command not found"), so
@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,10 +58,9 @@ os.environ["PATH"] = os.pathsep.join([*_pyenv_bins(), os.environ.get("PATH", "")
 
 
 @contextmanager
-def _build_lock() -> Iterator[None]:
-    """Sessions run in parallel (``make test``); building the sdist writes into the tree
-    (Cython's .c files, the egg-info), so one session does it at a time."""
-    lock = ROOT / ".nox" / "build.lock"
+def _lock(name: str) -> Iterator[None]:
+    """An exclusive lock on ``.nox/<name>.lock``, shared by the sessions running in parallel."""
+    lock = ROOT / ".nox" / f"{name}.lock"
     lock.parent.mkdir(exist_ok=True)
     with lock.open("w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -70,22 +70,58 @@ def _build_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _builds(session: nox.Session) -> Path:
+    """Where this session's sdist and wheels are built: the run's when ``make test`` names one.
+
+    ``make test`` sets ``KMSGUARD_NOX_RUN`` once for its sessions: they then build one
+    sdist, and one wheel per interpreter (tests-3.11 and tests-pure install the same
+    one), in ``.nox/builds/<run>``; a previous run's builds are removed. Without it (one
+    session run by hand) the session builds its own, afresh.
+    """
+    run = os.environ.get("KMSGUARD_NOX_RUN")
+    if not run:
+        private = Path(session.create_tmp()) / "build"
+        shutil.rmtree(private, ignore_errors=True)
+        private.mkdir()
+        return private
+    builds = ROOT / ".nox" / "builds"
+    with _lock("build"):
+        if not (builds / run).is_dir():
+            shutil.rmtree(builds, ignore_errors=True)
+            (builds / run).mkdir(parents=True)
+    return builds / run
+
+
 def _install_wheel(session: nox.Session) -> Path:
-    """Build the sdist, a wheel from it, and install the wheel (with the test extra); the dist directory."""
-    dist = Path(session.create_tmp()) / "dist"
-    for old in dist.glob("*"):
-        old.unlink()
+    """Build the sdist, a wheel from it, and install the wheel (with the test extra); the dist directory.
+
+    The dist directory holds that sdist and that wheel (and nothing else), for
+    tests/test_distribution.py.
+    """
+    builds = _builds(session)
     session.install("build")  # before the test extra (which has it too): the sdist comes first
-    with _build_lock():
-        session.run("python", "-m", "build", "--sdist", "--outdir", str(dist), str(ROOT), silent=True)
-    (sdist,) = dist.glob("*.tar.gz")
-    # From the sdist, unpacked in a directory of pip's own: sessions compile at the same time.
-    # Not from pip's cache, which keys a wheel built from an sdist by its path alone.
-    session.run("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-cache-dir", "--wheel-dir", str(dist),
-                str(sdist))
-    (wheel,) = dist.glob("*.whl")
-    session.install(f"{wheel}[test]")
-    session.install("--no-deps", "--force-reinstall", str(wheel))
+    # Building the sdist writes into the tree (Cython's .c files, the egg-info): one session at a time.
+    with _lock("build"):
+        if not any(builds.glob("*.tar.gz")):
+            session.run("python", "-m", "build", "--sdist", "--outdir", str(builds), str(ROOT), silent=True)
+    (sdist,) = builds.glob("*.tar.gz")
+    tag = session.run("python", "-c", "import sys; print(sys.implementation.cache_tag)", silent=True)
+    wheels = builds / str(tag).strip()
+    # From the sdist, unpacked in a directory of pip's own: sessions of different versions
+    # compile at the same time. Not from pip's cache, which keys a wheel built from an sdist
+    # by its path alone.
+    with _lock(f"wheel-{wheels.name}"):
+        if not any(wheels.glob("*.whl")):
+            session.run("python", "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-cache-dir", "--wheel-dir",
+                        str(wheels), str(sdist))
+    (wheel,) = wheels.glob("*.whl")
+    dist = Path(session.create_tmp()) / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    dist.mkdir()
+    for built in (sdist, wheel):
+        shutil.copy2(built, dist)
+    session.install(f"{dist / wheel.name}[test]")
+    session.install("--no-deps", "--force-reinstall", str(dist / wheel.name))
     return dist
 
 
@@ -101,18 +137,10 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python=PYTHONS[0], name="tests-pure")
 def tests_pure(session: nox.Session) -> None:
-    """The library's tests on the plain-Python build of the hot path (KMSGUARD_PURE=1), packaging aside."""
+    """The whole suite on the plain-Python build of the hot path (KMSGUARD_PURE=1), packaging aside.
+
+    tests/test_distribution.py is left out: it tests the sdist and the wheel themselves,
+    which are tests-3.11's (the same files), whatever the running process imports.
+    """
     _install_wheel(session)
-    selected = session.posargs or [*PURE_TESTS, "--ignore=tests/test_distribution.py"]
-    session.run("pytest", *selected, env={"KMSGUARD_PURE": "1"})
-
-
-#: What tests-pure runs: every test of Guard, plans, the cache, nonces, envelopes, streams,
-#: observers and metrics (tests/*.py), and the audit trail's compiled hit recording.
-PURE_TESTS = [
-    *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")),
-    "tests/audit/test_hits.py",
-    "tests/audit/test_observer.py",
-    "tests/audit/test_request_ids.py",
-    "tests/audit/test_formats.py",
-]
+    session.run("pytest", "--ignore=tests/test_distribution.py", *session.posargs, env={"KMSGUARD_PURE": "1"})

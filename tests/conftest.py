@@ -18,6 +18,22 @@ from kmsguard import Guard
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Once collected, freeze what the run holds so far (imported libraries, test modules, items).
+
+    The collector then leaves those objects out of every pass: none of them is a test's
+    garbage, and a full pass over them after each test (below) was the most expensive
+    part of many short tests (about 0.1 s of CPU each, four sessions at a time in `make test`).
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Hand the frozen objects back to the collector."""
+    gc.unfreeze()
+
+
 @pytest.fixture(autouse=True)
 def _collect_garbage() -> Iterator[None]:
     """After each test, once its other fixtures are closed, collect garbage.
@@ -25,6 +41,7 @@ def _collect_garbage() -> Iterator[None]:
     Whatever the test left open (a file, a socket, a SQLite connection, a child process
     never waited for) warns now, in its finalizer, and pyproject's filterwarnings make that
     this test's error, rather than that of whichever later test the collector runs in.
+    Everything allocated since collection is looked at (see pytest_collection_finish).
     """
     yield
     gc.collect()
