@@ -1,10 +1,7 @@
 # C types for nonces.py when Cython compiles it (see that module's docstring): a
-# nonce's offset is taken under the pool's spin lock (kmsguard/fastpath.pxd), and its
-# 12 bytes are copied out of the draw as C (the sizes are C numbers).
+# nonce's offset is taken under the pool's spin lock (kmsguard/fastpath.pxd).
 import cython
 from kmsguard.fastpath cimport Mutexed, _free, _hold, _new_mutex
-
-cdef Py_ssize_t _SIZE
 
 cdef class _Pool(Mutexed):
     cdef readonly bytes data
@@ -15,5 +12,5 @@ cdef class _Pool(Mutexed):
 
 cdef _Pool _pool
 
-@cython.locals(pool=_Pool, value=bytes)
+@cython.locals(pool=_Pool, value=bytes, spent=bytes)
 cpdef bytes nonce()

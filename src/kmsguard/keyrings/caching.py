@@ -75,7 +75,7 @@ class _Entry:
 
 
 def _last_used(entry: _Entry) -> int:
-    return entry.budget.used()
+    return entry.budget.last_used
 
 
 class _Flight:
