@@ -267,3 +267,16 @@ def test_a_file_that_is_not_a_database_is_refused_and_its_connection_closed(
     [refused] = sqlite_connections
     with pytest.raises(sqlite3.ProgrammingError, match="closed"):
         refused.execute("SELECT 1")
+
+
+def test_a_window_of_a_chain_verifies_from_its_first_record(db: SqliteSink, keys: AuditKeys) -> None:
+    """A query since some time gives a slice of a long-lived writer's chain (the self-test reads one)."""
+    tail = [r for r in db.records() if r.writer_id == "w1" and r.seq >= 4]
+    assert verify(tail, keys, window=True).intact
+    [problem] = verify(tail, keys).problems  # without window, what came before is missing
+    assert (problem.seq, problem.kind) == (4, "removed")
+    # Within the window every check still holds: a gap, and an edit of its first record.
+    assert [(p.seq, p.kind) for p in verify([tail[0], *tail[2:]], keys, window=True).problems] == [(6, "removed")]
+    sql(db, "UPDATE audit_records SET outcome = 'error' WHERE writer_id = 'w1' AND seq = 4")
+    edited = [r for r in db.records() if r.writer_id == "w1" and r.seq >= 4]
+    assert [(p.seq, p.kind) for p in verify(edited, keys, window=True).problems] == [(4, "altered")]

@@ -69,17 +69,22 @@ class Report:
         return not self.problems
 
 
-def verify(records: Iterable[AuditRecord], keys: AuditKeys, anchor: Heads | None = None) -> Report:
+def verify(
+    records: Iterable[AuditRecord], keys: AuditKeys, anchor: Heads | None = None, *, window: bool = False
+) -> Report:
     """Check records ordered by (writer_id, seq); report the first problem of each writer.
 
     Streams: one record at a time, so a chain of millions is checked in constant memory.
     With an ``anchor`` (see the module docstring), each anchored record must still be there.
+    With ``window``, the records are a slice of each chain (a query since some time): each
+    writer's chain is checked from its first record given, whatever its number, so what
+    came before the slice is not reported missing; everything within it is checked as usual.
     """
     anchor = anchor or {}
     report = Report(key_fingerprint=keys.fingerprint)
     for writer_id, group in groupby(records, key=lambda r: r.writer_id):
         report.writers += 1
-        state = _ChainCheck(writer_id, keys, anchor.get(writer_id))
+        state = _ChainCheck(writer_id, keys, anchor.get(writer_id), window)
         for record in group:
             report.records += 1
             if state.problem is None:
@@ -139,8 +144,11 @@ class _ChainCheck:
     #: How far beyond its position a moved record's true sequence number is searched.
     MOVE_WINDOW = 10_000
 
-    def __init__(self, writer_id: str, keys: AuditKeys, anchored: tuple[int, str] | None = None) -> None:
+    def __init__(
+        self, writer_id: str, keys: AuditKeys, anchored: tuple[int, str] | None = None, window: bool = False
+    ) -> None:
         self.writer_id = writer_id
+        self.window = window  # the chain is checked from the first record given (see verify)
         self.keys = keys
         self.expected_seq = 1
         self.prev_hash = GENESIS
@@ -152,7 +160,12 @@ class _ChainCheck:
     def check(self, r: AuditRecord) -> None:
         # A stored run is one chain link: checked as a whole at its first record. Its
         # other records are read out of that row, so they follow it by construction.
-        if r.run is None or r.seq == r.run.seq:
+        if self.window:  # the slice's first record (or the run holding it) starts the chain
+            self.window = False
+            first = r.run or r
+            self.expected_seq, self.prev_hash = first.seq, first.prev_hash
+            self.problem = self._problem(first)
+        elif r.run is None or r.seq == r.run.seq:
             self.problem = self._problem(r.run or r)
         self.expected_seq, self.prev_hash = r.seq + 1, r.hash
         self.closed = r.operation == CLOSE_OPERATION

@@ -61,7 +61,11 @@ def audit(run: Run, started: float) -> None:
 
 
 def _read_back(run: Run, writer_id: str, started: float) -> str | None:
-    """None when this writer's self-test records are in the sink and its chain verifies; else the problem."""
+    """None when this writer's self-test records are in the sink and its chain verifies; else the problem.
+
+    The records read are those of the last minute, a slice of the writer's chain when the
+    writer is the serving Guard's (long-lived): the chain is verified from the slice's start.
+    """
     from kmsguard.audit import AuditSettings, Query, keys_for, open_sink
     from kmsguard.audit.record import format_time
     from kmsguard.audit.verify import verify
@@ -77,7 +81,7 @@ def _read_back(run: Run, writer_id: str, started: float) -> str | None:
         )
         if not any(SELFTEST_CONTEXT_KEY in r.context for r in found):
             return "this run's records are not in the sink"
-        report = verify(found, keys_for(run.settings, run.guard().keyring, sink))
+        report = verify(found, keys_for(run.settings, run.guard().keyring, sink), window=True)
     except Exception as exc:
         return f"reading the trail back failed: {describe(exc)}"
     finally:
