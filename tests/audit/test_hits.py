@@ -64,7 +64,8 @@ def test_hits_are_recorded_as_the_full_path_records_them(keyring: LocalKeyring, 
 
 def test_hits_across_segments_and_deliverer_restarts(keyring: LocalKeyring, home: Path) -> None:
     """Small segments: templates are written again into each one, so a segment reads on its own."""
-    write_config(home, {"delivery": "thread", "flush_interval": 60, "max_spool_mb": 1})  # 256 KiB segments
+    # 256 KiB segments; close waits for every record (the default 2 s is not enough under make test's load)
+    write_config(home, {"delivery": "thread", "flush_interval": 60, "max_spool_mb": 1, "close_timeout": 300})
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
         for i in range(12_000):  # about 3 segments of hit frames, two kinds interleaved
             guard.encrypt(b"x", "general", {"n": str(i % 2)})
@@ -76,7 +77,8 @@ def test_hits_across_segments_and_deliverer_restarts(keyring: LocalKeyring, home
 
 def test_one_kind_across_segments_then_another(keyring: LocalKeyring, home: Path) -> None:
     """Each kind in turn over segment boundaries (the hit path remembers the last kind): every record arrives."""
-    write_config(home, {"delivery": "thread", "flush_interval": 60, "max_spool_mb": 1})  # 256 KiB segments
+    # 256 KiB segments; close waits for every record (the default 2 s is not enough under make test's load)
+    write_config(home, {"delivery": "thread", "flush_interval": 60, "max_spool_mb": 1, "close_timeout": 300})
     with Guard.from_env({"KMSGUARD_HOME": str(home)}) as guard:
         for context in ({"n": "a"}, {"n": "b"}, {"n": "a"}):
             start = observer_of(guard)._spool.segment
