@@ -264,7 +264,7 @@ def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(pl: Modu
     policy = Policy.defaults({n: f"local:{n}" for n in NAMES})
     tables = pl.Plans(policy, observed=True, sinks=(Sink(),), principal="svc", acting=acting, served=served)
     plan = tables.encrypt_plan("general", None)
-    lane = plan.lane = pl.Lane(fastpath.Budget(AESGCM(bytes(32)), Clock(), expires=2000.0), (), b"prefix", b"aad")
+    lane = plan.install(pl.Lane(fastpath.Budget(AESGCM(bytes(32)), Clock(), expires=2000.0), (), b"prefix", b"aad"))
     pl.bind_kind(lane, "svc", "svc-kind")
     pl.bind_kind(lane, "agent", "agent-kind")
     lanes = tables
@@ -298,6 +298,19 @@ def test_an_observed_lane_reports_each_hit_with_its_principal_and_clock(pl: Modu
     served.set("caller-id-1")
     assert lanes.seal(b"x", "general", None) is not None
     assert requests == [(7, None), (0, "caller-id-1")]
+
+
+def test_a_lanes_kinds_stay_within_their_bound_and_a_kind_bound_again_replaces_it(pl: ModuleType) -> None:
+    lane = pl.Lane(fastpath.Budget(object(), Clock(), expires=2000.0), ())
+    pl.bind_kind(lane, "p", "k1", (("a", "1"),))  # a decrypt lane: by principal, then context items
+    pl.bind_kind(lane, "p", "k2", (("a", "1"),))
+    pl.bind_kind(lane, "p", "k3", ())
+    assert lane.kinds == {"p": (((("a", "1"),), "k2"), ((), "k3"))}
+    bound = _source_module(plans).MAX_KINDS_PER_LANE  # compiled, a C constant
+    for n in range(bound):
+        pl.bind_kind(lane, f"q{n}", "k")
+    assert lane.bound == bound
+    assert len(lane.kinds) == bound - 1  # "p" holds two of them
 
 
 @settings(max_examples=150, deadline=None)

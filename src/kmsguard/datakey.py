@@ -15,7 +15,7 @@ message beyond AES-GCM itself.
 
 from __future__ import annotations
 
-import itertools
+import threading
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
@@ -62,7 +62,7 @@ class DataKey:
     2^32 (CacheLimits refuses more); either way no DEK seals more than 2^32 messages.
     """
 
-    __slots__ = ("_counter", "_plaintext", "aead", "commitment", "wrapped")
+    __slots__ = ("_lock", "_plaintext", "_used", "aead", "commitment", "wrapped")
 
     def __init__(self, plaintext: bytes, wrapped: tuple[WrappedKey, ...]) -> None:
         if len(plaintext) != DEK_SIZE:
@@ -71,7 +71,8 @@ class DataKey:
         self.wrapped = tuple(wrapped)
         self.aead = AESGCM(_hkdf(plaintext, _INFO_ENC))
         self.commitment = _hkdf(plaintext, _INFO_COMMIT)
-        self._counter = itertools.count(1)  # next() is atomic under the GIL
+        self._lock = threading.Lock()  # the count is shared by every thread sealing under this key
+        self._used = 0
 
     @property
     def plaintext(self) -> bytes:
@@ -84,7 +85,9 @@ class DataKey:
 
     def use(self) -> int:
         """Count one message sealed by a Sealer under this key; refuse past the AES-GCM limit."""
-        n = next(self._counter)
+        with self._lock:
+            self._used += 1
+            n = self._used
         if n > MAX_MESSAGES_PER_DEK:
             raise DataKeyExhausted()
         return n

@@ -3,14 +3,22 @@
 # extension types and which fields are C numbers, so a claim or a tick runs as C code
 # under the owner's spin lock (kmsguard/locks.pxd).
 import cython
-from kmsguard.locks cimport spin_acquire, spin_release
+from kmsguard.locks cimport lookup, spin_acquire, spin_release
 
 from cpython.buffer cimport PyBUF_WRITE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.memoryview cimport PyMemoryView_FromMemory
 from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 cdef long long _NO_LIMIT
+cdef bint _SAME_CLOCK
+
+# time.monotonic's clock (CLOCK_MONOTONIC, on Linux) read as C (fastpath.py: time.monotonic).
+cdef inline double _clock() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 cdef class Mutexed:
     cdef char _mutex
@@ -24,6 +32,10 @@ cdef inline void _free(Mutexed owner) noexcept:
 
 cdef inline void _new_mutex(Mutexed owner) noexcept:
     spin_release(&owner._mutex)  # unlocked (as a new Mutexed is: allocated zeroed)
+
+# A dictionary lookup that owns its result (kmsguard/locks.pxd; fastpath.py: dict.get).
+cdef inline object _lookup(dict d, object key):
+    return lookup(d, key)
 
 cdef class _Counters(Mutexed):
     cdef long long tick
@@ -47,9 +59,14 @@ cdef class Budget(Mutexed):
     cdef public long long hits
     cdef public bint live
     cdef public long long last_used
+    cdef readonly bint monotonic
+    cpdef object claim(self, long long size)
+    cpdef object claim_at(self, long long size, double now)
     cdef object _take(self, long long size, double now)
+    cpdef long long used(self) noexcept
 
-@cython.freelist(16)
+# Made per observed hit: from a free list, not tracked by the cycle collector (the
+# decorators are on the class in fastpath.py, where Cython reads them).
 cdef class OperationEvent:
     cdef readonly object kind
     cdef readonly double started_at
@@ -58,7 +75,7 @@ cdef class OperationEvent:
     cdef readonly unsigned long long request
     cdef readonly object caller_id
 
-cdef class HitSink:
+cdef class HitSink(Mutexed):
     cpdef void record(self, object kind, double started, double duration, Py_ssize_t size,
                       unsigned long long request, object caller_id) except *
 

@@ -35,14 +35,26 @@ Python (no compiler at install time, or ``KMSGUARD_PURE=1``), it is a threading.
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
+
+try:  # Cython's decorators (OperationEvent's); no-ops where Cython is not installed
+    import cython  # type: ignore[import-not-found]
+except ImportError:  # the plain build where Cython is not installed: the same classes, as Python
+    from types import SimpleNamespace
+
+    cython = SimpleNamespace(freelist=lambda n: lambda cls: cls, no_gc=lambda cls: cls, cclass=lambda cls: cls)
 
 #: True when this module runs compiled (see the module docstring).
 COMPILED = not __file__.endswith(".py")
 
 _NO_LIMIT = 2**62
+# Whether _clock() reads time.monotonic's clock: as plain Python it is time.monotonic; compiled,
+# CLOCK_MONOTONIC, which time.monotonic reads on Linux.
+_SAME_CLOCK = not COMPILED or sys.platform.startswith("linux")
 #: From this plaintext size the envelope is sealed with :func:`sealed`: below it, one
 #: AES-GCM call and a join cost less than setting up the view.
 SEAL_INTO_FROM = 16384
@@ -66,9 +78,15 @@ def _plain_new_mutex(owner: Any) -> None:
     owner._mutex = threading.Lock()
 
 
-# Compiled, these three are C functions from fastpath.pxd (the spin lock); interpreted,
-# these stand-ins. Set through globals() because Cython would compile a def of the same name.
-globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
+#: A dictionary lookup, None when absent: compiled, one that owns its result before another
+#: thread can drop it (kmsguard/locks.pxd); plain Python's dict.get already does.
+_plain_lookup = dict.get
+
+# Compiled, these are C functions from fastpath.pxd (the spin lock, the lookup);
+# interpreted, these stand-ins. Set through globals() because Cython would compile a def of the same name.
+globals().update(
+    _hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex, _lookup=_plain_lookup, _clock=time.monotonic
+)
 
 
 class Mutexed:
@@ -127,7 +145,8 @@ class Budget(Mutexed):
 
     ``aead`` is the key's AESGCM object; :meth:`claim` hands it out with each use and
     :meth:`retire` forgets it. ``hits`` counts claims (the fetching caller's first use is
-    not one); ``last_used`` is the tick of the last use.
+    not one); ``last_used`` is the tick of the last use. ``monotonic``: ``clock`` is
+    time.monotonic, which a hit reads as C (and once, for its own timing and the claim).
     """
 
     def __init__(
@@ -150,10 +169,18 @@ class Budget(Mutexed):
         self.hits = 0
         self.live = True
         self.last_used = next_tick()
+        self.monotonic = clock is time.monotonic and _SAME_CLOCK
 
     def claim(self, size: int) -> Any:
         """One use for a message of ``size`` bytes: the AESGCM object, or None if spent, expired or retired."""
-        now = self.clock()  # before the lock: nothing that calls Python is done holding it
+        # The clock is read before the lock: nothing that calls Python is done holding it.
+        return self.claim_at(size, _clock() if self.monotonic else self.clock())  # type: ignore[name-defined]  # noqa: F821
+
+    def claim_at(self, size: int, now: float) -> Any:
+        """:meth:`claim`, at ``now`` read from time.monotonic's clock by the caller (who times the
+        operation with the same reading); a Budget on another clock reads its own."""
+        if not self.monotonic:
+            now = self.clock()
         _hold(self)  # type: ignore[name-defined]  # noqa: F821
         aead = self._take(size, now)
         _free(self)  # type: ignore[name-defined]  # noqa: F821
@@ -170,6 +197,13 @@ class Budget(Mutexed):
         self.last_used = next_tick()
         return self.aead
 
+    def used(self) -> int:
+        """The tick of the last use (read under the lock, as a use writes it)."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        tick = self.last_used
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        return tick
+
     def retire(self) -> None:
         """No more uses, by anyone; the key object goes with the last operation using it."""
         _hold(self)  # type: ignore[name-defined]  # noqa: F821
@@ -178,6 +212,9 @@ class Budget(Mutexed):
         _free(self)  # type: ignore[name-defined]  # noqa: F821
 
 
+@cython.freelist(16)
+@cython.no_gc
+@cython.cclass
 class OperationEvent:
     """One finished operation, as every observer receives it. Never changed once made.
 
@@ -189,6 +226,10 @@ class OperationEvent:
     id) and ``caller_id`` (that caller's id, else None); ``request_id`` is the audit
     record's request id, made from those two. It holds names, counts and the context
     (never secret, it is in every envelope's header); never plaintext, ciphertext or keys.
+
+    Compiled, one is made per observed cache hit, so it is cheap to make: taken from a
+    free list, and not tracked by the cycle collector (it cannot be in a cycle: it
+    holds an EventKind, made before it, and a str).
     """
 
     def __init__(
@@ -266,11 +307,13 @@ class OperationEvent:
         return f"OperationEvent({self.kind!r}, size={self.size}, duration={self.duration!r})"
 
 
-class HitSink:
+class HitSink(Mutexed):
     """How cache hits reach one observer (the lanes of kmsguard.plans call ``record`` per hit).
 
     A subclass compiled with this module (the audit writer's, the metrics registry's)
-    is called as C. The base records nothing.
+    is called as C. The base records nothing. A sink is called from every thread at once:
+    a field that a hit reads and something else replaces is read and replaced under the
+    sink's own lock (Mutexed; the subclass's ``__init__`` makes it).
     """
 
     def record(self, kind: Any, started: float, duration: float, size: int, request: int, caller_id: Any) -> None:

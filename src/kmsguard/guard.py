@@ -499,8 +499,8 @@ class Guard:
             operation.current.reset(token)
         if isinstance(op.lane, plans.Lane) and op.cache_hit and not op.kms_calls and not op.strict_audit:
             # The next operations of this kind are served by the lane, reported as this one was.
-            key = op.principal if name == "encrypt" else (op.principal, tuple(op.context.items()))
-            plans.bind_kind(op.lane, key, event.kind)
+            items = None if name == "encrypt" else tuple(op.context.items())
+            plans.bind_kind(op.lane, op.principal, event.kind, items)
         return result
 
     def _notify(self, event: OperationEvent) -> None:

@@ -1,6 +1,6 @@
 # C types for histogram.py when Cython compiles it (see that module's docstring).
 import cython
-from kmsguard.fastpath cimport HitSink, Mutexed, _free, _hold, _new_mutex
+from kmsguard.fastpath cimport HitSink, Mutexed, _free, _hold, _lookup, _new_mutex
 
 cdef class Histogram(Mutexed):
     cdef public double[::1] bounds
@@ -17,7 +17,6 @@ cdef class Histogram(Mutexed):
 cdef class HitTally(HitSink):
     cdef public object lookup
     cdef public dict by_kind
-    cdef public tuple last
-    @cython.locals(series=Histogram, last=tuple)
+    @cython.locals(series=Histogram)
     cpdef void record(self, object kind, double started, double duration, Py_ssize_t size,
                       unsigned long long request, object caller_id) except *

@@ -14,13 +14,11 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kmsguard.fastpath import HitSink, Mutexed, _plain_free, _plain_hold, _plain_new_mutex
+from kmsguard.fastpath import HitSink, Mutexed, _plain_free, _plain_hold, _plain_lookup, _plain_new_mutex
 
 COMPILED = not __file__.endswith(".py")
 # Compiled, C functions from kmsguard/fastpath.pxd; interpreted, these stand-ins.
-globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
-#: HitTally.last before any kind (an object no caller's kind is).
-_NO_KIND = (object(), None)
+globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex, _lookup=_plain_lookup)
 
 
 class Histogram(Mutexed):
@@ -69,22 +67,16 @@ class Histogram(Mutexed):
 class HitTally(HitSink):
     """Counts cache hits into their operation's series; ``lookup`` finds the series of a kind once.
 
-    ``last`` is the last (kind, series), one tuple so that it is read whole: a loop of one
-    kind skips the dictionary.
+    ``by_kind`` only grows (an EventKind's hash is its identity, so a lookup is one probe);
+    two threads that find a kind missing at once both look it up, and find the same series.
     """
 
     def __init__(self, lookup: Callable[[Any], Histogram]) -> None:
         self.lookup = lookup
         self.by_kind: dict[object, Histogram] = {}
-        self.last: tuple[Any, Any] = _NO_KIND
 
     def record(self, kind: Any, started: float, duration: float, size: int, request: int, caller_id: Any) -> None:
-        last = self.last
-        if last[0] is kind:
-            series = last[1]
-        else:
-            series = self.by_kind.get(kind)
-            if series is None:
-                series = self.by_kind[kind] = self.lookup(kind)
-            self.last = (kind, series)
+        series = _lookup(self.by_kind, kind)  # type: ignore[name-defined]  # noqa: F821
+        if series is None:
+            series = self.by_kind[kind] = self.lookup(kind)
         series.add(duration)

@@ -1,7 +1,10 @@
 # C types for nonces.py when Cython compiles it (see that module's docstring): a
-# nonce's offset is taken under the pool's spin lock (kmsguard/fastpath.pxd).
+# nonce's offset is taken under the pool's spin lock (kmsguard/fastpath.pxd), and its
+# 12 bytes are copied out of the draw as C (the sizes are C numbers).
 import cython
 from kmsguard.fastpath cimport Mutexed, _free, _hold, _new_mutex
+
+cdef Py_ssize_t _SIZE
 
 cdef class _Pool(Mutexed):
     cdef readonly bytes data
@@ -12,5 +15,5 @@ cdef class _Pool(Mutexed):
 
 cdef _Pool _pool
 
-@cython.locals(pool=_Pool, value=bytes, spent=bytes)
+@cython.locals(pool=_Pool, value=bytes)
 cpdef bytes nonce()

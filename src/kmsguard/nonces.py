@@ -12,8 +12,9 @@ What matters is that no slice is ever handed out twice:
 * **threads**: the buffer and the offset of its next nonce are one :class:`_Pool`'s,
   read and advanced in one step under its lock (kmsguard.fastpath.Mutexed: a spin lock
   compiled, a threading.Lock as plain Python), so each slice goes to exactly one
-  caller; a caller that runs past the end draws a new buffer (outside the lock) and
-  installs it, under the lock, unless another thread already did;
+  caller; a caller that runs past the end is given the spent buffer (read in that same
+  step), draws a new one (outside the lock) and installs it, under the lock, unless
+  another thread already replaced the spent one;
 * **fork**: a child process starts with a copy of the parent's buffer, so it would
   repeat the nonces the parent hands out next. ``os.register_at_fork`` discards the
   child's copy (and its locks, which another thread may have held at fork time), so the
@@ -34,6 +35,7 @@ COMPILED = not __file__.endswith(".py")
 NONCE_SIZE = 12
 #: Nonces per ``os.urandom`` call (12 KiB); enough to make the system call negligible.
 NONCES_PER_DRAW = 1024
+_SIZE = NONCE_SIZE  # a C constant when compiled (NONCE_SIZE is the module's public, Python, one)
 
 # Compiled, C functions from kmsguard/fastpath.pxd; interpreted, these stand-ins.
 globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
@@ -47,16 +49,16 @@ class _Pool(Mutexed):
         self.data = b""  # empty: the first call draws
         self.offset = 0
 
-    def next(self) -> bytes | None:
-        """A nonce no other caller gets, or None when this draw is spent."""
+    def next(self) -> bytes:
+        """A nonce no other caller gets; when this draw is spent, that spent draw (never 12 bytes long)."""
         _hold(self)  # type: ignore[name-defined]  # noqa: F821
         data = self.data
         start = self.offset
-        self.offset = start + NONCE_SIZE
+        self.offset = start + _SIZE
         _free(self)  # type: ignore[name-defined]  # noqa: F821
-        if start + NONCE_SIZE <= len(data):
-            return data[start : start + NONCE_SIZE]
-        return None
+        if start + _SIZE <= len(data):
+            return data[start : start + _SIZE]
+        return data
 
     def refill(self, spent: bytes, fresh: bytes) -> None:
         """Install ``fresh`` (drawn outside the lock) unless another thread already replaced ``spent``."""
@@ -75,10 +77,9 @@ def nonce() -> bytes:
     while True:
         pool = _pool
         value = pool.next()
-        if value is not None:
+        if len(value) == _SIZE:
             return value
-        spent = pool.data
-        pool.refill(spent, os.urandom(NONCE_SIZE * NONCES_PER_DRAW))
+        pool.refill(value, os.urandom(NONCE_SIZE * NONCES_PER_DRAW))
 
 
 def _discard_after_fork() -> None:

@@ -3,9 +3,10 @@
 # classes are extension types and which fields are C numbers.
 import cython
 from cpython.contextvars cimport get_value
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from kmsguard.fastpath cimport Budget, HitSink, next_request, next_tick, sealed
+from kmsguard.fastpath cimport (Budget, HitSink, Mutexed, _clock, _free, _hold, _lookup, _new_mutex, next_request,
+                                next_tick, sealed)
+from kmsguard.locks cimport load_double, store_double
 
 cdef Py_ssize_t MAX_KINDS_PER_LANE
 cdef Py_ssize_t _TAG_SIZE
@@ -19,13 +20,9 @@ cdef object _NO_CONTEXT
 cdef object _nonce
 cdef object _wall
 cdef object _join
+cdef object _binding
 
-# The clock and context-variable read as C (plans.py gives their interpreted stand-ins).
-cdef inline double _clock() noexcept:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
-
+# The context-variable read as C (plans.py gives its interpreted stand-in).
 cdef inline object _value_of(object var):
     return get_value(var)
 
@@ -37,18 +34,27 @@ cdef class Lane:
     cdef public bytes out_prefix
     cdef public bytes aad_prefix
     cdef public dict kinds
-    cdef public tuple last
+    cdef public Py_ssize_t bound
 
-cdef class EncryptPlan:
+# A plan's lane and last use, under the plan's lock.
+cdef class _Planned(Mutexed):
+    cdef Lane _lane
+    cdef long long _last_used
+    @cython.locals(lane=Lane)
+    cpdef Lane use(self, long long tick)
+    @cython.locals(tick="long long")
+    cpdef long long used(self) noexcept
+    @cython.locals(old=Lane)
+    cpdef Lane install(self, Lane lane)
+
+cdef class EncryptPlan(_Planned):
     cdef public object policy
     cdef public object context
     cdef public object request
     cdef public bytes header
-    cdef public Lane lane
-    cdef public long long last_used
     cpdef bytes seal(self, Lane lane, object aead, bytes plaintext)
 
-cdef class DecryptPlan:
+cdef class DecryptPlan(_Planned):
     cdef public object policy
     cdef public object context
     cdef public tuple required
@@ -58,8 +64,6 @@ cdef class DecryptPlan:
     cdef public bytes aad_prefix
     cdef public Py_ssize_t prefix_len
     cdef public Py_ssize_t body_start
-    cdef public Lane lane
-    cdef public long long last_used
     @cython.locals(start=Py_ssize_t)
     cpdef object open(self, object aead, bytes raw)
 
@@ -77,9 +81,9 @@ cdef class Plans:
     cdef object _served
     cdef double _synced_at
     cdef double _wall_offset
-    @cython.locals(plan=EncryptPlan, lane=Lane, t0=double, t1=double, last=tuple)
+    @cython.locals(plan=EncryptPlan, lane=Lane, t0=double, t1=double)
     cpdef object seal(self, object plaintext, object classification, object context)
-    @cython.locals(plan=DecryptPlan, lane=Lane, n=Py_ssize_t, t0=double, t1=double)
+    @cython.locals(plan=DecryptPlan, lane=Lane, n=Py_ssize_t, t0=double, t1=double, pairs=tuple, pair=tuple)
     cpdef object open(self, object raw, object context)
     cdef object _principal(self)
     @cython.locals(sink=HitSink, request="unsigned long long", served=object, caller_id=object)
@@ -87,3 +91,18 @@ cdef class Plans:
 
 @cython.locals(end=Py_ssize_t, pos=Py_ssize_t, count=Py_ssize_t, keys=Py_ssize_t, _i=Py_ssize_t)
 cdef Py_ssize_t _prefix_len(bytes raw) noexcept
+
+@cython.locals(i=Py_ssize_t)
+cdef bint _same_items(object given, tuple items) except -1
+
+# Plans' wall-clock offset and the time it was read: each read and stored whole, as hits on
+# every thread read them and one stores them (plans.py gives the stand-ins).
+cdef inline double _synced_at(Plans plans) noexcept:
+    return load_double(&plans._synced_at)
+
+cdef inline double _wall_offset(Plans plans) noexcept:
+    return load_double(&plans._wall_offset)
+
+cdef inline void _sync(Plans plans, double at, double offset) noexcept:
+    store_double(&plans._synced_at, at)
+    store_double(&plans._wall_offset, offset)

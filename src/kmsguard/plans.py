@@ -33,6 +33,9 @@ has taught it that operation's kind (kmsguard.operation.EventKind: principal,
 classification, keys, context), then reports each hit to every observer's HitSink
 (kmsguard.fastpath) with its start, duration, size and request number; an operation of a
 kind it does not know, or a strict one, takes the full route and is observed in full.
+A hit finds its kind with one dictionary lookup by principal (decrypt: then the caller's
+context compared pair by pair with the few seen), and reads the clock once before the
+claim (which uses that reading too) and once after.
 
 Compiled with Cython when the package is built (``plans.pxd``), like kmsguard.fastpath.
 """
@@ -43,6 +46,7 @@ import threading
 import time
 from collections.abc import Mapping
 from contextvars import ContextVar
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any
 
@@ -58,7 +62,19 @@ from kmsguard.errors import (
     KmsGuardError,
     UnknownClassification,
 )
-from kmsguard.fastpath import SEAL_INTO_FROM, Budget, HitSink, next_request, next_tick, sealed
+from kmsguard.fastpath import (
+    SEAL_INTO_FROM,
+    Budget,
+    HitSink,
+    Mutexed,
+    _plain_free,
+    _plain_hold,
+    _plain_lookup,
+    _plain_new_mutex,
+    next_request,
+    next_tick,
+    sealed,
+)
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.lru import LruIndex
 from kmsguard.policy import FIELD_CONTEXT_KEY, SELFTEST_CONTEXT_KEY, ClassPolicy, Policy
@@ -85,11 +101,24 @@ _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
 _nonce = nonces.nonce
 _wall = time.time
 _join = b"".join
-# Compiled, the clock (CLOCK_MONOTONIC, which perf_counter reads on Linux) and the read
-# of a context variable are C functions from plans.pxd; interpreted, these stand-ins.
-# Set through globals() because Cython would compile a def of the same name.
-globals()["_clock"] = time.perf_counter
-globals()["_value_of"] = ContextVar.get
+# Compiled, the clock (time.monotonic's: CLOCK_MONOTONIC on Linux), the read of a
+# context variable, the locks (kmsguard.fastpath.Mutexed), the dictionary lookup and the
+# whole-double reads and stores of Plans' clock offset are C functions from plans.pxd and
+# fastpath.pxd; interpreted, these stand-ins. Set through globals() because Cython would
+# compile a def of the same name.
+globals().update(
+    _clock=time.monotonic,
+    _value_of=ContextVar.get,
+    _hold=_plain_hold,
+    _free=_plain_free,
+    _new_mutex=_plain_new_mutex,
+    _lookup=_plain_lookup,
+    _synced_at=attrgetter("_synced_at"),
+    _wall_offset=attrgetter("_wall_offset"),
+    _sync=lambda plans, at, offset: plans.__dict__.update(_synced_at=at, _wall_offset=offset),
+)
+#: Serialises bind_kind (the full route's), so a lane's kinds stay within MAX_KINDS_PER_LANE.
+_binding = threading.Lock()
 
 
 class _ReservedKey(str):
@@ -180,11 +209,11 @@ def _required(plan: DecryptPlan, given: Mapping[str, str]) -> ContextRequired:
 class Lane:
     """A cached data key lent to one plan: its Budget, and for encrypt the prefixes naming it.
 
-    Never changed once made, except ``kinds`` (a dictionary that only grows, up to
-    MAX_KINDS_PER_LANE) and ``last`` (one tuple, replaced whole): a plan swaps its lane in
-    one store, so a reader sees one whole lane. ``kinds``: the EventKind per principal
-    (encrypt) or per (principal, caller's context items) (decrypt), for reporting hits;
-    ``last``: the last (principal, EventKind) an encrypt found.
+    Never changed once made, except ``kinds``, which only grows (up to MAX_KINDS_PER_LANE
+    EventKinds, under bind_kind's lock; a hit reads it with one dictionary lookup that
+    owns its result): for an encrypt lane, the EventKind per principal; for a decrypt
+    lane, per principal, the (caller's context items, EventKind) pairs seen, one tuple
+    replaced whole. A plan swaps its lane under its lock, so a reader sees one whole lane.
     """
 
     def __init__(
@@ -194,20 +223,61 @@ class Lane:
         self.key_refs = key_refs
         self.out_prefix = out_prefix
         self.aad_prefix = aad_prefix
-        self.kinds: dict[object, object] = {}
-        self.last: tuple[object, object] = (_ABSENT, None)
+        self.kinds: dict[object, Any] = {}
+        self.bound = 0
 
 
-class EncryptPlan:
+class _Planned(Mutexed):
+    """What both plans share: the lane, replaced by the full route while hits read it, and the
+    tick of the last use; both read and written under the plan's lock."""
+
+    def __init__(self) -> None:
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
+        self._lane: Lane | None = None
+        self._last_used = next_tick()
+
+    def use(self, tick: int) -> Lane | None:
+        """The lane (or None), recording a use at ``tick``: one step under the lock."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        lane = self._lane
+        self._last_used = tick
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        return lane
+
+    def used(self) -> int:
+        """The tick of the last use (what the plan table's LruIndex orders by)."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        tick = self._last_used
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        return tick
+
+    @property
+    def lane(self) -> Lane | None:
+        """The lane now (None before the cache lent this plan a key)."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        lane = self._lane
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        return lane
+
+    def install(self, lane: Lane) -> Lane:
+        """Make ``lane`` the one the next messages take (the one it replaces is let go)."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        old = self._lane  # dropped after the lock is let go
+        self._lane = lane
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        del old
+        return lane
+
+
+class EncryptPlan(_Planned):
     """Everything decided once for sealing under one classification and context."""
 
     def __init__(self, policy: ClassPolicy, context: Mapping[str, str], request: KeyRequest, header: bytes) -> None:
+        _Planned.__init__(self)
         self.policy = policy
         self.context = context
         self.request = request
         self.header = header
-        self.lane: Lane | None = None
-        self.last_used = next_tick()
 
     def seal(self, lane: Lane, aead: Any, plaintext: bytes) -> bytes:
         """``plaintext`` sealed with ``aead``, the key ``lane`` names (claimed from its Budget).
@@ -224,15 +294,16 @@ class EncryptPlan:
     def lend(self, budget: Budget, data_key: DataKey) -> Lane:
         """Keep ``data_key`` (whose reuse ``budget`` counts) for the next messages of this plan."""
         sealer = envelope.Sealer(data_key, header=self.header)
-        lane = Lane(budget, tuple(w.key_ref for w in data_key.wrapped), sealer.out_prefix, sealer.aad_prefix)
-        self.lane = lane
-        return lane
+        return self.install(
+            Lane(budget, tuple(w.key_ref for w in data_key.wrapped), sealer.out_prefix, sealer.aad_prefix)
+        )
 
 
-class DecryptPlan:
+class DecryptPlan(_Planned):
     """Everything decided once for opening envelopes that share one prefix (header through commitment)."""
 
     def __init__(self, policy: ClassPolicy, env: envelope.Envelope, request: KeyRequest) -> None:
+        _Planned.__init__(self)
         self.policy = policy
         self.context = env.context
         self.required = tuple(sorted(policy.required_context))
@@ -245,8 +316,6 @@ class DecryptPlan:
         self.prefix_len = env.body_offset - _NONCE_SIZE
         #: Where the body starts (after the nonce).
         self.body_start = env.body_offset
-        self.lane: Lane | None = None
-        self.last_used = next_tick()
 
     def open(self, aead: Any, raw: bytes) -> bytes:
         """The body of ``raw`` opened with ``aead``, the key this plan's commitment names."""
@@ -267,29 +336,55 @@ class DecryptPlan:
 
     def lend(self, budget: Budget) -> Lane:
         """Keep the key (whose reuse ``budget`` counts) that just opened an envelope of this plan."""
-        lane = Lane(budget, tuple(w.key_ref for w in self.wrapped))
-        self.lane = lane
-        return lane
+        return self.install(Lane(budget, tuple(w.key_ref for w in self.wrapped)))
 
 
-def bind_kind(lane: Lane, key: object, kind: object) -> None:
-    """Remember ``kind`` for later hits on ``lane`` (a bounded number per lane)."""
-    if len(lane.kinds) < MAX_KINDS_PER_LANE:
-        lane.kinds[key] = kind
-        lane.last = (_ABSENT, None)
+def bind_kind(lane: Lane, principal: object, kind: object, items: tuple[Any, ...] | None = None) -> None:
+    """Remember ``kind`` for later hits on ``lane`` by ``principal`` (a bounded number per lane):
+    on a decrypt lane (``items`` given), for the caller's context ``items`` only.
+
+    A kind bound again replaces the one before. Each store into ``kinds`` is one dictionary
+    store of a finished value, so a hit on another thread finds the old value or the new.
+    """
+    with _binding:
+        if lane.bound >= MAX_KINDS_PER_LANE:
+            return
+        if items is None:
+            if principal not in lane.kinds:
+                lane.bound += 1
+            lane.kinds[principal] = kind
+            return
+        pairs = lane.kinds.get(principal, ())
+        kept = tuple(pair for pair in pairs if pair[0] != items)
+        if len(kept) == len(pairs):
+            lane.bound += 1
+        lane.kinds[principal] = (*kept, (items, kind))
+
+
+def _same_items(given: Any, items: Any) -> bool:
+    """Whether ``tuple(given.items()) == items``, without building the tuple (``given`` a mapping)."""
+    if len(given) != len(items):
+        return False
+    for i, (key, value) in enumerate(given.items()):
+        pair = items[i]
+        if pair[0] != key or pair[1] != value:
+            return False
+    return True
 
 
 def _last_used(plan: Any) -> int:
-    return plan.last_used  # type: ignore[no-any-return]
+    return plan.used()  # type: ignore[no-any-return]
 
 
 class Plans:
     """One Guard's plans: encrypt plans by (classification, context items), decrypt plans by prefix.
 
-    Lookups read dictionaries without a lock; adding a plan (and giving up the least
-    recently used) takes ``_lock``. With ``observed`` set (Guard has observers), a lane
-    serves only operations of a kind it has an EventKind for -- per principal: the
-    ``acting`` context variable's, else ``principal`` -- and reports each to ``sinks``
+    Lookups read dictionaries without a lock (compiled, with a lookup that owns its result,
+    kmsguard/locks.pxd); adding a plan (and giving up the least recently used) takes
+    ``_lock``; a plan's lane and last use are read and changed under the plan's own lock.
+    With ``observed`` set (Guard has observers), a lane serves only operations of a kind it
+    has an EventKind for -- per principal: the ``acting`` context variable's, else
+    ``principal`` -- and reports each to ``sinks``
     (one per observer that records hits, see kmsguard.operation.hit_sink) under the
     request the ``served`` context variable names (see _record).
     """
@@ -328,7 +423,7 @@ class Plans:
         except (AttributeError, TypeError):  # not a mapping, or unhashable values: check_context says which
             key, plan = None, None
         if plan is not None:
-            plan.last_used = next_tick()
+            plan.use(next_tick())
             return plan
         cls = self._policy.get(classification)
         snapshot = dict(check_context(context))
@@ -346,7 +441,7 @@ class Plans:
         if n > 0:
             plan = self._decrypt.get(raw[:n])
             if plan is not None:
-                plan.last_used = next_tick()
+                plan.use(next_tick())
                 return plan
         env = envelope.parse(raw)
         try:
@@ -365,29 +460,23 @@ class Plans:
         if type(plaintext) is not bytes or len(plaintext) > _MAX_PLAINTEXT:
             return None
         try:
-            plan = self._encrypt.get((classification, tuple(context.items()) if context else ()))
+            found = _lookup(self._encrypt, (classification, tuple(context.items()) if context else ()))  # type: ignore[name-defined]  # noqa: F821
         except (AttributeError, TypeError):
             return None
-        if plan is None:
+        if found is None:
             return None
-        lane = plan.lane
+        plan: EncryptPlan = found
+        lane = plan.use(next_tick())
         if lane is None:
             return None
-        plan.last_used = next_tick()
         if not self.observed:
             aead = lane.budget.claim(len(plaintext))
             return None if aead is None else plan.seal(lane, aead, plaintext)
-        principal = self._principal()
-        last = lane.last
-        if last[0] is principal:
-            kind = last[1]
-        else:
-            kind = lane.kinds.get(principal)
-            if kind is None:
-                return None
-            lane.last = (principal, kind)
+        kind = _lookup(lane.kinds, self._principal())  # type: ignore[name-defined]  # noqa: F821
+        if kind is None:
+            return None
         t0 = _clock()  # type: ignore[name-defined]  # noqa: F821
-        aead = lane.budget.claim(len(plaintext))
+        aead = lane.budget.claim_at(len(plaintext), t0)  # one clock reading for the claim and the timing
         if aead is None:
             return None
         out = plan.seal(lane, aead, plaintext)
@@ -406,26 +495,36 @@ class Plans:
         n = _prefix_len(raw)
         if n < 0:
             return None
-        plan = self._decrypt.get(raw[:n])
-        if plan is None:
+        found = _lookup(self._decrypt, raw[:n])  # type: ignore[name-defined]  # noqa: F821
+        if found is None:
             return None
-        lane = plan.lane
-        if lane is None:
-            return None
+        plan: DecryptPlan = found
+        given = _NO_CONTEXT if context is None else context
         try:
-            if context_error(plan, _NO_CONTEXT if context is None else context) is not None:
+            if context_error(plan, given) is not None:
                 return None
         except (AttributeError, TypeError):
             return None
-        plan.last_used = next_tick()
+        lane = plan.use(next_tick())
+        if lane is None:
+            return None
         if not self.observed:
             aead = lane.budget.claim(0)
             return None if aead is None else plan.open(aead, raw)
-        kind = lane.kinds.get((self._principal(), tuple(context.items()) if context else ()))
+        # The kind by principal, then by the caller's context items, compared pair by pair
+        # with each seen (usually one): no key is built per hit.
+        pairs = _lookup(lane.kinds, self._principal())  # type: ignore[name-defined]  # noqa: F821
+        if pairs is None:
+            return None
+        kind = None
+        for pair in pairs:
+            if _same_items(given, pair[0]):
+                kind = pair[1]
+                break
         if kind is None:
             return None
         t0 = _clock()  # type: ignore[name-defined]  # noqa: F821
-        aead = lane.budget.claim(0)
+        aead = lane.budget.claim_at(0, t0)
         if aead is None:
             return None
         out = plan.open(aead, raw)
@@ -449,12 +548,11 @@ class Plans:
         is the last reading plus the monotonic time since, off by the clocks' drift
         over at most a second, which an audit timestamp can afford.
         """
-        if t0 - self._synced_at > 1.0:
-            self._synced_at = t0
+        if t0 - _synced_at(self) > 1.0:  # type: ignore[name-defined]  # noqa: F821
             # Both clocks read now: against t0, the offset would carry this hit's duration
             # (and any time the thread was descheduled) into every start for a second.
-            self._wall_offset = _wall() - _clock()  # type: ignore[name-defined]  # noqa: F821
-        started = t0 + self._wall_offset
+            _sync(self, t0, _wall() - _clock())  # type: ignore[name-defined]  # noqa: F821
+        started = t0 + _wall_offset(self)  # type: ignore[name-defined]  # noqa: F821
         served = _value_of(self._served) if self._served is not None else None  # type: ignore[name-defined]  # noqa: F821
         caller_id = None
         if served is None:

@@ -1,7 +1,7 @@
 # C types for frames.py when Cython compiles it (see that module's docstring and
 # kmsguard/fastpath.pxd): Frames.hit becomes C stores into the memory map.
 import cython
-from kmsguard.fastpath cimport HitSink, Mutexed, _free, _hold, _new_mutex
+from kmsguard.fastpath cimport HitSink, Mutexed, _free, _hold, _lookup, _new_mutex
 from libc.string cimport memcpy
 
 cdef extern from *:
@@ -73,10 +73,18 @@ cdef class Frames(Mutexed):
                         unsigned long long size, unsigned long long request) except? -1
 
 cdef class HitWriter(HitSink):
-    cdef public Frames frames
-    cdef public dict templates
-    cdef public object slow
-    cdef public tuple last
-    @cython.locals(at="unsigned long long", took="unsigned long long", last=tuple, template="unsigned long long")
+    cdef readonly Frames frames
+    cdef readonly dict templates
+    cdef readonly object slow
+    cdef readonly tuple last
+    @cython.locals(old=tuple)
+    cpdef void retarget(self, Frames frames, dict templates, object slow) except *
+    @cython.locals(at="unsigned long long", took="unsigned long long", last=tuple, template="unsigned long long",
+                   frames=Frames, templates=dict)
     cpdef void record(self, object kind, double started, double duration, Py_ssize_t size,
                       unsigned long long request, object caller_id) except *
+    @cython.locals(old=tuple)
+    cdef void _remember(self, tuple last) except *
+    @cython.locals(slow=object)
+    cdef void _slow(self, object key, unsigned long long at, unsigned long long took, Py_ssize_t size,
+                    unsigned long long request) except *

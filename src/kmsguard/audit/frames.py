@@ -33,12 +33,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from kmsguard.errors import AuditUnavailable
-from kmsguard.fastpath import HitSink, Mutexed, _plain_free, _plain_hold, _plain_new_mutex
+from kmsguard.fastpath import HitSink, Mutexed, _plain_free, _plain_hold, _plain_lookup, _plain_new_mutex
 
 #: True when this module runs compiled.
 COMPILED = not __file__.endswith(".py")
 # Compiled, C functions from kmsguard/fastpath.pxd; interpreted, these stand-ins.
-globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex)
+globals().update(_hold=_plain_hold, _free=_plain_free, _new_mutex=_plain_new_mutex, _lookup=_plain_lookup)
 HIT_FLAG = 0x80000000
 HIT_PAYLOAD = 48
 HIT_FRAME = 8 + HIT_PAYLOAD
@@ -272,9 +272,10 @@ class HitWriter(HitSink):
     number, or, for a caller's own id, number 0 and that id, recorded as a
     :class:`CallerKind` of the kind.
 
-    ``last`` is the last (kind, caller's id or None, template id) found, read and replaced
-    as one tuple (so atomically, threads or not): a loop of one kind skips the dictionary.
-    The slow path may give a kind another id, so it forgets it.
+    ``last`` is the last (kind, caller's id or None, template id) found: a loop of one kind
+    skips the dictionary. The slow path may give a kind another id, so it forgets it.
+    ``last`` and the three targets (which :meth:`retarget` replaces in a forked child) are
+    read and replaced under the writer's lock, as every thread's hits read them.
     """
 
     def __init__(
@@ -283,25 +284,55 @@ class HitWriter(HitSink):
         templates: dict[object, int],
         slow: Callable[[object, int, int, int, int], None],
     ) -> None:
+        _new_mutex(self)  # type: ignore[name-defined]  # noqa: F821
         self.frames = frames
         self.templates = templates
         self.slow = slow
         self.last: tuple[Any, Any, int] = _NO_KIND
 
+    def retarget(
+        self, frames: Frames, templates: dict[object, int], slow: Callable[[object, int, int, int, int], None]
+    ) -> None:
+        """Write hits from now on through ``frames``, ``templates`` and ``slow`` (another spool's)."""
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        old = (self.frames, self.templates, self.slow, self.last)  # dropped after the lock is let go
+        self.frames, self.templates, self.slow, self.last = frames, templates, slow, _NO_KIND
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        del old
+
     def record(self, kind: Any, started: float, duration: float, size: int, request: int, caller_id: Any) -> None:
         at = int(started * 1e6)
         took = int(duration * 1e9)
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
         last = self.last
+        frames = self.frames
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
         if last[0] is kind and last[1] is caller_id:
             template = last[2]
         else:
             key = kind if caller_id is None else CallerKind(kind, caller_id)
-            found = self.templates.get(key)
+            _hold(self)  # type: ignore[name-defined]  # noqa: F821
+            templates = self.templates
+            _free(self)  # type: ignore[name-defined]  # noqa: F821
+            found = _lookup(templates, key)  # type: ignore[name-defined]  # noqa: F821
             if found is None:
-                self.slow(key, at, took, size, request)
+                self._slow(key, at, took, size, request)
                 return
             template = found
-            self.last = (kind, caller_id, template)
-        if self.frames.hit(template, at, took, size, request) == _NOT_WRITTEN:
-            self.last = _NO_KIND
-            self.slow(kind if caller_id is None else CallerKind(kind, caller_id), at, took, size, request)
+            self._remember((kind, caller_id, template))
+        if frames.hit(template, at, took, size, request) == _NOT_WRITTEN:
+            self._remember(_NO_KIND)
+            self._slow(kind if caller_id is None else CallerKind(kind, caller_id), at, took, size, request)
+
+    def _remember(self, last: tuple[Any, Any, int]) -> None:
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        old = self.last  # dropped after the lock is let go
+        self.last = last
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        del old
+
+    def _slow(self, key: object, at: int, took: int, size: int, request: int) -> None:
+        _hold(self)  # type: ignore[name-defined]  # noqa: F821
+        slow = self.slow
+        _free(self)  # type: ignore[name-defined]  # noqa: F821
+        slow(key, at, took, size, request)

@@ -437,9 +437,7 @@ class AuditObserver:
             if successor is None or successor.closed:
                 assert self.rebuild is not None
                 successor = self._next = self.rebuild()
-                hits = self._hits
-                hits.frames, hits.templates = successor._spool.frames, successor._templates
-                hits.slow, hits.last = successor._hit_slow, (object(), None, 0)
+                self._hits.retarget(successor._spool.frames, successor._templates, successor._hit_slow)
             return successor
 
     def _forked(self) -> None:

@@ -75,7 +75,7 @@ class _Entry:
 
 
 def _last_used(entry: _Entry) -> int:
-    return entry.budget.last_used
+    return entry.budget.used()
 
 
 class _Flight:
