@@ -25,6 +25,7 @@ import pytest
 from kmsguard import Guard, KmsGuardError, envelope
 from kmsguard.aws import AwsSettings, ClientFactory
 from kmsguard.config import load_settings
+from kmsguard.keyrings import region_health
 from kmsguard.keyrings.aws_kms import AwsKmsKeyring
 from kmsguard.keyrings.base import KeyRequest
 from kmsguard.keyrings.multi_region import MultiRegionKeyring, MultiRegionOptions
@@ -278,8 +279,12 @@ def test_throttling_in_both_regions_fails_nothing_and_starts_no_hedge_storm(
 
 @pytest.mark.parametrize("west_throttling", [True, False])
 def test_a_throttled_try_is_not_hedged_into_a_throttling_region(
-    regions: list[KmsRegion], west_throttling: bool
+    regions: list[KmsRegion], west_throttling: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The west's throttling must still count when the east throttles: on a loaded machine
+    # the steps between them can outlast THROTTLE_MEMORY (tests/test_region_health.py
+    # tests the memory itself).
+    monkeypatch.setattr(region_health, "THROTTLE_MEMORY", 60.0)
     east, west = regions
     key = create_multi_region_key(east, [west])
     factory = factory_for(regions, max_attempts=4)

@@ -2,11 +2,15 @@
 
 Real processes against moto behind the fault proxy. Exit timings are measured from a
 time stamp the process prints once its work is done (CLOCK_MONOTONIC is system-wide), so
-the bounds cover the exit alone, not the interpreter's start on a loaded machine.
+the bounds cover the exit alone, not the interpreter's start on a loaded machine. The
+processes timed run ahead of the machine's other work where the test may raise their
+priority (``favour``): under ``make test`` four suites share two cores, and the bounds are
+about what kmsguard waits for, not about how long the scheduler keeps it from running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -44,6 +48,27 @@ def records_of(home: Path) -> list:  # type: ignore[type-arg]
         return list(sink.records())
     finally:
         sink.close()
+
+
+def favour(proc: subprocess.Popen[bytes]) -> None:
+    """Raise the priority of a process just started (and of the threads and processes it starts).
+
+    Needs the privilege to lower a niceness (root, as CI runs); without it the process
+    keeps the default priority and the bounds may be missed on a heavily loaded machine.
+    """
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, proc.pid, -15)
+
+
+def run_favoured(
+    argv: list[str], stdin: bytes, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """``subprocess.run`` of a process that runs ahead of the machine's other work (``favour``)."""
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=env, cwd=cwd) as proc:
+        favour(proc)
+        out, err = proc.communicate(stdin, timeout=300)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def kmsguard(*args: str, config: Path, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
@@ -94,6 +119,7 @@ def test_exit_is_prompt_with_kms_down_and_the_next_process_delivers(
         stderr=subprocess.PIPE,
         env={**os.environ, "KMSGUARD_CONFIG": str(config)},
     )
+    favour(proc)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     assert proc.stdout.readline() == b"ready\n"
     kms_region.proxy.outage(outage)  # type: ignore[arg-type]
@@ -148,12 +174,10 @@ def test_the_cli_exits_within_the_operations_deadline_with_one_line(
     config = write_config(tmp_path / "kmsguard.toml")
     kms_region.proxy.outage(outage)  # type: ignore[arg-type]
     stamp = tmp_path / "started"
-    proc = subprocess.run(
+    proc = run_favoured(
         [sys.executable, "-c", CLI_WRAPPER, str(stamp), "encrypt", "--class", "pii", "-c", "user=7"],
-        input=b"x",
-        capture_output=True,
+        b"x",
         env={**os.environ, "KMSGUARD_CONFIG": str(config)},
-        timeout=120,
     )
     took = time.monotonic() - float(stamp.read_text())
     (line,) = proc.stderr.decode().splitlines()
@@ -221,12 +245,8 @@ def test_a_users_pytest_run_without_with_exits_at_once(tmp_path: Path) -> None:
     (project / "conftest.py").write_text(textwrap.dedent(USER_CONFTEST))
     (project / "pytest.ini").write_text("[pytest]\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KMSGUARD_", "AWS_"))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"],
-        cwd=project,
-        capture_output=True,
-        env=env,
-        timeout=300,
+    proc = run_favoured(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"], b"", cwd=project, env=env
     )
     exit_took = time.monotonic() - float((project / "finished").read_text())
     out = proc.stdout.decode() + proc.stderr.decode()
