@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 from kmsguard import envelope
+from kmsguard.cli import main
 
 BINARY = bytes(range(256)) * 3 + b"\r\n\x00\x1a end"
 
@@ -194,6 +196,24 @@ def test_console_script_and_version(cli: Cli) -> None:
     proc = subprocess.run([str(script), "--version"], capture_output=True, env=cli.env, timeout=60)
     assert proc.returncode == 0 and b"kmsguard, version" in proc.stdout
     assert b"encrypt" in cli("--help").stdout
+
+
+def test_every_command_loads_under_its_name_and_only_its_module_is_imported() -> None:
+    """The group loads commands on demand (kmsguard.cli.main.COMMANDS): each name gives the
+    command of that name, and running one imports neither the service nor the scanners."""
+    ctx = click.Context(main.cli)
+    for name in main.cli.list_commands(ctx):
+        command = main.cli.get_command(ctx, name)
+        assert command is not None and command.name == name
+    assert main.cli.get_command(ctx, "nope") is None
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import json, sys\nfrom kmsguard.cli.main import main\n"
+         "try:\n    main(['encrypt', '--help'])\nexcept SystemExit:\n    print(json.dumps(sorted(sys.modules)))"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    modules = set(json.loads(loaded.splitlines()[-1]))
+    assert "kmsguard.cli.data" in modules
+    assert not {"kmsguard.cli.server", "kmsguard.cli.scan", "kmsguard.detect", "fastapi"} & modules
 
 
 def test_init_problems_are_one_line_errors(tmp_path: Path) -> None:

@@ -8,10 +8,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from kmsguard.cli.main import _register, cli
+from kmsguard.cli.main import cli
 from kmsguard.keyrings.local import LocalKeyring
-
-_register()
 
 
 def run(args: list[str], lines: list[str]) -> tuple[int, list[dict[str, object]], str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from kmsguard import Guard, metrics
-from kmsguard.cli.main import _register, cli
+from kmsguard.cli.main import cli
 from kmsguard.keyrings.local import LocalKeyring
 
 _GAUGE = re.compile(rb"^kmsguard_audit_spool_bytes (\S+)$", re.MULTILINE)
@@ -37,7 +37,6 @@ def test_the_cli_reports_the_spool_as_the_running_writer_does(keyring: LocalKeyr
             assert time.monotonic() < deadline, "the writer never reported its spool"
             time.sleep(0.05)
 
-        _register()
         result = CliRunner(env={"KMSGUARD_AUDIT_SINK": "none"}).invoke(cli, ["metrics"])
         assert result.exit_code == 0, result.output
         from_disk = spool_gauge(result.output.encode())

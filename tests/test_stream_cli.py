@@ -15,13 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from kmsguard import segments
-from kmsguard.cli.main import _register
 from kmsguard.cli.main import cli as cli_group
 
 MIB = 1 << 20
 
-
-_register()
 
 
 class Cli:

@@ -8,6 +8,8 @@ Hold one :class:`Guard`; it encrypts under AWS KMS or the embedded local keyring
     guard.decrypt_text(token, {"purpose": "refund"})
 """
 
+from typing import TYPE_CHECKING
+
 from kmsguard import pure
 
 if pure.requested():  # before anything imports the compiled modules (see kmsguard.pure)
@@ -37,7 +39,9 @@ from kmsguard.errors import (
     Unauthenticated,
     UnknownClassification,
 )
-from kmsguard.guard import EnvelopeInfo, Guard
+
+if TYPE_CHECKING:
+    from kmsguard.guard import EnvelopeInfo, Guard
 
 __version__ = "0.1.0"
 
@@ -68,3 +72,13 @@ __all__ = [
     "UnknownClassification",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``Guard`` and ``EnvelopeInfo``, imported on first use: a process that needs no Guard (the
+    audit deliverer, ``kmsguard audit verify``) does not load the encryption stack."""
+    if name in ("Guard", "EnvelopeInfo"):
+        from kmsguard import guard
+
+        return getattr(guard, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

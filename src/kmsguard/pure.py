@@ -11,7 +11,6 @@ session). Behaviour is the same either way; only speed differs. Each module's
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
 import os
 import sys
@@ -29,8 +28,10 @@ def requested(env: dict[str, str] | None = None) -> bool:
     return (os.environ if env is None else env).get("KMSGUARD_PURE", "") == "1"
 
 
-class SourceFinder(importlib.abc.MetaPathFinder):
-    """Finds each of :data:`MODULES` as its ``.py`` source in its package's directory."""
+class SourceFinder:
+    """Finds each of :data:`MODULES` as its ``.py`` source in its package's directory (a
+    ``sys.meta_path`` finder; importing ``importlib.abc`` for its base class would cost
+    every process that imports kmsguard)."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None

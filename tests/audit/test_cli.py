@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from kmsguard import Guard
-from kmsguard.cli.main import _register, cli
+from kmsguard.cli.main import cli
 from kmsguard.errors import ContextMismatch
 from kmsguard.keyrings.local import LocalKeyring
 
@@ -26,7 +26,6 @@ def audited(keyring: LocalKeyring, home: Path) -> Path:
             guard.decrypt(sealed, {"purpose": "chargeback"})
     with Guard.from_env({"KMSGUARD_HOME": str(home), "KMSGUARD_PRINCIPAL": "bob"}) as guard:
         guard.decrypt(sealed, {"purpose": "refund"})
-    _register()
     return home
 
 
@@ -112,7 +111,6 @@ def test_metrics_command_counts_what_the_audit_trail_holds(audited: Path) -> Non
 
 def test_none_sink_has_nothing_to_read(keyring: LocalKeyring, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KMSGUARD_AUDIT_SINK", "none")
-    _register()
     code, out = run("audit", "tail")
     assert code == 1 and "CONFIGURATION_ERROR" in out
 

@@ -11,7 +11,7 @@ import boto3
 import pytest
 from click.testing import CliRunner, Result
 
-from kmsguard.cli.main import _register, cli
+from kmsguard.cli.main import cli
 from kmsguard.metrics import CloudWatchExport
 from kmsguard.monitoring import cloudwatch as cw
 from kmsguard.monitoring import prometheus
@@ -52,7 +52,6 @@ def client(kms_server: MotoServer, home: Path) -> Any:
 
 
 def _run(*args: str) -> Result:
-    _register()
     result = CliRunner().invoke(cli, ["monitoring", "cloudwatch", "apply", "--dashboard", "kg-test", *args])
     assert result.exit_code == 0, result.output
     return result
@@ -130,7 +129,6 @@ def test_a_changed_threshold_updates_the_alarms_only(client: Any) -> None:
 
 
 def test_dry_run_prints_the_requests_and_sends_nothing(client: Any, home: Path) -> None:
-    _register()
     result = CliRunner().invoke(cli, ["monitoring", "cloudwatch", "apply", "--dry-run", "--dashboard", "kg-dry"])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
@@ -212,7 +210,6 @@ def test_every_metric_and_dimension_used_is_one_kmsguard_publishes(client: Any, 
 def test_cloudwatch_unreachable_or_unconfigured_is_one_error_line(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _register()
     closed = f"http://127.0.0.1:{free_port()}"
     (home / "kmsguard.toml").write_text(f'[metrics]\nregion = "us-east-1"\nendpoint_url = "{closed}"\n')
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from kmsguard.cli.main import _register, cli
+from kmsguard.cli.main import cli
 from kmsguard.monitoring import grafana
 
 from .exported import exported, fed_registry
@@ -14,7 +14,6 @@ from .promql import grafana_to_promql, missing, references
 
 
 def _dashboard() -> dict:
-    _register()
     result = CliRunner().invoke(cli, ["monitoring", "grafana-dashboard", "--title", "Payments kmsguard"])
     assert result.exit_code == 0, result.output
     return json.loads(result.output)

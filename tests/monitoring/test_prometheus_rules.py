@@ -12,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from kmsguard.cli.main import _register, cli
+from kmsguard.cli.main import cli
 from kmsguard.monitoring import prometheus
 from kmsguard.monitoring.thresholds import Thresholds
 
@@ -214,7 +214,6 @@ def test_the_harness_sees_a_wrong_expectation(promtool: str, tmp_path: Path) -> 
 @pytest.mark.parametrize("flag, value, expr", [("--error-ratio", "0.2", "kmsguard:operation_errors:ratio_rate5m > 0.2"),
                                                ("--audit-lag", "300", "kmsguard_audit_delivery_lag_seconds > 300")])
 def test_thresholds_come_from_flags(flag: str, value: str, expr: str) -> None:
-    _register()
     result = CliRunner().invoke(cli, ["monitoring", "prometheus-rules", flag, value])
     assert result.exit_code == 0, result.output
     exprs = [r["expr"] for g in yaml.safe_load(result.output)["groups"] for r in g["rules"]]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kmsguard.cli.main import _register, cli
+from kmsguard.cli.main import cli
 from kmsguard.keyrings.local import KEY_FILE_NAME
 from kmsguard.selftest import crypto, smoke
 from kmsguard.server.apikeys import FileKeyStore, create_key
@@ -51,7 +51,6 @@ def key_material(home: Path) -> list[bytes]:
 
 
 def invoke(*args: str) -> str:
-    _register()
     result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
     return result.output
 

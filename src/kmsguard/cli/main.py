@@ -11,6 +11,7 @@ spool) goes through ``logging``, shown from the level ``-v``/``--verbose`` or
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -21,9 +22,40 @@ import click
 from kmsguard import __version__
 from kmsguard.errors import KmsGuardError
 
+#: Each command's name, and the module (under kmsguard.cli) and attribute that define it.
+#: A module is imported when its command runs or help lists it, so a command loads only
+#: what it uses (``encrypt`` neither the service nor the scanners).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "init": ("setup", "init"),
+    **{name: ("data", name) for name in ("encrypt", "decrypt", "inspect", "cat")},
+    "keys": ("keys", "keys"),
+    **{name: ("rotation", name) for name in ("census", "rewrap", "migrate")},
+    "audit": ("audit", "audit"),
+    "metrics": ("audit", "metrics"),
+    "serve": ("server", "serve"),
+    "apikey": ("server", "apikey"),
+    "monitoring": ("monitoring", "monitoring"),
+    **{name: ("fields", name) for name in ("protect", "unprotect", "mask")},
+    "scan": ("scan", "scan"),
+    "selftest": ("selftest", "selftest"),
+    "smoke": ("selftest", "smoke"),
+}
+
 
 class _Group(click.Group):
-    """Turns every KmsGuardError into one line on stderr and exit status 1."""
+    """Loads each command when it is asked for (COMMANDS); turns every KmsGuardError into
+    one line on stderr and exit status 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(f"kmsguard.cli.{module}"), attribute)
+        assert isinstance(command, click.Command)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -80,29 +112,7 @@ _STDERR = _Stderr()
 _STDERR.setFormatter(logging.Formatter("kmsguard: %(levelname)s: %(message)s"))
 
 
-def _register() -> None:
-    from kmsguard.cli import audit, data, keys, monitoring, rotation, scan, selftest, server, setup
-    from kmsguard.cli import fields as field_commands
-
-    cli.add_command(setup.init)
-    for command in (data.encrypt, data.decrypt, data.inspect, data.cat):
-        cli.add_command(command)
-    cli.add_command(keys.keys)
-    for command in (rotation.census, rotation.rewrap, rotation.migrate):
-        cli.add_command(command)
-    cli.add_command(audit.audit)
-    cli.add_command(audit.metrics)
-    cli.add_command(server.serve)
-    cli.add_command(server.apikey)
-    cli.add_command(monitoring.monitoring)
-    for command in (field_commands.protect, field_commands.unprotect, field_commands.mask, scan.scan):
-        cli.add_command(command)
-    cli.add_command(selftest.selftest)
-    cli.add_command(selftest.smoke)
-
-
 def main(argv: list[str] | None = None) -> None:
-    _register()
     cli.main(args=argv, prog_name="kmsguard", standalone_mode=True)
 
 
