@@ -18,22 +18,6 @@ from kmsguard import Guard
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Once collected, freeze what the run holds so far (imported libraries, test modules, items).
-
-    The collector then leaves those objects out of every pass: none of them is a test's
-    garbage, and a full pass over them after each test (below) was the most expensive
-    part of many short tests (about 0.1 s of CPU each, four sessions at a time in `make test`).
-    """
-    gc.collect()
-    gc.freeze()
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Hand the frozen objects back to the collector."""
-    gc.unfreeze()
-
-
 @pytest.fixture(autouse=True)
 def _collect_garbage() -> Iterator[None]:
     """After each test, once its other fixtures are closed, collect garbage.
@@ -41,10 +25,34 @@ def _collect_garbage() -> Iterator[None]:
     Whatever the test left open (a file, a socket, a SQLite connection, a child process
     never waited for) warns now, in its finalizer, and pyproject's filterwarnings make that
     this test's error, rather than that of whichever later test the collector runs in.
-    Everything allocated since collection is looked at (see pytest_collection_finish).
+
+    What survives the pass is then frozen (``gc.freeze``), so the next test's pass looks
+    only at what was allocated since. Unfrozen, the libraries the tests import as they go
+    (botocore's service models, FastAPI, moto's clients) were looked at again after every
+    later test: a full pass cost most short tests more CPU than their own work, four
+    sessions at a time in ``make test``.
     """
     yield
     gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _collect_module_garbage() -> Iterator[None]:
+    """After each module, once its module-scoped fixtures are closed, one full pass.
+
+    What a module's fixtures held was frozen while its tests ran; whatever of it is now
+    garbage is collected here, and what it left open warns here.
+    """
+    yield
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Hand the frozen objects back to the collector."""
+    gc.unfreeze()
 
 
 @pytest.fixture
