@@ -30,9 +30,9 @@ from kmsguard.testing import KmsRegion
 DEADLINE = 1.0
 #: What interpreter exit may take (issue 22: exit within 1.5 s, whatever KMS does).
 EXIT_BOUND = 1.5
-#: The deadline of the processes that are not timed (the next process, which delivers what
-#: was left; the scenarios counted by their records): on a loaded machine moto may take
-#: longer than DEADLINE to answer them.
+#: The deadline of the processes that are not timed and start after the scenario (the next
+#: process, which delivers what was left; verify): on a loaded machine moto may take longer
+#: than DEADLINE to answer them.
 PATIENT = 30.0
 
 
@@ -195,7 +195,7 @@ def test_every_operation_of_a_parent_and_four_forked_children_is_recorded_on_aws
 ) -> None:
     from audit.test_lifecycle import SCENARIO_FORK, fork_counts
 
-    os.environ["KMSGUARD_CONFIG"] = str(write_config(tmp_path / "kmsguard.toml", "close_timeout = 120", PATIENT))
+    os.environ["KMSGUARD_CONFIG"] = str(write_config(tmp_path / "kmsguard.toml", "close_timeout = 120"))
     try:
         fresh_python(SCENARIO_FORK)
     finally:
@@ -292,7 +292,7 @@ print(*peak)
 def test_thirty_dropped_aws_guards_leave_one_deliverer_and_no_threads_behind(
     kmsguard_aws_env: dict[str, str], tmp_path: Path, fresh_python: Callable[[str], str]
 ) -> None:
-    os.environ["KMSGUARD_CONFIG"] = str(write_config(tmp_path / "kmsguard.toml", "close_timeout = 120", PATIENT))
+    os.environ["KMSGUARD_CONFIG"] = str(write_config(tmp_path / "kmsguard.toml", "close_timeout = 120"))
     try:
         peaks = fresh_python(DROPPED)
         processes, threads, fds = map(int, peaks.split())
