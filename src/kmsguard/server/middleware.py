@@ -59,7 +59,9 @@ class BodyLimitMiddleware:
 
     A Content-Length over the limit is refused before any byte is read. A chunked body is
     counted as it arrives; once over, the application is told the client went away and
-    its answer is replaced by the 413.
+    its answer is replaced by the 413, whatever it did with that news: a route that reads
+    the body itself (the batches, ``request.body()``) raises Starlette's ClientDisconnect,
+    which is not a failure of the service but this cut, so it too answers the 413.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -106,7 +108,11 @@ class BodyLimitMiddleware:
                 started = True
             await send(message)
 
-        await self.app(scope, counting_receive, guarded_send)
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not over:
+                raise
         if over and not started:
             await send_error(send, RequestTooLarge(f"the body is over {self.max_bytes} bytes"))
 
