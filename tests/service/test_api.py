@@ -6,6 +6,7 @@ import base64
 import collections
 import json
 import re
+import socket
 import time
 
 import httpx
@@ -130,6 +131,39 @@ def test_body_over_the_limit_is_413_with_or_without_content_length(local_service
         _error(c.post(path, content=chunks(), headers=headers), 413, "REQUEST_TOO_LARGE")
         assert c.get("/healthz").status_code == 200  # the connection pool and the server are fine
     assert "ClientDisconnect" not in local_service.process.log()
+
+
+def test_a_huge_declared_body_is_refused_without_waiting_for_it(local_service: Service) -> None:
+    """100 MiB declared, 4 KiB sent, the connection left open: the 413 comes at once (a server
+    that read the body first would wait here for the other 100 MiB until the socket timed out)."""
+    url = httpx.URL(local_service.url)
+    head = (
+        f"POST /v1/encrypt HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+        f"Authorization: Bearer {local_service.tokens['app']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {100 << 20}\r\n\r\n"
+    ).encode("ascii")
+    with socket.create_connection((url.host, url.port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(head + b'{"classification": "general", "plaintext": "' + b"a" * 4096)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _content_length(answer):
+            chunk = sock.recv(65536)  # a timeout here (5 s) fails the test
+            assert chunk, f"the connection closed before the answer was whole: {answer!r}"
+            answer += chunk
+        elapsed = time.monotonic() - started
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 413 "), status_line
+    body = json.loads(rest.partition(b"\r\n\r\n")[2])
+    assert body["error"]["code"] == "REQUEST_TOO_LARGE" and body["error"]["retryable"] is False
+    assert elapsed < 2, f"the 413 took {elapsed:.1f} s"
+
+
+def _content_length(answer: bytes) -> int:
+    for line in answer.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 1 << 30  # not yet known: read on
 
 
 def test_batches_answer_in_order_with_item_errors(service: Service) -> None:
