@@ -18,6 +18,7 @@ if pure.requested():  # before anything imports the compiled modules (see kmsgua
 from kmsguard.errors import (
     AccessDenied,
     AllRegionsFailed,
+    ApiKeysUnavailable,
     AuditUnavailable,
     ConfigurationError,
     ContextMismatch,
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccessDenied",
     "AllRegionsFailed",
+    "ApiKeysUnavailable",
     "AuditUnavailable",
     "ConfigurationError",
     "ContextMismatch",

@@ -192,6 +192,16 @@ class Unauthenticated(KmsGuardError):
     default_message = "a valid API key is required (Authorization: Bearer <token>)"
 
 
+class ApiKeysUnavailable(KmsGuardError):
+    """The service could not check its API key store for longer than its revocation promise
+    allows, so it refuses every key rather than honour one that may have been revoked."""
+
+    code = "API_KEYS_UNAVAILABLE"
+    http_status = 503
+    retryable = True
+    default_message = "the API key store cannot be reached, so no key can be checked"
+
+
 class RequestTooLarge(KmsGuardError):
     """A request body over ``max_request_bytes``, or a batch over ``max_batch_items``."""
 
@@ -203,6 +213,7 @@ class RequestTooLarge(KmsGuardError):
 __all__ = [
     "AccessDenied",
     "AllRegionsFailed",
+    "ApiKeysUnavailable",
     "AuditUnavailable",
     "ConfigurationError",
     "ContextMismatch",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -10,12 +11,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psycopg
 import pytest
 
 from audit.pgserver import PostgresUnavailable, ThrowawayPostgres
+from audit.tcpproxy import TcpProxy
 from kmsguard.errors import ConfigurationError, InvalidInput
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.server.apikeys import FileKeyStore, KeyIndex, PostgresKeyStore, Scope, create_key, new_token
@@ -316,3 +319,71 @@ def test_service_with_api_keys_in_postgres(tmp_path: Path, pg_dsn: str) -> None:
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def test_postgres_key_store_outage_keeps_the_keys_then_fails_closed(tmp_path: Path, pg_dsn: str) -> None:
+    """The service reaches PostgreSQL through a proxy, then the proxy's port turns into a black
+    hole (connections queue, nothing answers: each check of the store waits out its connect
+    timeout). Requests are still answered at once with the keys last loaded, until those are
+    older than the 5 s revocation promise; from then on 503 API_KEYS_UNAVAILABLE, retryable.
+    When the database is back, so is the service."""
+    schema = f"kg_keys_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    upstream = urlsplit(pg_dsn)
+    proxy = TcpProxy((upstream.hostname or "127.0.0.1", upstream.port or 5432))
+    proxy.start()
+    via_proxy = urlunsplit(upstream._replace(netloc=f"{upstream.username}@127.0.0.1:{proxy.port}"))
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "kmsguard.toml").write_text(
+        f'[server]\napi_keys = "postgres"\napi_keys_dsn = "{via_proxy}"\napi_keys_schema = "{schema}"\n'
+        '[audit]\nsink = "jsonl"\n'
+    )
+    LocalKeyring.create(home / KEY_FILE_NAME, ["general"])
+    token = create_key(PostgresKeyStore(pg_dsn, schema), "edge", ["encrypt:general"])
+    body = {"classification": "general", "plaintext": "x"}
+    black_hole = socket.socket()
+    try:
+        env = {**base_env(home), "KMSGUARD_LOG_LEVEL": "WARNING"}
+        with ServiceProcess(env) as process, httpx.Client(
+            base_url=process.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as c:
+            assert c.post("/v1/encrypt", json=body).status_code == 200
+            proxy.stop()
+            black_hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            black_hole.bind(("127.0.0.1", proxy.port))
+            black_hole.listen(64)  # never accepted
+            cut = time.monotonic()
+            answers: list[tuple[float, float, httpx.Response]] = []  # (sent, seconds taken, answer)
+            while time.monotonic() - cut < 8:
+                sent = time.monotonic()
+                answer = c.post("/v1/encrypt", json=body)
+                answers.append((sent - cut, time.monotonic() - sent, answer))
+                time.sleep(0.05)
+            black_hole.close()
+            proxy.start()  # the database is back, on the same port
+            deadline = time.monotonic() + 15
+            while (back := c.post("/v1/encrypt", json=body)).status_code != 200:
+                assert time.monotonic() < deadline, f"still {back.status_code} after the database came back"
+                time.sleep(0.1)
+            log = process.log()
+    finally:
+        black_hole.close()
+        proxy.stop()
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    slow = [(round(at, 1), round(took, 1)) for at, took, _ in answers if took > 2]
+    assert slow == [], "a request waited on the key store's check"
+    early = [(round(at, 1), r.status_code) for at, _, r in answers if at < 2.5]
+    assert len(early) > 5 and all(status == 200 for _, status in early), early
+    late = [r for at, _, r in answers if at >= 5.05]
+    assert late, "no request was sent after the promise ran out"
+    for r in late:
+        assert r.status_code == 503, (r.status_code, r.text)
+        assert r.json() == {"error": {
+            "code": "API_KEYS_UNAVAILABLE",
+            "message": "the API key store cannot be reached, so no key can be checked",
+            "retryable": True,
+        }}
+    assert "Traceback" not in log
+    assert "ERROR: cannot read the API key store (ConfigurationError); refusing every API key" in log
+    assert "WARNING: the API key store answers again" in log

@@ -13,8 +13,11 @@ Two stores, one interface (:class:`KeyStore`):
   file;
 * :class:`PostgresKeyStore`, table ``<schema>.api_keys``, shared by every replica.
 
-A server reloads its store's keys at most ``REFRESH_SECONDS`` after a change (a stat of
-the file, or a query), so a revoked key is refused by every worker within that time.
+A server checks its store every ``REFRESH_SECONDS`` (a stat of the file, or a query) and
+reloads the keys when they changed, off its event loop. A revoked key is refused by every
+worker within ``REVOCATION_SECONDS``: while the store cannot be read, a worker goes on
+with the keys it last loaded, and refuses every key once that load is older than the
+promise allows (:class:`kmsguard.errors.ApiKeysUnavailable`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 FILE_NAME = "apikeys.json"
 #: Seconds between a server's checks of its store for changed keys (revocations).
 REFRESH_SECONDS = 1.0
+#: The promise: a revoked key is refused by every worker within this many seconds.
+REVOCATION_SECONDS = 5.0
 #: Seconds between writes of keys' last-used times (kept in memory in between).
 LAST_USED_SECONDS = 30.0
 
@@ -142,6 +147,10 @@ class KeyIndex:
     ``lookup`` finds a key by its token's digest, then compares the whole digest with
     ``hmac.compare_digest`` (constant time). Last-used times are kept here and written
     to the store every ``LAST_USED_SECONDS`` by :meth:`flush_last_used`.
+
+    Reading the store is blocking I/O (a PostgreSQL query can wait for its connect
+    timeout), so a server calls :meth:`maybe_reload` every ``refresh`` seconds from a
+    thread of its own, and a request only asks :meth:`age` how current the keys are.
     """
 
     def __init__(self, store: KeyStore, refresh: float = REFRESH_SECONDS) -> None:
@@ -150,24 +159,31 @@ class KeyIndex:
         self._lock = threading.Lock()
         self._by_digest: dict[str, ApiKey] = {}
         self._version: object = None
-        self._checked = -1e9
+        self._confirmed = -1e9
         self._used: dict[str, float] = {}
         self.reload()
 
     def reload(self) -> None:
+        """Load every live key. A store that cannot be read raises, and the index stays as it was."""
+        started = time.monotonic()
         version = self.store.version()
         keys = {k.digest: k for k in self.store.load() if k.revoked is None}
         with self._lock:
-            self._by_digest, self._version, self._checked = keys, version, time.monotonic()
+            self._by_digest, self._version, self._confirmed = keys, version, started
 
     def maybe_reload(self) -> None:
-        """At most once per ``refresh`` seconds: reload if the store changed."""
-        now = time.monotonic()
-        if now - self._checked < self.refresh:
-            return
-        self._checked = now
+        """Reload if the store changed. Either way the keys are then known current as of the
+        moment this began; a store that cannot be read raises, and the index stays as it was."""
+        started = time.monotonic()
         if self.store.version() != self._version:
             self.reload()
+            return
+        with self._lock:
+            self._confirmed = started
+
+    def age(self) -> float:
+        """Seconds since the store last matched this index: a key revoked earlier is refused."""
+        return time.monotonic() - self._confirmed
 
     def lookup(self, token: str) -> ApiKey | None:
         if not _TOKEN_RE.fullmatch(token):

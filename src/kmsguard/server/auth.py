@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from kmsguard import operation
-from kmsguard.errors import AccessDenied, Unauthenticated
-from kmsguard.server.apikeys import ApiKey
+from kmsguard.errors import AccessDenied, ApiKeysUnavailable, Unauthenticated
+from kmsguard.server.apikeys import REVOCATION_SECONDS, ApiKey
 from kmsguard.server.state import Service
 
 
@@ -48,14 +48,19 @@ def service_of(request: Request) -> Service:
 
 
 async def caller(request: Request) -> Caller:
-    """The dependency of every authenticated endpoint: 401 without a live key, 429 over its rate."""
+    """The dependency of every authenticated endpoint: 401 without a live key, 429 over its rate,
+    503 API_KEYS_UNAVAILABLE when the keys could not be checked within the revocation promise.
+
+    It reads the store's keys from memory only; ``Service`` reloads them in the background.
+    """
     service = service_of(request)
     if service.keys is None:
         return Caller(None)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthenticated()
-    service.keys.maybe_reload()
+    if service.keys.age() > REVOCATION_SECONDS:  # a key revoked since could still pass: refuse them all
+        raise ApiKeysUnavailable()
     key = service.keys.lookup(token.strip())
     if key is None:
         raise Unauthenticated("the API key is not valid (unknown or revoked)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from prometheus_client import Counter
@@ -14,7 +15,7 @@ from kmsguard.aio import AsyncGuard
 from kmsguard.audit.settings import AuditSettings
 from kmsguard.config import Settings
 from kmsguard.guard import Guard
-from kmsguard.server.apikeys import LAST_USED_SECONDS, KeyIndex, open_store
+from kmsguard.server.apikeys import LAST_USED_SECONDS, REVOCATION_SECONDS, KeyIndex, open_store
 from kmsguard.server.observability import request_counter, watch_key_rotation
 from kmsguard.server.ratelimit import TokenBuckets
 from kmsguard.server.readiness import Readiness
@@ -63,6 +64,7 @@ class Service:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.keys is not None:
+            self._tasks.append(loop.create_task(self._reload_keys(self.keys)))
             self._tasks.append(loop.create_task(self._write_last_used()))
         registry = metrics.of(self.guard.observers)
         if registry is not None and self.settings.backend == "aws":
@@ -79,6 +81,38 @@ class Service:
             await loop.run_in_executor(None, self._flush_quietly)
         await self.aguard.close()
         await loop.run_in_executor(None, self.guard.close)
+
+    async def _reload_keys(self, keys: KeyIndex) -> None:
+        """Every ``keys.refresh`` seconds, the store checked for changed keys on a thread of its own.
+
+        Off the event loop: a query to a PostgreSQL that is down or slow must not hold up
+        requests. Its own thread, not the default pool: a reload never queues behind other
+        blocking work. A failed check keeps the keys last loaded; ``caller`` refuses them
+        once they are older than the revocation promise.
+        """
+        loop = asyncio.get_running_loop()
+        failing = refusing = False
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kmsguard-apikeys")
+        try:
+            while True:
+                await asyncio.sleep(keys.refresh)
+                try:
+                    await loop.run_in_executor(pool, keys.maybe_reload)
+                except Exception as exc:  # the store is down: keep the keys; say so, and again when refusing
+                    stale = keys.age() > REVOCATION_SECONDS
+                    if not failing or (stale and not refusing):
+                        log.log(
+                            logging.ERROR if stale else logging.WARNING,
+                            "cannot read the API key store (%s); %s", type(exc).__name__,
+                            "refusing every API key until it answers" if stale else "serving the keys last loaded",
+                        )
+                    failing, refusing = True, stale
+                    continue
+                if failing:
+                    log.warning("the API key store answers again")
+                failing = refusing = False
+        finally:
+            pool.shutdown(wait=False)  # a check waiting on its connect timeout must not hold up shutdown
 
     async def _write_last_used(self) -> None:
         while True:
