@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import stat
@@ -19,9 +20,11 @@ import pytest
 
 from audit.pgserver import PostgresUnavailable, ThrowawayPostgres
 from audit.tcpproxy import TcpProxy
+from kmsguard.config import load_settings
 from kmsguard.errors import ConfigurationError, InvalidInput
 from kmsguard.keyrings.local import KEY_FILE_NAME, LocalKeyring
 from kmsguard.server.apikeys import FileKeyStore, KeyIndex, PostgresKeyStore, Scope, create_key, new_token
+from kmsguard.server.app import create_app
 from kmsguard.server.settings import ServerSettings
 from kmsguard.testing.service import ServiceProcess
 
@@ -194,6 +197,43 @@ def test_auth_none_on_loopback_serves_without_keys(tmp_path: Path) -> None:
         assert r.status_code == 200
     finally:
         service.process.stop()
+
+
+def test_auth_none_refuses_requests_that_arrive_off_loopback(tmp_path: Path) -> None:
+    """create_app under another server (gunicorn bound to 0.0.0.0, say): the [server] host check
+    at start cannot see that, so the app refuses by the address each request arrived on
+    (ASGI ``scope["server"]``, which httpx's ASGI transport takes from the URL)."""
+    home = tmp_path / "h"
+    home.mkdir()
+    (home / "kmsguard.toml").write_text('[server]\nauth = "none"\n[audit]\nsink = "jsonl"\n')
+    LocalKeyring.create(home / KEY_FILE_NAME, ["general"])
+    settings = load_settings(base_env(home))
+    app = create_app(settings)
+    body = {"classification": "general", "plaintext": "x"}
+
+    async def ask(base_url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as c:
+            return [await c.post("/v1/encrypt", json=body), await c.get("/metrics"), await c.get("/healthz")]
+
+    async def run() -> dict[str, list[httpx.Response]]:
+        async with app.router.lifespan_context(app):
+            return {url: await ask(url) for url in ("http://127.0.0.1:8080", "http://[::1]:8080",
+                                                    "http://10.1.2.3:8080", "http://kmsguard.internal")}
+
+    answers = asyncio.run(run())
+    for url in ("http://127.0.0.1:8080", "http://[::1]:8080"):
+        assert [r.status_code for r in answers[url]] == [200, 200, 200], url
+    for url in ("http://10.1.2.3:8080", "http://kmsguard.internal"):
+        encrypt, metrics, health = answers[url]
+        for r in (encrypt, metrics):
+            assert r.status_code == 403, (url, r.text)
+            assert r.json()["error"] == {
+                "code": "ACCESS_DENIED",
+                "message": 'auth = "none" serves only requests that arrive on a loopback address; '
+                           "serve this address with API keys",
+                "retryable": False,
+            }
+        assert health.status_code == 200  # liveness needs no auth in any mode
 
 
 def test_apikey_cli_stores_only_hashes(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from kmsguard import operation
 from kmsguard.errors import AccessDenied, ApiKeysUnavailable, Unauthenticated
 from kmsguard.server.apikeys import REVOCATION_SECONDS, ApiKey
+from kmsguard.server.settings import is_loopback
 from kmsguard.server.state import Service
 
 
@@ -50,11 +51,19 @@ def service_of(request: Request) -> Service:
 async def caller(request: Request) -> Caller:
     """The dependency of every authenticated endpoint: 401 without a live key, 429 over its rate,
     503 API_KEYS_UNAVAILABLE when the keys could not be checked within the revocation promise.
+    With ``auth = "none"``: 403 ACCESS_DENIED for a request that did not arrive on a loopback
+    address (ASGI ``scope["server"]``), whatever server runs the app.
 
     It reads the store's keys from memory only; ``Service`` reloads them in the background.
     """
     service = service_of(request)
     if service.keys is None:
+        # [server] host was checked at start, but create_app may be served by another
+        # server bound elsewhere: the address this request arrived on decides.
+        server = request.scope.get("server")
+        if not server or not is_loopback(str(server[0])):
+            raise AccessDenied('auth = "none" serves only requests that arrive on a loopback address; '
+                               "serve this address with API keys")
         return Caller(None)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token:
