@@ -43,7 +43,7 @@ from kmsguard import envelope, errors
 from kmsguard import fields as _fields
 from kmsguard.batch import DEFAULT_CONCURRENCY, Result
 from kmsguard.errors import InvalidInput, KmsGuardError
-from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput
+from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput, text_of
 
 #: Items per batch request (the service's default ``max_batch_items``).
 BATCH_SIZE = 1000
@@ -188,13 +188,6 @@ def _plain(doc: Mapping[str, Any]) -> bytes:
     return base64.b64decode(str(doc.get("plaintext_b64", "")))
 
 
-def _text(plain: bytes) -> str:
-    try:
-        return plain.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput("the decrypted data is not UTF-8 text; use decrypt()") from None
-
-
 def _results(docs: Sequence[Any], value: Any) -> list[Result[bytes]]:
     out: list[Result[bytes]] = []
     for doc in docs:
@@ -307,7 +300,7 @@ class RemoteGuard:
         return str(self._post("/v1/encrypt", _encrypt_body(text.encode("utf-8"), classification, context))["token"])
 
     def decrypt_text(self, token: str, context: Context = None) -> str:
-        return _text(self.decrypt(token, context))
+        return text_of(self.decrypt(token, context))
 
     def encrypt_many(
         self,
@@ -427,7 +420,7 @@ class AsyncRemoteGuard:
         return str(doc["token"])
 
     async def decrypt_text(self, token: str, context: Context = None) -> str:
-        return _text(await self.decrypt(token, context))
+        return text_of(await self.decrypt(token, context))
 
     async def encrypt_many(
         self,
