@@ -2,25 +2,23 @@
 
 A Guard call served from the data-key cache is AES-GCM in memory and costs less than a
 hand-off to a thread; one that misses waits a network round trip to the key service.
-AsyncGuard runs the first kind on the event loop and the second in a thread pool:
+AsyncGuard runs the first kind on the event loop and everything else in a thread pool:
 
-* an encrypt of a (classification, context), or a decrypt of an envelope under given
-  wrapped keys and context, is *warm* once an operation of that kind finished without
-  a key-service call (kmsguard.operation.kms_tally counts them); warm kinds run inline;
-* an encrypt batch whose kinds are all warm runs inline too, item after item (in the
-  pool it would cost a thread hand-off and then hold the GIL the loop needs all the same);
-* an operation, or a batch's item, that a cache hit serves on its fast route
-  (Guard.encrypt_if_cached, Guard.decrypt_if_cached) runs inline first, whatever its kind;
-* everything else, and every rewrap and any other batch, runs in the pool (a batch as
-  Guard runs it, on several threads, so that its KMS calls overlap);
-* an inline operation that did call the key service (its cached key expired or was used
-  up) turns its kind cold again, so a kind costs the loop at most one such call per
-  refresh of its cached key, never one per operation.
+* inline: only what Guard serves on its fast route, which never calls the key service
+  and writes nothing but the in-memory hit (Guard.encrypt_if_cached,
+  Guard.decrypt_if_cached): an encrypt or decrypt, their ``_text`` forms, and each such
+  item of a batch;
+* in the pool: everything else, whatever happened before. A kind whose cached key has
+  just expired or been used up, a first operation of a kind the cache has not yet seen,
+  a strict classification's operation (its audit record is synced to disk), an
+  argument Guard will refuse: the full route may call KMS or touch the disk, so the
+  loop never runs it. A batch's other items go to the pool together, as Guard's own
+  batch, so that their KMS calls overlap; every rewrap, ``protect`` and ``unprotect``
+  runs there.
 
 ``inspect`` parses a header and ``mask`` uses no key; neither calls KMS: always inline.
-``protect`` and ``unprotect`` of a record always run in the pool. Errors are Guard's own.
-The operations run in a copy of the caller's context, so ``operation.acting_as`` and
-``operation.serving`` apply to them.
+Errors are Guard's own. The operations run in a copy of the caller's context, so
+``operation.acting_as`` and ``operation.serving`` apply to them.
 """
 
 from __future__ import annotations
@@ -28,19 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from kmsguard import batch, envelope, operation
+from kmsguard import batch, envelope
 from kmsguard.errors import InvalidInput, KmsGuardError
-from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput, Guard
+from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput, Guard, text_of
 
 T = TypeVar("T")
 
-#: Kinds remembered as warm before starting over (a forgotten kind costs one pool run).
-MAX_WARM = 4096
 DEFAULT_THREADS = 32
 
 
@@ -51,29 +46,34 @@ class AsyncGuard:
     def __init__(self, guard: Guard, *, max_threads: int = DEFAULT_THREADS, owns: bool = False) -> None:
         self.guard = guard
         self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="kmsguard-aio")
-        self._warm: dict[Hashable, bool] = {}
-        self._lock = threading.Lock()
         self._owns = owns
 
     async def encrypt(self, plaintext: bytes, classification: str, context: Context = None) -> bytes:
         sealed = self.guard.encrypt_if_cached(plaintext, classification, context)
         if sealed is not None:
             return sealed
-        kind = _kind("encrypt", classification, context)
-        return await self._run(kind, self.guard.encrypt, plaintext, classification, context)
+        return await self._in_pool(self.guard.encrypt, plaintext, classification, context)
 
     async def decrypt(self, data: EnvelopeInput, context: Context = None) -> bytes:
         plain = self.guard.decrypt_if_cached(data, context)
         if plain is not None:
             return plain
-        return await self._run(_decrypt_kind(data, context), self.guard.decrypt, data, context)
+        return await self._in_pool(self.guard.decrypt, data, context)
 
     async def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
-        kind = _kind("encrypt", classification, context)
-        return await self._run(kind, self.guard.encrypt_text, text, classification, context)
+        """The route of ``encrypt``: a cache hit inline, anything else (a text Guard refuses too) in the pool."""
+        if type(text) is str:
+            sealed = self.guard.encrypt_if_cached(text.encode("utf-8"), classification, context)
+            if sealed is not None:
+                return envelope.to_text(sealed)
+        return await self._in_pool(self.guard.encrypt_text, text, classification, context)
 
     async def decrypt_text(self, token: str, context: Context = None) -> str:
-        return await self._run(_decrypt_kind(token, context), self.guard.decrypt_text, token, context)
+        """The route of ``decrypt``, then Guard.decrypt_text's check that the plaintext is UTF-8."""
+        plain = self.guard.decrypt_if_cached(token, context)
+        if plain is not None:
+            return text_of(plain)
+        return await self._in_pool(self.guard.decrypt_text, token, context)
 
     async def encrypt_many(
         self,
@@ -83,9 +83,8 @@ class AsyncGuard:
         contexts: Sequence[Context] | None = None,
         max_concurrency: int = batch.DEFAULT_CONCURRENCY,
     ) -> list[batch.Result[bytes]]:
-        """Cache hits inline (Guard.encrypt_if_cached: no key-service call); the rest inline,
-        item after item, when every kind among them is warm; else in the pool, Guard's own
-        batch, which overlaps the KMS calls."""
+        """Cache hits inline (Guard.encrypt_if_cached: no key-service call), the rest in the
+        pool, Guard's own batch, which overlaps the KMS calls."""
         if contexts is not None and len(contexts) != len(items):
             raise InvalidInput("contexts must have one entry per item")
         each = [context] * len(items) if contexts is None else list(contexts)
@@ -99,25 +98,10 @@ class AsyncGuard:
             results.append(result(sealed))
         if missed:
             rest = [items[i] for i in missed]
-            done = await self._encrypt_rest(rest, classification, [each[i] for i in missed], max_concurrency)
+            many = self.guard.encrypt_many
+            done = await self._in_pool(many, rest, classification, None, [each[i] for i in missed], max_concurrency)
             for i, settled in zip(missed, done, strict=True):
                 results[i] = settled
-        return results
-
-    async def _encrypt_rest(
-        self, items: Sequence[bytes], classification: str, contexts: list[Context], max_concurrency: int
-    ) -> list[batch.Result[bytes]]:
-        kinds = _kinds("encrypt", classification, contexts)
-        results: list[batch.Result[bytes]]
-        if None not in kinds and all(self._warm.get(k) for k in kinds):
-            results, calls = _counted(_in_turn, self.guard, items, classification, contexts)
-        else:
-            many = self.guard.encrypt_many
-            args = (items, classification, None, contexts, max_concurrency)
-            results, calls = await self._in_pool(_counted, many, *args)
-        if None not in kinds:
-            for kind in kinds:
-                self._mark(kind, not calls)
         return results
 
     async def decrypt_many(
@@ -188,85 +172,6 @@ class AsyncGuard:
 
     # ------------------------------------------------------------------ internals
 
-    async def _run(self, kind: Hashable | None, fn: Callable[..., T], *args: Any) -> T:
-        if kind is not None and self._warm.get(kind):
-            result, calls = _counted(fn, *args)
-            if calls:
-                self._mark(kind, False)
-            return result
-        ctx = contextvars.copy_context()
-        result, calls = await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, _counted, fn, *args)
-        if kind is not None and not calls:
-            self._mark(kind, True)
-        return result
-
     async def _in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         ctx = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self._pool, ctx.run, fn, *args)
-
-    def _mark(self, kind: Hashable, warm: bool) -> None:
-        with self._lock:
-            if warm and len(self._warm) >= MAX_WARM:
-                self._warm.clear()
-            self._warm[kind] = warm
-
-
-def _in_turn(
-    guard: Guard, items: Sequence[bytes], classification: str, contexts: Sequence[Context]
-) -> list[batch.Result[bytes]]:
-    result, encrypt = batch.Result, guard.encrypt  # looked up once: a warm item costs little more
-    out: list[batch.Result[bytes]] = []
-    for item, context in zip(items, contexts, strict=True):
-        try:
-            value = encrypt(item, classification, context)
-        except KmsGuardError as exc:
-            out.append(result(error=exc))
-            continue
-        out.append(result(value))
-    return out
-
-
-def _counted(fn: Callable[..., T], *args: Any) -> tuple[T, int]:
-    """``fn(*args)`` and how many key-service calls it made."""
-    tally = [0]
-    token = operation.kms_tally.set(tally)
-    try:
-        return fn(*args), tally[0]
-    finally:
-        operation.kms_tally.reset(token)
-
-
-def _kind(name: str, classification: object, context: Context) -> Hashable | None:
-    """What encrypts of one data key share; None for arguments Guard will refuse (they run in the pool)."""
-    try:
-        items = tuple(sorted(context.items())) if context else ()
-        return (name, classification, items) if isinstance(classification, str) else None
-    except (AttributeError, TypeError):
-        return None
-
-
-def _kinds(name: str, classification: object, contexts: Sequence[Context]) -> set[Hashable | None]:
-    """``_kind`` of each context, worked out once per distinct context (a batch's items often share one)."""
-    seen: dict[Hashable, Hashable | None] = {}
-    last: object = seen  # no context is this
-    for context in contexts:
-        if context is last:
-            continue
-        last = context
-        try:
-            key: Hashable = tuple(context.items()) if context else ()
-            if key not in seen:
-                seen[key] = _kind(name, classification, context)
-        except (AttributeError, TypeError):  # not a mapping, or unhashable values
-            return {None}
-    return set(seen.values())
-
-
-def _decrypt_kind(data: object, context: Context) -> Hashable | None:
-    """The wrapped keys (so the data key) and the caller's context; None if the envelope does not parse."""
-    try:
-        parsed = envelope.parse(envelope.coerce(data))  # type: ignore[arg-type]
-        items = tuple(sorted(context.items())) if context else ()
-    except (KmsGuardError, AttributeError, TypeError):
-        return None
-    return ("decrypt", parsed.wrapped_keys, items)

@@ -11,34 +11,45 @@ runs against the service unchanged.
 them (or use them as context managers) when done.
 
 Retries: 429, 502 and 503 answers and connection failures are retried with full-jitter
-backoff (kmsguard.backoff), waiting at least what ``Retry-After`` says, until
-``deadline`` seconds after the call began; then the last error is raised (a service
-that could not be reached at all: :class:`ServiceUnreachable`). Every operation is safe
-to repeat: an encrypt retried after a lost answer makes a second, equally valid token.
+backoff (kmsguard.backoff), waiting at least what ``Retry-After`` says (seconds or an
+HTTP date, both of which RFC 9110 allows), until ``deadline`` seconds after the call
+began. A wait that would end past the deadline is not started: the answer in hand is
+raised at once, as the kmsguard error its body names (a service that could not be
+reached at all, or whose gateway answered 502, 503 or 504 for it without a kmsguard
+error body: :class:`ServiceUnreachable`). Every operation is safe to repeat: an encrypt
+retried after a lost answer makes a second, equally valid token.
+
+``transport`` (as httpx's own clients take it) replaces the network: an
+``httpx.MockTransport`` in tests, or a transport with its own TLS, proxy or socket
+settings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import itertools
 import json
 import random
 import time
 from collections.abc import Mapping, Sequence
+from email.utils import parsedate_to_datetime
 from typing import Any, overload
 
 import httpx
 
 from kmsguard import envelope, errors
 from kmsguard import fields as _fields
-from kmsguard.batch import Result
+from kmsguard.batch import DEFAULT_CONCURRENCY, Result
 from kmsguard.errors import InvalidInput, KmsGuardError
-from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput
+from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput, text_of
 
 #: Items per batch request (the service's default ``max_batch_items``).
 BATCH_SIZE = 1000
 _RETRY_STATUSES = frozenset({429, 502, 503})
+#: Answers a gateway in front of the service gives when the service did not answer it.
+_GATEWAY_STATUSES = frozenset({502, 503, 504})
 _BACKOFF_BASE, _BACKOFF_CAP = 0.05, 2.0
 
 
@@ -76,6 +87,8 @@ _BY_CODE = _classes()
 def error_of(detail: Any, status: int) -> KmsGuardError:
     """The kmsguard exception for one ``{"code", "message", "retryable"}`` of the service."""
     if not isinstance(detail, Mapping):
+        if status in _GATEWAY_STATUSES:
+            return ServiceUnreachable(f"the kmsguard service could not be reached (HTTP {status})")
         return RemoteError("INVALID_RESPONSE", f"the service answered {status} without an error body", status, False)
     code, message = str(detail.get("code", "")), str(detail.get("message", ""))
     cls = _BY_CODE.get(code)
@@ -110,10 +123,22 @@ def _raise_for(response: httpx.Response | httpx.TransportError) -> Any:
 
 
 def _retry_after(response: httpx.Response) -> float:
-    try:
-        return max(0.0, float(response.headers.get("retry-after", "0")))
-    except ValueError:
+    """Seconds ``Retry-After`` asks to wait: a number of seconds or an HTTP date (RFC 9110
+    section 10.2.3); 0 when absent, unreadable or in the past."""
+    value = response.headers.get("retry-after", "").strip()
+    if not value:
         return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return 0.0
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; a date without a zone is read as such
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = (when - datetime.datetime.now(datetime.UTC)).total_seconds()
+    return seconds if seconds > 0.0 else 0.0  # NaN too
 
 
 def _options(url: str, token: str, timeout: float, max_connections: int) -> dict[str, Any]:
@@ -161,13 +186,6 @@ def _plain(doc: Mapping[str, Any]) -> bytes:
     if doc.get("plaintext") is not None:
         return str(doc["plaintext"]).encode("utf-8")
     return base64.b64decode(str(doc.get("plaintext_b64", "")))
-
-
-def _text(plain: bytes) -> str:
-    try:
-        return plain.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput("the decrypted data is not UTF-8 text; use decrypt()") from None
 
 
 def _results(docs: Sequence[Any], value: Any) -> list[Result[bytes]]:
@@ -282,7 +300,7 @@ class RemoteGuard:
         return str(self._post("/v1/encrypt", _encrypt_body(text.encode("utf-8"), classification, context))["token"])
 
     def decrypt_text(self, token: str, context: Context = None) -> str:
-        return _text(self.decrypt(token, context))
+        return text_of(self.decrypt(token, context))
 
     def encrypt_many(
         self,
@@ -290,7 +308,7 @@ class RemoteGuard:
         classification: str,
         context: Context = None,
         contexts: Sequence[Context] | None = None,
-        max_concurrency: int = 0,
+        max_concurrency: int = DEFAULT_CONCURRENCY,
     ) -> list[Result[bytes]]:
         """One Result per item, in order (``max_concurrency`` is the service's business, and ignored)."""
         bodies = _encrypt_items(items, classification, context, contexts)
@@ -301,7 +319,7 @@ class RemoteGuard:
         return out
 
     def decrypt_many(
-        self, envelopes: Sequence[EnvelopeInput], context: Context = None, max_concurrency: int = 0
+        self, envelopes: Sequence[EnvelopeInput], context: Context = None, max_concurrency: int = DEFAULT_CONCURRENCY
     ) -> list[Result[bytes]]:
         bodies = [_token_body(e, context) for e in envelopes]
         out: list[Result[bytes]] = []
@@ -402,7 +420,7 @@ class AsyncRemoteGuard:
         return str(doc["token"])
 
     async def decrypt_text(self, token: str, context: Context = None) -> str:
-        return _text(await self.decrypt(token, context))
+        return text_of(await self.decrypt(token, context))
 
     async def encrypt_many(
         self,
@@ -410,7 +428,7 @@ class AsyncRemoteGuard:
         classification: str,
         context: Context = None,
         contexts: Sequence[Context] | None = None,
-        max_concurrency: int = 0,
+        max_concurrency: int = DEFAULT_CONCURRENCY,
     ) -> list[Result[bytes]]:
         bodies = _encrypt_items(items, classification, context, contexts)
         out: list[Result[bytes]] = []
@@ -420,7 +438,7 @@ class AsyncRemoteGuard:
         return out
 
     async def decrypt_many(
-        self, envelopes: Sequence[EnvelopeInput], context: Context = None, max_concurrency: int = 0
+        self, envelopes: Sequence[EnvelopeInput], context: Context = None, max_concurrency: int = DEFAULT_CONCURRENCY
     ) -> list[Result[bytes]]:
         bodies = [_token_body(e, context) for e in envelopes]
         out: list[Result[bytes]] = []

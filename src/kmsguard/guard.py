@@ -290,11 +290,7 @@ class Guard:
 
     def decrypt_text(self, token: str, context: Context = None) -> str:
         """``decrypt`` for a token made by ``encrypt_text``."""
-        plain = self.decrypt(token, context)
-        try:
-            return plain.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInput("the decrypted data is not UTF-8 text; use decrypt()") from None
+        return text_of(self.decrypt(token, context))
 
     @overload
     def rewrap(self, data: str, context: Context = None) -> str: ...
@@ -598,6 +594,14 @@ def _report(error: BaseException) -> None:
 _TEXT_PREFIX = envelope.TEXT_PREFIX.encode("ascii")
 _SUITE_2 = bytes((segments.SUITE,))
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
+
+
+def text_of(plain: bytes) -> str:
+    """``plain`` as text, or InvalidInput: what ``decrypt_text`` answers for data that is not UTF-8."""
+    try:
+        return plain.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("the decrypted data is not UTF-8 text; use decrypt()") from None
 
 
 def _decoded(token: str) -> EnvelopeInput:

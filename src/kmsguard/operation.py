@@ -304,21 +304,13 @@ def serving(request_id: int | str) -> Iterator[None]:
 deadline: ContextVar[float | None] = ContextVar("kmsguard_operation_deadline", default=None)
 
 
-#: Counts the key-service calls made in a context whose caller set it (kmsguard.aio
-#: learns from it which operations stay in memory, to run those on the event loop).
-kms_tally: ContextVar[list[int] | None] = ContextVar("kmsguard_kms_tally", default=None)
-
-#: Serialises notes into one Operation (and one tally): a multi-region keyring's tries (a
+#: Serialises notes into one Operation: a multi-region keyring's tries (a
 #: hedge, the copies of wrap_in_all_regions) report from several threads at once.
 _notes = threading.Lock()
 
 
 def note_kms_call(key_ref: str | None = None, region: str | None = None) -> None:
     """A keyring called its key service once (retries are counted by the AWS layer). Thread-safe."""
-    tally = kms_tally.get()
-    if tally is not None:
-        with _notes:
-            tally[0] += 1
     op = current.get()
     if op is None:
         return
