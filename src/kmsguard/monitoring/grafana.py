@@ -83,7 +83,9 @@ ROWS: list[tuple[str, list[Panel]]] = [
     ]),
     ("Cache", [
         Panel("Data-key cache hit ratio", "Hits over hits and misses, per classification: misses are KMS calls.",
-              ((f'sum by (classification) (rate(kmsguard_cache_events_total{{{CLS}, event="hit"}}[$__rate_interval]))'
+              ((f'(sum by (classification) (rate(kmsguard_cache_events_total{{{CLS}, event="hit"}}[$__rate_interval]))'
+                " or 0 * sum by (classification) "
+                f'(rate(kmsguard_cache_events_total{{{CLS}, event="miss"}}[$__rate_interval])))'
                 " / sum by (classification) "
                 f'(rate(kmsguard_cache_events_total{{{CLS}, event=~"hit|miss"}}[$__rate_interval]))',
                 "{{classification}}"),), "percentunit"),

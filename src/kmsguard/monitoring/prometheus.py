@@ -44,8 +44,10 @@ RECORDING_RULES: dict[str, str] = {
     "kmsguard:cache_lookups:rate15m": (
         'sum by (job, instance, classification) (rate(kmsguard_cache_events_total{event=~"hit|miss"}[15m]))'
     ),
+    # Hits "or" 0 per lookup series: with misses and no hit series yet the ratio is 0, not absent.
     "kmsguard:cache_hit:ratio_rate15m": (
-        'sum by (job, instance, classification) (rate(kmsguard_cache_events_total{event="hit"}[15m]))'
+        '(sum by (job, instance, classification) (rate(kmsguard_cache_events_total{event="hit"}[15m]))'
+        ' or 0 * sum by (job, instance, classification) (rate(kmsguard_cache_events_total{event="miss"}[15m])))'
         ' / sum by (job, instance, classification) (rate(kmsguard_cache_events_total{event=~"hit|miss"}[15m]))'
     ),
 }
@@ -98,9 +100,11 @@ def alerts(t: Thresholds) -> list[Alert]:
         ),
         Alert(
             "KmsguardAllRegionsFailing",
+            # "Calls made unless some succeeded", not "ok rate == 0": a process that never had a successful
+            # call has no outcome="ok" series, and a comparison with an absent series is absent.
             '(max by (job, instance) (kmsguard_region_breaker_state{state="closed"}) == 0)'
-            ' or (sum by (job, instance) (rate(kmsguard_kms_calls_total{outcome="ok"}[5m])) == 0'
-            " and sum by (job, instance) (rate(kmsguard_kms_calls_total[5m])) > 0)",
+            " or (sum by (job, instance) (rate(kmsguard_kms_calls_total[5m])) > 0"
+            ' unless sum by (job, instance) (rate(kmsguard_kms_calls_total{outcome="ok"}[5m])) > 0)',
             "2m", "critical",
             "No KMS region answers kmsguard on {{ $labels.instance }}",
             "Every region's breaker is open, or no KMS call has succeeded for 2 minutes: operations that need "
