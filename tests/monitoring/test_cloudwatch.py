@@ -134,6 +134,12 @@ def test_dry_run_prints_the_requests_and_sends_nothing(client: Any, home: Path) 
     plan = json.loads(result.output)
     assert plan["PutDashboard"]["DashboardName"] == "kg-dry"
     assert {a["AlarmName"] for a in plan["PutMetricAlarm"]} == _expected_alarms("kmsguard")
+    widgets = {w["properties"]["title"]: w["properties"] for w in plan["PutDashboard"]["DashboardBody"]["widgets"]}
+    generated = widgets["Data keys generated per minute (GenerateDataKey)"]["metrics"]
+    named = [m[1:6] for m in generated if isinstance(m[0], str)]
+    assert named == [[metric, "Api", "GenerateDataKey", "Region", r] for r in REGIONS
+                     for metric in ("KmsCalls", "KmsErrors")]
+    assert [m[0]["label"] for m in generated if isinstance(m[0], dict)] == list(REGIONS)
     with pytest.raises(client.exceptions.ResourceNotFound):
         client.get_dashboard(DashboardName="kg-dry")
 
@@ -147,7 +153,9 @@ def test_dry_run_prints_the_requests_and_sends_nothing(client: Any, home: Path) 
     assert local == {n for n in _expected_alarms("kmsguard") if not any(r in n for r in REGIONS)} - {
         "kmsguard-all-regions-failing"
     }
-    assert not any(w["properties"]["title"].startswith("KMS") for w in plan["PutDashboard"]["DashboardBody"]["widgets"])
+    titles = [w["properties"]["title"] for w in plan["PutDashboard"]["DashboardBody"]["widgets"]]
+    assert not any(t.startswith("KMS") or "GenerateDataKey" in t for t in titles)
+    assert "Cache misses and hits per minute" in titles
 
 
 Series = tuple[str, str, tuple[tuple[str, str], ...]]

@@ -89,9 +89,19 @@ ROWS: list[tuple[str, list[Panel]]] = [
                 " / sum by (classification) "
                 f'(rate(kmsguard_cache_events_total{{{CLS}, event=~"hit|miss"}}[$__rate_interval]))',
                 "{{classification}}"),), "percentunit"),
-        Panel("Data keys generated/s", "Cache misses: each one a new data key from KMS (the KMS bill).",
+        Panel("Cache misses/s",
+              "Data-key cache lookups that missed, per classification: an encrypt miss generates a data key, a "
+              "decrypt miss unwraps one (KMS Decrypt with the AWS backend). Classifications without key reuse "
+              "never look the cache up and are not counted here.",
               ((f'sum by (classification) (rate(kmsguard_cache_events_total{{{CLS}, event="miss"}}'
                 "[$__rate_interval]))", "{{classification}}"),), "ops"),
+        Panel("Data keys generated/s",
+              "Successful KMS GenerateDataKey calls by region (AWS backend): every new data key, cache misses and "
+              "classifications without key reuse alike, each a billed call. KMS calls carry no classification: "
+              "the Classification variable does not filter this panel. Empty with the local backend, whose data "
+              "keys are made in process at no cost (its encrypt misses are in Cache misses/s).",
+              ((f'sum by (region) (rate(kmsguard_kms_calls_total{{{SEL}, api="GenerateDataKey", outcome="ok"}}'
+                "[$__rate_interval]))", "{{region}}"),), "ops"),
         Panel("Cached data keys", "Entries in the data-key caches now.",
               ((f"sum by (classification) (kmsguard_cache_entries{{{CLS}}})", "{{classification}}"),), "short"),
     ]),
