@@ -93,7 +93,7 @@ class OtelBridge(Telemetry):
         labels = {"operation": name, "classification": classification, "outcome": outcome}
         self._duration.record(event.duration, labels)
         if error_code is not None:
-            self._errors.add(1, {"operation": name, "code": error_code})
+            self._errors.add(1, {"operation": name, "classification": classification, "code": error_code})
         running = operation.current.get()
         calls: list[_KmsCall] = []
         if running is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -59,10 +60,19 @@ def test_the_check_sees_a_metric_that_is_not_exported() -> None:
 
 
 def test_panel_queries_are_labelled_by_the_variables() -> None:
+    """Job and instance everywhere; the classification wherever every metric of the query has that label."""
+    names = exported(fed_registry().exposition().decode())
+    filtered = 0
     for row, panels in grafana.ROWS:
         for panel in panels:
             for expr, _ in panel.targets:
                 assert 'job=~"$job"' in expr and 'instance=~"$instance"' in expr, (row, panel.title)
+                metrics = references(grafana_to_promql(expr)).selectors
+                if all("classification" in names[m] for m in metrics):
+                    selectors = len(re.findall(r"\bkmsguard_\w+\{", expr))
+                    assert expr.count('classification=~"$classification"') == selectors, (row, panel.title)
+                    filtered += 1
+    assert filtered >= 10
 
 
 def _expr(title: str) -> str:

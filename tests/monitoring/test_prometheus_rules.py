@@ -98,9 +98,11 @@ CASES = [
          {f"kmsguard_audit_dropped_records{{{L}}}": "0 0 0 0 0 3 3 3 3 3 3 3"}, {},
          [{f"kmsguard_audit_dropped_records{{{L}}}": "0x20"}, {f"kmsguard_audit_dropped_records{{{L}}}": "7x20"}]),
     Case("KmsguardStrictAuditRefusals", "10m",
-         {f'kmsguard_operation_errors_total{{{L}, operation="encrypt", code="AUDIT_UNAVAILABLE"}}': "0+2x20"},
-         {"operation": "encrypt"},
-         [{f'kmsguard_operation_errors_total{{{L}, operation="encrypt", code="CONTEXT_MISMATCH"}}': "0+2x20"}]),
+         {f'kmsguard_operation_errors_total{{{L}, operation="encrypt", classification="payment", '
+          'code="AUDIT_UNAVAILABLE"}': "0+2x20"},
+         {"operation": "encrypt", "classification": "payment"},
+         [{f'kmsguard_operation_errors_total{{{L}, operation="encrypt", classification="payment", '
+           'code="CONTEXT_MISMATCH"}': "0+2x20"}]),
     Case("KmsguardCacheHitRatioLow", "60m",
          {f'kmsguard_cache_events_total{{{L}, event="hit", classification="general"}}': "0+60x80",
           f'kmsguard_cache_events_total{{{L}, event="miss", classification="general"}}': "0+120x80"},

@@ -41,7 +41,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
     ]),
     ("Errors", [
         Panel("Errors/s by code", "Failed operations per second by kmsguard error code.",
-              ((f"sum by (operation, code) (rate(kmsguard_operation_errors_total{{{SEL}}}[$__rate_interval]))",
+              ((f"sum by (operation, code) (rate(kmsguard_operation_errors_total{{{CLS}}}[$__rate_interval]))",
                 "{{operation}} {{code}}"),), "ops"),
         Panel("Error ratio by operation and classification", "Share of operations that failed.",
               ((f'sum by (operation, classification) (rate(kmsguard_operations_total{{{CLS}, outcome="error"}}'
@@ -113,8 +113,9 @@ ROWS: list[tuple[str, list[Panel]]] = [
         Panel("Audit records dropped", "Non-strict records lost because the spool was full or unusable.",
               ((f"sum by (instance) (kmsguard_audit_dropped_records{{{SEL}}})", "{{instance}}"),), "short"),
         Panel("Strict audit refusals/s", "Operations refused because their audit record could not be made durable.",
-              ((f'sum by (operation) (rate(kmsguard_operation_errors_total{{{SEL}, code="AUDIT_UNAVAILABLE"}}'
-                "[$__rate_interval]))", "{{operation}}"),), "ops"),
+              ((f"sum by (operation, classification) "
+                f'(rate(kmsguard_operation_errors_total{{{CLS}, code="AUDIT_UNAVAILABLE"}}[$__rate_interval]))',
+                "{{operation}} {{classification}}"),), "ops"),
     ]),
     ("Service", [
         Panel("Requests/s by status", "HTTP answers of `kmsguard serve`, by status code (empty unless serving).",

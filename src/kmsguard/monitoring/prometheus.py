@@ -136,12 +136,13 @@ def alerts(t: Thresholds) -> list[Alert]:
         ),
         Alert(
             "KmsguardStrictAuditRefusals",
-            'sum by (job, instance, operation) (rate(kmsguard_operation_errors_total{code="AUDIT_UNAVAILABLE"}[5m]))'
-            " > 0",
+            "sum by (job, instance, operation, classification)"
+            ' (rate(kmsguard_operation_errors_total{code="AUDIT_UNAVAILABLE"}[5m])) > 0',
             "0m", "critical",
-            "Operations refused: their audit record cannot be made durable",
-            "{{ $labels.operation }} operations on {{ $labels.instance }} of strict-audit classifications are "
-            "refused with AUDIT_UNAVAILABLE.",
+            "{{ $labels.operation }} of {{ $labels.classification }} data refused: its audit record cannot be made "
+            "durable",
+            "{{ $labels.operation }} operations of {{ $labels.classification }} data (strict audit) on "
+            "{{ $labels.instance }} are refused with AUDIT_UNAVAILABLE.",
         ),
         Alert(
             "KmsguardCacheHitRatioLow",
