@@ -113,6 +113,14 @@ def test_every_prometheus_alert_has_an_alarm_that_points_at_its_runbook(client: 
         assert alarm["AlarmDescription"].endswith(f"(runbook: docs/monitoring.md#{alert.lower()})")
 
 
+def test_runbook_base_makes_the_alarms_link_to_the_hosted_docs(client: Any) -> None:
+    base = "https://docs.example.internal/kmsguard/monitoring/"
+    result = CliRunner().invoke(cli, ["monitoring", "cloudwatch", "apply", "--dry-run", "--runbook-base", base])
+    assert result.exit_code == 0, result.output
+    descriptions = [a["AlarmDescription"] for a in json.loads(result.output)["PutMetricAlarm"]]
+    assert descriptions and all(d.endswith(f"(runbook: {base}#{d.split(':')[0].lower()})") for d in descriptions)
+
+
 def test_a_changed_threshold_updates_the_alarms_only(client: Any) -> None:
     prefix = f"kg-{id(client)}-t"
     _run("--alarm-prefix", prefix)

@@ -42,7 +42,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError, PartialCredentialsError
 
 from kmsguard.errors import AccessDenied, ConfigurationError, CredentialsError, KmsGuardError
-from kmsguard.monitoring.prometheus import DEFAULT_RUNBOOK_BASE
+from kmsguard.monitoring.prometheus import DEFAULT_RUNBOOK_BASE, runbook_url
 from kmsguard.monitoring.thresholds import Thresholds
 
 #: The operations Guard reports (kmsguard.guard): each gets its widgets and alarms.
@@ -69,6 +69,7 @@ class Target:
     alarm_topic: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     regions: Sequence[str] = ()
+    runbook_base: str = DEFAULT_RUNBOOK_BASE
 
 
 Dims = Mapping[str, str]
@@ -222,7 +223,7 @@ def _alarm(
     actions = {"AlarmActions": [t.alarm_topic], "OKActions": [t.alarm_topic]} if t.alarm_topic else {}
     return {
         "AlarmName": f"{t.alarm_prefix}-{name}",
-        "AlarmDescription": f"{alert}: {what} (runbook: {DEFAULT_RUNBOOK_BASE}#{alert.lower()})",
+        "AlarmDescription": f"{alert}: {what} (runbook: {runbook_url(t.runbook_base, alert)})",
         "ActionsEnabled": True,
         **actions,
         **spec,
