@@ -108,11 +108,17 @@ class Metrics(Telemetry):
             ("critical",),
             registry=r,
         )
+        self.http_requests = Counter(
+            "kmsguard_http_requests",
+            "HTTP requests answered, by method, route template and status",
+            ("method", "route", "status"),
+            registry=r,
+        )
         self._gauges: dict[str, Gauge] = {}
         self._gauge_lock = threading.Lock()
         self.exporter = exporter
         if exporter is not None:
-            exporter.on_drop = self.cloudwatch_dropped.inc
+            exporter.on_drop = self.export_dropped  # stack.build_telemetry: to every Telemetry
             exporter.levels = self.cloudwatch_levels
 
     # ------------------------------------------------------------------ Observer (hot path)
@@ -174,15 +180,19 @@ class Metrics(Telemetry):
         self.breaker_states.sources.append(source)
 
     def key_statuses(self, rows: Iterable[KeyStatus]) -> None:
-        """Each key's rotation, from ``KeyAdmin.status`` (the service refreshes it in the background)."""
         for row in rows:
             if row.rotation_enabled is not None:
                 self.key_rotation.labels(row.classification, row.region).set(1 if row.rotation_enabled else 0)
 
     def selftest_finished(self, failed_critical: int, failed_other: int) -> None:
-        """A self-test run's result (``/v1/selftest`` reports each run here), for the KmsguardSelftestFailing alert."""
         self.selftest_failures.labels("true").set(failed_critical)
         self.selftest_failures.labels("false").set(failed_other)
+
+    def http_request(self, method: str, route: str, status: str) -> None:
+        self.http_requests.labels(method, route, status).inc()
+
+    def export_dropped(self, samples: float) -> None:
+        self.cloudwatch_dropped.inc(samples)
 
     def gauge(self, name: str, value: float) -> None:
         g = self._gauges.get(name)
