@@ -75,7 +75,7 @@ def test_operations_by_operation_classification_and_outcome() -> None:
     text = m.exposition().decode()
     assert 'kmsguard_operations_total{classification="general",operation="encrypt",outcome="ok"} 3.0' in text
     assert 'kmsguard_operations_total{classification="pii",operation="decrypt",outcome="error"} 1.0' in text
-    assert 'kmsguard_operation_errors_total{code="KEY_DISABLED",operation="decrypt"} 1.0' in text
+    assert 'kmsguard_operation_errors_total{classification="pii",code="KEY_DISABLED",operation="decrypt"} 1.0' in text
 
 
 def test_emf_lines_carry_the_named_metrics_and_dimensions() -> None:

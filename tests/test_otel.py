@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -18,11 +19,12 @@ from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, Metric, Sum
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 
 from kmsguard import metrics
 from kmsguard.config import load_settings
@@ -35,6 +37,7 @@ from kmsguard.otel import OtelBridge
 from kmsguard.policy import Policy
 from kmsguard.stack import build_telemetry
 from kmsguard.telemetry import Telemetries
+from monitoring.exported import fed_registry, feed
 
 SECRET_VALUE = "ctx-value-7f3a9c"
 PLAINTEXT = b"card 4111111111111111"
@@ -146,7 +149,7 @@ def test_the_metrics_go_through_the_otel_meter_too(guard: Guard) -> None:
             if scope.scope.name == "kmsguard":
                 for metric in scope.metrics:
                     points.setdefault(metric.name, []).extend(metric.data.data_points)
-    assert {"kmsguard.operation.duration", "kmsguard.kms.calls", "kmsguard.kms.duration",
+    assert {"kmsguard.operation.duration", "kmsguard.kms.calls", "kmsguard.kms.latency",
             "kmsguard.cache.events"} <= set(points)
     ops = {tuple(sorted(p.attributes.items())): p.count for p in points["kmsguard.operation.duration"]}
     assert ops[(("classification", "pii"), ("operation", "encrypt"), ("outcome", "ok"))] >= 1
@@ -154,6 +157,61 @@ def test_the_metrics_go_through_the_otel_meter_too(guard: Guard) -> None:
     # The Prometheus registry still counts alongside.
     registry = metrics.of(guard.observers)
     assert registry is not None and b'operation="encrypt"' in registry.exposition()
+
+
+def _prometheus_name(metric: Metric) -> str:
+    """The name OpenTelemetry's Prometheus compatibility rules give an instrument: dots to underscores, the
+    unit's suffix ({annotations} dropped, s to seconds), _total for a monotonic sum."""
+    name = metric.name.replace(".", "_")
+    unit = re.sub(r"\{[^}]*\}", "", metric.unit or "")
+    suffix = {"s": "seconds", "By": "bytes", "1": "ratio"}.get(unit, unit)
+    if suffix and not name.endswith(f"_{suffix}"):
+        name += f"_{suffix}"
+    return name + ("_total" if isinstance(metric.data, Sum) and metric.data.is_monotonic else "")
+
+
+def test_every_metric_of_the_prometheus_registry_goes_through_otel_with_its_labels() -> None:
+    """The bridge and the registry, each told one of everything kmsguard reports: the same metrics under the
+    names OpenTelemetry gives them in Prometheus, with the same attributes as labels."""
+    reader = InMemoryMetricReader()
+    feed(OtelBridge(TracerProvider(), MeterProvider(metric_readers=[reader])))
+    otel: dict[str, set[str]] = {}
+    for resource in reader.get_metrics_data().resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                otel[_prometheus_name(metric)] = {k for p in metric.data.data_points for k in p.attributes or {}}
+    prometheus: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(fed_registry().exposition().decode()):
+        if family.name.endswith("_created"):  # prometheus_client's creation time of each counter's series
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        prometheus[name] = {label for sample in family.samples for label in sample.labels} - {"le"}
+    assert len(prometheus) >= 20
+    # An OpenTelemetry histogram carries its count: kmsguard_operations_total is kmsguard.operation.duration's.
+    assert prometheus.pop("kmsguard_operations_total") == otel["kmsguard_operation_duration_seconds"]
+    assert otel == prometheus
+
+
+def test_the_cloudwatch_exports_drops_reach_the_bridge_too(tmp_path: Path) -> None:
+    """The registry owns the CloudWatch export; with OpenTelemetry on, what it drops is counted by both."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "kmsguard.toml").write_text('[metrics]\notel = true\nemf = "emf.jsonl"\nmax_buffer = 1\n'
+                                        "flush_interval = 3600\n")
+    telemetry = build_telemetry(load_settings({"KMSGUARD_HOME": str(home)}))
+    assert isinstance(telemetry, Telemetries)
+    registry, bridge = telemetry.parts
+    assert isinstance(registry, metrics.Metrics) and isinstance(bridge, OtelBridge) and registry.exporter
+    try:
+        for _ in range(3):
+            registry.exporter.add("encrypt", True, "general", 0.001)  # the buffer holds one: two dropped
+    finally:
+        registry.close()
+    assert "kmsguard_cloudwatch_dropped_total 2.0" in registry.exposition().decode()
+    dropped = [point.value for resource in READER.get_metrics_data().resource_metrics
+               for scope in resource.scope_metrics for metric in scope.metrics
+               if metric.name == "kmsguard.cloudwatch.dropped" for point in metric.data.data_points]
+    assert dropped and dropped[0] >= 2
 
 
 def test_otel_is_on_by_setting_or_by_otel_variables(tmp_path: Path) -> None:

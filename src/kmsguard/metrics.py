@@ -5,9 +5,9 @@ hands to every keyring (KMS calls, retries, throttles, latency, cache events,
 failovers, levels such as the audit queue) and an operation observer (count and
 duration of every operation by operation, classification and outcome).
 
-Labels are names only — operation, classification (after the policy accepted it),
-outcome, error code, API, region. Never context values, principals, key material or
-data, so a metric cannot leak what it counts.
+Labels are names only — operation, classification (after the policy accepted it, so
+one of the configured few; "none" before), outcome, error code, API, region. Never
+context values, principals, key material or data, so a metric cannot leak what it counts.
 
 CloudWatch: ``[metrics] emf`` writes embedded-metric-format JSON lines (for a log
 agent or Lambda to turn into metrics), ``[metrics] cloudwatch = true`` publishes with
@@ -70,7 +70,10 @@ class Metrics(Telemetry):
         self.operation_stats = OperationStats()
         r.register(self.operation_stats)
         self.operation_errors = Counter(
-            "kmsguard_operation_errors", "Failed operations by error code", ("operation", "code"), registry=r
+            "kmsguard_operation_errors",
+            "Failed operations by classification and error code",
+            ("operation", "classification", "code"),
+            registry=r,
         )
         kms = ("api", "region")
         self.kms_calls = Counter("kmsguard_kms_calls", "KMS API calls", (*kms, "outcome"), registry=r)
@@ -105,20 +108,27 @@ class Metrics(Telemetry):
             ("critical",),
             registry=r,
         )
+        self.http_requests = Counter(
+            "kmsguard_http_requests",
+            "HTTP requests answered, by method, route template and status",
+            ("method", "route", "status"),
+            registry=r,
+        )
         self._gauges: dict[str, Gauge] = {}
         self._gauge_lock = threading.Lock()
         self.exporter = exporter
         if exporter is not None:
-            exporter.on_drop = self.cloudwatch_dropped.inc
+            exporter.on_drop = self.export_dropped  # stack.build_telemetry: to every Telemetry
             exporter.levels = self.cloudwatch_levels
 
     # ------------------------------------------------------------------ Observer (hot path)
 
     def observe(self, event: OperationEvent) -> None:
         kind: EventKind = event.kind
-        self.operation_stats.observe((kind.operation, kind.classification or "none", kind.outcome), event.duration)
-        if kind.error_code is not None:
-            self.operation_errors.labels(kind.operation, kind.error_code).inc()
+        cls = kind.classification or "none"
+        self.operation_stats.observe((kind.operation, cls, kind.outcome), event.duration)
+        if kind.error_code is not None:  # errors only: the label costs a successful operation nothing
+            self.operation_errors.labels(kind.operation, cls, kind.error_code).inc()
         if self.exporter is not None:
             self.exporter.add(kind.operation, kind.outcome == "ok", kind.classification, event.duration)
 
@@ -127,7 +137,7 @@ class Metrics(Telemetry):
         cls = record.classification or "none"
         self.operation_stats.observe((record.operation, cls, record.outcome), record.duration_us / 1e6)
         if record.error_code is not None:
-            self.operation_errors.labels(record.operation, record.error_code).inc()
+            self.operation_errors.labels(record.operation, cls, record.error_code).inc()
         if record.cache_hit is not None:
             self.cache_events.count("hit" if record.cache_hit else "miss", cls)
 
@@ -170,15 +180,19 @@ class Metrics(Telemetry):
         self.breaker_states.sources.append(source)
 
     def key_statuses(self, rows: Iterable[KeyStatus]) -> None:
-        """Each key's rotation, from ``KeyAdmin.status`` (the service refreshes it in the background)."""
         for row in rows:
             if row.rotation_enabled is not None:
                 self.key_rotation.labels(row.classification, row.region).set(1 if row.rotation_enabled else 0)
 
     def selftest_finished(self, failed_critical: int, failed_other: int) -> None:
-        """A self-test run's result (``/v1/selftest`` reports each run here), for the KmsguardSelftestFailing alert."""
         self.selftest_failures.labels("true").set(failed_critical)
         self.selftest_failures.labels("false").set(failed_other)
+
+    def http_request(self, method: str, route: str, status: str) -> None:
+        self.http_requests.labels(method, route, status).inc()
+
+    def export_dropped(self, samples: float) -> None:
+        self.cloudwatch_dropped.inc(samples)
 
     def gauge(self, name: str, value: float) -> None:
         g = self._gauges.get(name)
@@ -408,8 +422,9 @@ MIRRORS = (
     Mirror("AuditSpoolBytes", "kmsguard_audit_spool_bytes", "Bytes", counter=False),
     Mirror("AuditDeliveryLag", "kmsguard_audit_delivery_lag_seconds", "Seconds", counter=False),
     Mirror("AuditRecordsDropped", "kmsguard_audit_dropped_records", "Count"),
-    Mirror("StrictAuditRefusals", "kmsguard_operation_errors_total", "Count", (("operation", "Operation"),),
-           where=lambda labels: labels["code"] == "AUDIT_UNAVAILABLE"),
+    Mirror("StrictAuditRefusals", "kmsguard_operation_errors_total", "Count",
+           (("operation", "Operation"), ("classification", "KeyType")),
+           where=lambda labels: labels["code"] == "AUDIT_UNAVAILABLE", rollups=(("Operation",),)),
     Mirror("SelftestFailedChecks", "kmsguard_selftest_failed_checks", "Count", (("critical", "Critical"),),
            counter=False),
     Mirror("KeyRotationEnabled", "kmsguard_key_rotation_enabled", "None",

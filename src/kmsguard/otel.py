@@ -16,6 +16,12 @@ names and counts: never a context value, plaintext, ciphertext or key.
 
 The bridge is an ordinary observer: Guard's cache-hit lanes stay on, and each hit reaches
 it as an event (kmsguard.fastpath.EventSink).
+
+Metrics: every metric of the Prometheus registry (kmsguard.metrics), named so that
+OpenTelemetry's Prometheus conversion (dots to underscores, the unit's suffix, ``_total``
+for a counter) gives the registry's own name, with the same attributes as its labels:
+``kmsguard.kms.calls`` is ``kmsguard_kms_calls_total``. ``kmsguard_operations_total`` is the
+count of ``kmsguard.operation.duration``. tests/test_otel.py holds the two to one set.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
@@ -35,6 +41,9 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from kmsguard import __version__, operation
 from kmsguard.fastpath import OperationEvent
 from kmsguard.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from kmsguard.aws.admin import KeyStatus
 
 #: KMS calls held for operations still running; beyond this many operations, the oldest are forgotten
 #: (an operation that never finishes must not hold memory forever).
@@ -64,16 +73,24 @@ class OtelBridge(Telemetry):
         self._kms_calls = meter.create_counter("kmsguard.kms.calls", "{call}", "KMS API calls")
         self._kms_retries = meter.create_counter("kmsguard.kms.retries", "{attempt}", "KMS attempts beyond the first")
         self._kms_throttles = meter.create_counter("kmsguard.kms.throttles", "{answer}", "KMS throttling answers")
-        self._kms_duration = meter.create_histogram("kmsguard.kms.duration", "s", "KMS call latency incl. retries")
+        self._kms_duration = meter.create_histogram("kmsguard.kms.latency", "s", "KMS call latency incl. retries")
         self._failovers = meter.create_counter("kmsguard.failovers", "{failover}", "Region failovers")
         self._hedges = meter.create_counter("kmsguard.hedges", "{call}", "KMS calls repeated in another region")
         self._hedge_wins = meter.create_counter("kmsguard.hedge_wins", "{call}", "Hedges answered first")
+        self._http_requests = meter.create_counter(
+            "kmsguard.http.requests", "{request}", "HTTP requests answered, by method, route template and status"
+        )
+        self._export_dropped = meter.create_counter(
+            "kmsguard.cloudwatch.dropped", "{sample}", "Operation samples CloudWatch export dropped"
+        )
         self._lock = threading.Lock()
         self._cache_counts: Tally[tuple[str, str]] = Tally()
         self._hit_sources: list[Callable[[], Mapping[str, int]]] = []
         self._entry_sources: list[Callable[[], Mapping[str, int]]] = []
         self._breaker_sources: list[Callable[[], Mapping[str, str]]] = []
         self._levels: dict[str, float] = {}
+        self._rotation: dict[tuple[str, str], int] = {}
+        self._selftest: dict[str, int] = {}
         self._pending: dict[object, list[_KmsCall]] = {}
         meter.create_observable_counter(
             "kmsguard.cache.events", [self._observe_cache], "{event}", "Data-key cache hits, misses, evictions"
@@ -82,7 +99,15 @@ class OtelBridge(Telemetry):
             "kmsguard.cache.entries", [self._observe_entries], "{key}", "Data keys cached now"
         )
         meter.create_observable_gauge(
-            "kmsguard.region.breaker_state", [self._observe_breakers], "1", "1 for each region's breaker state"
+            "kmsguard.region.breaker_state", [self._observe_breakers], "", "1 for each region's breaker state"
+        )
+        meter.create_observable_gauge(
+            "kmsguard.key.rotation_enabled", [self._observe_rotation], "",
+            "1 when the classification's key rotates automatically in the region, 0 when it does not",
+        )
+        meter.create_observable_gauge(
+            "kmsguard.selftest.failed_checks", [self._observe_selftest], "{check}",
+            "Checks that failed in the last self-test run, by whether they are critical",
         )
 
     # ------------------------------------------------------------------ Observer
@@ -93,7 +118,7 @@ class OtelBridge(Telemetry):
         labels = {"operation": name, "classification": classification, "outcome": outcome}
         self._duration.record(event.duration, labels)
         if error_code is not None:
-            self._errors.add(1, {"operation": name, "code": error_code})
+            self._errors.add(1, {"operation": name, "classification": classification, "code": error_code})
         running = operation.current.get()
         calls: list[_KmsCall] = []
         if running is not None:
@@ -185,6 +210,22 @@ class OtelBridge(Telemetry):
     def hedge_won(self, from_region: str, to_region: str) -> None:
         self._hedge_wins.add(1, {"from_region": from_region, "to_region": to_region})
 
+    def key_statuses(self, rows: Iterable[KeyStatus]) -> None:
+        with self._lock:
+            for row in rows:
+                if row.rotation_enabled is not None:
+                    self._rotation[(row.classification, row.region)] = 1 if row.rotation_enabled else 0
+
+    def selftest_finished(self, failed_critical: int, failed_other: int) -> None:
+        with self._lock:
+            self._selftest.update({"true": failed_critical, "false": failed_other})
+
+    def http_request(self, method: str, route: str, status: str) -> None:
+        self._http_requests.add(1, {"method": method, "route": route, "status": status})
+
+    def export_dropped(self, samples: float) -> None:
+        self._export_dropped.add(samples)
+
     def gauge(self, name: str, value: float) -> None:
         with self._lock:
             new = name not in self._levels
@@ -211,6 +252,14 @@ class OtelBridge(Telemetry):
         for source in list(self._entry_sources):
             entries.update(source())
         return [Observation(n, {"classification": c}) for c, n in sorted(entries.items())]
+
+    def _observe_rotation(self, _: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            return [Observation(v, {"classification": c, "region": r}) for (c, r), v in sorted(self._rotation.items())]
+
+    def _observe_selftest(self, _: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            return [Observation(n, {"critical": critical}) for critical, n in sorted(self._selftest.items())]
 
     def _observe_breakers(self, _: CallbackOptions) -> Iterable[Observation]:
         out = []

@@ -39,9 +39,13 @@ def build_telemetry(settings: Settings) -> Telemetry:
     OpenTelemetry bridge when it is on (``[metrics] otel``), both fed by a Telemetries."""
     from kmsguard.metrics import build_metrics, build_otel
 
-    parts = [t for t in (build_metrics(settings), build_otel(settings)) if t is not None]
+    registry = build_metrics(settings)
+    parts = [t for t in (registry, build_otel(settings)) if t is not None]
     if len(parts) > 1:
-        return Telemetries(parts)
+        telemetry = Telemetries(parts)
+        if registry is not None and registry.exporter is not None:  # the registry's export's drops, to all
+            registry.exporter.on_drop = telemetry.export_dropped
+        return telemetry
     return parts[0] if parts else NULL_TELEMETRY
 
 

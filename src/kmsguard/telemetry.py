@@ -8,11 +8,19 @@ component never checks whether anyone listens.
 
 Labels are names only (API, region, classification, outcome); never context values,
 key material or data.
+
+Every fact reaches every exporter through here (the Prometheus registry and the
+OpenTelemetry bridge, one :class:`Telemetries`), so both carry the same metrics;
+tests/test_otel.py holds them to the same names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kmsguard.aws.admin import KeyStatus
 
 
 class Telemetry:
@@ -51,8 +59,26 @@ class Telemetry:
     def gauge(self, name: str, value: float) -> None:
         """A level (audit queue depth, spool size, cache size) at the time of reporting."""
 
+    def key_statuses(self, rows: Iterable[KeyStatus]) -> None:
+        """Each key's rotation, from ``KeyAdmin.status`` (the service refreshes it in the background)."""
+
+    def selftest_finished(self, failed_critical: int, failed_other: int) -> None:
+        """A self-test run's failed checks (``/v1/selftest`` reports each run), for KmsguardSelftestFailing."""
+
+    def http_request(self, method: str, route: str, status: str) -> None:
+        """``kmsguard serve`` answered a request; ``route`` is the matched path template, never the raw path."""
+
+    def export_dropped(self, samples: float) -> None:
+        """The CloudWatch export dropped operation samples (its buffer was full, or PutMetricData failed)."""
+
 
 NULL_TELEMETRY = Telemetry()
+
+
+def of(observers: Iterable[object]) -> Telemetry:
+    """The Telemetry among a Guard's observers (the registry, the OpenTelemetry bridge), as one."""
+    parts = [o for o in observers if isinstance(o, Telemetry)]
+    return parts[0] if len(parts) == 1 else Telemetries(parts) if parts else NULL_TELEMETRY
 
 
 class Telemetries(Telemetry):
@@ -98,3 +124,20 @@ class Telemetries(Telemetry):
     def gauge(self, name: str, value: float) -> None:
         for part in self.parts:
             part.gauge(name, value)
+
+    def key_statuses(self, rows: Iterable[KeyStatus]) -> None:
+        rows = list(rows)
+        for part in self.parts:
+            part.key_statuses(rows)
+
+    def selftest_finished(self, failed_critical: int, failed_other: int) -> None:
+        for part in self.parts:
+            part.selftest_finished(failed_critical, failed_other)
+
+    def http_request(self, method: str, route: str, status: str) -> None:
+        for part in self.parts:
+            part.http_request(method, route, status)
+
+    def export_dropped(self, samples: float) -> None:
+        for part in self.parts:
+            part.export_dropped(samples)

@@ -100,7 +100,8 @@ def test_metrics_command_counts_what_the_audit_trail_holds(audited: Path) -> Non
     assert code == 0 and "kmsguard_audit_spool_bytes 0.0" in out
     assert 'kmsguard_operations_total{classification="general",operation="encrypt",outcome="ok"} 3.0' in out
     assert 'kmsguard_operations_total{classification="payment",operation="decrypt",outcome="error"} 1.0' in out
-    assert 'kmsguard_operation_errors_total{code="CONTEXT_MISMATCH",operation="decrypt"} 1.0' in out
+    errors = 'kmsguard_operation_errors_total{classification="payment",code="CONTEXT_MISMATCH",operation="decrypt"}'
+    assert f"{errors} 1.0" in out
     assert 'kmsguard_cache_events_total{classification="general",event="miss"} 3.0' in out
     assert "writer-closed" not in out
     code, out = run("metrics", "--since", "1m")

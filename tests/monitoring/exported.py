@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from kmsguard.aws.admin import KeyStatus
 from kmsguard.metrics import CloudWatchExport, Metrics
 from kmsguard.operation import Operation
-from kmsguard.server.observability import request_counter
 
 
 def fed_registry(exporter: CloudWatchExport | None = None) -> Metrics:
     """A registry that has seen one of everything kmsguard reports (in process, no KMS)."""
     m = Metrics(exporter)
+    feed(m)
+    return m
+
+
+def feed(m: Any) -> None:
+    """One of everything kmsguard reports, to ``m``: a Telemetry and operation observer (the Prometheus
+    registry, the OpenTelemetry bridge)."""
     op = Operation("encrypt", "pii", {}, "tester")
     op.finish(None)
     m.observe(op.event())
@@ -31,8 +39,8 @@ def fed_registry(exporter: CloudWatchExport | None = None) -> Metrics:
         m.gauge(name, 0)
     m.key_statuses([KeyStatus("pii", "us-east-1", "alias/x", rotation_enabled=False)])
     m.selftest_finished(0, 0)
-    request_counter(m).labels("POST", "/v1/encrypt", "200").inc()
-    return m
+    m.http_request("POST", "/v1/encrypt", "200")
+    m.export_dropped(1)
 
 
 def exported(text: str) -> dict[str, set[str]]:

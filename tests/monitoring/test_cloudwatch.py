@@ -113,6 +113,14 @@ def test_every_prometheus_alert_has_an_alarm_that_points_at_its_runbook(client: 
         assert alarm["AlarmDescription"].endswith(f"(runbook: docs/monitoring.md#{alert.lower()})")
 
 
+def test_runbook_base_makes_the_alarms_link_to_the_hosted_docs(client: Any) -> None:
+    base = "https://docs.example.internal/kmsguard/monitoring/"
+    result = CliRunner().invoke(cli, ["monitoring", "cloudwatch", "apply", "--dry-run", "--runbook-base", base])
+    assert result.exit_code == 0, result.output
+    descriptions = [a["AlarmDescription"] for a in json.loads(result.output)["PutMetricAlarm"]]
+    assert descriptions and all(d.endswith(f"(runbook: {base}#{d.split(':')[0].lower()})") for d in descriptions)
+
+
 def test_a_changed_threshold_updates_the_alarms_only(client: Any) -> None:
     prefix = f"kg-{id(client)}-t"
     _run("--alarm-prefix", prefix)
@@ -134,6 +142,12 @@ def test_dry_run_prints_the_requests_and_sends_nothing(client: Any, home: Path) 
     plan = json.loads(result.output)
     assert plan["PutDashboard"]["DashboardName"] == "kg-dry"
     assert {a["AlarmName"] for a in plan["PutMetricAlarm"]} == _expected_alarms("kmsguard")
+    widgets = {w["properties"]["title"]: w["properties"] for w in plan["PutDashboard"]["DashboardBody"]["widgets"]}
+    generated = widgets["Data keys generated per minute (GenerateDataKey)"]["metrics"]
+    named = [m[1:6] for m in generated if isinstance(m[0], str)]
+    assert named == [[metric, "Api", "GenerateDataKey", "Region", r] for r in REGIONS
+                     for metric in ("KmsCalls", "KmsErrors")]
+    assert [m[0]["label"] for m in generated if isinstance(m[0], dict)] == list(REGIONS)
     with pytest.raises(client.exceptions.ResourceNotFound):
         client.get_dashboard(DashboardName="kg-dry")
 
@@ -147,7 +161,9 @@ def test_dry_run_prints_the_requests_and_sends_nothing(client: Any, home: Path) 
     assert local == {n for n in _expected_alarms("kmsguard") if not any(r in n for r in REGIONS)} - {
         "kmsguard-all-regions-failing"
     }
-    assert not any(w["properties"]["title"].startswith("KMS") for w in plan["PutDashboard"]["DashboardBody"]["widgets"])
+    titles = [w["properties"]["title"] for w in plan["PutDashboard"]["DashboardBody"]["widgets"]]
+    assert not any(t.startswith("KMS") or "GenerateDataKey" in t for t in titles)
+    assert "Cache misses and hits per minute" in titles
 
 
 Series = tuple[str, str, tuple[tuple[str, str], ...]]

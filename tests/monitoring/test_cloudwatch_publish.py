@@ -59,6 +59,7 @@ def test_the_service_publishes_what_the_alarms_watch(tmp_path: Path, kms_regions
         ("CacheHits", {"KeyType": "general"}, "Sum", lambda v: v >= 3),
         ("CacheMisses", {"KeyType": "pii"}, "Sum", lambda v: v >= 3),
         ("StrictAuditRefusals", {"Operation": "decrypt"}, "Sum", lambda v: v == 0),
+        ("StrictAuditRefusals", {"Operation": "decrypt", "KeyType": "general"}, "Sum", lambda v: v == 0),
         ("SelftestFailedChecks", {"Critical": "true"}, "Maximum", lambda v: v >= 0),
         ("AuditQueueDepth", {}, "SampleCount", lambda v: v >= 1),
         ("AuditRecordsDropped", {}, "SampleCount", lambda v: v >= 1),
@@ -100,6 +101,7 @@ def test_the_service_publishes_what_the_alarms_watch(tmp_path: Path, kms_regions
     assert emf["KmsCalls"] == [["Api", "Region"], ["Region"], []]
     assert emf["KmsThrottles"] == [["Api", "Region"], ["Region"]]
     assert emf["Failovers"] == [["FromRegion"]]
+    assert emf["StrictAuditRefusals"] == [["Operation", "KeyType"], ["Operation"]]
     assert emf["CacheHits"] == emf["CacheMisses"] == [["KeyType"]]
     assert emf["KeyRotationEnabled"] == [["KeyType", "Region"], []]
     assert emf["AuditQueueDepth"] == emf["RegionsAvailable"] == [[]]

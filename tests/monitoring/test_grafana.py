@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+from pathlib import Path
 
+import yaml
 from click.testing import CliRunner
 
 from kmsguard.cli.main import cli
@@ -56,7 +60,48 @@ def test_the_check_sees_a_metric_that_is_not_exported() -> None:
 
 
 def test_panel_queries_are_labelled_by_the_variables() -> None:
+    """Job and instance everywhere; the classification wherever every metric of the query has that label."""
+    names = exported(fed_registry().exposition().decode())
+    filtered = 0
     for row, panels in grafana.ROWS:
         for panel in panels:
             for expr, _ in panel.targets:
                 assert 'job=~"$job"' in expr and 'instance=~"$instance"' in expr, (row, panel.title)
+                metrics = references(grafana_to_promql(expr)).selectors
+                if all("classification" in names[m] for m in metrics):
+                    selectors = len(re.findall(r"\bkmsguard_\w+\{", expr))
+                    assert expr.count('classification=~"$classification"') == selectors, (row, panel.title)
+                    filtered += 1
+    assert filtered >= 10
+
+
+def _expr(title: str) -> str:
+    (panel,) = [p for _, panels in grafana.ROWS for p in panels if p.title == title]
+    ((expr, _),) = panel.targets
+    return grafana_to_promql(expr)
+
+
+def test_data_keys_generated_are_generate_data_key_calls_not_cache_misses(promtool: str, tmp_path: Path) -> None:
+    """The two panels evaluated by promtool over the same series: a decrypt miss (a KMS Decrypt) is a cache
+    miss and no new data key; a failed GenerateDataKey made none either."""
+    kms = 'kmsguard_kms_calls_total{job="kmsguard", instance="h:1", region="us-east-1", '
+    series = {
+        kms + 'api="GenerateDataKey", outcome="ok"}': "0+120x10",
+        kms + 'api="GenerateDataKey", outcome="KEY_UNAVAILABLE"}': "0+60x10",
+        kms + 'api="Decrypt", outcome="ok"}': "0+240x10",
+        'kmsguard_cache_events_total{job="kmsguard", instance="h:1", event="miss", classification="pii"}': "0+360x10",
+    }
+    tests = tmp_path / "tests.yml"
+    tests.write_text(yaml.safe_dump({"rule_files": [], "tests": [{
+        "interval": "1m",
+        "input_series": [{"series": s, "values": v} for s, v in series.items()],
+        "promql_expr_test": [
+            {"expr": _expr("Data keys generated/s"), "eval_time": "10m",
+             "exp_samples": [{"labels": '{region="us-east-1"}', "value": 2}]},
+            {"expr": _expr("Cache misses/s"), "eval_time": "10m",
+             "exp_samples": [{"labels": '{classification="pii"}', "value": 6}]},
+        ],
+    }]}))
+    result = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -72,11 +72,22 @@ CASES = [
           {f'kmsguard_kms_calls_total{{{L}, api="Decrypt", region="us-east-1", outcome="ok"}}': "0+10x20",
            f'kmsguard_kms_calls_total{{{L}, api="Decrypt", region="us-east-1", outcome="KEY_UNAVAILABLE"}}':
            "0+1x20"}]),
-    # A single region (no breakers): no KMS call succeeds.
+    # A single region (no breakers): no KMS call succeeds any more.
     Case("KmsguardAllRegionsFailing", "10m",
          {f'kmsguard_kms_calls_total{{{L}, api="Decrypt", region="us-east-1", outcome="ok"}}': "5x20",
           f'kmsguard_kms_calls_total{{{L}, api="Decrypt", region="us-east-1", outcome="KEY_UNAVAILABLE"}}': "0+10x20"},
          {}),
+    # A single-region process that started during the outage: no outcome="ok" series at all. Quiet when
+    # the failed calls stopped (no calls made), and when some calls succeed.
+    Case("KmsguardAllRegionsFailing", "10m",
+         {f'kmsguard_kms_calls_total{{{L}, api="GenerateDataKey", region="us-east-1", outcome="KEY_UNAVAILABLE"}}':
+          "0+10x20"},
+         {},
+         [{f'kmsguard_kms_calls_total{{{L}, api="GenerateDataKey", region="us-east-1", outcome="KEY_UNAVAILABLE"}}':
+           "10x20"},
+          {f'kmsguard_kms_calls_total{{{L}, api="GenerateDataKey", region="us-east-1", outcome="KEY_UNAVAILABLE"}}':
+           "0+10x20",
+           f'kmsguard_kms_calls_total{{{L}, api="Decrypt", region="us-east-1", outcome="ok"}}': "0+1x20"}]),
     Case("KmsguardAuditDeliveryStalled", "10m",
          {f"kmsguard_audit_delivery_lag_seconds{{{L}}}": "0+60x20"}, {},
          [{f"kmsguard_audit_delivery_lag_seconds{{{L}}}": "0.2x20"}]),
@@ -87,9 +98,11 @@ CASES = [
          {f"kmsguard_audit_dropped_records{{{L}}}": "0 0 0 0 0 3 3 3 3 3 3 3"}, {},
          [{f"kmsguard_audit_dropped_records{{{L}}}": "0x20"}, {f"kmsguard_audit_dropped_records{{{L}}}": "7x20"}]),
     Case("KmsguardStrictAuditRefusals", "10m",
-         {f'kmsguard_operation_errors_total{{{L}, operation="encrypt", code="AUDIT_UNAVAILABLE"}}': "0+2x20"},
-         {"operation": "encrypt"},
-         [{f'kmsguard_operation_errors_total{{{L}, operation="encrypt", code="CONTEXT_MISMATCH"}}': "0+2x20"}]),
+         {f'kmsguard_operation_errors_total{{{L}, operation="encrypt", classification="payment", '
+          'code="AUDIT_UNAVAILABLE"}': "0+2x20"},
+         {"operation": "encrypt", "classification": "payment"},
+         [{f'kmsguard_operation_errors_total{{{L}, operation="encrypt", classification="payment", '
+           'code="CONTEXT_MISMATCH"}': "0+2x20"}]),
     Case("KmsguardCacheHitRatioLow", "60m",
          {f'kmsguard_cache_events_total{{{L}, event="hit", classification="general"}}': "0+60x80",
           f'kmsguard_cache_events_total{{{L}, event="miss", classification="general"}}': "0+120x80"},
@@ -99,6 +112,11 @@ CASES = [
           # Too little traffic to judge.
           {f'kmsguard_cache_events_total{{{L}, event="hit", classification="general"}}': "0+6x80",
            f'kmsguard_cache_events_total{{{L}, event="miss", classification="general"}}': "0+12x80"}]),
+    # Every lookup misses and no hit series exists yet: the ratio is 0, not absent.
+    Case("KmsguardCacheHitRatioLow", "60m",
+         {f'kmsguard_cache_events_total{{{L}, event="miss", classification="pii"}}': "0+120x80"},
+         {"classification": "pii"},
+         [{f'kmsguard_cache_events_total{{{L}, event="miss", classification="pii"}}': "0+12x80"}]),
     Case("KmsguardKmsLatencyHigh", "20m",
          _buckets("kmsguard_kms_latency_seconds_bucket", 'api="Decrypt", region="us-east-1"',
                   {"0.05": "0x30", "0.5": "0x30", "1.0": "0+10x30", "+Inf": "0+10x30"}),

@@ -25,14 +25,23 @@ def monitoring() -> None:
     """Generate alert rules, dashboards and CloudWatch alarms over kmsguard's metrics."""
 
 
+def runbook_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--runbook-base``: where the runbook links of the alerts (and alarms) point."""
+    from kmsguard.monitoring.prometheus import DEFAULT_RUNBOOK_BASE
+
+    return click.option(
+        "--runbook-base",
+        metavar="URL",
+        default=DEFAULT_RUNBOOK_BASE,
+        show_default=True,
+        help="URL of the monitoring page where your team hosts kmsguard's docs (the default is a path, not a "
+        "link); each alert's runbook is it plus #<alert name in lower case>.",
+    )(command)
+
+
 @monitoring.command("prometheus-rules")
 @threshold_options
-@click.option(
-    "--runbook-base",
-    default="docs/monitoring.md",
-    show_default=True,
-    help="URL of the monitoring page of your kmsguard docs; each alert's runbook_url is it plus #<alert name>.",
-)
+@runbook_option
 def prometheus_rules(runbook_base: str, **thresholds: float) -> None:
     """Print Prometheus alerting and recording rules (YAML): `kmsguard monitoring prometheus-rules > rules.yml`."""
     from kmsguard.monitoring import prometheus
@@ -60,8 +69,12 @@ def cloudwatch() -> None:
 @click.option("--alarm-topic", metavar="ARN", default=None, help="SNS topic the alarms notify (alarm and OK).")
 @click.option("--dashboard", default="kmsguard", show_default=True, help="The dashboard's name.")
 @click.option("--alarm-prefix", default="kmsguard", show_default=True, help="Every alarm's name starts with this.")
+@runbook_option
 @threshold_options
-def apply(dry_run: bool, alarm_topic: str | None, dashboard: str, alarm_prefix: str, **thresholds: float) -> None:
+def apply(
+    dry_run: bool, alarm_topic: str | None, dashboard: str, alarm_prefix: str, runbook_base: str,
+    **thresholds: float,
+) -> None:
     """Create or update the dashboard (PutDashboard) and alarms (PutMetricAlarm); a second run changes nothing.
 
     Namespace, region and endpoint come from [metrics] (namespace, region, endpoint_url); one
@@ -87,6 +100,7 @@ def apply(dry_run: bool, alarm_topic: str | None, dashboard: str, alarm_prefix: 
         alarm_topic=alarm_topic,
         thresholds=Thresholds(**thresholds),
         regions=regions,
+        runbook_base=runbook_base,
     )
     if dry_run:
         click.echo(json.dumps(cw.plan(target), indent=2))

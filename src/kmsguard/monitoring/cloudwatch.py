@@ -42,7 +42,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError, PartialCredentialsError
 
 from kmsguard.errors import AccessDenied, ConfigurationError, CredentialsError, KmsGuardError
-from kmsguard.monitoring.prometheus import DEFAULT_RUNBOOK_BASE
+from kmsguard.monitoring.prometheus import DEFAULT_RUNBOOK_BASE, runbook_url
 from kmsguard.monitoring.thresholds import Thresholds
 
 #: The operations Guard reports (kmsguard.guard): each gets its widgets and alarms.
@@ -69,6 +69,7 @@ class Target:
     alarm_topic: str | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     regions: Sequence[str] = ()
+    runbook_base: str = DEFAULT_RUNBOOK_BASE
 
 
 Dims = Mapping[str, str]
@@ -123,12 +124,21 @@ def _rows(t: Target) -> list[list[tuple[str, list[list[Any]], str]]]:
         for n, c in enumerate(classes)
         for line in _ratio_lines(t, n, ("CacheHits", {"KeyType": c}), ("CacheMisses", {"KeyType": c}), c)
     ]
-    rows.append([
-        ("Data-key cache hit ratio", hit_ratio, "Sum"),
-        ("Data keys generated per minute (cache misses)", [_line(t, "CacheMisses", {"KeyType": c}) for c in classes],
-         "Sum"),
-        ("Cache hits per minute", [_line(t, "CacheHits", {"KeyType": c}) for c in classes], "Sum"),
-    ])
+    lookups = [_line(t, metric, {"KeyType": c}, label=f"{c} {what}")
+               for metric, what in (("CacheMisses", "misses"), ("CacheHits", "hits")) for c in classes]
+    cache = [("Data-key cache hit ratio", hit_ratio, "Sum"), ("Cache misses and hits per minute", lookups, "Sum")]
+    if regions:  # successful GenerateDataKey calls: KmsCalls less KmsErrors (the local backend calls no KMS)
+        generated = [
+            line
+            for n, r in enumerate(regions)
+            for line in (
+                _line(t, "KmsCalls", {"Api": "GenerateDataKey", "Region": r}, id=f"c{n}", visible=False, stat="Sum"),
+                _line(t, "KmsErrors", {"Api": "GenerateDataKey", "Region": r}, id=f"e{n}", visible=False, stat="Sum"),
+                [{"expression": f"FILL(c{n}, 0) - FILL(e{n}, 0)", "label": r, "id": f"g{n}"}],
+            )
+        ]
+        cache.append(("Data keys generated per minute (GenerateDataKey)", generated, "Sum"))
+    rows.append(cache)
     rows.append([
         ("Audit backlog (records)", [_line(t, "AuditQueueDepth", {})], "Maximum"),
         ("Audit delivery lag (s)", [_line(t, "AuditDeliveryLag", {})], "Maximum"),
@@ -213,7 +223,7 @@ def _alarm(
     actions = {"AlarmActions": [t.alarm_topic], "OKActions": [t.alarm_topic]} if t.alarm_topic else {}
     return {
         "AlarmName": f"{t.alarm_prefix}-{name}",
-        "AlarmDescription": f"{alert}: {what} (runbook: {DEFAULT_RUNBOOK_BASE}#{alert.lower()})",
+        "AlarmDescription": f"{alert}: {what} (runbook: {runbook_url(t.runbook_base, alert)})",
         "ActionsEnabled": True,
         **actions,
         **spec,

@@ -41,7 +41,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
     ]),
     ("Errors", [
         Panel("Errors/s by code", "Failed operations per second by kmsguard error code.",
-              ((f"sum by (operation, code) (rate(kmsguard_operation_errors_total{{{SEL}}}[$__rate_interval]))",
+              ((f"sum by (operation, code) (rate(kmsguard_operation_errors_total{{{CLS}}}[$__rate_interval]))",
                 "{{operation}} {{code}}"),), "ops"),
         Panel("Error ratio by operation and classification", "Share of operations that failed.",
               ((f'sum by (operation, classification) (rate(kmsguard_operations_total{{{CLS}, outcome="error"}}'
@@ -83,13 +83,25 @@ ROWS: list[tuple[str, list[Panel]]] = [
     ]),
     ("Cache", [
         Panel("Data-key cache hit ratio", "Hits over hits and misses, per classification: misses are KMS calls.",
-              ((f'sum by (classification) (rate(kmsguard_cache_events_total{{{CLS}, event="hit"}}[$__rate_interval]))'
+              ((f'(sum by (classification) (rate(kmsguard_cache_events_total{{{CLS}, event="hit"}}[$__rate_interval]))'
+                " or 0 * sum by (classification) "
+                f'(rate(kmsguard_cache_events_total{{{CLS}, event="miss"}}[$__rate_interval])))'
                 " / sum by (classification) "
                 f'(rate(kmsguard_cache_events_total{{{CLS}, event=~"hit|miss"}}[$__rate_interval]))',
                 "{{classification}}"),), "percentunit"),
-        Panel("Data keys generated/s", "Cache misses: each one a new data key from KMS (the KMS bill).",
+        Panel("Cache misses/s",
+              "Data-key cache lookups that missed, per classification: an encrypt miss generates a data key, a "
+              "decrypt miss unwraps one (KMS Decrypt with the AWS backend). Classifications without key reuse "
+              "never look the cache up and are not counted here.",
               ((f'sum by (classification) (rate(kmsguard_cache_events_total{{{CLS}, event="miss"}}'
                 "[$__rate_interval]))", "{{classification}}"),), "ops"),
+        Panel("Data keys generated/s",
+              "Successful KMS GenerateDataKey calls by region (AWS backend): every new data key, cache misses and "
+              "classifications without key reuse alike, each a billed call. KMS calls carry no classification: "
+              "the Classification variable does not filter this panel. Empty with the local backend, whose data "
+              "keys are made in process at no cost (its encrypt misses are in Cache misses/s).",
+              ((f'sum by (region) (rate(kmsguard_kms_calls_total{{{SEL}, api="GenerateDataKey", outcome="ok"}}'
+                "[$__rate_interval]))", "{{region}}"),), "ops"),
         Panel("Cached data keys", "Entries in the data-key caches now.",
               ((f"sum by (classification) (kmsguard_cache_entries{{{CLS}}})", "{{classification}}"),), "short"),
     ]),
@@ -101,8 +113,9 @@ ROWS: list[tuple[str, list[Panel]]] = [
         Panel("Audit records dropped", "Non-strict records lost because the spool was full or unusable.",
               ((f"sum by (instance) (kmsguard_audit_dropped_records{{{SEL}}})", "{{instance}}"),), "short"),
         Panel("Strict audit refusals/s", "Operations refused because their audit record could not be made durable.",
-              ((f'sum by (operation) (rate(kmsguard_operation_errors_total{{{SEL}, code="AUDIT_UNAVAILABLE"}}'
-                "[$__rate_interval]))", "{{operation}}"),), "ops"),
+              ((f"sum by (operation, classification) "
+                f'(rate(kmsguard_operation_errors_total{{{CLS}, code="AUDIT_UNAVAILABLE"}}[$__rate_interval]))',
+                "{{operation}} {{classification}}"),), "ops"),
     ]),
     ("Service", [
         Panel("Requests/s by status", "HTTP answers of `kmsguard serve`, by status code (empty unless serving).",

@@ -14,12 +14,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from kmsguard.config import Settings
-    from kmsguard.metrics import Metrics
+    from kmsguard.telemetry import Telemetry
 
 log = logging.getLogger("kmsguard.server")
 
@@ -27,17 +26,8 @@ log = logging.getLogger("kmsguard.server")
 KEY_STATUS_SECONDS = 3600.0
 
 
-def request_counter(registry: Metrics) -> Counter:
-    return Counter(
-        "kmsguard_http_requests",
-        "HTTP requests answered, by method, route template and status",
-        ("method", "route", "status"),
-        registry=registry.registry,
-    )
-
-
 class RequestMetricsMiddleware:
-    """Counts each answered request on the worker's ``Service.requests`` (none when metrics are off)."""
+    """Reports each answered request to the worker's ``Service.telemetry`` (a no-op when metrics are off)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -58,14 +48,14 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, record_status)
         finally:
             service = getattr(getattr(scope.get("app"), "state", None), "service", None)
-            counter = getattr(service, "requests", None)
-            if counter is not None and status:
+            telemetry = getattr(service, "telemetry", None)
+            if telemetry is not None and status:
                 route = getattr(scope.get("route"), "path", "unmatched")
-                counter.labels(scope["method"], route, str(status)).inc()
+                telemetry.http_request(scope["method"], route, str(status))
 
 
-async def watch_key_rotation(settings: Settings, registry: Metrics) -> None:
-    """Report every classification's key rotation to ``registry``, now and every KEY_STATUS_SECONDS."""
+async def watch_key_rotation(settings: Settings, telemetry: Telemetry) -> None:
+    """Report every classification's key rotation to ``telemetry``, now and every KEY_STATUS_SECONDS."""
     from kmsguard.aws import AwsSettings, ClientFactory
     from kmsguard.aws.admin import KeyAdmin
 
@@ -75,7 +65,7 @@ async def watch_key_rotation(settings: Settings, registry: Metrics) -> None:
     while True:
         try:
             rows = await loop.run_in_executor(None, admin.status, list(settings.policy))
-            registry.key_statuses(rows)
+            telemetry.key_statuses(rows)
         except Exception as exc:  # a status read that fails leaves the last values; the next one retries
             log.warning("could not read the keys' rotation status (%s)", type(exc).__name__)
         await asyncio.sleep(KEY_STATUS_SECONDS)

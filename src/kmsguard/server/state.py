@@ -8,18 +8,17 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter
-
-from kmsguard import metrics
+from kmsguard import metrics, telemetry
 from kmsguard.aio import AsyncGuard
 from kmsguard.audit.settings import AuditSettings
 from kmsguard.config import Settings
 from kmsguard.guard import Guard
 from kmsguard.server.apikeys import LAST_USED_SECONDS, REVOCATION_SECONDS, KeyIndex, open_store
-from kmsguard.server.observability import request_counter, watch_key_rotation
+from kmsguard.server.observability import watch_key_rotation
 from kmsguard.server.ratelimit import TokenBuckets
 from kmsguard.server.readiness import Readiness
 from kmsguard.server.settings import ServerSettings
+from kmsguard.telemetry import NULL_TELEMETRY, Telemetry
 
 log = logging.getLogger("kmsguard.server")
 
@@ -33,8 +32,8 @@ class Service:
     keys: KeyIndex | None  # None with auth = "none"
     buckets: TokenBuckets
     readiness: Readiness
-    #: kmsguard_http_requests_total on the Guard's registry; None when metrics are off.
-    requests: Counter | None = None
+    #: The Guard's metrics (registry, OpenTelemetry): requests, key rotation, self-test results.
+    telemetry: Telemetry = NULL_TELEMETRY
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -45,7 +44,6 @@ class Service:
             store = open_store(server.api_keys, settings.home, server.api_keys_dsn, server.api_keys_schema)
             keys = KeyIndex(store)
         audit_limit = AuditSettings.of(settings).max_spool_bytes
-        registry = metrics.of(guard.observers)
         return cls(
             settings=settings,
             server=server,
@@ -54,7 +52,7 @@ class Service:
             keys=keys,
             buckets=TokenBuckets(server.rate_limit, server.rate_burst),
             readiness=Readiness(guard, server.ready_interval, audit_limit),
-            requests=request_counter(registry) if registry is not None else None,
+            telemetry=telemetry.of(guard.observers),
         )
 
     def exposition(self) -> bytes:
@@ -66,9 +64,8 @@ class Service:
         if self.keys is not None:
             self._tasks.append(loop.create_task(self._reload_keys(self.keys)))
             self._tasks.append(loop.create_task(self._write_last_used()))
-        registry = metrics.of(self.guard.observers)
-        if registry is not None and self.settings.backend == "aws":
-            self._tasks.append(loop.create_task(watch_key_rotation(self.settings, registry)))
+        if self.telemetry is not NULL_TELEMETRY and self.settings.backend == "aws":
+            self._tasks.append(loop.create_task(watch_key_rotation(self.settings, self.telemetry)))
 
     async def stop(self) -> None:
         """After the last request: stop background work, write last-used times, close the Guard (flushing audit)."""
