@@ -200,7 +200,8 @@ def test_console_script_and_version(cli: Cli) -> None:
 
 def test_every_command_loads_under_its_name_and_only_its_module_is_imported() -> None:
     """The group loads commands on demand (kmsguard.cli.main.COMMANDS): each name gives the
-    command of that name, and running one imports neither the service nor the scanners."""
+    command of that name, and running one imports neither the service nor the scanners.
+    ``kmsguard apikey`` needs the key store, not the service's application (FastAPI)."""
     ctx = click.Context(main.cli)
     for name in main.cli.list_commands(ctx):
         command = main.cli.get_command(ctx, name)
@@ -208,12 +209,14 @@ def test_every_command_loads_under_its_name_and_only_its_module_is_imported() ->
     assert main.cli.get_command(ctx, "nope") is None
     loaded = subprocess.run(
         [sys.executable, "-c", "import json, sys\nfrom kmsguard.cli.main import main\n"
-         "try:\n    main(['encrypt', '--help'])\nexcept SystemExit:\n    print(json.dumps(sorted(sys.modules)))"],
+         "try:\n    main(['encrypt', '--help'])\nexcept SystemExit:\n    print(json.dumps(sorted(sys.modules)))\n"
+         "import kmsguard.server.apikeys\nprint(json.dumps(sorted(sys.modules)))"],
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout
-    modules = set(json.loads(loaded.splitlines()[-1]))
+    modules, with_apikeys = (set(json.loads(line)) for line in loaded.splitlines()[-2:])
     assert "kmsguard.cli.data" in modules
     assert not {"kmsguard.cli.server", "kmsguard.cli.scan", "kmsguard.detect", "fastapi"} & modules
+    assert "kmsguard.server.apikeys" in with_apikeys and "fastapi" not in with_apikeys
 
 
 def test_init_problems_are_one_line_errors(tmp_path: Path) -> None:
