@@ -51,7 +51,7 @@ def sent() -> Iterator[list[str]]:
 
 
 @schema.parametrize()
-@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_every_operation_conforms(case: Any, local_service: Service, sent: list[str]) -> None:
     response = case.call(headers={"Authorization": f"Bearer {local_service.tokens['admin']}"}, timeout=30)
     sent.append(case.operation.verbose_name)
