@@ -1,23 +1,27 @@
 """Runs many ``kmsguard`` command lines, each in a process of its own, for the price of one start-up.
 
 ``python cli_driver.py SPEC OUT``: SPEC is a JSON file ``{"preload": [module, ...],
-"parallel": N, "cases": [{"id", "argv", "stdin", "env", "exec", "stop_when"}, ...]}``.
-The driver imports the ``preload`` modules once, then forks one child per case, at most
-``parallel`` at a time. A child points fd 0 at the ``stdin`` file, fds 1 and 2 at files of
-its own, updates its environment with ``env`` and runs ``python -m kmsguard ARGV`` through
-:func:`runpy.run_module`, the way ``-m`` does; the SystemExit (or any exception) then ends
-the child through the interpreter's own exit: its excepthook, thread joins, atexit handlers
-and flushes, as in a process started from scratch. A case with ``exec`` starts a fresh
-interpreter instead (``os.execv``), to keep the whole start-up and exit path covered. A
-case with ``stop_when`` (a long-running ``serve``) is sent SIGTERM once that text shows on
-its stderr. What is measured is what a user sees: the bytes written to fds 1 and 2 and the
-exit status. OUT gets one JSON object per case: ``id``, ``exit`` (a negative signal number
-when killed), ``stdout``, ``stderr`` (text, undecodable bytes replaced).
+"botocore_services": [name, ...], "parallel": N, "cases": [{"id", "argv", "stdin", "env",
+"exec", "stop_when"}, ...]}``. The driver imports the ``preload`` modules and parses the
+botocore data of ``botocore_services`` once, then forks one child per case, at most
+``parallel`` at a time. A child points fd 0 at the ``stdin`` file and fds 1 and 2 at files
+of its own, updates its environment with ``env`` and runs ``python -m kmsguard ARGV``
+through :func:`runpy.run_module`, the way ``-m`` does, then exits as the interpreter does:
+the SystemExit's status (an uncaught exception printed by the excepthook, status 1),
+non-daemon threads joined, atexit handlers run, stdout and stderr flushed. Only module
+teardown is left out (``os._exit``): it touches, and so copies, every page the child
+shares with the driver, and costs a forked child more than most commands do. A case with
+``exec`` starts a fresh interpreter instead (``os.execv``), to keep the whole start-up and
+exit path covered. A case with ``stop_when`` (a long-running ``serve``) is sent SIGTERM
+once that text shows on its stderr. What is measured is what a user sees: the bytes
+written to fds 1 and 2 and the exit status. OUT gets one JSON object per case: ``id``,
+``exit`` (a negative signal number when killed), ``stdout``, ``stderr`` (text,
+undecodable bytes replaced).
 
 Why fork: every case as ``python -m kmsguard`` pays an interpreter start, the imports of
 botocore and the CLI, and botocore's parsing of its own data files (service models,
 endpoint rules) for each client; a forked child starts with those done, and shares nothing
-else. The driver itself starts no thread, so forking it is safe.
+else. The driver starts no thread (checked), so forking it is safe.
 """
 
 import atexit
@@ -68,6 +72,7 @@ for service in spec.get("botocore_services", ()):
     botocore.session.get_session().create_client(
         service, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
     )
+assert threading.active_count() == 1, "a preloaded module started a thread: forking would copy it half-done"
 gc.freeze()  # the children leave the preloaded objects alone: no collection touches (and copies) them
 scratch = tempfile.mkdtemp(prefix="cli-driver-", dir=os.path.dirname(os.path.abspath(sys.argv[2])))
 deadline_per_case = spec.get("case_timeout", 120.0)
@@ -83,26 +88,27 @@ while pending or running:
         fds = [os.open(case["stdin"] or os.devnull, os.O_RDONLY)]
         fds += [os.open(case[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) for name in ("_out", "_err")]
         pid = os.fork()
-        if pid == 0:  # the child: becomes `python -m kmsguard ARGV`; never comes back into the loop
-            for target, fd in enumerate(fds):
-                os.dup2(fd, target)
-                os.close(fd)
-            os.environ.update(case["env"])
-            if case.get("exec"):
-                os.execv(sys.executable, [sys.executable, "-m", "kmsguard", *case["argv"]])
-            sys.argv = ["kmsguard", *case["argv"]]
-            if not case.get("quick_exit"):
-                runpy.run_module("kmsguard", run_name="__main__", alter_sys=True)
-                sys.exit(0)  # kmsguard's main always exits itself: reaching here is a success all the same
+        if pid == 0:  # the child: `python -m kmsguard ARGV`, then the interpreter's exit; never back in the loop
             try:
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                    os.close(fd)
+                os.environ.update(case["env"])
+                if case.get("exec"):
+                    os.execv(sys.executable, [sys.executable, "-m", "kmsguard", *case["argv"]])
+                sys.argv = ["kmsguard", *case["argv"]]
                 runpy.run_module("kmsguard", run_name="__main__", alter_sys=True)
                 code = 0
             except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+                if exc.code is None or isinstance(exc.code, int):
+                    code = exc.code or 0
+                else:
+                    print(exc.code, file=sys.stderr)
+                    code = 1
             except BaseException:
                 sys.excepthook(*sys.exc_info())
                 code = 1
-            threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's exit, up to module teardown
+            threading._shutdown()  # type: ignore[attr-defined]  # what Py_FinalizeEx does first
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()

@@ -2,13 +2,11 @@
 
 Issue 15, item 5. The commands run through ``cli_driver.py``: one driver process imports
 kmsguard, botocore and the CLI once and forks a child per (mode, command), which runs
-``python -m kmsguard`` as ``-m`` does; what is checked is the bytes on its fds 1 and 2 and
-its exit status, as a user sees them. Where KMS refuses or hangs (``NETWORK_FAILURES``),
-which is where calls are still in flight when a command ends, a child exits through the
-interpreter's whole exit path; where KMS answers with an error, it stops after the thread
-joins, atexit handlers and flushes (module teardown skipped, as it is what costs a forked
-child most). ``EXEC`` cases start a fresh interpreter, so start-up and exit are covered
-whole too. Each failure mode has a proxy of its own in front of the one moto server.
+``python -m kmsguard`` as ``-m`` does and exits as the interpreter does but for module
+teardown; what is checked is the bytes on its fds 1 and 2 and its exit status, as a user
+sees them. ``EXEC`` cases start a fresh interpreter, so start-up and exit are covered
+whole too, in modes where KMS refuses or hangs (calls are still in flight when the
+command ends). Each failure mode has a proxy of its own in front of the one moto server.
 
 Every command of ``kmsguard.cli.main.COMMANDS`` (and every subcommand of its groups) has
 a case here; a command added without one fails :func:`test_every_command_has_a_fault_case`.
@@ -60,7 +58,7 @@ MODES: dict[str, tuple[Callable[[KmsRegion], object], str]] = {
 SLOW_MODES = ("blackholed", "silent", "throttled", "stall")
 SLOW = ("selftest", "keys status", "keys status --strict")
 #: Where the commands that make no KMS call are also run.
-NETWORK_FAILURES = ("refused", "blackholed", "silent")
+NETWORK_FAILURES = ("refused", "blackholed")
 
 
 class Case(NamedTuple):
@@ -130,7 +128,7 @@ CASES: dict[str, Case] = {
 }
 KMS_EXPECTATIONS = ("error", "records", "value", "not-ready", "report", "failed-report")
 #: (mode, case) run as a fresh ``python -m kmsguard`` process: the start-up and exit paths whole.
-EXEC = {("refused", "encrypt"), ("blackholed", "decrypt"), ("access-denied", "keys status --strict")}
+EXEC = {("refused", "encrypt"), ("blackholed", "decrypt"), ("silent", "unprotect")}
 #: The clients whose botocore data the driver parses once for all its children.
 BOTOCORE = ["kms", "sts"]
 #: Every module a command loads, imported once by the driver before it forks.
@@ -319,7 +317,6 @@ def test_every_command_fails_on_one_line_in_every_failure_mode(
                     "stdin": inputs[case.stdin] if case.stdin else "",
                     "env": env if mode in NETWORK_FAILURES else {**env, "KMSGUARD_AUDIT_DELIVERY": "thread"},
                     "exec": (mode, name) in EXEC,
-                    "quick_exit": mode not in NETWORK_FAILURES,
                     "stop_when": "Application startup complete." if case.expect == "serves" else None,
                 }
             )
