@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -233,3 +234,51 @@ def test_init_problems_are_one_line_errors(tmp_path: Path) -> None:
     assert not c.home.exists()  # nothing written before the check
     out = c("init", KMSGUARD_BACKEND="aws").stdout.decode()
     assert "no local keyring created" in out and not (c.home / "keyring.json").exists()
+
+
+@pytest.mark.parametrize("verbosity", [(), ("-v",), ("KMSGUARD_LOG_LEVEL=DEBUG",)])
+def test_an_unexpected_exception_is_one_line_naming_its_type_only(
+    verbosity: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug (here: loading the settings raises) is ``error: INTERNAL_ERROR: <type>``, exit 1,
+    never its message (it may quote data); its traceback shows only when asked for, messages
+    left out."""
+    from click.testing import CliRunner
+
+    import kmsguard.cli.io
+
+    card, ssn = "card 4111 1111 1111 1111", "ssn 078-05-1120"  # data a message may quote
+
+    def broken(*args: object) -> None:
+        raise RuntimeError(card) from KeyError(ssn)
+
+    monkeypatch.setattr(kmsguard.cli.io, "load_settings", broken)
+    env = dict(v.split("=") for v in verbosity if "=" in v)
+    flags = [v for v in verbosity if "=" not in v]
+    result = CliRunner().invoke(main.cli, [*flags, "encrypt", "--class", "pii"], input=b"x", env=env)
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert lines[-1] == "error: INTERNAL_ERROR: RuntimeError"
+    assert "4111" not in result.stderr and "078-05" not in result.stderr
+    if not verbosity:
+        assert lines == ["error: INTERNAL_ERROR: RuntimeError"]
+    else:
+        assert "kmsguard: WARNING: internal error" in lines[0] and "Traceback (most recent call last):" in lines[1]
+        assert "builtins.KeyError" in result.stderr and "which led to:" in result.stderr
+        assert any(line.strip().startswith("raise RuntimeError(") for line in lines)  # the frame that raised
+
+
+
+def test_a_closed_pipe_is_not_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``kmsguard decrypt | head``: the reader going away ends the command as click ends it
+    (exit 1, nothing printed), not as a bug."""
+    from click.testing import CliRunner
+
+    import kmsguard.cli.io
+
+    def closed(*args: object) -> None:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(kmsguard.cli.io, "load_settings", closed)
+    result = CliRunner().invoke(main.cli, ["encrypt", "--class", "pii"], input=b"x")
+    assert (result.exit_code, result.stderr) == (1, "")

@@ -86,7 +86,8 @@ def test_status_rotation_and_strict(kmsguard_aws_env: dict[str, str], kms_region
         (c, kmsguard_aws_env[c], "Enabled") for c in ("general", "pii", "payment")
     ]
     assert all(r["rotation_enabled"] is False and r["spec"] == "SYMMETRIC_DEFAULT" for r in rows)
-    assert "not rotating" in run("keys", "status", "--strict", code=1).stderr.decode()
+    not_ready = "not ready: general (not rotating), payment (not rotating), pii (not rotating)\n"
+    assert run("keys", "status", "--strict", code=1).stderr.decode() == not_ready
 
     for c in ("general", "pii", "payment"):
         out = run("keys", "enable-rotation", "--class", c, "--period-days", "180").stdout.decode()
@@ -96,7 +97,7 @@ def test_status_rotation_and_strict(kmsguard_aws_env: dict[str, str], kms_region
     assert "Enabled" in table and "payment" in table
 
     kms_region.admin.disable_key(KeyId=kmsguard_aws_env["pii"].split("/")[-1])  # moto wants the bare id here
-    assert "pii" in run("keys", "status", "--strict", code=1).stderr.decode()
+    assert run("keys", "status", "--strict", code=1).stderr.decode() == "not ready: pii (Disabled)\n"
 
 
 def test_rotate_on_demand(kmsguard_aws_env: dict[str, str], kms_region: KmsRegion) -> None:

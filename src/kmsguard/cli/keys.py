@@ -104,10 +104,34 @@ def status(as_json: bool, strict: bool) -> None:
             [_aws_row(r) for r in rows],
         )
     _census_status(s, as_json)
-    unhealthy = [r["classification"] for r in rows if not r["healthy"]]
-    if strict and unhealthy:
-        click.echo(f"not ready (disabled, missing or not rotating): {', '.join(sorted(set(unhealthy)))}", err=True)
+    if strict and not all(r["healthy"] for r in rows):
+        click.echo(_not_ready(rows), err=True)
         click.get_current_context().exit(1)
+
+
+def _not_ready(rows: list[dict[str, Any]]) -> str:
+    """``not ready: general (Disabled), pii (ACCESS_DENIED)``: each unhealthy class and why.
+
+    Why is the key's state (``Disabled``, ``PendingDeletion``; local: ``missing``,
+    ``disabled``), ``not rotating``, or the error code when the key service could not be
+    asked (the cause is then KMS, not the key). With several regions each reason names its
+    region. One line, like every CLI failure.
+    """
+    several = len({r.get("region") for r in rows}) > 1
+    reasons: dict[str, dict[str, None]] = {}
+    for r in rows:
+        if r["healthy"]:
+            continue
+        if r.get("error"):
+            reason = r["error"]
+        elif r["state"] not in ("Enabled", "enabled"):
+            reason = str(r["state"])
+        else:
+            reason = "not rotating"
+        if several:
+            reason = f"{r['region']}: {reason}"
+        reasons.setdefault(r["classification"], {})[reason] = None
+    return "not ready: " + ", ".join(f"{c} ({'; '.join(why)})" for c, why in sorted(reasons.items()))
 
 
 def _census_status(s: Settings, as_json: bool) -> None:

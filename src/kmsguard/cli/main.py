@@ -2,7 +2,10 @@
 
 Exit codes: 0 on success; 1 on an operation error, printed as ``error: CODE: message``
 on stderr, exactly one line; 2 on a usage error (click's own). No traceback reaches the
-user for a kmsguard error, and no error text carries data (see kmsguard.errors).
+user for a kmsguard error, and no error text carries data (see kmsguard.errors). Any
+other exception (a bug) is ``error: INTERNAL_ERROR: <exception type>``, exit 1: never its
+message, which may hold data; its traceback, messages left out, is logged as a warning
+(shown with ``-v``).
 
 Everything else kmsguard has to say (a delayed audit delivery, records left in the
 spool) goes through ``logging``, shown from the level ``-v``/``--verbose`` or
@@ -11,10 +14,12 @@ spool) goes through ``logging``, shown from the level ``-v``/``--verbose`` or
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 import click
@@ -43,8 +48,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class _Group(click.Group):
-    """Loads each command when it is asked for (COMMANDS); turns every KmsGuardError into
-    one line on stderr and exit status 1."""
+    """Loads each command when it is asked for (COMMANDS); turns every KmsGuardError, and
+    any other exception but click's own, into one line on stderr and exit status 1."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -63,6 +68,35 @@ class _Group(click.Group):
         except KmsGuardError as exc:
             click.echo(f"error: {exc.code}: {exc.message}", err=True)
             ctx.exit(1)
+        except Exception as exc:
+            if isinstance(exc, _CLICK_OWN) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
+                raise  # usage errors, ctx.exit, Ctrl-C; a closed pipe (`| head`): click ends those itself
+            _log.warning("internal error (exception messages left out):\n%s", _traceback(exc))
+            click.echo(f"error: INTERNAL_ERROR: {type(exc).__name__}", err=True)
+            ctx.exit(1)
+
+
+_CLICK_OWN = (click.ClickException, click.exceptions.Exit, click.Abort)
+_log = logging.getLogger("kmsguard.cli")
+
+
+def _traceback(exc: BaseException) -> str:
+    """``exc``'s traceback and those of its causes, oldest first, each exception named by type only.
+
+    The frames (files, lines, code) help to find the bug; a message could quote the data
+    being processed, so none is shown.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return "\nwhich led to:\n".join(
+        "Traceback (most recent call last):\n"
+        + "".join(traceback.format_tb(e.__traceback__))
+        + f"{type(e).__module__}.{type(e).__qualname__}"
+        for e in reversed(chain)
+    )
 
 
 #: ``-v`` shows warnings, ``-vv`` information, ``-vvv`` everything.
