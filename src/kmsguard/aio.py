@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from kmsguard import batch, envelope
 from kmsguard.errors import InvalidInput, KmsGuardError
-from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput, Guard, text_of
+from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput, Guard, text_of, utf8_of
 
 T = TypeVar("T")
 
@@ -61,11 +61,10 @@ class AsyncGuard:
         return await self._in_pool(self.guard.decrypt, data, context)
 
     async def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
-        """The route of ``encrypt``: a cache hit inline, anything else (a text Guard refuses too) in the pool."""
-        if type(text) is str:
-            sealed = self.guard.encrypt_if_cached(text.encode("utf-8"), classification, context)
-            if sealed is not None:
-                return envelope.to_text(sealed)
+        """The route of ``encrypt``: a cache hit inline, anything else in the pool."""
+        sealed = self.guard.encrypt_if_cached(utf8_of(text), classification, context)
+        if sealed is not None:
+            return envelope.to_text(sealed)
         return await self._in_pool(self.guard.encrypt_text, text, classification, context)
 
     async def decrypt_text(self, token: str, context: Context = None) -> str:

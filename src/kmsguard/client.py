@@ -43,7 +43,7 @@ from kmsguard import envelope, errors
 from kmsguard import fields as _fields
 from kmsguard.batch import DEFAULT_CONCURRENCY, Result
 from kmsguard.errors import InvalidInput, KmsGuardError
-from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput, text_of
+from kmsguard.guard import Context, EnvelopeInfo, EnvelopeInput, text_of, utf8_of
 
 #: Items per batch request (the service's default ``max_batch_items``).
 BATCH_SIZE = 1000
@@ -297,7 +297,7 @@ class RemoteGuard:
     def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
         if not isinstance(text, str):
             raise InvalidInput("encrypt_text takes a str")
-        return str(self._post("/v1/encrypt", _encrypt_body(text.encode("utf-8"), classification, context))["token"])
+        return str(self._post("/v1/encrypt", _encrypt_body(utf8_of(text), classification, context))["token"])
 
     def decrypt_text(self, token: str, context: Context = None) -> str:
         return text_of(self.decrypt(token, context))
@@ -416,7 +416,7 @@ class AsyncRemoteGuard:
     async def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
         if not isinstance(text, str):
             raise InvalidInput("encrypt_text takes a str")
-        doc = await self._post("/v1/encrypt", _encrypt_body(text.encode("utf-8"), classification, context))
+        doc = await self._post("/v1/encrypt", _encrypt_body(utf8_of(text), classification, context))
         return str(doc["token"])
 
     async def decrypt_text(self, token: str, context: Context = None) -> str:

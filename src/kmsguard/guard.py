@@ -284,9 +284,7 @@ class Guard:
 
     def encrypt_text(self, text: str, classification: str, context: Context = None) -> str:
         """``encrypt`` for text: UTF-8 in, ``kg1:`` token out (for columns and JSON)."""
-        if not isinstance(text, str):
-            raise InvalidInput("encrypt_text takes a str")
-        return envelope.to_text(self.encrypt(text.encode("utf-8"), classification, context))
+        return envelope.to_text(self.encrypt(utf8_of(text), classification, context))
 
     def decrypt_text(self, token: str, context: Context = None) -> str:
         """``decrypt`` for a token made by ``encrypt_text``."""
@@ -594,6 +592,17 @@ def _report(error: BaseException) -> None:
 _TEXT_PREFIX = envelope.TEXT_PREFIX.encode("ascii")
 _SUITE_2 = bytes((segments.SUITE,))
 _NO_CONTEXT: Mapping[str, str] = MappingProxyType({})
+
+
+def utf8_of(text: str) -> bytes:
+    """``text`` as UTF-8, or InvalidInput: what ``encrypt_text`` takes (a str that UTF-8 can
+    encode: no lone surrogate). The message never quotes the text."""
+    if not isinstance(text, str):
+        raise InvalidInput("encrypt_text takes a str")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput("the text cannot be encoded as UTF-8 (it holds a lone surrogate)") from None
 
 
 def text_of(plain: bytes) -> str:

@@ -135,6 +135,9 @@ def test_errors_are_guards_own(any_guard: Any) -> None:
         any_guard.decrypt("kg1:AAAA")
     with pytest.raises(InvalidInput):
         any_guard.encrypt_text(b"bytes", "general")
+    with pytest.raises(InvalidInput) as refused:  # a lone surrogate: a str that UTF-8 cannot encode
+        any_guard.encrypt_text("card \ud800 4111", "general")
+    assert "4111" not in str(refused.value)
     with pytest.raises(InvalidInput):
         any_guard.decrypt_text(any_guard.encrypt(b"\xff\xfe", "general"))
 
