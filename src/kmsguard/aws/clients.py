@@ -244,10 +244,15 @@ class ClientFactory:
 
         Inside a multi-region try (:data:`kmsguard.region_try.current`) a throttle is
         reported to the try, and an abandoned try starts no further attempt.
+
+        A call throttled until its deadline raises the throttle (RATE_LIMITED), also when
+        the deadline passes while a retry is on its way: the cause the caller can act on
+        is the throttling, not the moment the time ran out.
         """
         method: Callable[..., dict[str, Any]] = getattr(self.client(region), xform_name(api))
         region_try = current_try.get()
         attempts = 0
+        throttled: Exception | None = None  # the last attempt's throttle, if it was one
         while True:
             attempts += 1
             if region_try is not None:
@@ -256,10 +261,15 @@ class ClientFactory:
                 if until is None:
                     return method(**params)
                 return self._bounded(region, until, method, params)
+            except KmsTimeout:
+                if throttled is not None:
+                    raise throttled from None
+                raise  # the deadline passed: nothing left to retry in
             except KmsGuardError:
-                raise  # the deadline passed (KmsTimeout): nothing left to retry in
+                raise
             except Exception as exc:
                 kind = retry_kind(exc)
+                throttled = exc if kind == "throttle" else None
                 if region_try is not None:
                     if kind == "throttle":
                         region_try.note_throttle()
