@@ -287,7 +287,10 @@ def test_a_throttled_try_is_not_hedged_into_a_throttling_region(
     monkeypatch.setattr(region_health, "THROTTLE_MEMORY", 60.0)
     east, west = regions
     key = create_multi_region_key(east, [west])
-    factory = factory_for(regions, max_attempts=4)
+    # Timeouts far above what the proxies take: only throttling decides where an operation
+    # goes, even when a loaded machine delays an answer past the usual 1 s read timeout
+    # (a timed-out try would be handed to the next region).
+    factory = factory_for(regions, max_attempts=4, connect_timeout=2.0, read_timeout=5.0)
     telemetry = Hedges()
     keyring = MultiRegionKeyring(
         {r: AwsKmsKeyring(factory, r) for r in factory.settings.regions},
