@@ -57,7 +57,7 @@ from botocore.exceptions import ClientError
 
 from kmsguard import __version__, backoff, operation
 from kmsguard.aws import middleware, redact
-from kmsguard.aws.errors import map_error
+from kmsguard.aws.errors import DeadlineExceeded, map_error
 from kmsguard.aws.middleware import KmsMiddleware, KmsStats
 from kmsguard.aws.retry import Kind, retry_kind
 from kmsguard.aws.settings import AwsSettings
@@ -266,6 +266,10 @@ class ClientFactory:
                     raise throttled from None
                 raise  # the deadline passed: nothing left to retry in
             except KmsGuardError:
+                raise
+            except DeadlineExceeded:  # the middleware's check, before a retry was sent
+                if throttled is not None:
+                    raise throttled from None
                 raise
             except Exception as exc:
                 kind = retry_kind(exc)
